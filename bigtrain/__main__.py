@@ -1,0 +1,3 @@
+from bigtrain.cli import main
+
+raise SystemExit(main())
