@@ -1,0 +1,168 @@
+"""The `bigtrain` command: one sub-command per job. Parsing and printing only; the work is elsewhere."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from bigtrain.errors import BigtrainError
+
+
+def cmd_quickstart(args: argparse.Namespace) -> None:
+    from bigtrain.quickstart import quickstart, summary
+
+    print(summary(quickstart(Path(args.out), args.minutes, args.corpus_mb)))
+
+
+def cmd_tokenizer_train(args: argparse.Namespace) -> None:
+    from bigtrain.data.prepare import iter_documents
+    from bigtrain.data.tokenizer import TextTokenizer
+
+    out = Path(args.out)
+    if out.exists():
+        raise BigtrainError(f"{out} already exists; choose another --out")
+    tokenizer = TextTokenizer.train(iter_documents(args.input, args.text_field), args.vocab_size)
+    tokenizer.save(out)
+    print(f"wrote {out} (vocab {tokenizer.vocab_size}, sha256 {tokenizer.sha256[:12]})")
+
+
+def cmd_prepare(args: argparse.Namespace) -> None:
+    from bigtrain.data.prepare import prepare
+
+    manifest = prepare(args.input, args.tokenizer, args.out, args.shard_tokens, args.text_field)
+    totals = manifest["totals"]
+    print(f"wrote {totals['shards']} shards, {totals['documents']:,} documents, {totals['tokens']:,} tokens → {args.out}")
+
+
+def cmd_data_verify(args: argparse.Namespace) -> None:
+    from bigtrain.data.shards import verify_dataset
+
+    totals = verify_dataset(args.dir)
+    print(f"ok: {args.dir} ({json.dumps(totals)})")
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from bigtrain.config import load_config
+    from bigtrain.train.loop import train
+
+    result = train(load_config(args.config, args.overrides))
+    val = f", val_loss {result.val.loss:.4f}" if result.val else ""
+    print(f"done: step {result.step}, loss {result.losses[-1] if result.losses else float('nan'):.4f}{val}; "
+          f"checkpoint {result.checkpoint}")
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from bigtrain.data.loader import PackedTokens
+    from bigtrain.distributed.local import autocast_for, pick_device
+    from bigtrain.eval.perplexity import evaluate
+    from bigtrain.train.checkpoint import load_trained_model
+
+    device = pick_device(args.device)
+    model, cfg, checkpoint = load_trained_model(args.checkpoint, device)
+    data_dir = args.data or cfg.data.val_path
+    if not data_dir:
+        raise BigtrainError(f"{checkpoint} was trained without data.val_path; pass --data DIR")
+    data = PackedTokens(data_dir, cfg.data.seq_len)
+    result = evaluate(model, data, cfg.data.micro_batch, args.max_batches, device, autocast_for(device, "auto"))
+    print(f"{checkpoint}: loss {result.loss:.4f}, perplexity {result.perplexity:.3f} over {result.tokens:,} tokens of {data_dir}")
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    import torch
+
+    from bigtrain.data.tokenizer import TextTokenizer
+    from bigtrain.distributed.local import pick_device
+    from bigtrain.eval.generate import generate
+    from bigtrain.train.checkpoint import load_trained_model
+
+    model, cfg, checkpoint = load_trained_model(args.checkpoint, pick_device(args.device))
+    tokenizer = TextTokenizer.load(checkpoint / "tokenizer.json")
+    generator = torch.Generator().manual_seed(args.seed)
+    for _ in range(args.num_samples):
+        ids = generate(model, tokenizer.encode(args.prompt), args.max_new_tokens, cfg.model.max_seq_len,
+                       tokenizer.eos_id, args.temperature, args.top_k, args.top_p, generator)
+        print(args.prompt + tokenizer.decode(ids))
+
+
+def cmd_info(args: argparse.Namespace) -> None:
+    from bigtrain.config import load_config
+    from bigtrain.info import environment_report, model_report
+
+    print(model_report(load_config(args.config, args.overrides)) if args.config else environment_report())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bigtrain", description="Pretrain Llama-style language models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("quickstart", help="embedded corpus → tokenizer → shards → train → eval → samples")
+    p.add_argument("--out", default="runs/quickstart", help="directory for data and the run")
+    p.add_argument("--minutes", type=float, default=5.0, help="training time budget")
+    p.add_argument("--corpus-mb", type=float, default=None, help="use only this many MB of the corpus")
+    p.set_defaults(func=cmd_quickstart)
+
+    tok = sub.add_parser("tokenizer", help="tokenizer jobs").add_subparsers(dest="action", required=True)
+    p = tok.add_parser("train", help="train a byte-level BPE tokenizer")
+    p.add_argument("--input", nargs="+", required=True)
+    p.add_argument("--vocab-size", type=int, required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--text-field", default="text")
+    p.set_defaults(func=cmd_tokenizer_train)
+
+    p = sub.add_parser("prepare", help="tokenize raw text into Arrow shards")
+    p.add_argument("--input", nargs="+", required=True)
+    p.add_argument("--tokenizer", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--shard-tokens", type=int, default=2**24)
+    p.add_argument("--text-field", default="text")
+    p.set_defaults(func=cmd_prepare)
+
+    data = sub.add_parser("data", help="prepared-data tools").add_subparsers(dest="action", required=True)
+    p = data.add_parser("verify", help="check shard checksums and counts against the manifest")
+    p.add_argument("dir")
+    p.set_defaults(func=cmd_data_verify)
+
+    p = sub.add_parser("train", help="train from a YAML config with key=value overrides")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="validation loss and perplexity of a checkpoint")
+    p.add_argument("checkpoint", help="a checkpoint directory or a run directory (its latest)")
+    p.add_argument("--data", help="prepared data directory (default: the run's data.val_path)")
+    p.add_argument("--max-batches", type=int, default=None)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("generate", help="sample text from a checkpoint")
+    p.add_argument("checkpoint")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--num-samples", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("info", help="environment, or a config's parameters, FLOPs/token and memory")
+    p.add_argument("config", nargs="?")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except BigtrainError as e:
+        print(f"bigtrain: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("bigtrain: interrupted", file=sys.stderr)
+        return 130
+    return 0

@@ -1,0 +1,228 @@
+"""The typed config tree: YAML files plus `a.b.c=value` overrides, validated against dataclasses.
+
+Each section belongs to the module that uses it. An unknown key or a value of the wrong type is a
+`BigtrainError` that names the key (and, for unknown keys, the nearest valid one).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from bigtrain.errors import BigtrainError
+
+
+@dataclass
+class ModelConfig:
+    """Shape of the Llama-style decoder. The defaults are the `tiny` model of the quickstart."""
+
+    vocab_size: int = 4096
+    d_model: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int | None = 2  # None: same as n_heads (no grouped-query attention)
+    ffn_hidden: int | None = None  # None: Llama's rule, 8/3·d_model rounded up to multiple_of
+    multiple_of: int = 256
+    ffn_dim_multiplier: float | None = None
+    max_seq_len: int = 256
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def ffn_dim(self) -> int:
+        if self.ffn_hidden:
+            return self.ffn_hidden
+        hidden = int(2 * 4 * self.d_model / 3)
+        if self.ffn_dim_multiplier is not None:
+            hidden = int(self.ffn_dim_multiplier * hidden)
+        return self.multiple_of * -(-hidden // self.multiple_of)
+
+
+@dataclass
+class DataConfig:
+    """Where the prepared shards are and how they are cut into batches."""
+
+    path: str = "data/train"
+    val_path: str | None = None
+    seq_len: int = 256
+    micro_batch: int = 8
+    shuffle: bool = True
+
+
+@dataclass
+class TrainConfig:
+    """Optimiser, schedule, loop length and device for the local engine."""
+
+    steps: int = 1000
+    max_minutes: float | None = None  # stop (and save) early once this wall time has passed
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 50
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float | None = 1.0
+    grad_accum: int = 1
+    eval_every: int = 200
+    eval_batches: int = 20
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    deterministic: bool = True
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 500
+    keep_last: int | None = None  # None keeps every checkpoint
+
+
+@dataclass
+class LogConfig:
+    every: int = 10
+    peak_tflops: float | None = None  # device peak for MFU; None looks the device up
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    dir: str | None = None  # None: runs/<name>
+    seed: int = 1234
+    resume: str | None = None  # "auto" (from checkpoints/latest if any) or a checkpoint path
+
+    @property
+    def path(self) -> Path:
+        return Path(self.dir) if self.dir else Path("runs") / self.name
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def validate(self) -> Config:
+        """Check relations between keys that types alone cannot express."""
+        m, d, t = self.model, self.data, self.train
+        checks = [
+            (m.d_model % m.n_heads == 0, "model.d_model must be divisible by model.n_heads"),
+            (m.n_heads % m.kv_heads == 0, "model.n_heads must be divisible by model.n_kv_heads"),
+            (m.head_dim % 2 == 0, "model.d_model / model.n_heads must be even (RoPE)"),
+            (d.seq_len <= m.max_seq_len, "data.seq_len must not exceed model.max_seq_len"),
+            (t.steps > 0, "train.steps must be positive"),
+            (t.grad_accum > 0 and d.micro_batch > 0, "data.micro_batch and train.grad_accum must be positive"),
+            (0 <= t.warmup_steps, "train.warmup_steps must be >= 0"),
+            (0.0 <= t.min_lr_ratio <= 1.0, "train.min_lr_ratio must be in [0, 1]"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise BigtrainError(message)
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Read a YAML config (or start from defaults), apply `a.b=value` overrides, validate."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise BigtrainError(f"config file not found: {path}")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise BigtrainError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(raw, dict):
+            raise BigtrainError(f"{path} must hold a mapping of config sections")
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise BigtrainError(f"override {item!r} is not of the form key=value")
+        _set_dotted(raw, key.strip(), yaml.safe_load(value) if value.strip() else None)
+    return from_dict(raw)
+
+
+def from_dict(raw: dict[str, Any]) -> Config:
+    return _build(Config, raw, "").validate()
+
+
+def save_config(config: Config, path: Path) -> None:
+    path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+
+
+def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    *parents, leaf = key.split(".")
+    for part in parents:
+        node = tree.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise BigtrainError(f"override {key}: {part} is not a section")
+        tree = node
+    tree[leaf] = value
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise BigtrainError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in raw:
+        if key not in names:
+            near = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"; did you mean {prefix}{near[0]}?" if near else f"; valid keys: {', '.join(names)}"
+            raise BigtrainError(f"unknown config key {prefix}{key}{hint}")
+    kwargs = {}
+    for name in names:
+        if name in raw:
+            kwargs[name] = _coerce(hints[name], raw[name], prefix + name)
+    return cls(**kwargs)
+
+
+def _coerce(hint: Any, value: Any, key: str) -> Any:
+    """Return `value` as type `hint`, or raise an error naming `key` and the expected type."""
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, key + ".")
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(inner, value, key)
+    if origin is Literal:
+        if value not in args:
+            raise BigtrainError(f"{key} must be one of {', '.join(map(str, args))}, got {value!r}")
+        return value
+    if hint is float and isinstance(value, str):
+        try:  # YAML reads 3e-4 (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+        raise BigtrainError(f"{key} must be {hint.__name__}, got {value!r}")
+    return value

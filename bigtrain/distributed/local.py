@@ -1,0 +1,102 @@
+"""The local engine: one process, one device (CPU or a CUDA GPU), no launcher, no DeepSpeed.
+
+This is the debug mode and the reference every parallel layout is compared against.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import safetensors.torch
+import torch
+from torch import nn
+
+from bigtrain.config import TrainConfig
+from bigtrain.errors import BigtrainError
+from bigtrain.model import lm_loss
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise BigtrainError("train.device=cuda but no CUDA device is visible")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def autocast_for(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA unless fp32 is asked for; plain fp32 on CPU."""
+    if precision == "bf16" and device.type != "cuda":
+        raise BigtrainError("train.precision=bf16 needs a CUDA device (use fp32 or auto on CPU)")
+    if device.type == "cuda" and precision in ("auto", "bf16"):
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: matrices decay, vectors (norm weights) do not."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+@dataclass
+class StepOutput:
+    loss: torch.Tensor  # mean loss over the step's micro-batches (a device tensor: no host sync)
+    grad_norm: torch.Tensor  # total gradient norm before clipping
+
+
+class LocalEngine:
+    """Runs forward, backward and AdamW for one optimiser step over a list of micro-batches."""
+
+    def __init__(self, model: nn.Module, cfg: TrainConfig):
+        self.device = pick_device(cfg.device)
+        self.model = model.to(self.device)
+        self.autocast = lambda: autocast_for(self.device, cfg.precision)
+        self.grad_clip = cfg.grad_clip
+        self.optimizer = torch.optim.AdamW(
+            param_groups(self.model, cfg.weight_decay),
+            lr=cfg.lr,
+            betas=(cfg.beta1, cfg.beta2),
+            eps=cfg.eps,
+            fused=self.device.type == "cuda",
+        )
+
+    def train_step(self, micro_batches: list[torch.Tensor], lr: float) -> StepOutput:
+        """Accumulate gradients over `micro_batches` ([b, seq+1] tokens each), then update once."""
+        self.model.train()
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        total = torch.zeros((), device=self.device)
+        for batch in micro_batches:
+            tokens = batch.to(self.device, non_blocking=True)
+            with self.autocast():
+                loss = lm_loss(self.model(tokens[:, :-1]), tokens[:, 1:]) / len(micro_batches)
+            loss.backward()
+            total += loss.detach()
+        max_norm = self.grad_clip if self.grad_clip else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return StepOutput(loss=total, grad_norm=grad_norm)
+
+    def save(self, directory: Path) -> None:
+        """Write the weights (safetensors) and the AdamW state into a checkpoint directory."""
+        safetensors.torch.save_model(self.model, str(directory / "model.safetensors"))
+        torch.save(self.optimizer.state_dict(), directory / "optimizer.pt")
+
+    def load(self, directory: Path) -> None:
+        load_weights(self.model, directory)
+        state = torch.load(directory / "optimizer.pt", map_location=self.device, weights_only=True)
+        self.optimizer.load_state_dict(state)
+
+
+def load_weights(model: nn.Module, directory: Path) -> None:
+    """Load `model.safetensors` from a checkpoint directory into `model` (strict)."""
+    missing, unexpected = safetensors.torch.load_model(model, str(directory / "model.safetensors"), strict=False)
+    if missing or unexpected:
+        raise BigtrainError(f"{directory} does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")

@@ -1,0 +1,143 @@
+"""Checkpoints: a directory `checkpoints/step-NNNNNNN/` that is either complete or absent.
+
+It is written under a temporary name, fsync'd and renamed; only then is `checkpoints/latest`
+replaced (atomically) to name it. Metadata is JSON and tensors load with `weights_only=True`, so
+loading never runs pickled code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from bigtrain.config import Config, load_config, save_config
+from bigtrain.distributed.local import load_weights
+from bigtrain.errors import BigtrainError
+from bigtrain.model import Llama
+
+STATE = "state.json"
+
+
+class Engine(Protocol):
+    def save(self, directory: Path) -> None: ...
+    def load(self, directory: Path) -> None: ...
+
+
+def checkpoint_root(run_dir: Path) -> Path:
+    return run_dir / "checkpoints"
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The checkpoint `checkpoints/latest` names, or None when the run has none yet."""
+    pointer = checkpoint_root(run_dir) / "latest"
+    if not pointer.is_file():
+        return None
+    return checkpoint_root(run_dir) / pointer.read_text().strip()
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """Accept a checkpoint directory or a run directory (meaning its latest checkpoint)."""
+    path = Path(path)
+    if not path.exists():
+        raise BigtrainError(f"checkpoint not found: {path}")
+    if (path / STATE).is_file():
+        return path
+    for run_dir in (path, path.parent):
+        latest = latest_checkpoint(run_dir)
+        if latest is not None and (latest / STATE).is_file():
+            return latest
+    raise BigtrainError(f"{path} is neither a checkpoint nor a run directory with checkpoints/latest")
+
+
+def save_checkpoint(
+    run_dir: Path, step: int, engine: Engine, state: dict[str, Any], config: Config,
+    tokenizer: Path | None, keep_last: int | None = None,
+) -> Path:
+    """Write checkpoint `step` atomically, point `latest` at it, then prune the oldest."""
+    root = checkpoint_root(run_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    name = f"step-{step:07d}"
+    final = root / name
+    if final.exists():
+        raise BigtrainError(f"refusing to overwrite existing checkpoint {final}")
+    tmp = root / f".tmp-{name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)  # our own leftover from a crash with the same pid
+    tmp.mkdir()
+    engine.save(tmp)
+    torch.save(rng_state(), tmp / "rng.pt")
+    (tmp / STATE).write_text(json.dumps({"step": step, **state}, indent=1))
+    save_config(config, tmp / "config.yaml")
+    if tokenizer is not None:
+        shutil.copyfile(tokenizer, tmp / "tokenizer.json")
+    for file in tmp.iterdir():
+        _fsync(file)
+    _fsync(tmp)
+    os.rename(tmp, final)
+    _fsync(root)
+    pointer_tmp = root / f".latest-{os.getpid()}"
+    pointer_tmp.write_text(name + "\n")
+    _fsync(pointer_tmp)
+    os.replace(pointer_tmp, root / "latest")
+    _fsync(root)
+    if keep_last:
+        for old in sorted(root.glob("step-*"))[:-keep_last]:
+            shutil.rmtree(old)
+    return final
+
+
+def load_checkpoint(checkpoint: Path, engine: Engine) -> dict[str, Any]:
+    """Restore engine and RNG state; return the JSON state (step, tokens, loader, …)."""
+    try:
+        engine.load(checkpoint)
+        set_rng_state(torch.load(checkpoint / "rng.pt", weights_only=True))
+    except (pickle.UnpicklingError, RuntimeError, OSError) as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise BigtrainError(f"cannot load checkpoint {checkpoint}: {first_line}") from None
+    return read_state(checkpoint)
+
+
+def read_state(checkpoint: Path) -> dict[str, Any]:
+    return json.loads((checkpoint / STATE).read_text())
+
+
+def checkpoint_config(checkpoint: Path) -> Config:
+    return load_config(checkpoint / "config.yaml")
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def load_trained_model(path: str | Path, device: torch.device) -> tuple[torch.nn.Module, Config, Path]:
+    """Rebuild the model of a checkpoint (or a run's latest) for evaluation or generation."""
+    checkpoint = resolve_checkpoint(path)
+    config = checkpoint_config(checkpoint)
+    model = Llama(config.model)
+    try:
+        load_weights(model, checkpoint)
+    except OSError as e:
+        raise BigtrainError(f"cannot load weights from {checkpoint}: {e}") from None
+    return model.to(device).eval(), config, checkpoint

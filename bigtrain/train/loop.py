@@ -1,0 +1,129 @@
+"""The training loop: data → engine step → metrics, periodic validation and checkpoints, resume."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from bigtrain.config import Config, save_config
+from bigtrain.data.loader import PackedTokens, WindowLoader
+from bigtrain.distributed.local import LocalEngine
+from bigtrain.errors import BigtrainError
+from bigtrain.eval.perplexity import EvalResult, evaluate
+from bigtrain.model import Llama, flops_per_token
+from bigtrain.train import checkpoint as ckpt
+from bigtrain.train.metrics import MetricsLogger, peak_flops, peak_memory_gb
+from bigtrain.train.schedule import lr_at
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    tokens: int
+    losses: list[float]  # the training loss of every step this call ran
+    checkpoint: Path | None
+    val: EvalResult | None
+    first_val: EvalResult | None  # validation before the first update of this call
+    wall_s: float
+
+
+def set_determinism(seed: int, deterministic: bool) -> None:
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+
+
+def find_resume_checkpoint(cfg: Config) -> Path | None:
+    """The checkpoint to start from; refuse to start over a run that already has checkpoints."""
+    run_dir, resume = cfg.run.path, cfg.run.resume
+    if resume == "auto":
+        return ckpt.latest_checkpoint(run_dir)
+    if resume:
+        return ckpt.resolve_checkpoint(resume)
+    if ckpt.latest_checkpoint(run_dir) is not None:
+        raise BigtrainError(
+            f"{run_dir} already has checkpoints; pass run.resume=auto to continue it or choose another run.name"
+        )
+    return None
+
+
+def train(cfg: Config, console: bool = True) -> TrainResult:
+    """Train `cfg.model` on `cfg.data` with the local engine, resuming if asked."""
+    started = time.perf_counter()
+    set_determinism(cfg.run.seed, cfg.train.deterministic)
+    data = PackedTokens(cfg.data.path, cfg.data.seq_len)
+    val = PackedTokens(cfg.data.val_path, cfg.data.seq_len) if cfg.data.val_path else None
+    if data.vocab_size > cfg.model.vocab_size:
+        raise BigtrainError(
+            f"{cfg.data.path} was tokenized with a vocabulary of {data.vocab_size}; "
+            f"model.vocab_size={cfg.model.vocab_size} is too small"
+        )
+    resume_from = find_resume_checkpoint(cfg)
+    engine = LocalEngine(Llama(cfg.model), cfg.train)
+    loader = WindowLoader(data, cfg.data.micro_batch, cfg.train.grad_accum, seed=cfg.run.seed, shuffle=cfg.data.shuffle)
+    step, tokens = 0, 0
+    if resume_from is not None:
+        state = ckpt.load_checkpoint(resume_from, engine)
+        loader.load_state_dict(state["loader"])
+        step, tokens = state["step"], state["tokens"]
+
+    run_dir = cfg.run.path
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
+    logger = MetricsLogger(run_dir, cfg.train.steps, step, console=console)
+    tokens_per_step = cfg.data.micro_batch * cfg.train.grad_accum * cfg.data.seq_len
+    flops_per_step = flops_per_token(cfg.model, cfg.data.seq_len) * tokens_per_step
+    peak = peak_flops(engine.device, cfg.log.peak_tflops)
+
+    def validate() -> EvalResult | None:
+        if val is None:
+            return None
+        result = evaluate(engine.model, val, cfg.data.micro_batch, cfg.train.eval_batches, engine.device, engine.autocast())
+        logger.log({"step": step, "tokens": tokens, "val_loss": result.loss, "val_perplexity": result.perplexity})
+        return result
+
+    def save() -> Path:
+        state = {"tokens": tokens, "loader": loader.state_dict()}
+        return ckpt.save_checkpoint(run_dir, step, engine, state, cfg, data.tokenizer_path, cfg.checkpoint.keep_last)
+
+    first_val = validate() if step == 0 else None
+    last_val, last_saved, losses = first_val, None, []
+    window_start, window_steps = time.perf_counter(), 0
+    try:
+        while step < cfg.train.steps:
+            batches = loader.next_step()
+            out = engine.train_step(batches, lr_at(step, cfg.train))
+            step, tokens, window_steps = step + 1, tokens + tokens_per_step, window_steps + 1
+            losses.append(out.loss)
+            out_of_time = cfg.train.max_minutes is not None and time.perf_counter() - started > 60 * cfg.train.max_minutes
+            last = step == cfg.train.steps or out_of_time
+            if step % cfg.log.every == 0 or last:
+                loss = out.loss.item()  # the only host sync: at logging time
+                if loss != loss or loss in (float("inf"), float("-inf")):
+                    raise BigtrainError(f"loss is {loss} at step {step}; lower train.lr or check the data")
+                step_time = (time.perf_counter() - window_start) / window_steps
+                logger.log({
+                    "step": step, "loss": loss, "lr": lr_at(step - 1, cfg.train), "grad_norm": out.grad_norm.item(),
+                    "tokens": tokens, "tokens_per_s": tokens_per_step / step_time,
+                    "mfu": flops_per_step / step_time / peak if peak else None,
+                    "step_time_s": step_time, "peak_mem_gb": peak_memory_gb(engine.device),
+                })
+                window_start, window_steps = time.perf_counter(), 0
+            paused = time.perf_counter()  # validation and saving do not count as step time
+            if step % cfg.train.eval_every == 0 or last:
+                last_val = validate()
+            if step % cfg.checkpoint.every == 0 or last:
+                last_saved = save()
+            window_start += time.perf_counter() - paused
+            if out_of_time:
+                break
+    finally:
+        logger.close()
+    return TrainResult(
+        run_dir=run_dir, step=step, tokens=tokens, losses=[float(x) for x in losses],
+        checkpoint=last_saved or ckpt.latest_checkpoint(run_dir), val=last_val, first_val=first_val,
+        wall_s=time.perf_counter() - started,
+    )
