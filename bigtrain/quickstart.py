@@ -6,7 +6,6 @@ training steps is chosen by timing a few steps first, so training fits the `minu
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +14,7 @@ import torch
 
 from bigtrain.config import Config, TrainConfig
 from bigtrain.data.corpus import write_default_corpus
-from bigtrain.data.prepare import prepare
+from bigtrain.data.prepare import iter_documents, prepare
 from bigtrain.data.shards import MANIFEST
 from bigtrain.data.tokenizer import TextTokenizer
 from bigtrain.distributed.local import LocalEngine, pick_device
@@ -41,8 +40,7 @@ def prepare_default_data(data_dir: Path, vocab_size: int, corpus_mb: float | Non
     tokenizer_path = data_dir / "tokenizer.json"
     if not tokenizer_path.exists():
         print(f"[2/4] tokenizer: byte-level BPE, vocab {vocab_size} → {tokenizer_path}")
-        texts = (json.loads(line)["text"] for line in train_jsonl.open())
-        TextTokenizer.train(texts, vocab_size).save(tokenizer_path)
+        TextTokenizer.train(iter_documents([train_jsonl]), vocab_size).save(tokenizer_path)
     splits = {"train": train_jsonl, "val": val_jsonl}
     for name, source in splits.items():
         if not (data_dir / name / MANIFEST).exists():

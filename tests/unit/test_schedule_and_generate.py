@@ -36,8 +36,11 @@ def test_top_k_and_top_p_filtering():
 def test_generation_is_seeded_and_stops_at_eos():
     torch.manual_seed(0)
     model = Llama(small())
-    run = lambda seed: generate(model, [1, 2, 3], 10, 16, eos_id=None, temperature=1.0, top_k=20,
-                                generator=torch.Generator().manual_seed(seed))
+
+    def run(seed):
+        generator = torch.Generator().manual_seed(seed)
+        return generate(model, [1, 2, 3], 10, 16, eos_id=None, temperature=1.0, top_k=20, generator=generator)
+
     assert run(1) == run(1) and len(run(1)) == 10
     greedy = generate(model, [1, 2, 3], 10, 16, eos_id=None, temperature=0)
     eos = greedy[2]

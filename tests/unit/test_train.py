@@ -1,0 +1,89 @@
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from bigtrain.config import from_dict
+from bigtrain.errors import BigtrainError
+from bigtrain.train.loop import train
+
+
+def tiny_config(data, run_dir, **train_overrides):
+    train_dir, val_dir = data
+    return from_dict({
+        "run": {"name": "t", "dir": str(run_dir), "seed": 7},
+        "model": {"vocab_size": 512, "d_model": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "max_seq_len": 64},
+        "data": {"path": str(train_dir), "val_path": str(val_dir), "seq_len": 64, "micro_batch": 8},
+        "train": {"steps": 60, "lr": 3e-3, "warmup_steps": 5, "eval_every": 30, "eval_batches": 4,
+                  "device": "cpu", **train_overrides},
+        "checkpoint": {"every": 1000},
+        "log": {"every": 10},
+    })
+
+
+def read_metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_loss_decreases_and_run_directory_is_complete(stdlib_data, tmp_path):
+    result = train(tiny_config(stdlib_data, tmp_path / "run"), console=False)
+    assert result.step == 60
+    # uniform guessing over 512 tokens is ln(512) = 6.24; 60 steps must get well below it
+    assert result.first_val.loss > 6.0
+    assert result.val.loss < result.first_val.loss - 1.0
+    assert sum(result.losses[-10:]) / 10 < sum(result.losses[:10]) / 10 - 1.0
+    records = read_metrics(tmp_path / "run")
+    steps = [r for r in records if "loss" in r]
+    assert [r["step"] for r in steps] == [10, 20, 30, 40, 50, 60]
+    for key in ("step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "mfu", "step_time_s"):
+        assert key in steps[-1]
+    assert steps[-1]["tokens"] == 60 * 8 * 64
+    assert [r["step"] for r in records if "val_loss" in r] == [0, 30, 60]
+    assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() == "step-0000060"
+    assert (tmp_path / "run" / "config.yaml").is_file()
+
+
+def test_grad_accumulation_matches_larger_micro_batch(stdlib_data, tmp_path):
+    big = tiny_config(stdlib_data, tmp_path / "big", steps=5)
+    big.data.micro_batch = 8
+    accum = tiny_config(stdlib_data, tmp_path / "accum", steps=5, grad_accum=4)
+    accum.data.micro_batch = 2
+    a, b = train(big, console=False).losses, train(accum, console=False).losses
+    assert a == pytest.approx(b, rel=1e-5)
+
+
+def test_resume_is_bitwise_identical(stdlib_data, tmp_path):
+    straight = train(tiny_config(stdlib_data, tmp_path / "straight", steps=12, eval_every=1000), console=False)
+
+    first = tiny_config(stdlib_data, tmp_path / "resumed", steps=12, eval_every=1000)
+    first.checkpoint.every = 6
+    head = train(first, console=False)  # runs all 12 steps, saving at 6 and 12
+    assert head.losses == straight.losses
+    # now resume from step 6 in a fresh run directory that only holds the step-6 checkpoint
+    second = tiny_config(stdlib_data, tmp_path / "second", steps=12, eval_every=1000)
+    second.run.resume = str(tmp_path / "resumed" / "checkpoints" / "step-0000006")
+    tail = train(second, console=False)
+    assert tail.losses == straight.losses[6:]  # bitwise: same floats
+    a = load_file(straight.checkpoint / "model.safetensors")
+    b = load_file(tail.checkpoint / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_auto_continues_and_refuses_to_restart(stdlib_data, tmp_path):
+    cfg = tiny_config(stdlib_data, tmp_path / "run", steps=6, eval_every=1000)
+    train(cfg, console=False)
+    cfg.train.steps = 10
+    with pytest.raises(BigtrainError, match="already has checkpoints; pass run.resume=auto"):
+        train(cfg, console=False)
+    cfg.run.resume = "auto"
+    result = train(cfg, console=False)
+    assert result.step == 10 and len(result.losses) == 4
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step-*")) == ["step-0000006", "step-0000010"]
+
+
+def test_vocab_mismatch_is_refused(stdlib_data, tmp_path):
+    cfg = tiny_config(stdlib_data, tmp_path / "run")
+    cfg.model.vocab_size = 100
+    with pytest.raises(BigtrainError, match="vocabulary of 512; model.vocab_size=100 is too small"):
+        train(cfg, console=False)
