@@ -48,9 +48,11 @@ def cmd_train(args: argparse.Namespace) -> None:
     from bigtrain.train.loop import train
 
     result = train(load_config(args.config, args.overrides))
+    if not result.losses:
+        print(f"nothing to train: {result.checkpoint} is already at train.steps={result.step}")
+        return
     val = f", val_loss {result.val.loss:.4f}" if result.val else ""
-    print(f"done: step {result.step}, loss {result.losses[-1] if result.losses else float('nan'):.4f}{val}; "
-          f"checkpoint {result.checkpoint}")
+    print(f"done: step {result.step}, loss {result.losses[-1]:.4f}{val}; checkpoint {result.checkpoint}")
 
 
 def cmd_eval(args: argparse.Namespace) -> None:

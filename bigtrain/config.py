@@ -62,7 +62,7 @@ class DataConfig:
     path: str = "data/train"
     val_path: str | None = None
     seq_len: int = 256
-    micro_batch: int = 8
+    micro_batch: int = 16
     shuffle: bool = True
 
 
@@ -115,6 +115,8 @@ class RunConfig:
 
 @dataclass
 class Config:
+    """The whole tree. Its defaults are the `tiny` config (configs/tiny.yaml spells them out)."""
+
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)

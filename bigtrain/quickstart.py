@@ -22,7 +22,7 @@ from bigtrain.errors import BigtrainError
 from bigtrain.eval.generate import generate
 from bigtrain.model import Llama
 from bigtrain.train.checkpoint import load_trained_model
-from bigtrain.train.loop import TrainResult, train
+from bigtrain.train.loop import TrainResult, set_determinism, train
 
 PROMPTS = ["def ", "import os\n", "class Request:\n    def __init__(self"]
 
@@ -49,16 +49,17 @@ def prepare_default_data(data_dir: Path, vocab_size: int, corpus_mb: float | Non
     return data_dir / "train", data_dir / "val"
 
 
-def seconds_per_step(cfg: Config) -> float:
-    """Time a few optimiser steps of the configured model on random tokens (the first is warm-up)."""
-    torch.manual_seed(0)
+def seconds_per_step(cfg: Config, warmup: int = 2, timed: int = 3) -> float:
+    """Time optimiser steps of the configured model on random tokens, after a warm-up."""
+    set_determinism(0, cfg.train.deterministic)
     engine = LocalEngine(Llama(cfg.model), TrainConfig(device=cfg.train.device))
-    batches = [torch.randint(0, cfg.model.vocab_size, (cfg.data.micro_batch, cfg.data.seq_len + 1))] * cfg.train.grad_accum
-    engine.train_step(batches, 1e-4)
+    batch = torch.randint(0, cfg.model.vocab_size, (cfg.data.micro_batch, cfg.data.seq_len + 1))
+    for _ in range(warmup):
+        engine.train_step([batch] * cfg.train.grad_accum, 1e-4)
     start = time.perf_counter()
-    for _ in range(2):
-        engine.train_step(batches, 1e-4).loss.item()
-    return (time.perf_counter() - start) / 2
+    for _ in range(timed):
+        engine.train_step([batch] * cfg.train.grad_accum, 1e-4).loss.item()
+    return (time.perf_counter() - start) / timed
 
 
 def quickstart(out: Path, minutes: float = 5.0, corpus_mb: float | None = None) -> QuickstartResult:
@@ -67,7 +68,7 @@ def quickstart(out: Path, minutes: float = 5.0, corpus_mb: float | None = None) 
     run_dir = out / "run"
     if (run_dir / "checkpoints").exists():
         raise BigtrainError(f"{run_dir} already holds a quickstart run; pass --out to choose a new directory")
-    cfg = Config()  # the defaults are the tiny config (configs/tiny.yaml spells them out)
+    cfg = Config()  # the tiny config
     cfg.data.path, cfg.data.val_path = map(str, prepare_default_data(out / "data", cfg.model.vocab_size, corpus_mb))
     cfg.run.name, cfg.run.dir = "quickstart", str(run_dir)
 

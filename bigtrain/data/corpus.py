@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import platform
 import sysconfig
@@ -34,25 +35,34 @@ def _path_hash(rel: str) -> str:
     return hashlib.sha256(rel.encode()).hexdigest()
 
 
-def _documents(max_mb: float | None) -> Iterator[tuple[str, str]]:
-    """Yield (relative path, text) of decodable files; with `max_mb`, a hash-ordered subset."""
+def _is_val(rel: str, val_fraction: float) -> bool:
+    return int(_path_hash(rel)[:8], 16) / 2**32 < val_fraction
+
+
+def _documents(val_fraction: float, max_mb: float | None) -> Iterator[tuple[str, str, bool]]:
+    """Yield (relative path, text, is_val) of decodable files.
+
+    With `max_mb`, a hash-ordered subset in which val holds `val_fraction` of the bytes: each
+    split takes files until its share of the budget is used up.
+    """
     root = _stdlib_root()
     rels = [p.relative_to(root).as_posix() for p in stdlib_sources()]
+    budget = {True: math.inf, False: math.inf}
     if max_mb is not None:
         # Order by the digits the split does not use, so the subset is not biased towards val.
         rels.sort(key=lambda rel: _path_hash(rel)[8:])
-    budget = None if max_mb is None else max_mb * 1e6
-    taken = 0
+        budget = {True: max_mb * 1e6 * val_fraction, False: max_mb * 1e6 * (1 - val_fraction)}
     for rel in rels:
+        is_val = _is_val(rel, val_fraction)
+        if budget[is_val] <= 0:
+            continue
         data = (root / rel).read_bytes()
         try:
             text = data.decode("utf-8")
         except UnicodeDecodeError:
             continue
-        yield rel, text
-        taken += len(data)
-        if budget is not None and taken > budget:
-            return
+        budget[is_val] -= len(data)
+        yield rel, text, is_val
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
@@ -101,9 +111,8 @@ def write_default_corpus(
 
     train: list[str] = []
     val: list[str] = []
-    for rel, text in _documents(max_mb):
+    for rel, text, is_val in _documents(val_fraction, max_mb):
         line = json.dumps({"text": text, "path": rel}, ensure_ascii=False) + "\n"
-        is_val = int(_path_hash(rel)[:8], 16) / 2**32 < val_fraction
         (val if is_val else train).append(line)
     out_dir.mkdir(parents=True, exist_ok=True)
     _write_text_atomic(train_path, "".join(train))

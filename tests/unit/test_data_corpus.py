@@ -49,32 +49,36 @@ def test_split_is_deterministic_and_disjoint(corpus, tmp_path):
     assert again[1].read_bytes() == val.read_bytes()
 
 
-def test_val_fraction_roughly_as_asked(corpus):
+def test_val_fraction_of_bytes_as_asked(corpus):
     n_train, n_val = (len(_paths(p)) for p in corpus)
     assert n_train + n_val > 50
-    assert abs(n_val / (n_train + n_val) - VAL_FRACTION) < 0.1
+    train_bytes, val_bytes = (sum(len(json.loads(x)["text"].encode()) for x in p.open()) for p in corpus)
+    # each split fills its share of the byte budget, overshooting by at most one file
+    largest = max(p.stat().st_size for p in stdlib_sources())
+    assert VAL_FRACTION * MAX_MB * 1e6 <= val_bytes < VAL_FRACTION * MAX_MB * 1e6 + largest
+    assert (1 - VAL_FRACTION) * MAX_MB * 1e6 <= train_bytes < (1 - VAL_FRACTION) * MAX_MB * 1e6 + largest
 
 
-def test_subset_is_the_hash_ordered_prefix_of_decodable_files(corpus):
+def test_subset_is_the_hash_ordered_prefix_of_each_split(corpus):
     train, val = corpus
     docs = {}
     for path in corpus:
         for line in path.read_text().splitlines():
             record = json.loads(line)
             docs[record["path"]] = record["text"]
-    expected, size = [], 0
+    expected, left = [], {True: VAL_FRACTION * MAX_MB * 1e6, False: (1 - VAL_FRACTION) * MAX_MB * 1e6}
     for rel in sorted(
         (p.relative_to(STDLIB).as_posix() for p in stdlib_sources()), key=lambda r: _hash(r)[8:]
     ):
+        is_val = int(_hash(rel)[:8], 16) / 2**32 < VAL_FRACTION
         data = (STDLIB / rel).read_bytes()
         try:
             data.decode("utf-8")
         except UnicodeDecodeError:
             continue
-        expected.append(rel)
-        size += len(data)
-        if size > MAX_MB * 1e6:
-            break
+        if left[is_val] > 0:
+            expected.append(rel)
+            left[is_val] -= len(data)
     assert sorted(docs) == sorted(expected)
     assert len(_paths(train)) + len(_paths(val)) == len(expected)
     assert all(docs[r] == (STDLIB / r).read_text(encoding="utf-8") for r in expected[:20])

@@ -1,0 +1,106 @@
+"""The `bigtrain` command end to end, as a user runs it (a real subprocess each time)."""
+
+import json
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+CONFIGS = Path(__file__).parents[2] / "configs"
+
+
+def bigtrain(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "bigtrain", *map(str, args)], capture_output=True, text=True, cwd=cwd)
+
+
+@pytest.fixture(scope="module")
+def quickstart_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("qs")
+    proc = bigtrain("quickstart", "--out", out, "--minutes", 1, "--corpus-mb", 2)
+    assert proc.returncode == 0, proc.stderr
+    return out, proc.stdout
+
+
+def test_quickstart_trains_and_reports(quickstart_run):
+    out, stdout = quickstart_run
+    records = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
+    val = [r["val_loss"] for r in records if "val_loss" in r]
+    assert len(val) >= 3
+    assert val[0] > 7.5  # ln(4096) = 8.32 before training
+    assert val[-1] < val[0] - 1.0, val  # validation loss clearly falls (perplexity ÷ e)
+    assert f"validation loss {val[0]:.3f} → {val[-1]:.3f}" in stdout
+    latest = (out / "run" / "checkpoints" / "latest").read_text().strip()
+    assert f"checkpoint     {out / 'run' / 'checkpoints' / latest}" in stdout
+    manifest = json.loads((out / "data" / "train" / "manifest.json").read_text())
+    assert manifest["token_dtype"] == "uint16" and manifest["tokenizer"]["vocab_size"] == 4096
+
+
+def test_eval_generate_and_resume_from_the_cli(quickstart_run, tmp_path):
+    out, _ = quickstart_run
+    run_dir = out / "run"
+    proc = bigtrain("eval", run_dir, "--max-batches", 2)
+    assert proc.returncode == 0, proc.stderr
+    assert "perplexity" in proc.stdout and f"over {2 * 16 * 256:,} tokens" in proc.stdout
+    loss, ppl = map(float, re.search(r"loss ([\d.]+), perplexity ([\d.]+)", proc.stdout).groups())
+    assert ppl == pytest.approx(math.exp(loss), rel=1e-3)
+
+    proc = bigtrain("generate", run_dir, "--prompt", "def ", "--max-new-tokens", 8, "--temperature", 0)
+    assert proc.returncode == 0 and proc.stdout.startswith("def ")
+
+    step = int((run_dir / "checkpoints" / "latest").read_text().strip().split("-")[1])
+    proc = bigtrain("train", run_dir / "config.yaml", "run.resume=auto", f"train.steps={step + 3}",
+                    "train.max_minutes=null", "log.every=1")
+    assert proc.returncode == 0, proc.stderr
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step-{step + 3:07d}"
+    logged = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert logged[-4:] == [step + 1, step + 2, step + 3, step + 3]  # three train records, then val
+
+
+def test_info_counts_7b_without_allocating():
+    proc = bigtrain("info", CONFIGS / "7b.yaml")
+    assert proc.returncode == 0, proc.stderr
+    assert "parameters   6,738,415,616 (6.74B)" in proc.stdout
+    assert "FLOPs/token" in proc.stdout
+
+
+def one_line_error(proc, *fragments):
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("bigtrain: error: "), proc.stderr
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def test_bad_input_gives_one_clear_line(tmp_path, quickstart_run):
+    out, _ = quickstart_run
+    one_line_error(bigtrain("train", tmp_path / "missing.yaml"), "config file not found", "missing.yaml")
+    one_line_error(bigtrain("train", CONFIGS / "tiny.yaml", "train.lrr=1"), "unknown config key train.lrr", "train.lr")
+    one_line_error(bigtrain("train", CONFIGS / "tiny.yaml", "train.steps=abc"), "train.steps must be int")
+    one_line_error(bigtrain("train", CONFIGS / "tiny.yaml", f"data.path={tmp_path / 'nodata'}"),
+                   "data directory not found", "nodata")
+    one_line_error(bigtrain("eval", tmp_path / "nockpt"), "checkpoint not found", "nockpt")
+    one_line_error(bigtrain("generate", tmp_path / "nockpt", "--prompt", "x"), "checkpoint not found")
+
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    tokenizer = out / "data" / "tokenizer.json"
+    one_line_error(bigtrain("prepare", "--input", empty, "--tokenizer", tokenizer, "--out", tmp_path / "p"), "no text found")
+    assert not (tmp_path / "p").exists()
+
+
+def test_existing_data_and_checkpoints_are_never_overwritten(quickstart_run):
+    out, _ = quickstart_run
+    manifest = (out / "data" / "train" / "manifest.json").read_bytes()
+    corpus = out / "data" / "corpus" / "train.jsonl"
+    one_line_error(bigtrain("prepare", "--input", corpus, "--tokenizer", out / "data" / "tokenizer.json",
+                            "--out", out / "data" / "train"), "already holds a prepared dataset")
+    assert (out / "data" / "train" / "manifest.json").read_bytes() == manifest
+
+    checkpoints = sorted(p.name for p in (out / "run" / "checkpoints").iterdir())
+    one_line_error(bigtrain("train", out / "run" / "config.yaml", "run.resume=null"), "already has checkpoints", "run.resume=auto")
+    one_line_error(bigtrain("quickstart", "--out", out, "--minutes", 0.1), "already holds a quickstart run")
+    assert sorted(p.name for p in (out / "run" / "checkpoints").iterdir()) == checkpoints
