@@ -48,6 +48,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     from bigtrain.train.loop import train
 
     result = train(load_config(args.config, args.overrides))
+    if not result.is_main:
+        return
     if not result.losses:
         print(f"nothing to train: {result.checkpoint} is already at train.steps={result.step}")
         return
@@ -56,18 +58,19 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
+    from bigtrain.config import TrainConfig
     from bigtrain.data.loader import PackedTokens
-    from bigtrain.distributed.local import autocast_for, pick_device
+    from bigtrain.distributed.local import LocalEngine, pick_device
     from bigtrain.eval.perplexity import evaluate
     from bigtrain.train.checkpoint import load_trained_model
 
-    device = pick_device(args.device)
-    model, cfg, checkpoint = load_trained_model(args.checkpoint, device)
+    model, cfg, checkpoint = load_trained_model(args.checkpoint, pick_device(args.device))
     data_dir = args.data or cfg.data.val_path
     if not data_dir:
         raise BigtrainError(f"{checkpoint} was trained without data.val_path; pass --data DIR")
     data = PackedTokens(data_dir, cfg.data.seq_len)
-    result = evaluate(model, data, cfg.data.micro_batch, args.max_batches, device, autocast_for(device, "auto"))
+    engine = LocalEngine(model, TrainConfig(device=args.device))
+    result = evaluate(engine.eval_loss, data, cfg.data.micro_batch, args.max_batches)
     print(f"{checkpoint}: loss {result.loss:.4f}, perplexity {result.perplexity:.3f} over {result.tokens:,} tokens of {data_dir}")
 
 

@@ -82,11 +82,26 @@ class TrainConfig:
     eps: float = 1e-8
     grad_clip: float | None = 1.0
     grad_accum: int = 1
+    global_batch: int | None = None  # windows per step; must equal micro_batch × grad_accum × dp
     eval_every: int = 200
     eval_batches: int = 20
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     deterministic: bool = True
+
+
+@dataclass
+class ParallelConfig:
+    """How a run is laid out over processes: world size = dp × tp × pp (dp is what is left)."""
+
+    engine: Literal["local", "deepspeed"] = "local"  # local: one process, no DeepSpeed (debug mode)
+    tp: int = 1  # tensor-parallel degree (Megatron-style, inside a node)
+    pp: int = 1  # pipeline stages (DeepSpeed's pipeline engine, 1F1B)
+    zero_stage: Literal[0, 1, 2, 3] = 0
+    offload_optimizer: bool = False  # ZeRO optimizer states in CPU memory
+    activation_checkpointing: bool = False
+    backend: Literal["auto", "nccl", "gloo"] = "auto"  # auto: nccl with CUDA, else gloo
+    deepspeed_overrides: str | None = None  # a JSON file merged into the generated DeepSpeed config
 
 
 @dataclass
@@ -121,6 +136,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
 

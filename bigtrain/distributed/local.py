@@ -53,6 +53,8 @@ class StepOutput:
 class LocalEngine:
     """Runs forward, backward and AdamW for one optimiser step over a list of micro-batches."""
 
+    rank, world_size, dp_rank, dp_size, is_main = 0, 1, 0, 1, True
+
     def __init__(self, model: nn.Module, cfg: TrainConfig):
         self.device = pick_device(cfg.device)
         self.model = model.to(self.device)
@@ -83,6 +85,22 @@ class LocalEngine:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return StepOutput(loss=total, grad_norm=grad_norm)
+
+    def barrier(self) -> None:
+        """Nothing to wait for: there is one process."""
+
+    def any_rank(self, flag: bool) -> bool:
+        return flag
+
+    @torch.no_grad()
+    def eval_loss(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Mean next-token loss of one batch, in eval mode."""
+        self.model.eval()
+        tokens = tokens.to(self.device)
+        with self.autocast():
+            loss = lm_loss(self.model(tokens[:, :-1]), tokens[:, 1:])
+        self.model.train()
+        return loss
 
     def save(self, directory: Path) -> None:
         """Write the weights (safetensors) and the AdamW state into a checkpoint directory."""

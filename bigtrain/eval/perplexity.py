@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from bigtrain.data.loader import PackedTokens, eval_batches
+
+BatchLoss = Callable[[torch.Tensor], torch.Tensor]  # [b, seq+1] tokens → mean NLL of its b·seq targets
 
 
 @dataclass
@@ -20,22 +20,12 @@ class EvalResult:
     tokens: int
 
 
-@torch.no_grad()
-def evaluate(
-    model: nn.Module, data: PackedTokens, micro_batch: int, max_batches: int | None,
-    device: torch.device, autocast: contextlib.AbstractContextManager | None = None,
-) -> EvalResult:
-    """Sum the NLL of every predicted token in the first `max_batches` windows, then average."""
-    was_training = model.training
-    model.eval()
-    nll, count = torch.zeros((), dtype=torch.float64, device=device), 0
+def evaluate(batch_loss: BatchLoss, data: PackedTokens, micro_batch: int, max_batches: int | None) -> EvalResult:
+    """Average `batch_loss` over the first `max_batches` windows, weighted by predicted tokens."""
+    nll, count = 0.0, 0
     for batch in eval_batches(data, micro_batch, max_batches):
-        tokens = batch.to(device)
-        with autocast or contextlib.nullcontext():
-            logits = model(tokens[:, :-1])
-        targets = tokens[:, 1:]
-        nll += F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum").double()
-        count += targets.numel()
-    model.train(was_training)
-    loss = (nll / count).item()
+        targets = batch.shape[0] * (batch.shape[1] - 1)
+        nll += float(batch_loss(batch)) * targets
+        count += targets
+    loss = nll / count
     return EvalResult(loss=loss, perplexity=math.exp(loss), tokens=count)

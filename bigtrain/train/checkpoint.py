@@ -25,8 +25,12 @@ STATE = "state.json"
 
 
 class Engine(Protocol):
+    rank: int
+    is_main: bool
+
     def save(self, directory: Path) -> None: ...
     def load(self, directory: Path) -> None: ...
+    def barrier(self) -> None: ...
 
 
 def checkpoint_root(run_dir: Path) -> Path:
@@ -61,33 +65,37 @@ def save_checkpoint(
 ) -> Path:
     """Write checkpoint `step` atomically, point `latest` at it, then prune the oldest."""
     root = checkpoint_root(run_dir)
-    root.mkdir(parents=True, exist_ok=True)
     name = f"step-{step:07d}"
-    final = root / name
+    final, tmp = root / name, root / f".tmp-{name}"
     if final.exists():
         raise BigtrainError(f"refusing to overwrite existing checkpoint {final}")
-    tmp = root / f".tmp-{name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)  # our own leftover from a crash with the same pid
-    tmp.mkdir()
-    engine.save(tmp)
-    torch.save(rng_state(), tmp / "rng.pt")
-    (tmp / STATE).write_text(json.dumps({"step": step, **state}, indent=1))
-    save_config(config, tmp / "config.yaml")
-    if tokenizer is not None:
-        shutil.copyfile(tokenizer, tmp / "tokenizer.json")
-    for file in tmp.iterdir():
-        _fsync(file)
-    _fsync(tmp)
-    os.rename(tmp, final)
-    _fsync(root)
-    pointer_tmp = root / f".latest-{os.getpid()}"
-    pointer_tmp.write_text(name + "\n")
-    _fsync(pointer_tmp)
-    os.replace(pointer_tmp, root / "latest")
-    _fsync(root)
-    if keep_last:
-        for old in sorted(root.glob("step-*"))[:-keep_last]:
-            shutil.rmtree(old)
+    if engine.is_main:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # a leftover of a crashed save of this same step
+        tmp.mkdir()
+    engine.barrier()
+    engine.save(tmp)  # every rank writes its own part
+    torch.save(rng_state(), tmp / f"rng-{engine.rank}.pt")
+    engine.barrier()
+    if engine.is_main:
+        (tmp / STATE).write_text(json.dumps({"step": step, **state}, indent=1))
+        save_config(config, tmp / "config.yaml")
+        if tokenizer is not None:
+            shutil.copyfile(tokenizer, tmp / "tokenizer.json")
+        for file in tmp.rglob("*"):
+            _fsync(file)
+        _fsync(tmp)
+        os.rename(tmp, final)
+        _fsync(root)
+        pointer_tmp = root / ".latest.tmp"
+        pointer_tmp.write_text(name + "\n")
+        _fsync(pointer_tmp)
+        os.replace(pointer_tmp, root / "latest")
+        _fsync(root)
+        if keep_last:
+            for old in sorted(root.glob("step-*"))[:-keep_last]:
+                shutil.rmtree(old)
+    engine.barrier()
     return final
 
 
@@ -95,7 +103,9 @@ def load_checkpoint(checkpoint: Path, engine: Engine) -> dict[str, Any]:
     """Restore engine and RNG state; return the JSON state (step, tokens, loader, …)."""
     try:
         engine.load(checkpoint)
-        set_rng_state(torch.load(checkpoint / "rng.pt", weights_only=True))
+        rng_file = checkpoint / f"rng-{engine.rank}.pt"
+        if rng_file.exists():  # absent when resuming on more ranks than saved
+            set_rng_state(torch.load(rng_file, weights_only=True))
     except (pickle.UnpicklingError, RuntimeError, OSError) as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise BigtrainError(f"cannot load checkpoint {checkpoint}: {first_line}") from None

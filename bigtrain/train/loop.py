@@ -11,6 +11,7 @@ import torch
 from bigtrain.config import Config, save_config
 from bigtrain.data.loader import PackedTokens, WindowLoader
 from bigtrain.distributed.local import LocalEngine
+from bigtrain.distributed.topology import check_layout, init_topology, process_env
 from bigtrain.errors import BigtrainError
 from bigtrain.eval.perplexity import EvalResult, evaluate
 from bigtrain.model import Llama, flops_per_token
@@ -29,6 +30,7 @@ class TrainResult:
     val: EvalResult | None
     first_val: EvalResult | None  # validation before the first update of this call
     wall_s: float
+    is_main: bool  # rank 0, which logs and reports
 
 
 def set_determinism(seed: int, deterministic: bool) -> None:
@@ -50,8 +52,19 @@ def find_resume_checkpoint(cfg: Config) -> Path | None:
     return None
 
 
+def build_engine(cfg: Config):
+    """The local engine for one process, else DeepSpeed over the launched processes."""
+    if cfg.parallel.engine == "local":
+        check_layout(cfg, process_env().world_size)
+        return LocalEngine(Llama(cfg.model), cfg.train)
+    from bigtrain.distributed.deepspeed_engine import DeepSpeedEngine  # imports DeepSpeed: slow
+
+    topology = init_topology(cfg)
+    return DeepSpeedEngine(Llama(cfg.model), cfg, topology)
+
+
 def train(cfg: Config, console: bool = True) -> TrainResult:
-    """Train `cfg.model` on `cfg.data` with the local engine, resuming if asked."""
+    """Train `cfg.model` on `cfg.data` with the configured engine, resuming if asked."""
     started = time.perf_counter()
     set_determinism(cfg.run.seed, cfg.train.deterministic)
     data = PackedTokens(cfg.data.path, cfg.data.seq_len)
@@ -62,27 +75,34 @@ def train(cfg: Config, console: bool = True) -> TrainResult:
             f"model.vocab_size={cfg.model.vocab_size} is too small"
         )
     resume_from = find_resume_checkpoint(cfg)
-    engine = LocalEngine(Llama(cfg.model), cfg.train)
-    loader = WindowLoader(data, cfg.data.micro_batch, cfg.train.grad_accum, seed=cfg.run.seed, shuffle=cfg.data.shuffle)
+    engine = build_engine(cfg)
+    loader = WindowLoader(data, cfg.data.micro_batch, cfg.train.grad_accum, dp_rank=engine.dp_rank,
+                          dp_size=engine.dp_size, seed=cfg.run.seed, shuffle=cfg.data.shuffle)
     step, tokens = 0, 0
     if resume_from is not None:
         state = ckpt.load_checkpoint(resume_from, engine)
         loader.load_state_dict(state["loader"])
         step, tokens = state["step"], state["tokens"]
 
-    run_dir = cfg.run.path
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
-    logger = MetricsLogger(run_dir, cfg.train.steps, step, console=console)
-    tokens_per_step = cfg.data.micro_batch * cfg.train.grad_accum * cfg.data.seq_len
+    run_dir, main = cfg.run.path, engine.is_main
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+    logger = MetricsLogger(run_dir, cfg.train.steps, step, console=console) if main else None
+    tokens_per_step = loader.global_batch * cfg.data.seq_len
     flops_per_step = flops_per_token(cfg.model, cfg.data.seq_len) * tokens_per_step
     peak = peak_flops(engine.device, cfg.log.peak_tflops)
+    peak = peak * engine.world_size if peak else None
+
+    def log(record: dict) -> None:
+        if logger:
+            logger.log(record)
 
     def validate() -> EvalResult | None:
         if val is None:
             return None
-        result = evaluate(engine.model, val, cfg.data.micro_batch, cfg.train.eval_batches, engine.device, engine.autocast())
-        logger.log({"step": step, "tokens": tokens, "val_loss": result.loss, "val_perplexity": result.perplexity})
+        result = evaluate(engine.eval_loss, val, cfg.data.micro_batch, cfg.train.eval_batches)
+        log({"step": step, "tokens": tokens, "val_loss": result.loss, "val_perplexity": result.perplexity})
         return result
 
     def save() -> Path:
@@ -98,15 +118,17 @@ def train(cfg: Config, console: bool = True) -> TrainResult:
             out = engine.train_step(batches, lr_at(step, cfg.train))
             step, tokens, window_steps = step + 1, tokens + tokens_per_step, window_steps + 1
             losses.append(out.loss)
-            out_of_time = cfg.train.max_minutes is not None and time.perf_counter() - started > 60 * cfg.train.max_minutes
+            out_of_time = cfg.train.max_minutes is not None and engine.any_rank(
+                time.perf_counter() - started > 60 * cfg.train.max_minutes
+            )
             last = step == cfg.train.steps or out_of_time
             if step % cfg.log.every == 0 or last:
                 loss = out.loss.item()  # the only host sync: at logging time
                 if loss != loss or loss in (float("inf"), float("-inf")):
                     raise BigtrainError(f"loss is {loss} at step {step}; lower train.lr or check the data")
                 step_time = (time.perf_counter() - window_start) / window_steps
-                logger.log({
-                    "step": step, "loss": loss, "lr": lr_at(step - 1, cfg.train), "grad_norm": out.grad_norm.item(),
+                log({
+                    "step": step, "loss": loss, "lr": lr_at(step - 1, cfg.train), "grad_norm": float(out.grad_norm),
                     "tokens": tokens, "tokens_per_s": tokens_per_step / step_time,
                     "mfu": flops_per_step / step_time / peak if peak else None,
                     "step_time_s": step_time, "peak_mem_gb": peak_memory_gb(engine.device),
@@ -121,9 +143,10 @@ def train(cfg: Config, console: bool = True) -> TrainResult:
             if out_of_time:
                 break
     finally:
-        logger.close()
+        if logger:
+            logger.close()
     return TrainResult(
         run_dir=run_dir, step=step, tokens=tokens, losses=[float(x) for x in losses],
         checkpoint=last_saved or ckpt.latest_checkpoint(run_dir), val=last_val, first_val=first_val,
-        wall_s=time.perf_counter() - started,
+        wall_s=time.perf_counter() - started, is_main=main,
     )

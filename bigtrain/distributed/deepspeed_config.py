@@ -1,0 +1,52 @@
+"""The DeepSpeed JSON config, derived from the bigtrain config (plus an optional user override)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bigtrain.config import Config
+from bigtrain.errors import BigtrainError
+
+
+def deepspeed_config(cfg: Config, dp: int) -> dict[str, Any]:
+    """ZeRO stage, batch sizes, clipping and precision; `parallel.deepspeed_overrides` merged last."""
+    p, t = cfg.parallel, cfg.train
+    bf16 = t.precision == "bf16" or (t.precision == "auto" and torch.cuda.is_available())
+    zero: dict[str, Any] = {"stage": p.zero_stage}
+    if p.zero_stage > 0:
+        zero.update({"overlap_comm": False, "contiguous_gradients": True, "reduce_scatter": True})
+    if p.offload_optimizer:
+        if p.zero_stage == 0:
+            raise BigtrainError("parallel.offload_optimizer needs parallel.zero_stage >= 1")
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    config = {
+        "train_batch_size": cfg.data.micro_batch * t.grad_accum * dp,
+        "train_micro_batch_size_per_gpu": cfg.data.micro_batch,
+        "gradient_accumulation_steps": t.grad_accum,
+        "gradient_clipping": t.grad_clip or 0.0,
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,
+        "bf16": {"enabled": bf16},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if p.deepspeed_overrides:
+        path = Path(p.deepspeed_overrides)
+        try:
+            overrides = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise BigtrainError(f"parallel.deepspeed_overrides: cannot read {path}: {e}") from None
+        config = merge(config, overrides)
+    return config
+
+
+def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """Recursive dict merge: values in `extra` win, nested sections are merged key by key."""
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out

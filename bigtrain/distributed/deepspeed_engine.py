@@ -1,0 +1,134 @@
+"""The DeepSpeed engine: ZeRO 0-3 over the data-parallel group, tensor parallelism inside each
+stage, and DeepSpeed's pipeline engine (1F1B) when `parallel.pp > 1`."""
+
+from __future__ import annotations
+
+import contextlib
+from functools import partial
+from pathlib import Path
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from deepspeed.pipe import PipelineModule
+from deepspeed.runtime.utils import clip_grad_norm_
+
+from bigtrain.config import Config
+from bigtrain.distributed.deepspeed_config import deepspeed_config
+from bigtrain.distributed.local import StepOutput, param_groups
+from bigtrain.distributed.topology import Topology
+from bigtrain.model import Llama, lm_loss
+from bigtrain.model.tensor_parallel import apply_tensor_parallel, vocab_parallel_cross_entropy
+
+TAG = "deepspeed"  # DeepSpeed's sub-directory inside a bigtrain checkpoint
+
+
+def mark_for_grad_norm(stage: torch.nn.Module, tp_rank: int) -> None:
+    """Make DeepSpeed's global gradient norm count every pipeline stage's parameters.
+
+    DeepSpeed counts a parameter when it is model-parallel or this rank is rank 0 of the
+    (pipe × tensor) group, which would drop all replicated parameters of later stages. Marking
+    them on tensor-parallel rank 0 of each stage counts each exactly once.
+    """
+    if tp_rank == 0:
+        for p in stage.parameters():
+            if not getattr(p, "tensor_model_parallel", False):
+                p.model_parallel = True
+
+
+class DeepSpeedEngine:
+    """Wraps `deepspeed.initialize` behind the same `train_step` / `save` / `load` as the local engine."""
+
+    def __init__(self, model: Llama, cfg: Config, topology: Topology):
+        self.topology = topology
+        self.device = torch.device("cuda", topology.env.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+        self.loss_fn = lm_loss
+        if topology.tp > 1:
+            apply_tensor_parallel(model, topology.tp_group)
+            self.loss_fn = partial(vocab_parallel_cross_entropy, group=topology.tp_group)
+        self.pipelined = topology.pp > 1
+        if self.pipelined:
+            module = PipelineModule(
+                layers=list(model.layers), loss_fn=self.loss_fn, topology=topology.grid._topo,
+                partition_method="type:Block",
+                activation_checkpoint_interval=1 if cfg.parallel.activation_checkpointing else 0,
+            )
+        else:
+            module = model
+            if cfg.parallel.activation_checkpointing:
+                for block in model.layers[1:-1]:
+                    block.forward = partial(torch.utils.checkpoint.checkpoint, block.forward, use_reentrant=False)
+        t = cfg.train
+        optimizer = torch.optim.AdamW(
+            param_groups(module, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps,
+        )
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=module.to(self.device), optimizer=optimizer, config=deepspeed_config(cfg, topology.dp),
+            mpu=None if self.pipelined else topology.grid,
+        )
+        self.model = self.engine.module
+        if self.pipelined:
+            mark_for_grad_norm(self.model, topology.grid.get_slice_parallel_rank())
+        self._grad_norm: torch.Tensor | None = None
+
+        def clip_and_record() -> None:  # ZeRO 0 clips without keeping the norm; keep it
+
+            self._grad_norm = clip_grad_norm_(self.model.parameters(), self.engine.gradient_clipping(), mpu=self.engine.mpu)
+
+        self.engine.clip_fp32_gradients = clip_and_record
+        self.rank, self.world_size = topology.env.rank, topology.env.world_size
+        self.dp_rank, self.dp_size, self.is_main = topology.dp_rank, topology.dp, topology.env.rank == 0
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+    def any_rank(self, flag: bool) -> bool:
+        """True on every rank if `flag` is true on any (so all ranks take the same branch)."""
+        value = torch.tensor(float(flag))
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return bool(value)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()  # DeepSpeed casts the model itself when bf16 is on
+
+    def train_step(self, micro_batches: list[torch.Tensor], lr: float) -> StepOutput:
+        """One optimiser step; the returned loss is already averaged over the data-parallel group."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        if self.pipelined:
+            pairs = iter([(b[:, :-1].to(self.device), b[:, 1:].to(self.device)) for b in micro_batches])
+            loss = self.engine.train_batch(data_iter=pairs)
+        else:
+            loss = torch.zeros((), device=self.device)
+            for batch in micro_batches:
+                tokens = batch.to(self.device, non_blocking=True)
+                micro_loss = self.loss_fn(self.engine(tokens[:, :-1]), tokens[:, 1:])
+                self.engine.backward(micro_loss)
+                self.engine.step()
+                loss += micro_loss.detach().float() / len(micro_batches)
+            dist.all_reduce(loss, group=self.topology.dp_group)
+            loss /= self.topology.dp
+        norm = self.engine.get_global_grad_norm()
+        if norm is None:
+            norm = self._grad_norm if self._grad_norm is not None else float("nan")
+        return StepOutput(loss=loss, grad_norm=torch.as_tensor(norm))
+
+    @torch.no_grad()
+    def eval_loss(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Mean next-token loss of one batch (every rank gets the same value)."""
+        tokens = tokens.to(self.device)
+        if self.pipelined:
+            return self.engine.eval_batch(iter([(tokens[:, :-1], tokens[:, 1:])]), num_micro_batches=1)
+        self.engine.eval()
+        loss = self.loss_fn(self.engine(tokens[:, :-1]), tokens[:, 1:]).float()
+        self.engine.train()
+        return loss
+
+    def save(self, directory: Path) -> None:
+        """DeepSpeed's own sharded format (every rank writes its part) under `directory/deepspeed`."""
+        self.engine.save_checkpoint(str(directory), tag=TAG, save_latest=False)
+
+    def load(self, directory: Path) -> None:
+        path, _ = self.engine.load_checkpoint(str(directory), tag=TAG, load_lr_scheduler_states=False)
+        if path is None:
+            raise OSError(f"no DeepSpeed state under {directory / TAG}")

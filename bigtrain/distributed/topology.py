@@ -1,0 +1,114 @@
+"""Process topology: world = pp × dp × tp, ranks ↔ coordinates, and the process groups.
+
+Ranks come from torchrun (`RANK`, `WORLD_SIZE`, `LOCAL_RANK`), Slurm (`SLURM_PROCID`,
+`SLURM_NTASKS`, `SLURM_LOCALID`) or a lone process. The groups are DeepSpeed's own
+`PipelineParallelGrid` over a `PipeModelDataParallelTopology` (tp varies fastest, so a tensor-parallel
+group sits inside a node); the grid is also the `mpu` that makes ZeRO partition only across
+data-parallel ranks.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from bigtrain.config import Config
+from bigtrain.errors import BigtrainError
+
+
+@dataclass(frozen=True)
+class ProcessEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+
+
+def process_env() -> ProcessEnv:
+    """This process's rank, world size and local rank from torchrun's or Slurm's environment."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return ProcessEnv(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)))
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        return ProcessEnv(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)))
+    return ProcessEnv(0, 1, 0)
+
+
+def check_layout(cfg: Config, world_size: int) -> int:
+    """Refuse impossible layouts before any process group exists; return the data-parallel size."""
+    p, m, t = cfg.parallel, cfg.model, cfg.train
+    if p.engine == "local" and world_size > 1:
+        raise BigtrainError(f"parallel.engine=local runs one process, but {world_size} were launched; use parallel.engine=deepspeed")
+    if p.engine == "local" and (p.tp > 1 or p.pp > 1 or p.zero_stage > 0):
+        raise BigtrainError("parallel.tp, parallel.pp and parallel.zero_stage need parallel.engine=deepspeed")
+    if world_size % (p.tp * p.pp):
+        raise BigtrainError(f"world size {world_size} is not divisible by parallel.tp × parallel.pp = {p.tp * p.pp}")
+    for key, value in (("n_heads", m.n_heads), ("n_kv_heads", m.kv_heads), ("vocab_size", m.vocab_size), ("ffn_dim", m.ffn_dim)):
+        if value % p.tp:
+            raise BigtrainError(f"model.{key}={value} is not divisible by parallel.tp={p.tp}")
+    if m.n_layers < p.pp:
+        raise BigtrainError(f"model.n_layers={m.n_layers} is fewer than parallel.pp={p.pp} pipeline stages")
+    if p.pp > 1 and p.zero_stage > 1:
+        raise BigtrainError(f"parallel.zero_stage={p.zero_stage} cannot be combined with pipeline parallelism (use 0 or 1)")
+    if p.pp > 1 and m.tie_embeddings:
+        raise BigtrainError("model.tie_embeddings is not supported with parallel.pp > 1")
+    dp = world_size // (p.tp * p.pp)
+    derived = cfg.data.micro_batch * t.grad_accum * dp
+    if t.global_batch is not None and t.global_batch != derived:
+        raise BigtrainError(
+            f"train.global_batch={t.global_batch} but data.micro_batch × train.grad_accum × dp = "
+            f"{cfg.data.micro_batch} × {t.grad_accum} × {dp} = {derived}"
+        )
+    return dp
+
+
+@dataclass
+class Topology:
+    """Where this process sits in the pp × dp × tp grid, with its process groups."""
+
+    env: ProcessEnv
+    dp: int
+    tp: int
+    pp: int
+    grid: object  # deepspeed PipelineParallelGrid: the mpu handed to deepspeed.initialize
+
+    @property
+    def dp_rank(self) -> int:
+        return self.grid.get_data_parallel_rank()
+
+    @property
+    def tp_group(self) -> dist.ProcessGroup:
+        return self.grid.get_slice_parallel_group()
+
+    @property
+    def dp_group(self) -> dist.ProcessGroup:
+        return self.grid.get_data_parallel_group()
+
+    @property
+    def is_logging_rank(self) -> bool:
+        return self.env.rank == 0
+
+
+def init_topology(cfg: Config) -> Topology:
+    """Check the layout, start torch.distributed and build DeepSpeed's grid of groups."""
+    import deepspeed
+    from deepspeed.runtime.pipe.topology import PipelineParallelGrid, PipeModelDataParallelTopology
+
+    env = process_env()
+    dp = check_layout(cfg, env.world_size)
+    backend = cfg.parallel.backend
+    if backend == "auto":
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if torch.cuda.is_available():
+        torch.cuda.set_device(env.local_rank)
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29500")
+    if not dist.is_initialized():
+        deepspeed.init_distributed(
+            dist_backend=backend, auto_mpi_discovery=False, rank=env.rank, world_size=env.world_size,
+            verbose=False,
+        )
+    topology = PipeModelDataParallelTopology(num_pp=cfg.parallel.pp, num_mp=cfg.parallel.tp, num_dp=dp)
+    return Topology(env=env, dp=dp, tp=cfg.parallel.tp, pp=cfg.parallel.pp, grid=PipelineParallelGrid(topology))
