@@ -93,11 +93,11 @@ class Topology:
 
 def init_topology(cfg: Config) -> Topology:
     """Check the layout, start torch.distributed and build DeepSpeed's grid of groups."""
-    import deepspeed
-    from deepspeed.runtime.pipe.topology import PipelineParallelGrid, PipeModelDataParallelTopology
-
     env = process_env()
     dp = check_layout(cfg, env.world_size)
+    import deepspeed  # slow to import: only once the layout is known to be possible
+    from deepspeed.runtime.pipe.topology import PipelineParallelGrid, PipeModelDataParallelTopology
+
     backend = cfg.parallel.backend
     if backend == "auto":
         backend = "nccl" if torch.cuda.is_available() else "gloo"

@@ -1,0 +1,69 @@
+import pytest
+
+from bigtrain.config import from_dict
+from bigtrain.distributed.deepspeed_config import deepspeed_config, merge
+from bigtrain.distributed.topology import ProcessEnv, check_layout, process_env
+from bigtrain.errors import BigtrainError
+
+
+def config(**parallel):
+    return from_dict({
+        "model": {"vocab_size": 512, "d_model": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2},
+        "data": {"micro_batch": 4},
+        "parallel": {"engine": "deepspeed", **parallel},
+    })
+
+
+@pytest.mark.parametrize(
+    "parallel, world, message",
+    [
+        ({"tp": 2, "pp": 2}, 6, "world size 6 is not divisible by parallel.tp × parallel.pp = 4"),
+        ({"tp": 4}, 4, "model.n_kv_heads=2 is not divisible by parallel.tp=4"),
+        ({"tp": 8}, 8, "model.n_heads=4 is not divisible by parallel.tp=8"),
+        ({"pp": 4}, 4, "model.n_layers=2 is fewer than parallel.pp=4 pipeline stages"),
+        ({"pp": 2, "zero_stage": 2}, 2, "parallel.zero_stage=2 cannot be combined with pipeline parallelism"),
+        ({"engine": "local"}, 2, "parallel.engine=local runs one process, but 2 were launched"),
+    ],
+)
+def test_impossible_layouts_are_refused(parallel, world, message):
+    with pytest.raises(BigtrainError, match=message.replace("×", ".").replace("(", r"\(")):
+        check_layout(config(**parallel), world)
+
+
+def test_global_batch_must_match_the_layout():
+    cfg = config(tp=2)
+    cfg.train.global_batch = 16
+    with pytest.raises(BigtrainError, match=r"train.global_batch=16 but .* = 4 × 1 × 2 = 8"):
+        check_layout(cfg, 4)
+    cfg.train.global_batch = 8
+    assert check_layout(cfg, 4) == 2  # dp = 4 / tp
+
+
+def test_ranks_from_torchrun_or_slurm(monkeypatch):
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"):
+        monkeypatch.delenv(key, raising=False)
+    assert process_env() == ProcessEnv(0, 1, 0)
+    monkeypatch.setenv("SLURM_PROCID", "5")
+    monkeypatch.setenv("SLURM_NTASKS", "8")
+    monkeypatch.setenv("SLURM_LOCALID", "1")
+    assert (process_env().rank, process_env().world_size, process_env().local_rank) == (5, 8, 1)
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert (process_env().rank, process_env().world_size, process_env().local_rank) == (3, 4, 3)
+
+
+def test_deepspeed_json_from_config_and_overrides(tmp_path):
+    cfg = config(zero_stage=2)
+    cfg.train.grad_accum = 2
+    ds = deepspeed_config(cfg, dp=2)
+    assert ds["train_batch_size"] == 4 * 2 * 2
+    assert ds["gradient_accumulation_steps"] == 2 and ds["zero_optimization"]["stage"] == 2
+    assert ds["gradient_clipping"] == 1.0
+    extra = tmp_path / "ds.json"
+    extra.write_text('{"zero_optimization": {"reduce_bucket_size": 1000}, "steps_per_print": 5}')
+    cfg.parallel.deepspeed_overrides = str(extra)
+    ds = deepspeed_config(cfg, dp=2)
+    assert ds["zero_optimization"] == {**deepspeed_config(config(zero_stage=2), 2)["zero_optimization"], "reduce_bucket_size": 1000}
+    assert ds["steps_per_print"] == 5
+    assert merge({"a": {"b": 1, "c": 2}}, {"a": {"c": 3}}) == {"a": {"b": 1, "c": 3}}
