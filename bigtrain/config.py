@@ -56,11 +56,32 @@ class ModelConfig:
 
 
 @dataclass
+class SourceConfig:
+    """One prepared dataset of a mixture and its sampling weight (relative to the others)."""
+
+    path: str = ""  # required; an empty path is refused when the loader is built
+    weight: float = 1.0
+
+
+@dataclass
 class DataConfig:
-    """Where the prepared shards are and how they are cut into batches."""
+    """Where the prepared shards are, how they are cut into batches, and how they are checked.
+
+    The Arrow backend trains on `sources` when given (a weighted mixture), otherwise on `path`;
+    the streaming backend reads MDS windows from `remote` (s3://, gs://, or a directory) through
+    the `local` cache. Validation uses `val_path` or holds out the last `val_fraction` of every
+    training dataset.
+    """
 
     path: str = "data/train"
     val_path: str | None = None
+    val_fraction: float = 0.0
+    sources: list[SourceConfig] = field(default_factory=list)
+    backend: Literal["arrow", "streaming"] = "arrow"
+    remote: str | None = None
+    local: str | None = None
+    tokenizer: str | None = None  # when set, data tokenized with another tokenizer is refused
+    verify_checksums: bool = True  # sha256 of every shard when training starts
     seq_len: int = 256
     micro_batch: int = 16
     shuffle: bool = True
@@ -84,7 +105,7 @@ class TrainConfig:
     grad_accum: int = 1
     global_batch: int | None = None  # windows per step; must equal micro_batch × grad_accum × dp
     eval_every: int = 200
-    eval_batches: int = 20
+    eval_batches: int = 20  # validation covers eval_batches × global batch windows
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     deterministic: bool = True
@@ -228,6 +249,10 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
             return None
         (inner,) = [a for a in args if a is not type(None)]
         return _coerce(inner, value, key)
+    if origin is list:
+        if not isinstance(value, list):
+            raise BigtrainError(f"{key} must be a list, got {value!r}")
+        return [_coerce(args[0], item, f"{key}[{i}]") for i, item in enumerate(value)]
     if origin is Literal:
         if value not in args:
             raise BigtrainError(f"{key} must be one of {', '.join(map(str, args))}, got {value!r}")

@@ -29,7 +29,8 @@ def deepspeed_config(cfg: Config, dp: int) -> dict[str, Any]:
         "gradient_accumulation_steps": t.grad_accum,
         "gradient_clipping": t.grad_clip or 0.0,
         "zero_optimization": zero,
-        "zero_allow_untested_optimizer": True,
+        "zero_allow_untested_optimizer": True,  # torch's AdamW, the same update as the local engine
+        "zero_force_ds_cpu_optimizer": False,
         "bf16": {"enabled": bf16},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,

@@ -113,6 +113,12 @@ class DeepSpeedEngine:
             norm = self._grad_norm if self._grad_norm is not None else float("nan")
         return StepOutput(loss=loss, grad_norm=torch.as_tensor(norm))
 
+    def sum_across_dp(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum a CPU tensor over the data-parallel group."""
+        on_device = tensor.to(self.device)
+        dist.all_reduce(on_device, group=self.topology.dp_group)
+        return on_device.cpu()
+
     @torch.no_grad()
     def eval_loss(self, tokens: torch.Tensor) -> torch.Tensor:
         """Mean next-token loss of one batch (every rank gets the same value)."""

@@ -92,6 +92,9 @@ class LocalEngine:
     def any_rank(self, flag: bool) -> bool:
         return flag
 
+    def sum_across_dp(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor
+
     @torch.no_grad()
     def eval_loss(self, tokens: torch.Tensor) -> torch.Tensor:
         """Mean next-token loss of one batch, in eval mode."""

@@ -101,7 +101,8 @@ def train(cfg: Config, console: bool = True) -> TrainResult:
     def validate() -> EvalResult | None:
         if val is None:
             return None
-        result = evaluate(engine.eval_loss, val, cfg.data.micro_batch, cfg.train.eval_batches)
+        result = evaluate(engine.eval_loss, val, cfg.data.micro_batch, cfg.train.eval_batches * loader.global_batch,
+                          engine.dp_rank, engine.dp_size, engine.sum_across_dp)
         log({"step": step, "tokens": tokens, "val_loss": result.loss, "val_perplexity": result.perplexity})
         return result
 

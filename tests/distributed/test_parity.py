@@ -22,17 +22,19 @@ def base_config(data, run_dir) -> dict:
     return {
         "run": {"name": "parity", "dir": str(run_dir), "seed": 11},
         "model": {"vocab_size": 512, "d_model": 64, "n_layers": 4, "n_heads": 4, "n_kv_heads": 2, "max_seq_len": 32},
-        "data": {"path": str(data[0]), "seq_len": 32, "micro_batch": GLOBAL_BATCH},
+        "data": {"path": str(data[0]), "val_path": str(data[1]), "seq_len": 32, "micro_batch": GLOBAL_BATCH},
         "train": {"steps": STEPS, "lr": 3e-3, "warmup_steps": 1, "grad_clip": 1.0, "device": "cpu",
-                  "eval_every": 1000, "global_batch": GLOBAL_BATCH},
+                  "eval_every": 1000, "eval_batches": 2, "global_batch": GLOBAL_BATCH},
         "checkpoint": {"every": 1000},
         "log": {"every": 1},
     }
 
 
-def curve(run_dir) -> tuple[list[float], list[float]]:
+def curve(run_dir) -> tuple[list[float], list[float], list[float]]:
+    """Per-step training losses and gradient norms, and the validation losses (before and after)."""
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in records], [r["grad_norm"] for r in records]
+    steps = [r for r in records if "loss" in r]
+    return [r["loss"] for r in steps], [r["grad_norm"] for r in steps], [r["val_loss"] for r in records if "val_loss" in r]
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +57,9 @@ LAYOUTS = {
     "dp2-zero2": (2, ["parallel.zero_stage=2", "data.micro_batch=4"]),
     "dp2-zero3": (2, ["parallel.zero_stage=3", "data.micro_batch=4"]),
     "dp2-zero2-accum4": (2, ["parallel.zero_stage=2", "data.micro_batch=1", "train.grad_accum=4"]),
+    "dp2-zero2-offload": (2, ["parallel.zero_stage=2", "parallel.offload_optimizer=true", "data.micro_batch=4"]),
+    "dp2-zero1-activation-checkpointing": (2, ["parallel.zero_stage=1", "parallel.activation_checkpointing=true",
+                                               "data.micro_batch=4"]),
     "tp2": (2, ["parallel.tp=2"]),
     "pp2": (2, ["parallel.pp=2", "data.micro_batch=4", "train.grad_accum=2"]),
     "tp2-dp2": (4, ["parallel.tp=2", "parallel.zero_stage=1", "data.micro_batch=4"]),
@@ -72,11 +77,12 @@ def test_layout_matches_single_process(layout, reference, stdlib_data, tmp_path)
     config_path.write_text(yaml.safe_dump(base_config(stdlib_data, tmp_path / "run")))
     proc = torchrun(nproc, config_path, ["parallel.engine=deepspeed", *overrides])
     assert proc.returncode == 0, proc.stderr[-3000:]
-    losses, norms = curve(tmp_path / "run")
-    ref_losses, ref_norms = reference
-    assert len(losses) == STEPS
+    losses, norms, val = curve(tmp_path / "run")
+    ref_losses, ref_norms, ref_val = reference
+    assert len(losses) == STEPS and len(val) == 2
     assert losses == pytest.approx(ref_losses, rel=1e-5)
     assert norms == pytest.approx(ref_norms, rel=1e-4)
+    assert val == pytest.approx(ref_val, rel=1e-5)
     assert ref_losses[-1] < ref_losses[0] - 0.1  # the curve being matched actually moves
     assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() == f"step-{STEPS:07d}"
 
