@@ -8,6 +8,7 @@ from functools import partial
 from pathlib import Path
 
 import deepspeed
+import safetensors.torch
 import torch
 import torch.distributed as dist
 from deepspeed.pipe import PipelineModule
@@ -131,8 +132,15 @@ class DeepSpeedEngine:
         return loss
 
     def save(self, directory: Path) -> None:
-        """DeepSpeed's own sharded format (every rank writes its part) under `directory/deepspeed`."""
+        """DeepSpeed's own sharded format under `directory/deepspeed` (every rank writes its part),
+        plus full fp32 weights in `model.safetensors` when there is no tensor or pipeline split."""
         self.engine.save_checkpoint(str(directory), tag=TAG, save_latest=False)
+        if self.topology.tp == 1 and self.topology.pp == 1:
+            params = list(self.model.parameters())
+            with deepspeed.zero.GatheredParameters(params, enabled=self.engine.zero_optimization_stage() == 3):
+                if self.is_main:
+                    state = {name: p.detach().float().cpu().clone() for name, p in self.model.named_parameters()}
+                    safetensors.torch.save_file(state, str(directory / "model.safetensors"))
 
     def load(self, directory: Path) -> None:
         path, _ = self.engine.load_checkpoint(str(directory), tag=TAG, load_lr_scheduler_states=False)

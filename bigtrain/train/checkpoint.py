@@ -146,6 +146,11 @@ def load_trained_model(path: str | Path, device: torch.device) -> tuple[torch.nn
     checkpoint = resolve_checkpoint(path)
     config = checkpoint_config(checkpoint)
     model = Llama(config.model)
+    if not (checkpoint / "model.safetensors").exists():
+        raise BigtrainError(
+            f"{checkpoint} holds only tensor/pipeline-parallel DeepSpeed shards (no model.safetensors); "
+            "evaluate during training with data.val_path"
+        )
     try:
         load_weights(model, checkpoint)
     except OSError as e:

@@ -10,6 +10,8 @@ import subprocess
 import sys
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from bigtrain.config import from_dict
 from bigtrain.train.loop import train
@@ -40,8 +42,8 @@ def curve(run_dir) -> tuple[list[float], list[float], list[float]]:
 @pytest.fixture(scope="module")
 def reference(stdlib_data, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("local")
-    train(from_dict(base_config(stdlib_data, run_dir)), console=False)
-    return curve(run_dir)
+    result = train(from_dict(base_config(stdlib_data, run_dir)), console=False)
+    return (*curve(run_dir), load_file(result.checkpoint / "model.safetensors"))
 
 
 def torchrun(nproc: int, config_path, overrides: list[str]) -> subprocess.CompletedProcess:
@@ -78,13 +80,21 @@ def test_layout_matches_single_process(layout, reference, stdlib_data, tmp_path)
     proc = torchrun(nproc, config_path, ["parallel.engine=deepspeed", *overrides])
     assert proc.returncode == 0, proc.stderr[-3000:]
     losses, norms, val = curve(tmp_path / "run")
-    ref_losses, ref_norms, ref_val = reference
+    ref_losses, ref_norms, ref_val, ref_weights = reference
     assert len(losses) == STEPS and len(val) == 2
     assert losses == pytest.approx(ref_losses, rel=1e-5)
     assert norms == pytest.approx(ref_norms, rel=1e-4)
     assert val == pytest.approx(ref_val, rel=1e-5)
     assert ref_losses[-1] < ref_losses[0] - 0.1  # the curve being matched actually moves
-    assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() == f"step-{STEPS:07d}"
+    checkpoint = tmp_path / "run" / "checkpoints" / f"step-{STEPS:07d}"
+    assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() == checkpoint.name
+    if "tp" in layout or "pp" in layout:  # shards only: consolidation is the converter's job
+        assert not (checkpoint / "model.safetensors").exists()
+    else:  # gathered full weights, equal to the single-process run's
+        weights = load_file(checkpoint / "model.safetensors")
+        assert weights.keys() == ref_weights.keys()
+        for name, tensor in weights.items():
+            torch.testing.assert_close(tensor, ref_weights[name], rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
