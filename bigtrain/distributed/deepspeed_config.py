@@ -15,6 +15,8 @@ from bigtrain.errors import BigtrainError
 def deepspeed_config(cfg: Config, dp: int) -> dict[str, Any]:
     """ZeRO stage, batch sizes, clipping and precision; `parallel.deepspeed_overrides` merged last."""
     p, t = cfg.parallel, cfg.train
+    if t.precision in ("bf16", "fp16") and not torch.cuda.is_available():
+        raise BigtrainError(f"train.precision={t.precision} needs CUDA devices (use fp32 or auto on CPU)")
     bf16 = t.precision == "bf16" or (t.precision == "auto" and torch.cuda.is_available())
     zero: dict[str, Any] = {"stage": p.zero_stage}
     if p.zero_stage > 0:
@@ -32,6 +34,7 @@ def deepspeed_config(cfg: Config, dp: int) -> dict[str, Any]:
         "zero_allow_untested_optimizer": True,  # torch's AdamW, the same update as the local engine
         "zero_force_ds_cpu_optimizer": False,
         "bf16": {"enabled": bf16},
+        "fp16": {"enabled": t.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }

@@ -28,6 +28,8 @@ def pick_device(name: str) -> torch.device:
 
 def autocast_for(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
     """bf16 autocast on CUDA unless fp32 is asked for; plain fp32 on CPU."""
+    if precision == "fp16":
+        raise BigtrainError("train.precision=fp16 needs parallel.engine=deepspeed (dynamic loss scaling)")
     if precision == "bf16" and device.type != "cuda":
         raise BigtrainError("train.precision=bf16 needs a CUDA device (use fp32 or auto on CPU)")
     if device.type == "cuda" and precision in ("auto", "bf16"):
