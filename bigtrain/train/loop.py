@@ -55,7 +55,6 @@ def find_resume_checkpoint(cfg: Config) -> Path | None:
 def build_engine(cfg: Config):
     """The local engine for one process, else DeepSpeed over the launched processes."""
     if cfg.parallel.engine == "local":
-        check_layout(cfg, process_env().world_size)
         return LocalEngine(Llama(cfg.model), cfg.train)
     from bigtrain.distributed.deepspeed_engine import DeepSpeedEngine  # imports DeepSpeed: slow
 
@@ -66,6 +65,7 @@ def build_engine(cfg: Config):
 def train(cfg: Config, console: bool = True) -> TrainResult:
     """Train `cfg.model` on `cfg.data` with the configured engine, resuming if asked."""
     started = time.perf_counter()
+    check_layout(cfg, process_env().world_size)  # before touching data or starting processes
     set_determinism(cfg.run.seed, cfg.train.deterministic)
     data = PackedTokens(cfg.data.path, cfg.data.seq_len)
     val = PackedTokens(cfg.data.val_path, cfg.data.seq_len) if cfg.data.val_path else None

@@ -94,7 +94,9 @@ def test_layout_matches_single_process(layout, reference, stdlib_data, tmp_path)
         weights = load_file(checkpoint / "model.safetensors")
         assert weights.keys() == ref_weights.keys()
         for name, tensor in weights.items():
-            torch.testing.assert_close(tensor, ref_weights[name], rtol=1e-4, atol=1e-5)
+            # Adam turns float-rounding differences of near-zero gradients into ~1e-5 steps; the
+            # weights themselves moved by ~1e-2 over these steps
+            torch.testing.assert_close(tensor, ref_weights[name], rtol=1e-4, atol=5e-5)
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
