@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import json
+import os
 import sys
 from pathlib import Path
 
@@ -31,16 +31,44 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> None:
 def cmd_prepare(args: argparse.Namespace) -> None:
     from bigtrain.data.prepare import prepare
 
-    manifest = prepare(args.input, args.tokenizer, args.out, args.shard_tokens, args.text_field)
+    options = {"shard_tokens": args.shard_tokens, "text_field": args.text_field,
+               "workers": args.workers, "strict": args.strict}
+    if args.format == "mds":
+        from bigtrain.data.mds import prepare_mds  # imports torch: only when asked for
+
+        if args.seq_len is None:
+            raise BigtrainError("--format mds needs --seq-len (an MDS sample is one seq_len+1 window)")
+        manifest, meta = prepare_mds(args.input, args.tokenizer, args.out, args.seq_len, **options)
+    else:
+        manifest = prepare(args.input, args.tokenizer, args.out, **options)
     totals = manifest["totals"]
-    print(f"wrote {totals['shards']} shards, {totals['documents']:,} documents, {totals['tokens']:,} tokens → {args.out}")
+    for problem in manifest["problems"]:
+        print(f"bigtrain: warning: {problem}", file=sys.stderr)
+    arrow_dir = Path(args.out) / "arrow" if args.format == "mds" else Path(args.out)
+    print(f"wrote {totals['shards']} shards, {totals['documents']:,} documents, {totals['tokens']:,} tokens → {arrow_dir}")
+    print(f"skipped {totals['empty_documents_skipped']:,} empty documents and {totals['bad_records_skipped']:,} bad "
+          f"records; replaced invalid UTF-8 in {totals['documents_with_invalid_utf8']:,} documents")
+    if args.format == "mds":
+        print(f"wrote {meta['windows']:,} windows of {args.seq_len + 1} tokens as MDS → {Path(args.out) / 'mds'}")
 
 
 def cmd_data_verify(args: argparse.Namespace) -> None:
-    from bigtrain.data.shards import verify_dataset
+    from bigtrain.data.report import verify
 
-    totals = verify_dataset(args.dir)
-    print(f"ok: {args.dir} ({json.dumps(totals)})")
+    print("\n".join(verify(args.dir)))
+
+
+def cmd_data_inspect(args: argparse.Namespace) -> None:
+    from bigtrain.data.report import format_report, inspect
+
+    print("\n\n".join(format_report(r) for r in inspect(args.dir, args.samples)))
+
+
+def cmd_data_to_mds(args: argparse.Namespace) -> None:
+    from bigtrain.data.mds import write_mds
+
+    meta = write_mds(args.arrow_dir, args.out, args.seq_len)
+    print(f"wrote {meta['windows']:,} windows of {args.seq_len + 1} tokens as MDS → {args.out}")
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -59,16 +87,18 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> None:
     from bigtrain.config import TrainConfig
-    from bigtrain.data.loader import PackedTokens
+    from bigtrain.data.build import build_val_data
     from bigtrain.distributed.local import LocalEngine, pick_device
     from bigtrain.eval.perplexity import evaluate
     from bigtrain.train.checkpoint import load_trained_model
 
     model, cfg, checkpoint = load_trained_model(args.checkpoint, pick_device(args.device))
-    data_dir = args.data or cfg.data.val_path
-    if not data_dir:
-        raise BigtrainError(f"{checkpoint} was trained without data.val_path; pass --data DIR")
-    data = PackedTokens(data_dir, cfg.data.seq_len)
+    if args.data:
+        cfg.data.val_path = args.data
+    data = build_val_data(cfg.data, cfg.data.seq_len)
+    if data is None:
+        raise BigtrainError(f"{checkpoint} was trained without validation data; pass --data DIR")
+    data_dir = args.data or cfg.data.val_path or f"the held-out {cfg.data.val_fraction:g} of the training data"
     engine = LocalEngine(model, TrainConfig(device=args.device))
     max_windows = None if args.max_batches is None else args.max_batches * cfg.data.micro_batch
     result = evaluate(engine.eval_loss, data, cfg.data.micro_batch, max_windows)
@@ -121,14 +151,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", nargs="+", required=True)
     p.add_argument("--tokenizer", required=True)
     p.add_argument("--out", required=True)
-    p.add_argument("--shard-tokens", type=int, default=2**24)
-    p.add_argument("--text-field", default="text")
+    p.add_argument("--shard-tokens", type=int, default=2**24, help="tokens per shard (at least, but a unit's last)")
+    p.add_argument("--text-field", default="text", help="the text field of .jsonl records and column of tables")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="tokenizer processes")
+    p.add_argument("--format", choices=["arrow", "mds"], default="arrow", help="mds: also write OUT/mds for streaming")
+    p.add_argument("--seq-len", type=int, default=None, help="window length of MDS samples (with --format mds)")
+    p.add_argument("--strict", action="store_true", help="stop at the first bad .jsonl record")
     p.set_defaults(func=cmd_prepare)
 
     data = sub.add_parser("data", help="prepared-data tools").add_subparsers(dest="action", required=True)
     p = data.add_parser("verify", help="check shard checksums and counts against the manifest")
     p.add_argument("dir")
     p.set_defaults(func=cmd_data_verify)
+    p = data.add_parser("inspect", help="totals, document-length histogram and decoded samples")
+    p.add_argument("dir")
+    p.add_argument("--samples", type=int, default=3)
+    p.set_defaults(func=cmd_data_inspect)
+    p = data.add_parser("to-mds", help="write a prepared Arrow dataset's windows as MDS shards")
+    p.add_argument("arrow_dir")
+    p.add_argument("out")
+    p.add_argument("--seq-len", type=int, required=True)
+    p.set_defaults(func=cmd_data_to_mds)
 
     p = sub.add_parser("train", help="train from a YAML config with key=value overrides")
     p.add_argument("config")

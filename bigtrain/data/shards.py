@@ -18,6 +18,12 @@ FORMAT = "bigtrain-arrow-v1"
 TOKENS_COLUMN = "tokens"
 
 
+def first_line(error: Exception) -> str:
+    """The first line of a library's error message, for one-line `BigtrainError`s."""
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
 def token_dtype(vocab_size: int) -> np.dtype:
     """The narrowest unsigned integer type that holds every token id of the vocabulary."""
     return np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
@@ -53,18 +59,56 @@ def write_shard(path: Path, docs: list[np.ndarray], dtype: np.dtype) -> dict:
         "file": path.name,
         "documents": len(docs),
         "tokens": int(lengths.sum()),
+        "bytes": buf.size,
         "sha256": hashlib.sha256(buf).hexdigest(),
+        "max_token_id": int(values.max()) if len(values) else -1,
     }
 
 
-def _open_shard(path: Path) -> pa.ListArray:
-    """Memory-map a shard and return its token column (one batch, zero copy)."""
+class ShardWriter:
+    """Buffers documents and writes `{prefix}-KKKK.arrow` each time `shard_tokens` are buffered."""
+
+    def __init__(self, out_dir: Path, prefix: str, shard_tokens: int, dtype: np.dtype) -> None:
+        self.out_dir, self.prefix = Path(out_dir), prefix
+        self.shard_tokens, self.dtype = shard_tokens, dtype
+        self.entries: list[dict] = []
+        self.tokens = 0  # written and buffered
+        self._docs: list[np.ndarray] = []
+        self._buffered = 0
+
+    def add(self, doc: np.ndarray) -> None:
+        self._docs.append(doc)
+        self._buffered += len(doc)
+        self.tokens += len(doc)
+        if self._buffered >= self.shard_tokens:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._docs:
+            return
+        path = self.out_dir / f"{self.prefix}-{len(self.entries):04d}.arrow"
+        self.entries.append(write_shard(path, self._docs, self.dtype))
+        self._docs, self._buffered = [], 0
+
+
+def _open_shard(path: Path, expected_bytes: int | None = None) -> pa.ListArray:
+    """Memory-map a shard and return its token column (one batch, zero copy).
+
+    With `expected_bytes` (from the manifest), a shard of another size is reported as truncated
+    or altered before Arrow reads it.
+    """
     if not path.is_file():
-        raise BigtrainError(f"shard not found: {path}")
+        raise BigtrainError(f"shard {path} is missing")
+    size = path.stat().st_size
+    if expected_bytes is not None and size != expected_bytes:
+        raise BigtrainError(
+            f"shard {path} is truncated or altered: {size} bytes, manifest says {expected_bytes} "
+            "(run `bigtrain data verify`)"
+        )
     try:
         batches = list(pa.ipc.open_stream(pa.memory_map(str(path), "r")))
     except (pa.ArrowException, OSError) as e:
-        raise BigtrainError(f"{path} is not a readable Arrow shard: {e}") from e
+        raise BigtrainError(f"{path} is not a readable Arrow shard: {first_line(e)}") from e
     types = (pa.list_(pa.uint16()), pa.list_(pa.uint32()))
     if (
         len(batches) != 1
@@ -77,11 +121,37 @@ def _open_shard(path: Path) -> pa.ListArray:
     return batches[0].column(0)
 
 
-def read_shard_tokens(path: Path) -> np.ndarray:
+def read_shard_tokens(path: Path, expected_bytes: int | None = None) -> np.ndarray:
     """All tokens of a shard, documents concatenated, as a read-only view of the memory map."""
-    column = _open_shard(Path(path))
+    column = _open_shard(Path(path), expected_bytes)
     start, end = column.offsets[0].as_py(), column.offsets[-1].as_py()
     return column.values.slice(start, end - start).to_numpy(zero_copy_only=True)
+
+
+def read_documents(path: Path, count: int) -> list[np.ndarray]:
+    """The first `count` documents of a shard, as token arrays (views of the memory map)."""
+    column = _open_shard(Path(path))
+    return [doc.values.to_numpy(zero_copy_only=True) for doc in column[:count]]
+
+
+def read_document_lengths(path: Path) -> np.ndarray:
+    """Token count of every document of a shard (EOS included)."""
+    return np.diff(_open_shard(Path(path)).offsets.to_numpy())
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes, read in 4 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def check_shard_checksum(path: Path, sha256: str) -> None:
+    """Raise naming the shard when its bytes do not hash to the manifest's sha256."""
+    if file_sha256(path) != sha256:
+        raise BigtrainError(f"shard {path} is corrupt: sha256 does not match the manifest")
 
 
 def write_manifest(out_dir: Path, manifest: dict) -> None:
@@ -111,31 +181,25 @@ def load_manifest(data_dir: Path | str) -> dict:
     return manifest
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def verify_dataset(data_dir: Path | str) -> dict:
-    """Check every shard's presence, checksum and counts against the manifest; return totals."""
+    """Check every shard's size, checksum, counts and largest token id against the manifest.
+
+    Returns the totals; the first mismatch raises an error naming the shard.
+    """
     data_dir = Path(data_dir)
     manifest = load_manifest(data_dir)
     documents = tokens = 0
     for entry in manifest["shards"]:
         path = data_dir / entry["file"]
-        if not path.is_file():
-            raise BigtrainError(f"shard {path} is missing")
-        if _file_sha256(path) != entry["sha256"]:
-            raise BigtrainError(f"shard {path} is corrupt: sha256 does not match the manifest")
-        column = _open_shard(path)
-        found = (len(column), column.offsets[-1].as_py() - column.offsets[0].as_py())
-        if found != (entry["documents"], entry["tokens"]):
+        column = _open_shard(path, entry["bytes"])
+        check_shard_checksum(path, entry["sha256"])
+        values = column.values.to_numpy(zero_copy_only=True)
+        found = (len(column), len(values), int(values.max()) if len(values) else -1)
+        recorded = (entry["documents"], entry["tokens"], entry["max_token_id"])
+        if found != recorded:
             raise BigtrainError(
-                f"shard {path} holds {found[0]} documents / {found[1]} tokens, "
-                f"manifest says {entry['documents']} / {entry['tokens']}"
+                f"shard {path} holds {found[0]} documents / {found[1]} tokens / max token id "
+                f"{found[2]}, manifest says {recorded[0]} / {recorded[1]} / {recorded[2]}"
             )
         documents += found[0]
         tokens += found[1]

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from bigtrain.data.loader import PackedTokens
+from bigtrain.data.loader import Windows
 
 BatchLoss = Callable[[torch.Tensor], torch.Tensor]  # [b, seq+1] tokens → mean NLL of its b·seq targets
 SumAcrossRanks = Callable[[torch.Tensor], torch.Tensor]
@@ -23,7 +23,7 @@ class EvalResult:
 
 
 def evaluate(
-    batch_loss: BatchLoss, data: PackedTokens, micro_batch: int, max_windows: int | None,
+    batch_loss: BatchLoss, data: Windows, micro_batch: int, max_windows: int | None,
     dp_rank: int = 0, dp_size: int = 1, sum_across_ranks: SumAcrossRanks | None = None,
 ) -> EvalResult:
     """Mean NLL over the first `max_windows` windows; data-parallel ranks share them out."""

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from bigtrain.config import Config, save_config
-from bigtrain.data.loader import PackedTokens, WindowLoader
+from bigtrain.data.build import build_train_loader, build_val_data
 from bigtrain.distributed.local import LocalEngine
 from bigtrain.distributed.topology import check_layout, init_topology, process_env
 from bigtrain.errors import BigtrainError
@@ -67,17 +67,11 @@ def train(cfg: Config, console: bool = True) -> TrainResult:
     started = time.perf_counter()
     check_layout(cfg, process_env().world_size)  # before touching data or starting processes
     set_determinism(cfg.run.seed, cfg.train.deterministic)
-    data = PackedTokens(cfg.data.path, cfg.data.seq_len)
-    val = PackedTokens(cfg.data.val_path, cfg.data.seq_len) if cfg.data.val_path else None
-    if data.vocab_size > cfg.model.vocab_size:
-        raise BigtrainError(
-            f"{cfg.data.path} was tokenized with a vocabulary of {data.vocab_size}; "
-            f"model.vocab_size={cfg.model.vocab_size} is too small"
-        )
     resume_from = find_resume_checkpoint(cfg)
     engine = build_engine(cfg)
-    loader = WindowLoader(data, cfg.data.micro_batch, cfg.train.grad_accum, dp_rank=engine.dp_rank,
-                          dp_size=engine.dp_size, seed=cfg.run.seed, shuffle=cfg.data.shuffle)
+    loader = build_train_loader(cfg.data, cfg.data.micro_batch, cfg.train.grad_accum, dp_rank=engine.dp_rank,
+                                dp_size=engine.dp_size, seed=cfg.run.seed, model_vocab_size=cfg.model.vocab_size)
+    val = build_val_data(cfg.data, cfg.data.seq_len)
     step, tokens = 0, 0
     if resume_from is not None:
         state = ckpt.load_checkpoint(resume_from, engine)
@@ -108,7 +102,7 @@ def train(cfg: Config, console: bool = True) -> TrainResult:
 
     def save() -> Path:
         state = {"tokens": tokens, "loader": loader.state_dict()}
-        return ckpt.save_checkpoint(run_dir, step, engine, state, cfg, data.tokenizer_path, cfg.checkpoint.keep_last)
+        return ckpt.save_checkpoint(run_dir, step, engine, state, cfg, loader.tokenizer_path, cfg.checkpoint.keep_last)
 
     first_val = validate() if step == 0 else None
     last_val, last_saved, losses = first_val, None, []

@@ -60,3 +60,26 @@ def test_ffn_dim_follows_llama_rule():
     cfg = load_config(CONFIGS / "7b.yaml")
     assert cfg.model.ffn_dim == 11008
     assert Config().model.ffn_dim == 768  # 8/3 · 256 = 682.7, rounded up to a multiple of 256
+
+
+def test_data_sources_are_a_list_of_typed_entries(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("data:\n  sources:\n    - {path: web, weight: 3}\n    - path: code\n")
+    cfg = load_config(path)
+    assert [(s.path, s.weight) for s in cfg.data.sources] == [("web", 3.0), ("code", 1.0)]
+    assert isinstance(cfg.data.sources[0].weight, float)
+    save_config(cfg, tmp_path / "saved.yaml")
+    assert load_config(tmp_path / "saved.yaml") == cfg
+    cfg = load_config(None, ["data.sources=[{path: a, weight: 0.7}, {path: b, weight: 0.3}]"])
+    assert [s.weight for s in cfg.data.sources] == [0.7, 0.3]
+    assert Config().data.sources == []
+    for override, message in [
+        ("data.sources=[{path: a, weight: 0.7}, {path: b, weight: heavy}]", "data.sources[1].weight must be float, got 'heavy'"),
+        ("data.sources=[{path: a, wieght: 1}]", "unknown config key data.sources[0].wieght; did you mean data.sources[0].weight?"),
+        ("data.sources=web", "data.sources must be a list, got 'web'"),
+        ("data.sources=[web]", "data.sources[0] must be a mapping, got 'web'"),
+        ("data.backend=s3", "data.backend must be one of arrow, streaming, got 's3'"),
+    ]:
+        with pytest.raises(BigtrainError) as err:
+            load_config(None, [override])
+        assert str(err.value) == message

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from bigtrain.data.loader import PackedTokens, WindowLoader, eval_batches
+from bigtrain.data.loader import Mixture, PackedTokens, WindowLoader, eval_batches
+from bigtrain.data.permutation import Permutation
 from bigtrain.data.shards import FORMAT, write_manifest, write_shard
 from bigtrain.errors import BigtrainError
 
@@ -169,3 +170,89 @@ def test_eval_batches_in_fixed_order(data):
     expected = np.stack([data.window(i) for i in range(len(data))])
     assert torch.equal(torch.cat(batches), torch.from_numpy(expected))
     assert [b.tolist() for b in eval_batches(data, 5, 2)] == [b.tolist() for b in batches[:2]]
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 24, 1000, 4097, 123_457])
+def test_permutation_is_a_seeded_bijection(n):
+    perm = Permutation(n, [7, 0, 1])
+    out = perm(np.arange(n))
+    assert np.array_equal(np.sort(out), np.arange(n))
+    assert np.array_equal(Permutation(n, [7, 0, 1])(np.arange(n)), out)
+    if n >= 24:
+        assert not np.array_equal(out, np.arange(n))
+        assert not np.array_equal(Permutation(n, [7, 0, 2])(np.arange(n)), out)
+        # positions are spread: neighbours in the input land far apart on average
+        assert np.abs(np.diff(out)).mean() > n / 5
+
+
+def _mixture(tmp_path, sizes, weights):
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    sources = [PackedTokens(_make_dataset(tmp_path / f"m{k}", [s]), SEQ_LEN) for k, s in enumerate(sizes)]
+    return Mixture(sources, weights)
+
+
+def test_mixture_realises_its_weights_within_one_percent(tmp_path):
+    mix = _mixture(tmp_path, [801, 401, 161], [0.5, 0.3, 0.2])  # 100, 50, 20 windows
+    loader = WindowLoader(mix, micro_batch=50, grad_accum=2, seed=3)
+    ids = np.concatenate([loader.step_window_ids(s) for s in range(100)])  # 10k windows
+    source = np.searchsorted(mix.offsets, ids, side="right") - 1
+    shares = np.bincount(source, minlength=3) / len(ids)
+    assert np.abs(shares - [0.5, 0.3, 0.2]).max() < 0.01
+    for n in (100, 1000, 3333):  # also over any prefix, not just the whole run
+        prefix = np.bincount(source[:n], minlength=3) / n
+        assert np.abs(prefix - [0.5, 0.3, 0.2]).max() < 0.01 + 3 / n
+    # each source repeats only after it went through all of its windows (its own epochs)
+    for s, n_windows in enumerate([100, 50, 20]):
+        seen = ids[source == s] - mix.offsets[s]
+        assert sorted(seen[:n_windows]) == list(range(n_windows))
+    assert [len(s) for s in mix.sources] == [100, 50, 20] and len(mix) == 170
+    np.testing.assert_array_equal(mix.window(149), mix.sources[1].window(49))
+    np.testing.assert_array_equal(mix.window(150), mix.sources[2].window(0))
+    again = WindowLoader(_mixture(tmp_path / "again", [801, 401, 161], [5, 3, 2]), 50, 2, seed=3)
+    assert np.array_equal(np.concatenate([again.step_window_ids(s) for s in range(100)]), ids)
+
+
+def test_mixture_resumes_across_dp_sizes_by_window_ids(tmp_path):
+    mix = _mixture(tmp_path, [401, 201], [0.7, 0.3])
+    reference = WindowLoader(mix, micro_batch=8, seed=5)
+    expected = np.concatenate([reference.step_window_ids(s) for s in range(20)]).tolist()
+    run = [WindowLoader(mix, micro_batch=2, grad_accum=2, dp_rank=r, dp_size=2, seed=5) for r in range(2)]
+    seen = _take(run, 6)
+    state = json.loads(json.dumps(run[0].state_dict()))
+    run = [WindowLoader(mix, micro_batch=8, seed=5)]
+    run[0].load_state_dict(state)
+    seen += _take(run, 5)
+    state = json.loads(json.dumps(run[0].state_dict()))
+    run = [WindowLoader(mix, micro_batch=1, grad_accum=2, dp_rank=r, dp_size=4, seed=5) for r in range(4)]
+    for loader in run:
+        loader.load_state_dict(state)
+    seen += _take(run, 9)
+    assert seen == expected
+    with pytest.raises(BigtrainError, match="weights=.*but this run has"):
+        WindowLoader(_mixture(tmp_path / "w", [401, 201], [0.6, 0.4]), 8, seed=5).load_state_dict(state)
+
+
+def test_held_out_split_cuts_at_a_document_end(tmp_path):
+    root = tmp_path / "s"
+    root.mkdir()
+    docs = [np.array([*range(1, n), 0], dtype=np.uint16) for n in (30, 45, 12, 60, 33, 50, 20)]
+    entries = [write_shard(root / "a.arrow", docs[:4], np.uint16), write_shard(root / "b.arrow", docs[4:], np.uint16)]
+    write_manifest(root, {"format": FORMAT, "tokenizer": {"sha256": "-", "vocab_size": 100, "eos_id": 0,
+                   "file": "tokenizer.json"}, "token_dtype": "uint16", "shards": entries, "totals": {}})
+    data = PackedTokens(root, SEQ_LEN)
+    train, val = data.split(0.3)
+    stream = np.concatenate(docs)
+    ends = np.cumsum([len(d) for d in docs])  # 30 75 87 147 180 230 250
+    cut = ends[np.searchsorted(ends, 0.7 * 250)]  # first document end at or after 175 tokens
+    assert cut == 180
+    assert (train.total_tokens, val.total_tokens) == (180, 70)
+    assert len(train) == (180 - 1) // SEQ_LEN and len(val) == (70 - 1) // SEQ_LEN
+    np.testing.assert_array_equal(train.window(0), stream[:SEQ_LEN + 1])
+    np.testing.assert_array_equal(val.window(0), stream[180:180 + SEQ_LEN + 1])
+    last = val.window(len(val) - 1)
+    assert last[-1] == stream[180 + len(val) * SEQ_LEN]
+    last_train = train.window(len(train) - 1)
+    assert (len(train) * SEQ_LEN) < 180  # the last train window ends inside the train part
+    np.testing.assert_array_equal(last_train, stream[(len(train) - 1) * SEQ_LEN: len(train) * SEQ_LEN + 1])
+    with pytest.raises(BigtrainError, match="fewer than one window .* change data.val_fraction"):
+        data.split(0.01)

@@ -6,6 +6,7 @@ import datasets
 import numpy as np
 import pyarrow as pa
 import pytest
+from tokenizers import Tokenizer, models, pre_tokenizers
 
 from bigtrain.data.prepare import prepare
 from bigtrain.data.shards import (
@@ -76,22 +77,45 @@ def prepared(tmp_path) -> Path:
     return tmp_path / "data"
 
 
+def test_prepared_shards_open_with_pyarrow_and_hf_datasets(prepared):
+    manifest = load_manifest(prepared)
+    for entry in manifest["shards"]:
+        path = str(prepared / entry["file"])
+        table = pa.ipc.open_stream(pa.memory_map(path)).read_all()
+        assert table.column_names == ["tokens"] and table.num_rows == entry["documents"]
+        assert table.schema.field("tokens").type == pa.list_(pa.uint16())
+        ds = datasets.Dataset.from_file(path)
+        assert ds.num_rows == entry["documents"]
+        assert sum(len(row["tokens"]) for row in ds) == entry["tokens"]
+        assert all(row["tokens"][-1] == 0 for row in ds)  # every document ends with EOS
+
+
+def _shard(prepared: Path, k: int) -> Path:
+    return prepared / load_manifest(prepared)["shards"][k]["file"]
+
+
 def test_verify_passes_then_detects_flipped_byte(prepared):
     manifest = load_manifest(prepared)
     assert manifest["totals"]["shards"] >= 3
     totals = verify_dataset(prepared)
     assert totals == {k: manifest["totals"][k] for k in ("shards", "documents", "tokens")}
-    shard = prepared / manifest["shards"][1]["file"]
+    shard = _shard(prepared, 1)
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0x01
     shard.write_bytes(bytes(data))
-    with pytest.raises(BigtrainError, match="shard-00001.arrow is corrupt"):
+    with pytest.raises(BigtrainError, match=f"shard .*{shard.name} is corrupt: sha256 does not match"):
         verify_dataset(prepared)
+    assert shard.read_bytes() == bytes(data)  # reported, never repaired or removed
 
 
-def test_verify_detects_missing_shard(prepared):
-    (prepared / "shard-00002.arrow").unlink()
-    with pytest.raises(BigtrainError, match="shard-00002.arrow is missing"):
+def test_verify_detects_truncated_and_missing_shards(prepared):
+    shard = _shard(prepared, 2)
+    data = shard.read_bytes()
+    shard.write_bytes(data[:-100])
+    with pytest.raises(BigtrainError, match=f"shard .*{shard.name} is truncated or altered: {len(data) - 100} bytes, manifest says {len(data)}"):
+        verify_dataset(prepared)
+    shard.unlink()
+    with pytest.raises(BigtrainError, match=f"shard .*{shard.name} is missing"):
         verify_dataset(prepared)
 
 
@@ -109,3 +133,24 @@ def test_read_rejects_non_shard(tmp_path):
     (tmp_path / "x.arrow").write_bytes(b"not arrow at all")
     with pytest.raises(BigtrainError, match="x.arrow is not a readable Arrow shard"):
         read_shard_tokens(tmp_path / "x.arrow")
+
+
+def _word_level_tokenizer(path: Path, vocab_size: int) -> None:
+    """A whitespace word-level tokenizer with `vocab_size` ids (EOS at 0): cheap to build large."""
+    vocab = {"<|endoftext|>": 0, **{f"w{i}": i for i in range(1, vocab_size - 1)}, "[UNK]": vocab_size - 1}
+    hf = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    hf.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    hf.add_special_tokens(["<|endoftext|>"])
+    hf.save(str(path))
+
+
+def test_a_vocabulary_above_65536_is_stored_as_uint32(tmp_path):
+    _word_level_tokenizer(tmp_path / "tok.json", 70_000)
+    (tmp_path / "in.txt").write_text("w1 w65535 w65536 w69998 nope")
+    manifest = prepare([tmp_path / "in.txt"], tmp_path / "tok.json", tmp_path / "data")
+    assert manifest["token_dtype"] == "uint32" and manifest["tokenizer"]["vocab_size"] == 70_000
+    tokens = read_shard_tokens(_shard(tmp_path / "data", 0))
+    assert tokens.dtype == np.uint32
+    assert tokens.tolist() == [1, 65535, 65536, 69998, 69999, 0]
+    assert manifest["totals"]["max_token_id"] == 69999
+    assert datasets.Dataset.from_file(str(_shard(tmp_path / "data", 0)))[0]["tokens"][2] == 65536

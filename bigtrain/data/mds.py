@@ -1,0 +1,313 @@
+"""mosaicml-streaming (MDS) backend: Arrow windows -> MDS shards, and training through
+`StreamingDataset` with streaming's own deterministic, elastic resumption.
+
+An MDS sample is one `seq_len + 1` window of the Arrow dataset's token stream, so both backends
+hold the same windows. Next to streaming's `index.json` sit `bigtrain-mds.json` (seq_len, window
+count, tokenizer hash; written last, so its presence marks a complete conversion) and the
+tokenizer. `streaming` is imported where it is used: importing it takes seconds, which every
+Arrow-backend run and `prepare` would otherwise pay.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+import bigtrain
+from bigtrain.data.loader import PackedTokens
+from bigtrain.data.prepare import TOKENIZER_FILE, prepare
+from bigtrain.data.shards import MANIFEST, file_sha256, first_line, load_manifest, write_atomic
+from bigtrain.data.sources import find_inputs
+from bigtrain.data.tokenizer import TextTokenizer
+from bigtrain.errors import BigtrainError
+
+MDS_META = "bigtrain-mds.json"
+MDS_FORMAT = "bigtrain-mds-v1"
+COLUMN = "tokens"
+
+
+def _require_empty(out: Path) -> None:
+    if (out / MDS_META).exists():
+        raise BigtrainError(f"{out} already holds an MDS dataset; choose another output")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise BigtrainError(f"{out} exists and is not an empty directory; choose another output")
+
+
+def write_mds(arrow_dir: Path | str, out: Path | str, seq_len: int,
+              size_limit: int = 1 << 26) -> dict:
+    """Write every window of the Arrow dataset at `arrow_dir`, in order, as MDS shards in `out`.
+
+    Returns the `bigtrain-mds.json` record. `out` must be new or empty.
+    """
+    from streaming import MDSWriter
+
+    out = Path(out)
+    _require_empty(out)
+    data = PackedTokens(arrow_dir, seq_len, verify_checksums=True)
+    dtype = np.dtype(data.manifest["token_dtype"])
+    columns = {COLUMN: f"ndarray:{dtype.name}:{seq_len + 1}"}
+    console = Console(stderr=True)
+    progress = Progress(TextColumn("to-mds"), BarColumn(), MofNCompleteColumn(), console=console,
+                        disable=not console.is_terminal)
+    with progress, MDSWriter(out=str(out), columns=columns, hashes=["sha256"],
+                             size_limit=size_limit) as writer:
+        task = progress.add_task("to-mds", total=len(data))
+        for start in range(0, len(data), 4096):
+            ids = np.arange(start, min(start + 4096, len(data)))
+            for window in data.windows(ids).astype(dtype):
+                writer.write({COLUMN: window})
+            progress.update(task, completed=ids[-1] + 1)
+    shutil.copyfile(data.tokenizer_path, out / TOKENIZER_FILE)
+    meta = {
+        "format": MDS_FORMAT,
+        "bigtrain_version": bigtrain.__version__,
+        "seq_len": seq_len,
+        "windows": len(data),
+        "tokens": len(data) * (seq_len + 1),
+        "token_dtype": dtype.name,
+        "max_token_id": data.max_token_id,
+        "tokenizer": data.manifest["tokenizer"],
+        "source": {
+            "path": str(Path(arrow_dir).resolve()),
+            "manifest_sha256": file_sha256(Path(arrow_dir) / MANIFEST),
+        },
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    write_atomic(out / MDS_META, (json.dumps(meta, indent=2) + "\n").encode())
+    return meta
+
+
+def prepare_mds(inputs: list[Path | str], tokenizer_path: Path | str, out: Path | str,
+                seq_len: int, **prepare_args) -> tuple[dict, dict]:
+    """`prepare --format mds`: the Arrow dataset in `out/arrow` (restartable, checksummed), then
+    its windows as MDS in `out/mds` (the directory to upload and name as `data.remote`).
+
+    Returns the Arrow manifest and the MDS record.
+    """
+    out = Path(out)
+    arrow, mds, staging = out / "arrow", out / "mds", out / ".mds-partial"
+    if (mds / MDS_META).exists():
+        raise BigtrainError(f"{out} already holds a prepared MDS dataset; choose another --out")
+    if out.exists():
+        foreign = sorted(p.name for p in out.iterdir() if p not in (arrow, mds, staging))
+        if not out.is_dir() or foreign or mds.exists():
+            raise BigtrainError(
+                f"{out} is not empty ({(foreign or ['mds'])[0]}) and holds no unfinished "
+                "prepare; choose an empty or new --out"
+            )
+    if (arrow / MANIFEST).exists():
+        manifest = load_manifest(arrow)
+        same = (
+            [s["path"] for s in manifest["sources"]] == [f.path for f in find_inputs(inputs, prepare_args.get("text_field", "text"))]
+            and manifest["tokenizer"]["sha256"] == TextTokenizer.load(tokenizer_path).sha256
+        )
+        if not same:
+            raise BigtrainError(
+                f"{arrow} was prepared from other inputs or another tokenizer; "
+                "re-run with the same arguments, or choose another --out"
+            )
+    else:
+        manifest = prepare(inputs, tokenizer_path, arrow, **prepare_args)
+    if staging.exists():
+        shutil.rmtree(staging)  # our own conversion, cut short; it is redone from the Arrow data
+    meta = write_mds(arrow, staging, seq_len)
+    staging.rename(mds)
+    return manifest, meta
+
+
+def load_mds_meta(directory: Path | str) -> dict:
+    """Read and check `bigtrain-mds.json` of a converted dataset."""
+    path = Path(directory) / MDS_META
+    if not path.is_file():
+        raise BigtrainError(f"{directory} has no {MDS_META}: not a complete bigtrain MDS dataset")
+    try:
+        meta = json.loads(path.read_text())
+    except ValueError as e:
+        raise BigtrainError(f"{path} is not valid JSON: {first_line(e)}") from e
+    if not isinstance(meta, dict) or meta.get("format") != MDS_FORMAT:
+        raise BigtrainError(f"{path} is not a {MDS_FORMAT} record")
+    return meta
+
+
+def verify_mds(directory: Path | str) -> dict:
+    """Check every MDS shard's size and sha256 against `index.json` and the window count."""
+    directory = Path(directory)
+    meta = load_mds_meta(directory)
+    try:
+        index = json.loads((directory / "index.json").read_text())
+    except (OSError, ValueError) as e:
+        raise BigtrainError(f"{directory / 'index.json'} is missing or not valid JSON") from e
+    windows = 0
+    for shard in index["shards"]:
+        raw = shard["raw_data"]
+        path = directory / raw["basename"]
+        if not path.is_file():
+            raise BigtrainError(f"shard {path} is missing")
+        if path.stat().st_size != raw["bytes"]:
+            raise BigtrainError(
+                f"shard {path} is truncated or altered: {path.stat().st_size} bytes, "
+                f"index.json says {raw['bytes']}"
+            )
+        if file_sha256(path) != raw["hashes"]["sha256"]:
+            raise BigtrainError(f"shard {path} is corrupt: sha256 does not match index.json")
+        windows += shard["samples"]
+    if windows != meta["windows"]:
+        raise BigtrainError(f"{directory}: shards hold {windows} windows, {MDS_META} says "
+                            f"{meta['windows']}")
+    return {"shards": len(index["shards"]), "windows": windows, "tokens": meta["tokens"]}
+
+
+def _fetch(remote: str | None, local: Path, name: str) -> Path:
+    """`local/name`, downloaded from `remote/name` first when a remote is given."""
+    from streaming.base.storage.download import CloudDownloader
+
+    target = local / name
+    if remote is not None:
+        source = f"{remote.rstrip('/')}/{name}"
+        try:
+            CloudDownloader.direct_download(source, str(target))
+        except Exception as e:  # each storage client raises its own exception types
+            raise BigtrainError(f"cannot fetch {source}: {first_line(e)}") from e
+    if not target.is_file():
+        raise BigtrainError(f"{target} not found: give data.remote or a prepared data.local")
+    return target
+
+
+class StreamingWindowLoader:
+    """Micro-batches of MDS windows for one data-parallel rank, read through `StreamingDataset`.
+
+    Streaming partitions each epoch over `dp_size` "nodes" of one rank each, so its relaxed
+    partitioning makes resumption elastic in the DP size; its state (epoch, sample in epoch,
+    canonical nodes, seed) is the loader state. Every process of a node must use the same
+    `local` cache and iterate together, as streaming coordinates them through shared memory.
+    """
+
+    def __init__(self, remote: str | None, local: Path | str, seq_len: int, micro_batch: int,
+                 grad_accum: int = 1, dp_rank: int = 0, dp_size: int = 1, seed: int = 0,
+                 shuffle: bool = True) -> None:
+        from streaming import StreamingDataset
+        from streaming.base.world import World
+
+        if min(micro_batch, grad_accum) < 1:
+            raise BigtrainError("micro_batch and grad_accum must be positive")
+        if dp_size < 1 or not 0 <= dp_rank < dp_size:
+            raise BigtrainError(f"dp_rank {dp_rank} is not in [0, dp_size={dp_size})")
+        local = Path(local)
+        self.meta = load_mds_meta(_fetch(remote, local, MDS_META).parent)
+        if self.meta["seq_len"] != seq_len:
+            raise BigtrainError(
+                f"{remote or local} holds windows of seq_len {self.meta['seq_len']}, "
+                f"data.seq_len is {seq_len}; convert again with --seq-len {seq_len}"
+            )
+        self.tokenizer_path = _fetch(remote, local, TOKENIZER_FILE)
+        self.micro_batch, self.grad_accum = micro_batch, grad_accum
+        self.dp_rank, self.dp_size, self.seed = dp_rank, dp_size, seed
+        self.per_rank = micro_batch * grad_accum
+        self.global_batch = self.per_rank * dp_size
+        try:
+            self.dataset = StreamingDataset(
+                remote=remote, local=str(local), batch_size=self.per_rank, shuffle=shuffle,
+                shuffle_seed=seed, validate_hash="sha256" if remote is not None else None,
+            )
+        except (OSError, ValueError, RuntimeError) as e:
+            raise BigtrainError(f"cannot open MDS dataset {remote or local}: {first_line(e)}") from e
+        if self.dataset.num_samples != self.meta["windows"]:
+            raise BigtrainError(
+                f"{local} holds {self.dataset.num_samples} windows, {MDS_META} says "
+                f"{self.meta['windows']}: the cache belongs to another dataset; clear data.local"
+            )
+        # Partition by DP rank (not by process), so tensor/pipeline peers read the same samples.
+        self.dataset._parallel_rank_world = World(
+            num_nodes=dp_size, ranks_per_node=1, workers_per_rank=1, worker=dp_rank)
+        self.source = remote or str(local)
+        self._thread_error: BaseException | None = None
+        self._streaming_callback = self.dataset.on_exception
+        self.dataset.on_exception = self._keep_thread_error
+        self.consumed_windows = 0  # global, over all ranks and epochs
+        self._in_epoch = 0  # this rank's samples since the current epoch's iteration began
+        self._iter = None
+
+    def _keep_thread_error(self, future) -> None:
+        """Streaming's callback for its download threads, keeping the error (a checksum failure,
+        a missing shard) for `next_step` to report instead of logging a traceback."""
+        self._thread_error = future.exception() or self._thread_error
+        try:
+            self._streaming_callback(future)  # tells the other threads to stop, then re-raises
+        except Exception:  # noqa: BLE001 - reported by _next_window
+            pass
+
+    def _next_window(self) -> np.ndarray:
+        while True:
+            if self._iter is None:
+                self._iter, self._in_epoch = iter(self.dataset), 0
+            try:
+                sample = next(self._iter)
+            except StopIteration:
+                self._iter = None  # the epoch is over: the next iter() starts the next one
+                continue
+            except RuntimeError as e:
+                cause = self._thread_error or e
+                raise BigtrainError(f"reading {self.source} failed: {first_line(cause)} "
+                                    "(check it with `bigtrain data verify`)") from cause
+            self._in_epoch += 1
+            return sample[COLUMN]
+
+    def next_step(self) -> list[torch.Tensor]:
+        """This rank's grad_accum micro-batches ([micro_batch, seq_len + 1] int64) for one step."""
+        windows = np.stack([self._next_window() for _ in range(self.per_rank)]).astype(np.int64)
+        self.consumed_windows += self.global_batch
+        return list(torch.from_numpy(windows).split(self.micro_batch))
+
+    def state_dict(self) -> dict:
+        # Streaming adds the resumed offset within the epoch (from_beginning=False).
+        in_epoch = self._in_epoch * self.dp_size
+        return {
+            "backend": "streaming",
+            "consumed_windows": self.consumed_windows,
+            "seq_len": self.meta["seq_len"],
+            "windows": self.meta["windows"],
+            "dataset": self.dataset.state_dict(num_samples=in_epoch, from_beginning=False),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from a saved position; the data and global batch size must match."""
+        current = {"backend": "streaming", "seq_len": self.meta["seq_len"],
+                   "windows": self.meta["windows"]}
+        for key, value in current.items():
+            if state.get(key) != value:
+                raise BigtrainError(
+                    f"data loader state has {key}={state.get(key)} but this run has {value}; "
+                    "resume with the same data and backend"
+                )
+        dataset = state["dataset"]
+        if dataset["shuffle_seed"] != self.seed:
+            raise BigtrainError(f"data loader state has seed={dataset['shuffle_seed']} but this "
+                                f"run has {self.seed}; resume with the same data seed")
+        initial = dataset.get("initial_physical_nodes") or 1
+        if self.global_batch % initial:
+            raise BigtrainError(
+                f"global batch {self.global_batch} windows is not divisible by the "
+                f"first run's {initial} data-parallel ranks; keep the global batch size"
+            )
+        self.dataset.load_state_dict(dataset)
+        self.consumed_windows = int(state["consumed_windows"])
+        self._iter = None
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.meta["tokenizer"]["vocab_size"])
+
+    @property
+    def max_token_id(self) -> int:
+        return int(self.meta["max_token_id"])
+
+    @property
+    def tokenizer_sha256(self) -> str:
+        return self.meta["tokenizer"]["sha256"]
