@@ -14,6 +14,8 @@ import torch
 from torch import nn
 
 from bigtrain.config import TrainConfig
+from bigtrain.distributed import safe_load
+from bigtrain.distributed.update_gate import UpdateGate
 from bigtrain.errors import BigtrainError
 from bigtrain.model import lm_loss
 
@@ -50,6 +52,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 class StepOutput:
     loss: torch.Tensor  # mean loss over the step's micro-batches (a device tensor: no host sync)
     grad_norm: torch.Tensor  # total gradient norm before clipping
+    skipped: torch.Tensor  # True when the update was not applied (see `UpdateGate`)
 
 
 class LocalEngine:
@@ -69,6 +72,7 @@ class LocalEngine:
             eps=cfg.eps,
             fused=self.device.type == "cuda",
         )
+        self.gate = UpdateGate(cfg.spike_factor)
 
     def train_step(self, micro_batches: list[torch.Tensor], lr: float) -> StepOutput:
         """Accumulate gradients over `micro_batches` ([b, seq+1] tokens each), then update once."""
@@ -84,9 +88,14 @@ class LocalEngine:
             total += loss.detach()
         max_norm = self.grad_clip if self.grad_clip else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
-        self.optimizer.step()
+        skip = self.gate.skip(total, grad_norm)
+        if self.optimizer.defaults["fused"]:
+            self.optimizer.found_inf = skip.float()  # fused AdamW skips on the device: no host sync
+            self.optimizer.step()
+        elif not skip:
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return StepOutput(loss=total, grad_norm=grad_norm)
+        return StepOutput(loss=total, grad_norm=grad_norm, skipped=skip)
 
     def barrier(self) -> None:
         """Nothing to wait for: there is one process."""
@@ -114,7 +123,7 @@ class LocalEngine:
 
     def load(self, directory: Path) -> None:
         load_weights(self.model, directory)
-        state = torch.load(directory / "optimizer.pt", map_location=self.device, weights_only=True)
+        state = safe_load.load(directory / "optimizer.pt", map_location=self.device)
         self.optimizer.load_state_dict(state)
 
 

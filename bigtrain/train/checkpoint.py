@@ -15,13 +15,16 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+from safetensors import SafetensorError
 
-from bigtrain.config import Config, load_config, save_config
+from bigtrain.config import Config, ModelConfig, load_config, save_config
+from bigtrain.distributed import safe_load
 from bigtrain.distributed.local import load_weights
 from bigtrain.errors import BigtrainError
 from bigtrain.model import Llama
 
 STATE = "state.json"
+SHAPE_KEYS = ("vocab_size", "d_model", "n_layers", "n_heads", "kv_heads", "ffn_dim", "tie_embeddings")
 
 
 class Engine(Protocol):
@@ -105,11 +108,22 @@ def load_checkpoint(checkpoint: Path, engine: Engine) -> dict[str, Any]:
         engine.load(checkpoint)
         rng_file = checkpoint / f"rng-{engine.rank}.pt"
         if rng_file.exists():  # absent when resuming on more ranks than saved
-            set_rng_state(torch.load(rng_file, weights_only=True))
-    except (pickle.UnpicklingError, RuntimeError, OSError) as e:
+            set_rng_state(safe_load.load(rng_file))
+    except (pickle.UnpicklingError, RuntimeError, OSError, SafetensorError) as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise BigtrainError(f"cannot load checkpoint {checkpoint}: {first_line}") from None
     return read_state(checkpoint)
+
+
+def check_same_model(checkpoint: Path, model: ModelConfig) -> None:
+    """Refuse a checkpoint whose model shape differs from `model`, naming the first differing key."""
+    saved = checkpoint_config(checkpoint).model
+    for key in SHAPE_KEYS:
+        if getattr(saved, key) != getattr(model, key):
+            raise BigtrainError(
+                f"{checkpoint} holds a model with model.{key}={getattr(saved, key)}, "
+                f"but the config has model.{key}={getattr(model, key)}"
+            )
 
 
 def read_state(checkpoint: Path) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from bigtrain.errors import BigtrainError
 from bigtrain.eval.perplexity import EvalResult, evaluate
 from bigtrain.model import Llama, flops_per_token
 from bigtrain.train import checkpoint as ckpt
+from bigtrain.train.bad_steps import BadSteps
 from bigtrain.train.metrics import MetricsLogger, peak_flops, peak_memory_gb
 from bigtrain.train.schedule import lr_at
 
@@ -72,11 +73,13 @@ def train(cfg: Config, console: bool = True) -> TrainResult:
     loader = build_train_loader(cfg.data, cfg.data.micro_batch, cfg.train.grad_accum, dp_rank=engine.dp_rank,
                                 dp_size=engine.dp_size, seed=cfg.run.seed, model_vocab_size=cfg.model.vocab_size)
     val = build_val_data(cfg.data, cfg.data.seq_len)
-    step, tokens = 0, 0
+    step, tokens, bad = 0, 0, BadSteps(cfg.train)
     if resume_from is not None:
+        ckpt.check_same_model(resume_from, cfg.model)
         state = ckpt.load_checkpoint(resume_from, engine)
         loader.load_state_dict(state["loader"])
         step, tokens = state["step"], state["tokens"]
+        bad.load_state_dict(state.get("bad_steps", {}), engine.gate)
 
     run_dir, main = cfg.run.path, engine.is_main
     if main:
@@ -101,7 +104,8 @@ def train(cfg: Config, console: bool = True) -> TrainResult:
         return result
 
     def save() -> Path:
-        state = {"tokens": tokens, "loader": loader.state_dict()}
+        bad.check(step, run_dir)  # never save past the allowed run of bad steps
+        state = {"tokens": tokens, "loader": loader.state_dict(), "bad_steps": bad.state_dict(engine.gate)}
         return ckpt.save_checkpoint(run_dir, step, engine, state, cfg, loader.tokenizer_path, cfg.checkpoint.keep_last)
 
     first_val = validate() if step == 0 else None
@@ -113,21 +117,22 @@ def train(cfg: Config, console: bool = True) -> TrainResult:
             out = engine.train_step(batches, lr_at(step, cfg.train))
             step, tokens, window_steps = step + 1, tokens + tokens_per_step, window_steps + 1
             losses.append(out.loss)
+            bad.record(out.skipped)
             out_of_time = cfg.train.max_minutes is not None and engine.any_rank(
                 time.perf_counter() - started > 60 * cfg.train.max_minutes
             )
             last = step == cfg.train.steps or out_of_time
             if step % cfg.log.every == 0 or last:
                 loss = out.loss.item()  # the only host sync: at logging time
-                if loss != loss or loss in (float("inf"), float("-inf")):
-                    raise BigtrainError(f"loss is {loss} at step {step}; lower train.lr or check the data")
                 step_time = (time.perf_counter() - window_start) / window_steps
                 log({
                     "step": step, "loss": loss, "lr": lr_at(step - 1, cfg.train), "grad_norm": float(out.grad_norm),
                     "tokens": tokens, "tokens_per_s": tokens_per_step / step_time,
                     "mfu": flops_per_step / step_time / peak if peak else None,
                     "step_time_s": step_time, "peak_mem_gb": peak_memory_gb(engine.device),
+                    "skipped_steps": bad.total(),
                 })
+                bad.check(step, run_dir)
                 window_start, window_steps = time.perf_counter(), 0
             paused = time.perf_counter()  # validation and saving do not count as step time
             if step % cfg.train.eval_every == 0 or last:
