@@ -36,6 +36,7 @@ class ModelConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
     init_std: float = 0.02
+    init_from: str | None = None  # start from this checkpoint's weights (e.g. `bigtrain convert from-hf`)
 
     @property
     def kv_heads(self) -> int:

@@ -155,6 +155,19 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+def load_initial_weights(model: Llama, path: str | Path) -> None:
+    """Load the full weights of checkpoint `path` (or a run's latest) into `model` (`model.init_from`)."""
+    checkpoint = resolve_checkpoint(path)
+    check_same_model(checkpoint, model.cfg)
+    if not (checkpoint / "model.safetensors").exists():
+        raise BigtrainError(f"{checkpoint} holds only tensor/pipeline-parallel shards; "
+                            "run bigtrain convert reshard first")
+    try:
+        load_weights(model, checkpoint)
+    except (OSError, SafetensorError) as e:
+        raise BigtrainError(f"cannot load weights from {checkpoint}: {e}") from None
+
+
 def load_trained_model(path: str | Path, device: torch.device) -> tuple[torch.nn.Module, Config, Path]:
     """Rebuild the model of a checkpoint (or a run's latest) for evaluation or generation."""
     checkpoint = resolve_checkpoint(path)

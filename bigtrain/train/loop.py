@@ -53,14 +53,18 @@ def find_resume_checkpoint(cfg: Config) -> Path | None:
     return None
 
 
-def build_engine(cfg: Config):
-    """The local engine for one process, else DeepSpeed over the launched processes."""
+def build_engine(cfg: Config, init_from: str | None = None):
+    """The local engine for one process, else DeepSpeed over the launched processes; the model
+    starts from the weights of checkpoint `init_from` when given."""
+    model = Llama(cfg.model)
+    if init_from:
+        ckpt.load_initial_weights(model, init_from)
     if cfg.parallel.engine == "local":
-        return LocalEngine(Llama(cfg.model), cfg.train)
+        return LocalEngine(model, cfg.train)
     from bigtrain.distributed.deepspeed_engine import DeepSpeedEngine  # imports DeepSpeed: slow
 
     topology = init_topology(cfg)
-    return DeepSpeedEngine(Llama(cfg.model), cfg, topology)
+    return DeepSpeedEngine(model, cfg, topology)
 
 
 def train(cfg: Config, console: bool = True) -> TrainResult:
@@ -69,7 +73,7 @@ def train(cfg: Config, console: bool = True) -> TrainResult:
     check_layout(cfg, process_env().world_size)  # before touching data or starting processes
     set_determinism(cfg.run.seed, cfg.train.deterministic)
     resume_from = find_resume_checkpoint(cfg)
-    engine = build_engine(cfg)
+    engine = build_engine(cfg, None if resume_from else cfg.model.init_from)
     loader = build_train_loader(cfg.data, cfg.data.micro_batch, cfg.train.grad_accum, dp_rank=engine.dp_rank,
                                 dp_size=engine.dp_size, seed=cfg.run.seed, model_vocab_size=cfg.model.vocab_size)
     val = build_val_data(cfg.data, cfg.data.seq_len)
