@@ -25,7 +25,12 @@ from bigtrain.distributed import safe_load
 from bigtrain.distributed.local import param_groups
 from bigtrain.errors import BigtrainError
 from bigtrain.model import Llama
-from bigtrain.train.checkpoint import checkpoint_config, read_state, resolve_checkpoint
+from bigtrain.train.checkpoint import (
+    checkpoint_config,
+    read_state,
+    resolve_checkpoint,
+    verify_files,
+)
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 SPLIT_DIM = {  # how tensor parallelism splits each weight (absent: replicated)
@@ -56,6 +61,7 @@ def parameter_names(cfg: Config) -> list[str]:
 def consolidate(path: str | Path) -> FullCheckpoint:
     """Read the checkpoint (or a run's latest) at `path` in whatever layout it was written."""
     checkpoint = resolve_checkpoint(path)
+    verify_files(checkpoint)
     cfg = checkpoint_config(checkpoint)
     p = cfg.parallel
     try:

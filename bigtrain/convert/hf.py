@@ -16,7 +16,7 @@ from typing import Any
 import safetensors.torch
 import torch
 
-from bigtrain.config import Config, ModelConfig, from_dict, load_config, save_config
+from bigtrain.config import Config, DataConfig, ModelConfig, from_dict, load_config, save_config
 from bigtrain.convert.consolidate import consolidate, parameter_names
 from bigtrain.convert.output import output_dir, refuse_existing
 from bigtrain.convert.progress import status, track
@@ -172,7 +172,8 @@ def from_hf(hf_dir: str | Path, out: str | Path, overrides: list[str] = (), over
     status(f"reading {hf_dir}")
     hf_weights = read_hf_weights(hf_dir)
     with output_dir(out, overwrite) as tmp:
-        save_config(from_dict({"model": model}), tmp / "config.yaml")
+        seq_len = min(DataConfig().seq_len, model["max_seq_len"])
+        save_config(from_dict({"model": model, "data": {"seq_len": seq_len}}), tmp / "config.yaml")
         cfg = load_config(tmp / "config.yaml", list(overrides))  # overrides apply over the HF shape
         llama = _bigtrain_model(hf_weights, cfg, hf_dir)
         safetensors.torch.save_model(llama, str(tmp / "model.safetensors"))

@@ -173,7 +173,9 @@ class DeepSpeedEngine:
                     safetensors.torch.save_file(state, str(directory / "model.safetensors"))
 
     def load(self, directory: Path) -> None:
-        with safe_load.weights_only_loads(safe_load.deepspeed_globals()):
+        allowed = safe_load.deepspeed_globals()
+        safe_load.check_files(directory / TAG, allowed)  # every rank refuses together, before any collective
+        with safe_load.weights_only_loads(allowed):
             path, _ = self.engine.load_checkpoint(str(directory), tag=TAG, load_lr_scheduler_states=False)
         if path is None:
             raise OSError(f"no DeepSpeed state under {directory / TAG}")

@@ -31,6 +31,23 @@ def load(path: str | Path, map_location: Any = None, **kwargs: Any) -> Any:
         raise pickle.UnpicklingError(f"{path} holds {what}; refusing to unpickle it (it could run code)") from None
 
 
+def check_files(directory: Path, allowed: list[type]) -> None:
+    """Refuse `directory` if any `.pt` file in it pickles a class outside `allowed`.
+
+    Only each file's pickle record is read, not its tensors, so every rank can check every file
+    cheaply; all ranks then refuse together instead of one failing inside a collective load.
+    """
+    names = {f"{c.__module__}.{c.__qualname__}" for c in allowed}
+    for file in sorted(Path(directory).rglob("*.pt")):
+        try:
+            found = torch.serialization.get_unsafe_globals_in_checkpoint(file)
+        except RuntimeError as e:  # not a zip archive: truncated or not written by torch.save
+            raise pickle.UnpicklingError(f"{file} is not a readable torch file ({str(e).splitlines()[0]})") from None
+        unsafe = sorted(set(found) - names)
+        if unsafe:
+            raise pickle.UnpicklingError(f"{file} holds a pickled {unsafe[0]}; refusing to unpickle it (it could run code)")
+
+
 def deepspeed_globals() -> list[type]:
     """The plain-data classes DeepSpeed pickles into its checkpoints (loss scaler, ZeRO stage, …)."""
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler

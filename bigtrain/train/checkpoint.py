@@ -24,6 +24,7 @@ from bigtrain.errors import BigtrainError
 from bigtrain.model import Llama
 
 STATE = "state.json"
+FILES = "files.json"  # every file's size, to refuse truncated or missing files before loading
 SHAPE_KEYS = ("vocab_size", "d_model", "n_layers", "n_heads", "kv_heads", "ffn_dim", "tie_embeddings")
 
 
@@ -85,6 +86,8 @@ def save_checkpoint(
         save_config(config, tmp / "config.yaml")
         if tokenizer is not None:
             shutil.copyfile(tokenizer, tmp / "tokenizer.json")
+        sizes = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
+        (tmp / FILES).write_text(json.dumps(sizes, indent=0))
         for file in tmp.rglob("*"):
             _fsync(file)
         _fsync(tmp)
@@ -104,6 +107,7 @@ def save_checkpoint(
 
 def load_checkpoint(checkpoint: Path, engine: Engine) -> dict[str, Any]:
     """Restore engine and RNG state; return the JSON state (step, tokens, loader, …)."""
+    verify_files(checkpoint)
     try:
         engine.load(checkpoint)
         rng_file = checkpoint / f"rng-{engine.rank}.pt"
@@ -113,6 +117,19 @@ def load_checkpoint(checkpoint: Path, engine: Engine) -> dict[str, Any]:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise BigtrainError(f"cannot load checkpoint {checkpoint}: {first_line}") from None
     return read_state(checkpoint)
+
+
+def verify_files(checkpoint: Path) -> None:
+    """Refuse a checkpoint with a missing or truncated file (against the sizes it was saved with)."""
+    if not (checkpoint / FILES).is_file():
+        return  # converted checkpoints carry no list of files
+    for name, size in json.loads((checkpoint / FILES).read_text()).items():
+        file = checkpoint / name
+        if not file.is_file():
+            raise BigtrainError(f"checkpoint {checkpoint} is incomplete: {name} is missing")
+        if file.stat().st_size != size:
+            raise BigtrainError(f"checkpoint {checkpoint} is damaged: {name} has {file.stat().st_size} bytes, "
+                                f"{size} were written")
 
 
 def check_same_model(checkpoint: Path, model: ModelConfig) -> None:
@@ -158,6 +175,7 @@ def _fsync(path: Path) -> None:
 def load_initial_weights(model: Llama, path: str | Path) -> None:
     """Load the full weights of checkpoint `path` (or a run's latest) into `model` (`model.init_from`)."""
     checkpoint = resolve_checkpoint(path)
+    verify_files(checkpoint)
     check_same_model(checkpoint, model.cfg)
     if not (checkpoint / "model.safetensors").exists():
         raise BigtrainError(f"{checkpoint} holds only tensor/pipeline-parallel shards; "
@@ -171,6 +189,7 @@ def load_initial_weights(model: Llama, path: str | Path) -> None:
 def load_trained_model(path: str | Path, device: torch.device) -> tuple[torch.nn.Module, Config, Path]:
     """Rebuild the model of a checkpoint (or a run's latest) for evaluation or generation."""
     checkpoint = resolve_checkpoint(path)
+    verify_files(checkpoint)
     config = checkpoint_config(checkpoint)
     model = Llama(config.model)
     if not (checkpoint / "model.safetensors").exists():
