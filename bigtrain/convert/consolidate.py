@@ -97,9 +97,11 @@ def _allowed(cfg: Config) -> list[type]:
 def _read_local(checkpoint: Path, cfg: Config):
     status(f"reading {checkpoint} (local engine)")
     weights = safetensors.torch.load_file(str(checkpoint / "model.safetensors"))
-    optimizer = safe_load.load(checkpoint / "optimizer.pt", map_location="cpu")
     names = parameter_names(cfg)
     weights = {name: weights[name].float() for name in names if name in weights}
+    if not (checkpoint / "optimizer.pt").is_file():  # weights only, e.g. made by `convert from-hf`
+        return weights, None, None
+    optimizer = safe_load.load(checkpoint / "optimizer.pt", map_location="cpu")
     return (weights, *_torch_adam_moments(optimizer, names))
 
 

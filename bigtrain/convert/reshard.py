@@ -22,23 +22,23 @@ from bigtrain.distributed.local import param_groups
 from bigtrain.distributed.topology import check_layout
 from bigtrain.errors import BigtrainError
 from bigtrain.model import Llama
-from bigtrain.train.checkpoint import STATE
+from bigtrain.train.checkpoint import STATE, resolve_checkpoint
 
 
 def reshard(checkpoint: str | Path, out: str | Path, overrides: list[str], overwrite: bool = False) -> Path:
     """Write `checkpoint` laid out for its config plus `overrides` (e.g. `parallel.tp=1`) to `out`."""
     out = Path(out)
     refuse_existing(out, overwrite)
-    full = consolidate(checkpoint)
-    cfg = load_config(full.path / "config.yaml", list(overrides))
+    cfg = load_config(resolve_checkpoint(checkpoint) / "config.yaml", list(overrides))
     p = cfg.parallel
     if p.tp != 1 or p.pp != 1 or p.engine != "local":
         raise BigtrainError("convert reshard writes the single-process layout: pass parallel.engine=local "
                             "parallel.tp=1 parallel.pp=1 (and parallel.zero_stage=0)")
     check_layout(cfg, world_size=1)
+    full = consolidate(checkpoint)
     if full.moments is None:
-        raise BigtrainError(f"{full.path}: the AdamW state of ZeRO-1 under tensor/pipeline parallelism cannot be "
-                            "read; convert to-hf still exports its weights")
+        raise BigtrainError(f"{full.path} holds no readable AdamW state (a weights-only checkpoint, or ZeRO-1 "
+                            "under tensor/pipeline parallelism); use it with model.init_from or convert to-hf")
     if cfg.model != full.config.model:
         raise BigtrainError("convert reshard changes the layout, not the model: drop the model.* overrides")
     model = Llama(cfg.model)

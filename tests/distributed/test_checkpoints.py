@@ -94,8 +94,8 @@ def test_zero3_to_hf_and_reshard_to_one_process(worker, local_straight, tmp_path
     with torch.no_grad():
         torch.testing.assert_close(hf(tokens).logits, model(tokens), rtol=0, atol=1e-4)
 
-    reshard(checkpoint, tmp_path / "one", ["parallel.engine=local", "parallel.zero_stage=0"])
-    cfg = load_config(tmp_path / "one" / "config.yaml", [f"run.dir={tmp_path / 'continued'}", "data.micro_batch=8",
+    reshard(checkpoint, tmp_path / "one", ["parallel.engine=local", "parallel.zero_stage=0", "data.micro_batch=8"])
+    cfg = load_config(tmp_path / "one" / "config.yaml", [f"run.dir={tmp_path / 'continued'}",
                                                           f"run.resume={tmp_path / 'one'}"])
     continued = train(cfg, console=False).losses
     assert continued == pytest.approx(results["zero3"]["straight"][N:], rel=1e-5, abs=0)
@@ -108,10 +108,10 @@ def test_tp2_pp2_to_hf_and_reshard_to_one_process(stdlib_data, local_straight, t
     torchrun(4, "-m", "bigtrain", "train", str(tmp_path / "config.yaml"), "parallel.engine=deepspeed",
              "parallel.tp=2", "parallel.pp=2", "data.micro_batch=2", "train.grad_accum=4", f"train.steps={N}")
     checkpoint = tmp_path / "run" / "checkpoints" / f"step-{N:07d}"
-    reshard(checkpoint, tmp_path / "one", ["parallel.engine=local", "parallel.tp=1", "parallel.pp=1"])
+    reshard(checkpoint, tmp_path / "one", ["parallel.engine=local", "parallel.tp=1", "parallel.pp=1",
+                                           "data.micro_batch=8", "train.grad_accum=1"])
     cfg = load_config(tmp_path / "one" / "config.yaml", [
-        f"run.dir={tmp_path / 'continued'}", f"run.resume={tmp_path / 'one'}", f"train.steps={2 * N}",
-        "data.micro_batch=8", "train.grad_accum=1"])
+        f"run.dir={tmp_path / 'continued'}", f"run.resume={tmp_path / 'one'}", f"train.steps={2 * N}"])
     assert train(cfg, console=False).losses == pytest.approx(local_straight[N:], rel=1e-5, abs=0)
 
     to_hf(checkpoint, tmp_path / "hf")
