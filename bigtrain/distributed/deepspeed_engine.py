@@ -83,7 +83,7 @@ class DeepSpeedEngine:
         if self.pipelined and t.spike_factor:
             raise BigtrainError("train.spike_factor needs parallel.pp=1 (the pipeline engine updates before the loss is known)")
         self.gate, self._step_loss, self._skip = UpdateGate(t.spike_factor), None, None
-        client_step = optimizer.step
+        self._client_optimizer, client_step = optimizer, optimizer.step
 
         def gated_step(*args, **kwargs) -> None:  # DeepSpeed calls it on its fp32 (ZeRO) partitions
             if self._skip is None:  # decide once per step: ZeRO-3 calls step once per sub-group
@@ -132,8 +132,9 @@ class DeepSpeedEngine:
         return StepOutput(loss=loss, grad_norm=norm, skipped=skipped)
 
     def _norm_before_update(self) -> torch.Tensor | float:
-        if self.engine.zero_optimization_stage() > 0:
-            return self.engine.optimizer._global_grad_norm  # set by ZeRO before it calls the optimizer
+        wrapper = self.engine.optimizer  # ZeRO and the bf16/fp16 optimizers measure it before stepping
+        if wrapper is not self._client_optimizer and getattr(wrapper, "_global_grad_norm", None) is not None:
+            return wrapper._global_grad_norm
         if self._grad_norm is None:  # no clipping configured: measure without clipping
             self._grad_norm = clip_grad_norm_(self.model.parameters(), float("inf"), mpu=self.engine.mpu)
         return self._grad_norm
