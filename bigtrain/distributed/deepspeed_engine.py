@@ -13,15 +13,23 @@ import torch
 import torch.distributed as dist
 from deepspeed.pipe import PipelineModule
 from deepspeed.runtime.utils import clip_grad_norm_
+from deepspeed.utils import timer as ds_timer
 
 from bigtrain.config import Config
 from bigtrain.distributed.deepspeed_config import deepspeed_config
 from bigtrain.distributed.local import StepOutput, param_groups
+from bigtrain.distributed.timing import PhaseTimer
 from bigtrain.distributed.topology import Topology
 from bigtrain.model import Llama, lm_loss
 from bigtrain.model.tensor_parallel import apply_tensor_parallel, vocab_parallel_cross_entropy
 
 TAG = "deepspeed"  # DeepSpeed's sub-directory inside a bigtrain checkpoint
+# DeepSpeed's pipeline-engine timers (on with `wall_clock_breakdown`) → our phase names
+PIPE_TIMERS = {
+    "forward": [ds_timer.FORWARD_MICRO_TIMER], "backward": [ds_timer.BACKWARD_MICRO_TIMER],
+    "optimizer": [ds_timer.STEP_MICRO_TIMER],
+    "pipe_comm": ["pipe_send_output", "pipe_send_grad", "pipe_recv_input", "pipe_recv_grad"],
+}
 
 
 def mark_for_grad_norm(stage: torch.nn.Module, tp_rank: int) -> None:
@@ -43,6 +51,7 @@ class DeepSpeedEngine:
     def __init__(self, model: Llama, cfg: Config, topology: Topology):
         self.topology = topology
         self.device = torch.device("cuda", topology.env.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+        self.timer = PhaseTimer(self.device)
         self.loss_fn = lm_loss
         if topology.tp > 1:
             apply_tensor_parallel(model, topology.tp_group)
@@ -102,10 +111,13 @@ class DeepSpeedEngine:
         else:
             loss = torch.zeros((), device=self.device)
             for batch in micro_batches:
-                tokens = batch.to(self.device, non_blocking=True)
-                micro_loss = self.loss_fn(self.engine(tokens[:, :-1]), tokens[:, 1:])
-                self.engine.backward(micro_loss)
-                self.engine.step()
+                with self.timer.phase("forward"):
+                    tokens = batch.to(self.device, non_blocking=True)
+                    micro_loss = self.loss_fn(self.engine(tokens[:, :-1]), tokens[:, 1:])
+                with self.timer.phase("backward"):
+                    self.engine.backward(micro_loss)
+                with self.timer.phase("optimizer"):  # at the last micro-batch: reduce and update
+                    self.engine.step()
                 loss += micro_loss.detach().float() / len(micro_batches)
             dist.all_reduce(loss, group=self.topology.dp_group)
             loss /= self.topology.dp
@@ -113,6 +125,33 @@ class DeepSpeedEngine:
         if norm is None:
             norm = self._grad_norm if self._grad_norm is not None else float("nan")
         return StepOutput(loss=loss, grad_norm=torch.as_tensor(norm))
+
+    @property
+    def skipped_steps(self) -> int:
+        """Optimizer steps DeepSpeed skipped because fp16 gradients overflowed."""
+        return self.engine.skipped_steps
+
+    @property
+    def loss_scale(self) -> float | None:
+        """The current dynamic fp16 loss scale (None without fp16)."""
+        if not self.engine.fp16_enabled():
+            return None
+        optimizer = self.engine.optimizer
+        return float(getattr(optimizer, "loss_scale_config", optimizer).cur_scale)
+
+    def step_times(self) -> dict[str, float]:
+        """Seconds per phase since the last call; with pipeline stages, also `stage{k}_{phase}`
+        from DeepSpeed's per-stage timers (a collective: every rank calls it at logging time)."""
+        times = self.timer.read()
+        if not self.pipelined:
+            return times
+        for phase, names in PIPE_TIMERS.items():
+            times[phase] = sum(self.engine.timers(name).elapsed(reset=True) for name in names) / 1e3
+        gathered: list = [None] * self.world_size
+        dist.all_gather_object(gathered, (self.engine.stage_id, times))
+        for stage, stage_times in dict(reversed(gathered)).items():  # the first rank of each stage
+            times.update({f"stage{stage}_{phase}": stage_times[phase] for phase in PIPE_TIMERS})
+        return times
 
     def sum_across_dp(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum a CPU tensor over the data-parallel group."""
