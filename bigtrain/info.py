@@ -82,7 +82,7 @@ def plan_report(cfg: Config, gpus: int, gpu_mem_gib: float, gpus_per_node: int, 
     ]
     for label, field in (("parameters", "params"), ("gradients", "gradients"), ("optimizer", "optimizer"),
                          ("buffers", "buffers"), ("activations", "activations"), ("total", "total"),
-                         ("optimizer CPU", "optimizer_cpu")):
+                         ("CPU (offload)", "optimizer_cpu")):
         rows.append(f"{label:<14}" + "".join(f"{getattr(p, field) / 2**30:>{width}.2f}" for p in plans))
     rows.append(f"{f'fits {gpu_mem_gib:g} GiB':<14}" + "".join(
         f"{('yes' if planner.fits(p, gpu_mem_gib) else 'NO'):>{width}}" for p in plans))

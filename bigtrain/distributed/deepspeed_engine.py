@@ -12,8 +12,8 @@ import safetensors.torch
 import torch
 import torch.distributed as dist
 from deepspeed.pipe import PipelineModule
+from deepspeed.runtime.pipe import schedule
 from deepspeed.runtime.utils import clip_grad_norm_
-from deepspeed.utils import timer as ds_timer
 
 from bigtrain.config import Config
 from bigtrain.distributed.deepspeed_config import deepspeed_config
@@ -24,12 +24,25 @@ from bigtrain.model import Llama, lm_loss
 from bigtrain.model.tensor_parallel import apply_tensor_parallel, vocab_parallel_cross_entropy
 
 TAG = "deepspeed"  # DeepSpeed's sub-directory inside a bigtrain checkpoint
-# DeepSpeed's pipeline-engine timers (on with `wall_clock_breakdown`) → our phase names
-PIPE_TIMERS = {
-    "forward": [ds_timer.FORWARD_MICRO_TIMER], "backward": [ds_timer.BACKWARD_MICRO_TIMER],
-    "optimizer": [ds_timer.STEP_MICRO_TIMER],
-    "pipe_comm": ["pipe_send_output", "pipe_send_grad", "pipe_recv_input", "pipe_recv_grad"],
+# the phase each instruction of DeepSpeed's 1F1B schedule counts as (waiting included)
+PIPE_PHASES = {
+    schedule.LoadMicroBatch: "load", schedule.ForwardPass: "forward", schedule.BackwardPass: "backward",
+    schedule.SendActivation: "pipe_comm", schedule.RecvActivation: "pipe_comm", schedule.SendGrad: "pipe_comm",
+    schedule.RecvGrad: "pipe_comm", schedule.ReduceGrads: "optimizer", schedule.ReduceTiedGrads: "optimizer",
+    schedule.OptimizerStep: "optimizer",
 }
+
+
+def time_pipeline_instructions(engine: deepspeed.PipelineEngine, timer: PhaseTimer) -> None:
+    """Time every instruction the pipeline engine executes under its phase (DeepSpeed's own
+    `wall_clock_breakdown` timers trip over each other in the pipeline engine's backward)."""
+    def timed(run, phase):
+        def wrapper(self, *args, **kwargs):
+            with timer.phase(phase):
+                return run(self, *args, **kwargs)
+        return wrapper
+
+    engine._INSTRUCTION_MAP = {kind: timed(run, PIPE_PHASES[kind]) for kind, run in engine._INSTRUCTION_MAP.items()}
 
 
 def mark_for_grad_norm(stage: torch.nn.Module, tp_rank: int) -> None:
@@ -79,6 +92,7 @@ class DeepSpeedEngine:
         self.model = self.engine.module
         if self.pipelined:
             mark_for_grad_norm(self.model, topology.grid.get_slice_parallel_rank())
+            time_pipeline_instructions(self.engine, self.timer)
         self._grad_norm: torch.Tensor | None = None
 
         def clip_and_record() -> None:  # ZeRO 0 clips without keeping the norm; keep it
@@ -141,16 +155,14 @@ class DeepSpeedEngine:
 
     def step_times(self) -> dict[str, float]:
         """Seconds per phase since the last call; with pipeline stages, also `stage{k}_{phase}`
-        from DeepSpeed's per-stage timers (a collective: every rank calls it at logging time)."""
+        of every stage (a collective: every rank calls it, at logging time)."""
         times = self.timer.read()
         if not self.pipelined:
             return times
-        for phase, names in PIPE_TIMERS.items():
-            times[phase] = sum(self.engine.timers(name).elapsed(reset=True) for name in names) / 1e3
         gathered: list = [None] * self.world_size
         dist.all_gather_object(gathered, (self.engine.stage_id, times))
         for stage, stage_times in dict(reversed(gathered)).items():  # the first rank of each stage
-            times.update({f"stage{stage}_{phase}": stage_times[phase] for phase in PIPE_TIMERS})
+            times.update({f"stage{stage}_{phase}": t for phase, t in stage_times.items() if phase != "data"})
         return times
 
     def sum_across_dp(self, tensor: torch.Tensor) -> torch.Tensor:
