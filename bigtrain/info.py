@@ -63,8 +63,9 @@ def plan_report(cfg: Config, gpus: int, gpu_mem_gib: float, gpus_per_node: int, 
     m, seq, precision = cfg.model, cfg.data.seq_len, cfg.train.precision
     layout = planner.config_layout(cfg, gpus)
     peak = (cfg.log.peak_tflops or 989.0) * 1e12
-    variants = [(f"ZeRO {z}", planner.replace(layout, zero=z, offload=False)) for z in range(4)]
-    variants.append(("ZeRO 3+off", planner.replace(layout, zero=3, offload=True)))
+    variants = [("local", layout)] if layout.local else []
+    variants += [(f"ZeRO {z}", planner.replace(layout, zero=z, offload=False, local=False)) for z in range(4)]
+    variants.append(("ZeRO 3+off", planner.replace(layout, zero=3, offload=True, local=False)))
     variants = [(name, v) for name, v in variants if layout.pp == 1 or v.zero <= 1]
     plans = [planner.memory_plan(m, seq, precision, v) for _, v in variants]
     no_ckpt = planner.activation_bytes(m, seq, layout.micro_batch, layout.tp, -(-m.n_layers // layout.pp), False)
@@ -72,7 +73,7 @@ def plan_report(cfg: Config, gpus: int, gpu_mem_gib: float, gpus_per_node: int, 
     global_batch = layout.micro_batch * layout.grad_accum * layout.dp
     width = 12
     rows = [
-        f"layout       {layout.describe()} on {gpus} GPUs ({gpus_per_node}/node), global batch "
+        f"layout       {layout.describe()} on {gpus} GPU{'s' if gpus > 1 else ''} ({gpus_per_node}/node), global batch "
         f"{global_batch} × {seq} = {global_batch * seq:,} tokens, precision "
         f"{'bf16' if precision == 'auto' else precision}",
         f"activations  {_gib(no_ckpt)} per micro-batch, {_gib(ckpt)} with activation checkpointing "
@@ -89,7 +90,8 @@ def plan_report(cfg: Config, gpus: int, gpu_mem_gib: float, gpus_per_node: int, 
     chosen = planner.memory_plan(m, seq, precision, layout)
     seconds = planner.step_time(m, seq, precision, layout, peak, gpus_per_node)
     verdict = "fits" if planner.fits(chosen, gpu_mem_gib) else "DOES NOT FIT"
-    rows.append(f"chosen       ZeRO {layout.zero}{' + offload' if layout.offload else ''}: "
+    name = "local engine" if layout.local else f"ZeRO {layout.zero}{' + offload' if layout.offload else ''}"
+    rows.append(f"chosen       {name}: "
                 f"{_gib(chosen.total)} of {gpu_mem_gib:g} GiB — {verdict}; estimated step {seconds:.3f} s "
                 f"({global_batch * seq / seconds:,.0f} tokens/s at {planner.COMPUTE_EFFICIENCY:.0%} MFU, "
                 f"peak {peak / 1e12:g} TFLOP/s per GPU)")

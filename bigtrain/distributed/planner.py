@@ -51,9 +51,11 @@ class Layout:
     grad_accum: int = 1
     offload: bool = False
     activation_checkpointing: bool = False
+    local: bool = False  # the local engine: fp32 weights, gradients and AdamW moments, bf16 autocast
 
     def describe(self) -> str:
-        flags = "".join([" offload" if self.offload else "", " act-ckpt" if self.activation_checkpointing else ""])
+        flags = "".join([" offload" if self.offload else "", " act-ckpt" if self.activation_checkpointing else "",
+                         " (local engine)" if self.local else ""])
         return (f"dp={self.dp} tp={self.tp} pp={self.pp} zero={self.zero} "
                 f"micro_batch={self.micro_batch} grad_accum={self.grad_accum}{flags}")
 
@@ -109,7 +111,7 @@ def activation_bytes(m: ModelConfig, seq_len: int, micro_batch: int, tp: int, la
 
 def memory_plan(m: ModelConfig, seq_len: int, precision: str, layout: Layout) -> MemoryPlan:
     """Per-GPU memory of `layout` (see the module docstring for every term)."""
-    p_bytes, g_bytes = precision_bytes(precision)
+    p_bytes, g_bytes = (4, 4) if layout.local else precision_bytes(precision)
     n = stage_params(m, layout.tp, layout.pp)
     dp, zero = layout.dp, layout.zero
     params = n * p_bytes / (dp if zero == 3 else 1)
@@ -120,7 +122,7 @@ def memory_plan(m: ModelConfig, seq_len: int, precision: str, layout: Layout) ->
     if zero >= 1:
         optimizer = 12 * n / dp
     else:
-        optimizer = 8 * n if precision == "fp32" else 4 * n
+        optimizer = 8 * n if precision == "fp32" or layout.local else 4 * n
     buffers = 0.0
     if zero >= 1:
         buffers += REDUCE_BUCKET * g_bytes
@@ -131,9 +133,9 @@ def memory_plan(m: ModelConfig, seq_len: int, precision: str, layout: Layout) ->
     one = activation_bytes(m, seq_len, layout.micro_batch, layout.tp, layers, layout.activation_checkpointing)
     in_flight = min(layout.pp, layout.grad_accum) if layout.pp > 1 else 1
     offloaded = layout.offload and zero >= 1
-    return MemoryPlan(params=params, grads=grads, grads_at_step=grads_at_step, optimizer=0.0 if offloaded else optimizer, buffers=buffers,
-                      activations=one * in_flight, activations_one_micro_batch=one,
-                      optimizer_cpu=optimizer if offloaded else 0.0)
+    return MemoryPlan(params=params, grads=grads, grads_at_step=grads_at_step,
+                      optimizer=0.0 if offloaded else optimizer, buffers=buffers, activations=one * in_flight,
+                      activations_one_micro_batch=one, optimizer_cpu=optimizer if offloaded else 0.0)
 
 
 def step_time(m: ModelConfig, seq_len: int, precision: str, layout: Layout, peak_flops: float,
@@ -168,7 +170,8 @@ def fits(plan: MemoryPlan, gpu_mem_gib: float) -> bool:
 
 
 def config_layout(cfg: Config, gpus: int) -> Layout:
-    """The layout `cfg` asks for on `gpus` GPUs; `train.global_batch`, when set, fixes grad_accum."""
+    """The layout `cfg` asks for on `gpus` GPUs; `train.global_batch`, when set, fixes grad_accum.
+    A local-engine config on more than one GPU is planned as DeepSpeed."""
     from bigtrain.distributed.topology import check_layout
 
     p, t = cfg.parallel, cfg.train
@@ -182,7 +185,7 @@ def config_layout(cfg: Config, gpus: int) -> Layout:
         grad_accum = t.global_batch // (cfg.data.micro_batch * dp)
     return Layout(dp=dp, tp=p.tp, pp=p.pp, zero=p.zero_stage, micro_batch=cfg.data.micro_batch,
                   grad_accum=grad_accum, offload=p.offload_optimizer,
-                  activation_checkpointing=p.activation_checkpointing)
+                  activation_checkpointing=p.activation_checkpointing, local=p.engine == "local" and gpus == 1)
 
 
 def candidate_layouts(cfg: Config, gpus: int, gpus_per_node: int) -> list[Layout]:

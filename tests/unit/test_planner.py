@@ -42,6 +42,11 @@ def test_memory_per_zero_stage_by_hand(zero, params, grads, optimizer):
     assert plan.buffers >= (REDUCE_BUCKET * 2 if zero else 0)
 
 
+def test_local_engine_keeps_everything_in_fp32():
+    plan = memory_plan(SHAPE, 32, "auto", Layout(dp=1, local=True))
+    assert (plan.params, plan.gradients, plan.optimizer, plan.buffers) == (4 * N, 4 * N, 8 * N, 0)
+
+
 def test_offload_moves_the_optimizer_to_cpu():
     on_gpu = memory_plan(SHAPE, 32, "bf16", Layout(dp=4, zero=2))
     offloaded = memory_plan(SHAPE, 32, "bf16", Layout(dp=4, zero=2, offload=True))
