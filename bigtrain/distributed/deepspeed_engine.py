@@ -150,8 +150,9 @@ class DeepSpeedEngine:
         """The current dynamic fp16 loss scale (None without fp16)."""
         if not self.engine.fp16_enabled():
             return None
-        optimizer = self.engine.optimizer
-        return float(getattr(optimizer, "loss_scale_config", optimizer).cur_scale)
+        optimizer = self.engine.optimizer  # fp16 optimizers keep it in a config object or on themselves
+        scale = getattr(getattr(optimizer, "loss_scale_config", optimizer), "cur_scale", None)
+        return None if scale is None else float(scale)
 
     def step_times(self) -> dict[str, float]:
         """Seconds per phase since the last call; with pipeline stages, also `stage{k}_{phase}`

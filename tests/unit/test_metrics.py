@@ -59,3 +59,19 @@ def test_phase_timer_accumulates_and_resets():
     times = timer.read()
     assert times["forward"] == pytest.approx(0.04, abs=0.03) and times["comm"] == 0.5
     assert timer.read() == {}
+
+
+def test_console_lines(capsys):
+    from bigtrain.train.sinks.console import ConsoleSink
+
+    sink = ConsoleSink(total_steps=100, start_step=0)  # not a terminal under pytest: plain lines
+    sink.log({"step": 10, "loss": 2.5, "lr": 1e-3, "grad_norm": 0.5, "tokens_per_s": 12_345.0, "mfu": 0.4123,
+              "step_time_s": 0.25, "peak_mem_gb": 1.5, "loss_scale": 65536.0, "skipped_steps": 2})
+    sink.log({"step": 10, "val_loss": 2.25, "val_perplexity": 9.4877})
+    sink.log({"step": 10, "checkpoint": "step-0000010", "checkpoint_save_s": 1.25, "checkpoint_gb": 0.5})
+    sink.close()
+    train, val, saved = capsys.readouterr().out.splitlines()
+    assert train.startswith("step     10 | loss 2.5000 | lr 1.00e-03 | gnorm 0.500 | 12.3k tok/s | mfu 41.2% | "
+                            "250 ms/step | mem 1.50 GB | scale 65536 | skipped 2 | eta ")
+    assert val == "step     10 | val_loss 2.2500 | val_ppl 9.49"
+    assert saved == "step     10 | saved step-0000010 (0.500 GB in 1.2 s)"
