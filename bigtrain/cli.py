@@ -124,9 +124,15 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 def cmd_info(args: argparse.Namespace) -> None:
     from bigtrain.config import load_config
-    from bigtrain.info import environment_report, model_report
+    from bigtrain.info import environment_report, model_report, plan_report
 
-    print(model_report(load_config(args.config, args.overrides)) if args.config else environment_report())
+    if not args.config:
+        print(environment_report())
+        return
+    cfg = load_config(args.config, args.overrides)
+    gpus = args.gpus or cfg.parallel.tp * cfg.parallel.pp
+    print(model_report(cfg))
+    print(plan_report(cfg, gpus, args.gpu_mem, args.gpus_per_node, args.suggest))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -197,9 +203,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("info", help="environment, or a config's parameters, FLOPs/token and memory")
+    p = sub.add_parser("info", help="environment, or a config's parameters, FLOPs/token and memory plan")
     p.add_argument("config", nargs="?")
     p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.add_argument("--gpus", type=int, default=None, help="GPUs to plan for (default: parallel.tp × parallel.pp)")
+    p.add_argument("--gpu-mem", type=float, default=80.0, help="memory per GPU in GiB")
+    p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--suggest", action="store_true", help="rank the layouts that fit by estimated step time")
     p.set_defaults(func=cmd_info)
     return parser
 

@@ -16,8 +16,9 @@ from bigtrain.errors import BigtrainError
 from bigtrain.eval.perplexity import EvalResult, evaluate
 from bigtrain.model import Llama, flops_per_token
 from bigtrain.train import checkpoint as ckpt
-from bigtrain.train.metrics import MetricsLogger, peak_flops, peak_memory_gb
+from bigtrain.train.metrics import SpeedMeter, directory_size, peak_flops, peak_memory_gb
 from bigtrain.train.schedule import lr_at
+from bigtrain.train.sinks import Sinks, build_sinks
 
 
 @dataclass
@@ -72,7 +73,7 @@ def train(cfg: Config, console: bool = True) -> TrainResult:
     loader = build_train_loader(cfg.data, cfg.data.micro_batch, cfg.train.grad_accum, dp_rank=engine.dp_rank,
                                 dp_size=engine.dp_size, seed=cfg.run.seed, model_vocab_size=cfg.model.vocab_size)
     val = build_val_data(cfg.data, cfg.data.seq_len)
-    step, tokens = 0, 0
+    step, tokens, state = 0, 0, {}
     if resume_from is not None:
         state = ckpt.load_checkpoint(resume_from, engine)
         loader.load_state_dict(state["loader"])
@@ -82,15 +83,11 @@ def train(cfg: Config, console: bool = True) -> TrainResult:
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
-    logger = MetricsLogger(run_dir, cfg.train.steps, step, console=console) if main else None
+    sinks = build_sinks(cfg, run_dir, step, state, console) if main else Sinks([])
+    log = sinks.log
     tokens_per_step = loader.global_batch * cfg.data.seq_len
-    flops_per_step = flops_per_token(cfg.model, cfg.data.seq_len) * tokens_per_step
-    peak = peak_flops(engine.device, cfg.log.peak_tflops)
-    peak = peak * engine.world_size if peak else None
-
-    def log(record: dict) -> None:
-        if logger:
-            logger.log(record)
+    speed = SpeedMeter(tokens_per_step, flops_per_token(cfg.model, cfg.data.seq_len), engine.world_size,
+                       peak_flops(engine.device, cfg.log.peak_tflops))
 
     def validate() -> EvalResult | None:
         if val is None:
@@ -101,15 +98,21 @@ def train(cfg: Config, console: bool = True) -> TrainResult:
         return result
 
     def save() -> Path:
-        state = {"tokens": tokens, "loader": loader.state_dict()}
-        return ckpt.save_checkpoint(run_dir, step, engine, state, cfg, loader.tokenizer_path, cfg.checkpoint.keep_last)
+        saving = time.perf_counter()
+        state = {"tokens": tokens, "loader": loader.state_dict(), **sinks.state()}
+        path = ckpt.save_checkpoint(run_dir, step, engine, state, cfg, loader.tokenizer_path, cfg.checkpoint.keep_last)
+        if main:
+            log({"step": step, "checkpoint": path.name, "checkpoint_save_s": time.perf_counter() - saving,
+                 "checkpoint_gb": directory_size(path) / 2**30})
+        return path
 
     first_val = validate() if step == 0 else None
     last_val, last_saved, losses = first_val, None, []
     window_start, window_steps = time.perf_counter(), 0
     try:
         while step < cfg.train.steps:
-            batches = loader.next_step()
+            with engine.timer.phase("data", host=True):
+                batches = loader.next_step()
             out = engine.train_step(batches, lr_at(step, cfg.train))
             step, tokens, window_steps = step + 1, tokens + tokens_per_step, window_steps + 1
             losses.append(out.loss)
@@ -121,12 +124,11 @@ def train(cfg: Config, console: bool = True) -> TrainResult:
                 loss = out.loss.item()  # the only host sync: at logging time
                 if loss != loss or loss in (float("inf"), float("-inf")):
                     raise BigtrainError(f"loss is {loss} at step {step}; lower train.lr or check the data")
-                step_time = (time.perf_counter() - window_start) / window_steps
                 log({
                     "step": step, "loss": loss, "lr": lr_at(step - 1, cfg.train), "grad_norm": float(out.grad_norm),
-                    "tokens": tokens, "tokens_per_s": tokens_per_step / step_time,
-                    "mfu": flops_per_step / step_time / peak if peak else None,
-                    "step_time_s": step_time, "peak_mem_gb": peak_memory_gb(engine.device),
+                    "tokens": tokens, **speed.measure(window_steps, time.perf_counter() - window_start, engine.step_times()),
+                    "peak_mem_gb": peak_memory_gb(engine.device), "skipped_steps": engine.skipped_steps,
+                    "loss_scale": engine.loss_scale,
                 })
                 window_start, window_steps = time.perf_counter(), 0
             paused = time.perf_counter()  # validation and saving do not count as step time
@@ -138,8 +140,7 @@ def train(cfg: Config, console: bool = True) -> TrainResult:
             if out_of_time:
                 break
     finally:
-        if logger:
-            logger.close()
+        sinks.close()
     return TrainResult(
         run_dir=run_dir, step=step, tokens=tokens, losses=[float(x) for x in losses],
         checkpoint=last_saved or ckpt.latest_checkpoint(run_dir), val=last_val, first_val=first_val,
