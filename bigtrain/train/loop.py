@@ -150,6 +150,8 @@ def _train(cfg: Config, console: bool, stop: StopRequest) -> TrainResult:
     finally:
         if logger:
             logger.close()
+    if preempted:
+        engine.barrier()  # leave together: torchrun stops the other workers when one exits
     return TrainResult(
         run_dir=run_dir, step=step, tokens=tokens, losses=[float(x) for x in losses],
         checkpoint=last_saved or ckpt.latest_checkpoint(run_dir), val=last_val, first_val=first_val,
