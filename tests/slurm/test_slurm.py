@@ -4,6 +4,7 @@ requeue and resume, job arrays, and the mistakes a user makes in a job script.""
 import dataclasses
 import json
 import subprocess
+import sys
 import time
 
 import pytest
@@ -66,6 +67,15 @@ def test_sbatch_trains_to_the_end_and_matches_torchrun(torchrun_reference, stdli
     assert f"done: step {STEPS}" in log and "training exited with 0" in log
     assert step_losses(tmp_path / "run") == pytest.approx(torchrun_reference, rel=1e-6)
     assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() == f"step-{STEPS:07d}"
+
+
+def test_plain_srun_one_task_per_process_matches_torchrun(torchrun_reference, stdlib_data, slurm_env, tmp_path):
+    """`srun --ntasks 2 bigtrain train` without torchrun: ranks and rendezvous from Slurm's variables."""
+    config = write_config(tmp_path / "config.yaml", stdlib_data, tmp_path / "run")
+    proc = subprocess.run(["srun", "--ntasks=2", sys.executable, "-m", "bigtrain", "train", str(config)], cwd=tmp_path,
+                          env=slurm_env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert step_losses(tmp_path / "run") == pytest.approx(torchrun_reference, rel=1e-6)
 
 
 def test_preempted_job_saves_requeues_and_resumes_on_the_same_curve(torchrun_reference, stdlib_data, slurm_env,
