@@ -85,17 +85,13 @@ def test_first_host_of_a_slurm_node_list(nodelist, first):
 
 
 def test_plain_srun_tasks_get_torch_rendezvous_variables(monkeypatch):
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(key, raising=False)
-    slurm = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_JOB_ID": "123456",
-             "SLURM_STEP_NODELIST": "gpu[03-06]", "SLURM_JOB_NODELIST": "gpu[01-06]"}
-    for key, value in slurm.items():
-        monkeypatch.setenv(key, value)
+    env = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_JOB_ID": "123456",
+           "SLURM_STEP_NODELIST": "gpu[03-06]", "SLURM_JOB_NODELIST": "gpu[01-06]"}
+    monkeypatch.setattr(os, "environ", env)  # a private environment: nothing leaks into other tests
     export_rendezvous_env()
     assert process_env() == ProcessEnv(5, 8, 1)
-    assert [os.environ[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")] == \
+    assert [env[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")] == \
         ["5", "8", "1", "gpu03", str(20000 + 123456 % 20000)]
-    monkeypatch.setenv("MASTER_PORT", "31000")  # what the user or torchrun set is kept
-    monkeypatch.setenv("RANK", "5")
+    env.update(MASTER_PORT="31000", RANK="5")  # what the user or torchrun set is kept
     export_rendezvous_env()
-    assert os.environ["MASTER_PORT"] == "31000"
+    assert env["MASTER_PORT"] == "31000"
