@@ -71,18 +71,25 @@ def cmd_data_to_mds(args: argparse.Namespace) -> None:
     print(f"wrote {meta['windows']:,} windows of {args.seq_len + 1} tokens as MDS → {args.out}")
 
 
-def cmd_train(args: argparse.Namespace) -> None:
+def cmd_train(args: argparse.Namespace) -> int | None:
     from bigtrain.config import load_config
     from bigtrain.train.loop import train
+    from bigtrain.train.signals import PREEMPTED_EXIT_CODE
 
     result = train(load_config(args.config, args.overrides))
+    if result.preempted:
+        if result.is_main:
+            print(f"preempted at step {result.step}: saved {result.checkpoint}; exiting with "
+                  f"{PREEMPTED_EXIT_CODE} (continue with run.resume=auto)")
+        return PREEMPTED_EXIT_CODE
     if not result.is_main:
-        return
+        return None
     if not result.losses:
         print(f"nothing to train: {result.checkpoint} is already at train.steps={result.step}")
-        return
+        return None
     val = f", val_loss {result.val.loss:.4f}" if result.val else ""
     print(f"done: step {result.step}, loss {result.losses[-1]:.4f}{val}; checkpoint {result.checkpoint}")
+    return None
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -217,11 +224,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        code = args.func(args)  # None means success; `train` returns its exit code
     except BigtrainError as e:
         print(f"bigtrain: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("bigtrain: interrupted", file=sys.stderr)
         return 130
-    return 0
+    return code or 0

@@ -63,7 +63,7 @@ class DeepSpeedEngine:
 
     def __init__(self, model: Llama, cfg: Config, topology: Topology):
         self.topology = topology
-        self.device = torch.device("cuda", topology.env.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
         self.timer = PhaseTimer(self.device)
         self.loss_fn = lm_loss
         if topology.tp > 1:
@@ -108,7 +108,7 @@ class DeepSpeedEngine:
 
     def any_rank(self, flag: bool) -> bool:
         """True on every rank if `flag` is true on any (so all ranks take the same branch)."""
-        value = torch.tensor(float(flag))
+        value = torch.tensor(float(flag), device=self.device)  # NCCL reduces only GPU tensors
         dist.all_reduce(value, op=dist.ReduceOp.MAX)
         return bool(value)
 

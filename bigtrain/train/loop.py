@@ -18,6 +18,7 @@ from bigtrain.model import Llama, flops_per_token
 from bigtrain.train import checkpoint as ckpt
 from bigtrain.train.metrics import SpeedMeter, directory_size, peak_flops, peak_memory_gb
 from bigtrain.train.schedule import lr_at
+from bigtrain.train.signals import StopRequest
 from bigtrain.train.sinks import Sinks, build_sinks
 
 
@@ -32,6 +33,7 @@ class TrainResult:
     first_val: EvalResult | None  # validation before the first update of this call
     wall_s: float
     is_main: bool  # rank 0, which logs and reports
+    preempted: bool = False  # stopped early by SIGUSR1/SIGTERM after saving a checkpoint
 
 
 def set_determinism(seed: int, deterministic: bool) -> None:
@@ -64,7 +66,14 @@ def build_engine(cfg: Config):
 
 
 def train(cfg: Config, console: bool = True) -> TrainResult:
-    """Train `cfg.model` on `cfg.data` with the configured engine, resuming if asked."""
+    """Train `cfg.model` on `cfg.data` with the configured engine, resuming if asked.
+
+    SIGUSR1/SIGTERM make it save after the current step and return with `preempted` set."""
+    with StopRequest() as stop:
+        return _train(cfg, console, stop)
+
+
+def _train(cfg: Config, console: bool, stop: StopRequest) -> TrainResult:
     started = time.perf_counter()
     check_layout(cfg, process_env().world_size)  # before touching data or starting processes
     set_determinism(cfg.run.seed, cfg.train.deterministic)
@@ -107,7 +116,7 @@ def train(cfg: Config, console: bool = True) -> TrainResult:
         return path
 
     first_val = validate() if step == 0 else None
-    last_val, last_saved, losses = first_val, None, []
+    last_val, last_saved, losses, preempted = first_val, None, [], False
     window_start, window_steps = time.perf_counter(), 0
     try:
         while step < cfg.train.steps:
@@ -119,9 +128,10 @@ def train(cfg: Config, console: bool = True) -> TrainResult:
             out_of_time = cfg.train.max_minutes is not None and engine.any_rank(
                 time.perf_counter() - started > 60 * cfg.train.max_minutes
             )
+            preempted = step < cfg.train.steps and engine.any_rank(stop.requested)
             last = step == cfg.train.steps or out_of_time
-            if step % cfg.log.every == 0 or last:
-                loss = out.loss.item()  # the only host sync: at logging time
+            if step % cfg.log.every == 0 or last or preempted:
+                loss = out.loss.item()  # the loss reaches the host only at logging time
                 if loss != loss or loss in (float("inf"), float("-inf")):
                     raise BigtrainError(f"loss is {loss} at step {step}; lower train.lr or check the data")
                 log({
@@ -134,15 +144,17 @@ def train(cfg: Config, console: bool = True) -> TrainResult:
             paused = time.perf_counter()  # validation and saving do not count as step time
             if step % cfg.train.eval_every == 0 or last:
                 last_val = validate()
-            if step % cfg.checkpoint.every == 0 or last:
+            if step % cfg.checkpoint.every == 0 or last or preempted:
                 last_saved = save()
             window_start += time.perf_counter() - paused
-            if out_of_time:
+            if out_of_time or preempted:
                 break
     finally:
         sinks.close()
+    if preempted:
+        engine.barrier()  # leave together: torchrun stops the other workers when one exits
     return TrainResult(
         run_dir=run_dir, step=step, tokens=tokens, losses=[float(x) for x in losses],
         checkpoint=last_saved or ckpt.latest_checkpoint(run_dir), val=last_val, first_val=first_val,
-        wall_s=time.perf_counter() - started, is_main=main,
+        wall_s=time.perf_counter() - started, is_main=main, preempted=preempted,
     )
