@@ -71,18 +71,25 @@ def cmd_data_to_mds(args: argparse.Namespace) -> None:
     print(f"wrote {meta['windows']:,} windows of {args.seq_len + 1} tokens as MDS → {args.out}")
 
 
-def cmd_train(args: argparse.Namespace) -> None:
+def cmd_train(args: argparse.Namespace) -> int | None:
     from bigtrain.config import load_config
     from bigtrain.train.loop import train
+    from bigtrain.train.signals import PREEMPTED_EXIT_CODE
 
     result = train(load_config(args.config, args.overrides))
+    if result.preempted:
+        if result.is_main:
+            print(f"preempted at step {result.step}: saved {result.checkpoint}; exiting with "
+                  f"{PREEMPTED_EXIT_CODE} (continue with run.resume=auto)")
+        return PREEMPTED_EXIT_CODE
     if not result.is_main:
-        return
+        return None
     if not result.losses:
         print(f"nothing to train: {result.checkpoint} is already at train.steps={result.step}")
-        return
+        return None
     val = f", val_loss {result.val.loss:.4f}" if result.val else ""
     print(f"done: step {result.step}, loss {result.losses[-1]:.4f}{val}; checkpoint {result.checkpoint}")
+    return None
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -135,9 +142,15 @@ def cmd_convert(args: argparse.Namespace) -> None:
 
 def cmd_info(args: argparse.Namespace) -> None:
     from bigtrain.config import load_config
-    from bigtrain.info import environment_report, model_report
+    from bigtrain.info import environment_report, model_report, plan_report
 
-    print(model_report(load_config(args.config, args.overrides)) if args.config else environment_report())
+    if not args.config:
+        print(environment_report())
+        return
+    cfg = load_config(args.config, args.overrides)
+    gpus = args.gpus or cfg.parallel.tp * cfg.parallel.pp
+    print(model_report(cfg))
+    print(plan_report(cfg, gpus, args.gpu_mem, args.gpus_per_node, args.suggest))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -226,9 +239,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
         p.set_defaults(func=cmd_convert)
 
-    p = sub.add_parser("info", help="environment, or a config's parameters, FLOPs/token and memory")
+    p = sub.add_parser("info", help="environment, or a config's parameters, FLOPs/token and memory plan")
     p.add_argument("config", nargs="?")
     p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.add_argument("--gpus", type=int, default=None, help="GPUs to plan for (default: parallel.tp × parallel.pp)")
+    p.add_argument("--gpu-mem", type=float, default=80.0, help="memory per GPU in GiB")
+    p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--suggest", action="store_true", help="rank the layouts that fit by estimated step time")
     p.set_defaults(func=cmd_info)
     return parser
 
@@ -236,11 +253,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        code = args.func(args)  # None means success; `train` returns its exit code
     except BigtrainError as e:
         print(f"bigtrain: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("bigtrain: interrupted", file=sys.stderr)
         return 130
-    return 0
+    return code or 0

@@ -136,9 +136,22 @@ class CheckpointConfig:
 
 
 @dataclass
+class WandbConfig:
+    """Weights & Biases: rank 0 logs every record; the run id is kept in checkpoints."""
+
+    mode: Literal["disabled", "online", "offline"] = "disabled"
+    project: str = "bigtrain"
+    entity: str | None = None
+    name: str | None = None  # None: run.name
+    group: str | None = None
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
 class LogConfig:
     every: int = 10
     peak_tflops: float | None = None  # device peak for MFU; None looks the device up
+    wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
 @dataclass

@@ -1,36 +1,43 @@
-"""`bigtrain info`: the environment, or a config's parameter count, FLOPs/token and memory."""
+"""`bigtrain info`: the environment, or a config's parameters, FLOPs/token and per-GPU memory plan."""
 
 from __future__ import annotations
 
+import os
 import platform
 from importlib.metadata import PackageNotFoundError, version
 
 import torch
 
 from bigtrain.config import Config
+from bigtrain.distributed import planner
 from bigtrain.model import Llama, count_params, flops_per_token
+
+PACKAGES = ("bigtrain", "torch", "deepspeed", "accelerate", "mosaicml-streaming", "wandb", "pyarrow",
+            "tokenizers", "transformers")
+LAUNCH_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                    "TORCHELASTIC_RUN_ID", "CUDA_VISIBLE_DEVICES")
 
 
 def environment_report() -> str:
+    """Versions, devices and the launcher/Slurm variables this process sees."""
     def pkg(name: str) -> str:
         try:
             return version(name)
         except PackageNotFoundError:
             return "not installed"
 
-    lines = [
-        f"bigtrain     {pkg('bigtrain')}",
-        f"python       {platform.python_version()}",
-        f"torch        {torch.__version__}",
-        f"deepspeed    {pkg('deepspeed')}",
-        f"CUDA         {torch.version.cuda or 'none'} (available: {torch.cuda.is_available()})",
-    ]
-    if torch.cuda.is_available():
-        lines.append(f"NCCL         {'.'.join(map(str, torch.cuda.nccl.version()))}")
-        for i in range(torch.cuda.device_count()):
-            props = torch.cuda.get_device_properties(i)
-            lines.append(f"GPU {i}        {props.name}, {props.total_memory / 2**30:.0f} GiB")
-    lines.append(f"CPU threads  {torch.get_num_threads()}")
+    lines = [f"{'python':<20} {platform.python_version()} ({platform.platform()})"]
+    lines += [f"{name:<20} {pkg(name)}" for name in PACKAGES]
+    lines.append(f"{'CUDA':<20} {torch.version.cuda or 'none'} (available: {torch.cuda.is_available()})")
+    nccl = ".".join(map(str, torch.cuda.nccl.version())) if torch.cuda.is_available() else "n/a (no CUDA)"
+    lines.append(f"{'NCCL':<20} {nccl}")
+    for i in range(torch.cuda.device_count()):
+        props = torch.cuda.get_device_properties(i)
+        lines.append(f"{f'GPU {i}':<20} {props.name}, {props.total_memory / 2**30:.1f} GiB, "
+                     f"compute capability {props.major}.{props.minor}")
+    lines.append(f"{'CPU':<20} {os.cpu_count()} cores, torch threads {torch.get_num_threads()}")
+    seen = {k: v for k, v in sorted(os.environ.items()) if k in LAUNCH_VARIABLES or k.startswith("SLURM_")}
+    lines.append(f"{'launch variables':<20} " + (" ".join(f"{k}={v}" for k, v in seen.items()) or "none (a lone process)"))
     return "\n".join(lines)
 
 
@@ -47,9 +54,52 @@ def model_report(cfg: Config) -> str:
         f"parameters   {counts.total:,} ({_human(counts.total)}); non-embedding {counts.non_embedding:,} "
         f"({_human(counts.non_embedding)})",
         f"FLOPs/token  {flops_per_token(m, cfg.data.seq_len):.4g} (training, seq_len={cfg.data.seq_len})",
-        f"memory       weights {_bytes(2 * counts.total)} in bf16; "
-        f"{_bytes(16 * counts.total)} for weights + grads + AdamW in mixed precision (one device, no ZeRO)",
     ])
+
+
+def plan_report(cfg: Config, gpus: int, gpu_mem_gib: float, gpus_per_node: int, suggest: bool) -> str:
+    """Per-GPU memory of the config's layout under every ZeRO stage, its estimated step time,
+    and with `suggest` the fastest layouts that fit."""
+    m, seq, precision = cfg.model, cfg.data.seq_len, cfg.train.precision
+    layout = planner.config_layout(cfg, gpus)
+    peak = (cfg.log.peak_tflops or 989.0) * 1e12
+    variants = [("local", layout)] if layout.local else []
+    variants += [(f"ZeRO {z}", planner.replace(layout, zero=z, offload=False, local=False)) for z in range(4)]
+    variants.append(("ZeRO 3+off", planner.replace(layout, zero=3, offload=True, local=False)))
+    variants = [(name, v) for name, v in variants if layout.pp == 1 or v.zero <= 1]
+    plans = [planner.memory_plan(m, seq, precision, v) for _, v in variants]
+    no_ckpt = planner.activation_bytes(m, seq, layout.micro_batch, layout.tp, -(-m.n_layers // layout.pp), False)
+    ckpt = planner.activation_bytes(m, seq, layout.micro_batch, layout.tp, -(-m.n_layers // layout.pp), True)
+    global_batch = layout.micro_batch * layout.grad_accum * layout.dp
+    width = 12
+    rows = [
+        f"layout       {layout.describe()} on {gpus} GPU{'s' if gpus > 1 else ''} ({gpus_per_node}/node), global batch "
+        f"{global_batch} × {seq} = {global_batch * seq:,} tokens, precision "
+        f"{'bf16' if precision == 'auto' else precision}",
+        f"activations  {_gib(no_ckpt)} per micro-batch, {_gib(ckpt)} with activation checkpointing "
+        f"(config: activation_checkpointing={str(layout.activation_checkpointing).lower()}"
+        + (f"; ×{min(layout.pp, layout.grad_accum)} micro-batches in flight on stage 0)" if layout.pp > 1 else ")"),
+        f"{'GiB per GPU':<14}" + "".join(f"{name:>{width}}" for name, _ in variants),
+    ]
+    for label, field in (("parameters", "params"), ("gradients", "gradients"), ("optimizer", "optimizer"),
+                         ("buffers", "buffers"), ("activations", "activations"), ("total", "total"),
+                         ("CPU (offload)", "optimizer_cpu")):
+        rows.append(f"{label:<14}" + "".join(f"{getattr(p, field) / 2**30:>{width}.2f}" for p in plans))
+    rows.append(f"{f'fits {gpu_mem_gib:g} GiB':<14}" + "".join(
+        f"{('yes' if planner.fits(p, gpu_mem_gib) else 'NO'):>{width}}" for p in plans))
+    chosen = planner.memory_plan(m, seq, precision, layout)
+    seconds = planner.step_time(m, seq, precision, layout, peak, gpus_per_node)
+    verdict = "fits" if planner.fits(chosen, gpu_mem_gib) else "DOES NOT FIT"
+    name = "local engine" if layout.local else f"ZeRO {layout.zero}{' + offload' if layout.offload else ''}"
+    rows.append(f"chosen       {name}: "
+                f"{_gib(chosen.total)} of {gpu_mem_gib:g} GiB — {verdict}; estimated step {seconds:.3f} s "
+                f"({global_batch * seq / seconds:,.0f} tokens/s at {planner.COMPUTE_EFFICIENCY:.0%} MFU, "
+                f"peak {peak / 1e12:g} TFLOP/s per GPU)")
+    if suggest:
+        rows.append("suggested layouts (fastest first; estimated step time, memory per GPU):")
+        for i, (cand, plan, t) in enumerate(planner.suggest(cfg, gpus, gpu_mem_gib, peak, gpus_per_node), 1):
+            rows.append(f"  {i:>2}. {cand.describe():<72} {t:8.3f} s  {_gib(plan.total):>10}")
+    return "\n".join(rows)
 
 
 def _human(n: float) -> str:
@@ -59,5 +109,5 @@ def _human(n: float) -> str:
     return str(n)
 
 
-def _bytes(n: float) -> str:
-    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB"

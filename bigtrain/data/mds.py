@@ -23,7 +23,14 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 import bigtrain
 from bigtrain.data.loader import PackedTokens
 from bigtrain.data.prepare import TOKENIZER_FILE, prepare
-from bigtrain.data.shards import MANIFEST, file_sha256, first_line, load_manifest, write_atomic
+from bigtrain.data.shards import (
+    MANIFEST,
+    file_sha256,
+    first_line,
+    load_manifest,
+    read_format_json,
+    write_atomic,
+)
 from bigtrain.data.sources import find_inputs
 from bigtrain.data.tokenizer import TextTokenizer
 from bigtrain.errors import BigtrainError
@@ -127,12 +134,7 @@ def load_mds_meta(directory: Path | str) -> dict:
     path = Path(directory) / MDS_META
     if not path.is_file():
         raise BigtrainError(f"{directory} has no {MDS_META}: not a complete bigtrain MDS dataset")
-    try:
-        meta = json.loads(path.read_text())
-    except ValueError as e:
-        raise BigtrainError(f"{path} is not valid JSON: {first_line(e)}") from e
-    if not isinstance(meta, dict) or meta.get("format") != MDS_FORMAT:
-        raise BigtrainError(f"{path} is not a {MDS_FORMAT} record")
+    meta = read_format_json(path, MDS_FORMAT, "record")
     return meta
 
 

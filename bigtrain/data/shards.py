@@ -159,6 +159,17 @@ def write_manifest(out_dir: Path, manifest: dict) -> None:
     write_atomic(Path(out_dir) / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
 
 
+def read_format_json(path: Path, expected_format: str, kind: str) -> dict:
+    """Read a JSON object whose `format` entry must be `expected_format`."""
+    try:
+        record = json.loads(path.read_text())
+    except ValueError as e:
+        raise BigtrainError(f"{path} is not valid JSON: {first_line(e)}") from e
+    if not isinstance(record, dict) or record.get("format") != expected_format:
+        raise BigtrainError(f"{path} is not a {expected_format} {kind}")
+    return record
+
+
 def load_manifest(data_dir: Path | str) -> dict:
     """Read and sanity-check the manifest of a prepared dataset."""
     data_dir = Path(data_dir)
@@ -169,12 +180,7 @@ def load_manifest(data_dir: Path | str) -> dict:
         raise BigtrainError(
             f"{data_dir} has no {MANIFEST}: not a prepared dataset (run `bigtrain prepare`)"
         )
-    try:
-        manifest = json.loads(path.read_text())
-    except ValueError as e:
-        raise BigtrainError(f"{path} is not valid JSON: {e}") from e
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise BigtrainError(f"{path} is not a {FORMAT} manifest")
+    manifest = read_format_json(path, FORMAT, "manifest")
     for key in ("tokenizer", "shards", "totals"):
         if key not in manifest:
             raise BigtrainError(f"{path} has no '{key}' entry")

@@ -12,12 +12,14 @@ import safetensors.torch
 import torch
 import torch.distributed as dist
 from deepspeed.pipe import PipelineModule
+from deepspeed.runtime.pipe import schedule
 from deepspeed.runtime.utils import clip_grad_norm_
 
 from bigtrain.config import Config
 from bigtrain.distributed import safe_load
 from bigtrain.distributed.deepspeed_config import deepspeed_config
 from bigtrain.distributed.local import StepOutput, param_groups
+from bigtrain.distributed.timing import PhaseTimer
 from bigtrain.distributed.topology import Topology
 from bigtrain.distributed.update_gate import UpdateGate
 from bigtrain.errors import BigtrainError
@@ -25,6 +27,25 @@ from bigtrain.model import Llama, lm_loss
 from bigtrain.model.tensor_parallel import apply_tensor_parallel, vocab_parallel_cross_entropy
 
 TAG = "deepspeed"  # DeepSpeed's sub-directory inside a bigtrain checkpoint
+# the phase each instruction of DeepSpeed's 1F1B schedule counts as (waiting included)
+PIPE_PHASES = {
+    schedule.LoadMicroBatch: "load", schedule.ForwardPass: "forward", schedule.BackwardPass: "backward",
+    schedule.SendActivation: "pipe_comm", schedule.RecvActivation: "pipe_comm", schedule.SendGrad: "pipe_comm",
+    schedule.RecvGrad: "pipe_comm", schedule.ReduceGrads: "optimizer", schedule.ReduceTiedGrads: "optimizer",
+    schedule.OptimizerStep: "optimizer",
+}
+
+
+def time_pipeline_instructions(engine: deepspeed.PipelineEngine, timer: PhaseTimer) -> None:
+    """Time every instruction the pipeline engine executes under its phase (DeepSpeed's own
+    `wall_clock_breakdown` timers trip over each other in the pipeline engine's backward)."""
+    def timed(run, phase):
+        def wrapper(self, *args, **kwargs):
+            with timer.phase(phase):
+                return run(self, *args, **kwargs)
+        return wrapper
+
+    engine._INSTRUCTION_MAP = {kind: timed(run, PIPE_PHASES[kind]) for kind, run in engine._INSTRUCTION_MAP.items()}
 
 
 def mark_for_grad_norm(stage: torch.nn.Module, tp_rank: int) -> None:
@@ -45,7 +66,8 @@ class DeepSpeedEngine:
 
     def __init__(self, model: Llama, cfg: Config, topology: Topology):
         self.topology = topology
-        self.device = torch.device("cuda", topology.env.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        self.timer = PhaseTimer(self.device)
         self.loss_fn = lm_loss
         if topology.tp > 1:
             apply_tensor_parallel(model, topology.tp_group)
@@ -73,6 +95,7 @@ class DeepSpeedEngine:
         self.model = self.engine.module
         if self.pipelined:
             mark_for_grad_norm(self.model, topology.grid.get_slice_parallel_rank())
+            time_pipeline_instructions(self.engine, self.timer)
         self._grad_norm: torch.Tensor | None = None
 
         def clip_and_record() -> None:  # ZeRO 0 clips without keeping the norm; keep it
@@ -100,7 +123,7 @@ class DeepSpeedEngine:
 
     def any_rank(self, flag: bool) -> bool:
         """True on every rank if `flag` is true on any (so all ranks take the same branch)."""
-        value = torch.tensor(float(flag))
+        value = torch.tensor(float(flag), device=self.device)  # NCCL reduces only GPU tensors
         dist.all_reduce(value, op=dist.ReduceOp.MAX)
         return bool(value)
 
@@ -118,17 +141,24 @@ class DeepSpeedEngine:
         else:
             loss = torch.zeros((), device=self.device)
             for i, batch in enumerate(micro_batches):
-                tokens = batch.to(self.device, non_blocking=True)
-                micro_loss = self.loss_fn(self.engine(tokens[:, :-1]), tokens[:, 1:])
-                self.engine.backward(micro_loss)
+                with self.timer.phase("forward"):
+                    tokens = batch.to(self.device, non_blocking=True)
+                    micro_loss = self.loss_fn(self.engine(tokens[:, :-1]), tokens[:, 1:])
+                with self.timer.phase("backward"):
+                    self.engine.backward(micro_loss)
                 loss += micro_loss.detach().float() / len(micro_batches)
                 if i == len(micro_batches) - 1:  # the gate sees the step's loss before the update
                     dist.all_reduce(loss, group=self.topology.dp_group)
                     loss /= self.topology.dp
                     self._step_loss = loss
-                self.engine.step()
+                with self.timer.phase("optimizer"):  # at the last micro-batch: reduce and update
+                    self.engine.step()
         norm = torch.as_tensor(self._norm_after_update(), dtype=torch.float32)
-        skipped = torch.tensor(self._skip) if self._skip is not None else ~torch.isfinite(norm)  # ZeRO skipped it
+        if self._skip is not None:
+            skipped = torch.tensor(self._skip)
+        else:  # DeepSpeed skipped it: ZeRO on a non-finite norm (a bad step), fp16 on overflow (its
+            # loss scaler's business, counted in `skipped_steps`)
+            skipped = ~torch.isfinite(norm) & (not self.engine.fp16_enabled())
         return StepOutput(loss=loss, grad_norm=norm, skipped=skipped)
 
     def _norm_before_update(self) -> torch.Tensor | float:
@@ -144,6 +174,32 @@ class DeepSpeedEngine:
         if norm is None:
             norm = self._grad_norm if self._grad_norm is not None else float("nan")
         return norm
+
+    @property
+    def skipped_steps(self) -> int:
+        """Optimizer steps DeepSpeed skipped because fp16 gradients overflowed."""
+        return self.engine.skipped_steps
+
+    @property
+    def loss_scale(self) -> float | None:
+        """The current dynamic fp16 loss scale (None without fp16)."""
+        if not self.engine.fp16_enabled():
+            return None
+        optimizer = self.engine.optimizer  # fp16 optimizers keep it in a config object or on themselves
+        scale = getattr(getattr(optimizer, "loss_scale_config", optimizer), "cur_scale", None)
+        return None if scale is None else float(scale)
+
+    def step_times(self) -> dict[str, float]:
+        """Seconds per phase since the last call; with pipeline stages, also `stage{k}_{phase}`
+        of every stage (a collective: every rank calls it, at logging time)."""
+        times = self.timer.read()
+        if not self.pipelined:
+            return times
+        gathered: list = [None] * self.world_size
+        dist.all_gather_object(gathered, (self.engine.stage_id, times))
+        for stage, stage_times in dict(reversed(gathered)).items():  # the first rank of each stage
+            times.update({f"stage{stage}_{phase}": t for phase, t in stage_times.items() if phase != "data"})
+        return times
 
     def sum_across_dp(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum a CPU tensor over the data-parallel group."""

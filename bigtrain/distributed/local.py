@@ -15,6 +15,7 @@ from torch import nn
 
 from bigtrain.config import TrainConfig
 from bigtrain.distributed import safe_load
+from bigtrain.distributed.timing import PhaseTimer
 from bigtrain.distributed.update_gate import UpdateGate
 from bigtrain.errors import BigtrainError
 from bigtrain.model import lm_loss
@@ -59,9 +60,11 @@ class LocalEngine:
     """Runs forward, backward and AdamW for one optimiser step over a list of micro-batches."""
 
     rank, world_size, dp_rank, dp_size, is_main = 0, 1, 0, 1, True
+    skipped_steps, loss_scale = 0, None  # no fp16 loss scaling here
 
     def __init__(self, model: nn.Module, cfg: TrainConfig):
         self.device = pick_device(cfg.device)
+        self.timer = PhaseTimer(self.device)
         self.model = model.to(self.device)
         self.autocast = lambda: autocast_for(self.device, cfg.precision)
         self.grad_clip = cfg.grad_clip
@@ -81,21 +84,28 @@ class LocalEngine:
             group["lr"] = lr
         total = torch.zeros((), device=self.device)
         for batch in micro_batches:
-            tokens = batch.to(self.device, non_blocking=True)
-            with self.autocast():
-                loss = lm_loss(self.model(tokens[:, :-1]), tokens[:, 1:]) / len(micro_batches)
-            loss.backward()
+            with self.timer.phase("forward"):
+                tokens = batch.to(self.device, non_blocking=True)
+                with self.autocast():
+                    loss = lm_loss(self.model(tokens[:, :-1]), tokens[:, 1:]) / len(micro_batches)
+            with self.timer.phase("backward"):
+                loss.backward()
             total += loss.detach()
-        max_norm = self.grad_clip if self.grad_clip else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
-        skip = self.gate.skip(total, grad_norm)
-        if self.optimizer.defaults["fused"]:
-            self.optimizer.found_inf = skip.float()  # fused AdamW skips on the device: no host sync
-            self.optimizer.step()
-        elif not skip:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        with self.timer.phase("optimizer"):
+            max_norm = self.grad_clip if self.grad_clip else float("inf")
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+            skip = self.gate.skip(total, grad_norm)
+            if self.optimizer.defaults["fused"]:
+                self.optimizer.found_inf = skip.float()  # fused AdamW skips on the device: no host sync
+                self.optimizer.step()
+            elif not skip:
+                self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
         return StepOutput(loss=total, grad_norm=grad_norm, skipped=skip)
+
+    def step_times(self) -> dict[str, float]:
+        """Seconds per phase since the last call (call at logging time: it waits for the device)."""
+        return self.timer.read()
 
     def barrier(self) -> None:
         """Nothing to wait for: there is one process."""

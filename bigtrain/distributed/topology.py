@@ -10,12 +10,14 @@ data-parallel ranks.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from bigtrain.config import Config
+from bigtrain.distributed.local import pick_device
 from bigtrain.errors import BigtrainError
 
 
@@ -34,6 +36,29 @@ def process_env() -> ProcessEnv:
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
         return ProcessEnv(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)))
     return ProcessEnv(0, 1, 0)
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a Slurm node list: `gpu[07-09,12],cpu1` → `gpu07`."""
+    prefix, first, suffix = re.match(r"([^,\[]*)(?:\[([^\],-]*)[^\]]*\])?([^,\[]*)", nodelist).groups()
+    return prefix + (first or "") + suffix
+
+
+def export_rendezvous_env() -> None:
+    """Fill in the torchrun-style variables torch and DeepSpeed read when only Slurm set any.
+
+    Under plain `srun` (one task per GPU, no torchrun) rank 0 runs on the step's first node, and the
+    port is derived from the job id so that every task agrees without talking and concurrent jobs
+    on one node differ. Variables already set (by torchrun or the user) are kept.
+    """
+    env = os.environ
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env and "RANK" not in env:
+        pe = process_env()
+        env.update(RANK=str(pe.rank), WORLD_SIZE=str(pe.world_size), LOCAL_RANK=str(pe.local_rank))
+        env.setdefault("MASTER_ADDR", first_host(env.get("SLURM_STEP_NODELIST") or env["SLURM_JOB_NODELIST"]))
+        env.setdefault("MASTER_PORT", str(20000 + int(env["SLURM_JOB_ID"]) % 20000))
+    env.setdefault("MASTER_ADDR", "127.0.0.1")
+    env.setdefault("MASTER_PORT", "29500")
 
 
 def check_layout(cfg: Config, world_size: int) -> int:
@@ -101,10 +126,10 @@ def init_topology(cfg: Config) -> Topology:
     backend = cfg.parallel.backend
     if backend == "auto":
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if torch.cuda.is_available():
-        torch.cuda.set_device(env.local_rank)
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29500")
+    pick_device(cfg.train.device)  # refuses train.device=cuda when no GPU is visible
+    if torch.cuda.is_available():  # a task may see all of its node's GPUs or only its own
+        torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
+    export_rendezvous_env()
     if not dist.is_initialized():
         deepspeed.init_distributed(
             dist_backend=backend, auto_mpi_discovery=False, rank=env.rank, world_size=env.world_size,

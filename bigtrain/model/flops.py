@@ -34,10 +34,13 @@ def count_params(cfg: ModelConfig) -> ParamCount:
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     """Training FLOPs per token: 6·N_matmul + 12·n_layers·d_model·seq_len.
 
-    N_matmul counts the weights of every matrix multiply (blocks and LM head, not the embedding
-    lookup or norms); 6 = 2 (multiply-add) × 3 (forward, backward wrt inputs and wrt weights).
-    The second term is causal-agnostic attention: QKᵀ and AV, each 2·seq_len·d_model per token
-    forward, times 3 for training.
+    N_matmul counts the weights of every matrix multiply: all blocks' q, k, v, o, gate, up and
+    down projections plus the LM head (counted also when tied to the embedding, since the head
+    matmul still runs), but not the embedding lookup or the norm weights. 6 = 2 (multiply-add)
+    × 3 (forward, backward wrt inputs and wrt weights). The second term is attention's QKᵀ and
+    AV, 2·seq_len·d_model FLOPs each per token and layer in the forward, ×3 for training, without
+    a discount for the causal mask (the PaLM/nanoGPT convention). MFU divides tokens/s times
+    this by the devices' peak FLOP/s (`bigtrain.train.metrics.mfu`).
     """
     d = cfg.d_model
     matmul = count_params(cfg).blocks - 2 * d * cfg.n_layers + cfg.vocab_size * d

@@ -17,8 +17,10 @@ from bigtrain.eval.perplexity import EvalResult, evaluate
 from bigtrain.model import Llama, flops_per_token
 from bigtrain.train import checkpoint as ckpt
 from bigtrain.train.bad_steps import BadSteps
-from bigtrain.train.metrics import MetricsLogger, peak_flops, peak_memory_gb
+from bigtrain.train.metrics import SpeedMeter, directory_size, peak_flops, peak_memory_gb
 from bigtrain.train.schedule import lr_at
+from bigtrain.train.signals import StopRequest
+from bigtrain.train.sinks import Sinks, build_sinks
 
 
 @dataclass
@@ -32,6 +34,7 @@ class TrainResult:
     first_val: EvalResult | None  # validation before the first update of this call
     wall_s: float
     is_main: bool  # rank 0, which logs and reports
+    preempted: bool = False  # stopped early by SIGUSR1/SIGTERM after saving a checkpoint
 
 
 def set_determinism(seed: int, deterministic: bool) -> None:
@@ -68,7 +71,14 @@ def build_engine(cfg: Config, init_from: str | None = None):
 
 
 def train(cfg: Config, console: bool = True) -> TrainResult:
-    """Train `cfg.model` on `cfg.data` with the configured engine, resuming if asked."""
+    """Train `cfg.model` on `cfg.data` with the configured engine, resuming if asked.
+
+    SIGUSR1/SIGTERM make it save after the current step and return with `preempted` set."""
+    with StopRequest() as stop:
+        return _train(cfg, console, stop)
+
+
+def _train(cfg: Config, console: bool, stop: StopRequest) -> TrainResult:
     started = time.perf_counter()
     check_layout(cfg, process_env().world_size)  # before touching data or starting processes
     set_determinism(cfg.run.seed, cfg.train.deterministic)
@@ -77,7 +87,7 @@ def train(cfg: Config, console: bool = True) -> TrainResult:
     loader = build_train_loader(cfg.data, cfg.data.micro_batch, cfg.train.grad_accum, dp_rank=engine.dp_rank,
                                 dp_size=engine.dp_size, seed=cfg.run.seed, model_vocab_size=cfg.model.vocab_size)
     val = build_val_data(cfg.data, cfg.data.seq_len)
-    step, tokens, bad = 0, 0, BadSteps(cfg.train)
+    step, tokens, state, bad = 0, 0, {}, BadSteps(cfg.train)
     if resume_from is not None:
         ckpt.check_same_model(resume_from, cfg.model)
         state = ckpt.load_checkpoint(resume_from, engine)
@@ -89,15 +99,11 @@ def train(cfg: Config, console: bool = True) -> TrainResult:
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
-    logger = MetricsLogger(run_dir, cfg.train.steps, step, console=console) if main else None
+    sinks = build_sinks(cfg, run_dir, step, state, console) if main else Sinks([])
+    log = sinks.log
     tokens_per_step = loader.global_batch * cfg.data.seq_len
-    flops_per_step = flops_per_token(cfg.model, cfg.data.seq_len) * tokens_per_step
-    peak = peak_flops(engine.device, cfg.log.peak_tflops)
-    peak = peak * engine.world_size if peak else None
-
-    def log(record: dict) -> None:
-        if logger:
-            logger.log(record)
+    speed = SpeedMeter(tokens_per_step, flops_per_token(cfg.model, cfg.data.seq_len), engine.world_size,
+                       peak_flops(engine.device, cfg.log.peak_tflops))
 
     def validate() -> EvalResult | None:
         if val is None:
@@ -109,15 +115,21 @@ def train(cfg: Config, console: bool = True) -> TrainResult:
 
     def save() -> Path:
         bad.check(step, run_dir)  # never save past the allowed run of bad steps
-        state = {"tokens": tokens, "loader": loader.state_dict(), "bad_steps": bad.state_dict(engine.gate)}
-        return ckpt.save_checkpoint(run_dir, step, engine, state, cfg, loader.tokenizer_path, cfg.checkpoint.keep_last)
+        saving = time.perf_counter()
+        state = {"tokens": tokens, "loader": loader.state_dict(), "bad_steps": bad.state_dict(engine.gate), **sinks.state()}
+        path = ckpt.save_checkpoint(run_dir, step, engine, state, cfg, loader.tokenizer_path, cfg.checkpoint.keep_last)
+        if main:
+            log({"step": step, "checkpoint": path.name, "checkpoint_save_s": time.perf_counter() - saving,
+                 "checkpoint_gb": directory_size(path) / 2**30})
+        return path
 
     first_val = validate() if step == 0 else None
-    last_val, last_saved, losses = first_val, None, []
+    last_val, last_saved, losses, preempted = first_val, None, [], False
     window_start, window_steps = time.perf_counter(), 0
     try:
         while step < cfg.train.steps:
-            batches = loader.next_step()
+            with engine.timer.phase("data", host=True):
+                batches = loader.next_step()
             out = engine.train_step(batches, lr_at(step, cfg.train))
             step, tokens, window_steps = step + 1, tokens + tokens_per_step, window_steps + 1
             losses.append(out.loss)
@@ -125,32 +137,32 @@ def train(cfg: Config, console: bool = True) -> TrainResult:
             out_of_time = cfg.train.max_minutes is not None and engine.any_rank(
                 time.perf_counter() - started > 60 * cfg.train.max_minutes
             )
+            preempted = step < cfg.train.steps and engine.any_rank(stop.requested)
             last = step == cfg.train.steps or out_of_time
-            if step % cfg.log.every == 0 or last:
-                loss = out.loss.item()  # the only host sync: at logging time
-                step_time = (time.perf_counter() - window_start) / window_steps
+            if step % cfg.log.every == 0 or last or preempted:
+                loss = out.loss.item()  # the loss reaches the host only at logging time
                 log({
                     "step": step, "loss": loss, "lr": lr_at(step - 1, cfg.train), "grad_norm": float(out.grad_norm),
-                    "tokens": tokens, "tokens_per_s": tokens_per_step / step_time,
-                    "mfu": flops_per_step / step_time / peak if peak else None,
-                    "step_time_s": step_time, "peak_mem_gb": peak_memory_gb(engine.device),
-                    "skipped_steps": bad.total(),
+                    "tokens": tokens, **speed.measure(window_steps, time.perf_counter() - window_start, engine.step_times()),
+                    "peak_mem_gb": peak_memory_gb(engine.device), "skipped_steps": engine.skipped_steps,
+                    "loss_scale": engine.loss_scale, "bad_steps": bad.total(),
                 })
                 bad.check(step, run_dir)
                 window_start, window_steps = time.perf_counter(), 0
             paused = time.perf_counter()  # validation and saving do not count as step time
             if step % cfg.train.eval_every == 0 or last:
                 last_val = validate()
-            if step % cfg.checkpoint.every == 0 or last:
+            if step % cfg.checkpoint.every == 0 or last or preempted:
                 last_saved = save()
             window_start += time.perf_counter() - paused
-            if out_of_time:
+            if out_of_time or preempted:
                 break
     finally:
-        if logger:
-            logger.close()
+        sinks.close()
+    if preempted:
+        engine.barrier()  # leave together: torchrun stops the other workers when one exits
     return TrainResult(
         run_dir=run_dir, step=step, tokens=tokens, losses=[float(x) for x in losses],
         checkpoint=last_saved or ckpt.latest_checkpoint(run_dir), val=last_val, first_val=first_val,
-        wall_s=time.perf_counter() - started, is_main=main,
+        wall_s=time.perf_counter() - started, is_main=main, preempted=preempted,
     )

@@ -1,22 +1,29 @@
-"""Metric sinks: `metrics.jsonl` in the run directory and a live progress line on the console."""
+"""What a logged step measures: throughput, MFU, the step-time split, memory, fp16 state.
+
+MFU (model FLOPs utilisation) = tokens/s × FLOPs/token ÷ (devices × peak FLOP/s per device),
+with FLOPs/token from `bigtrain.model.flops.flops_per_token` (6·N_matmul + 12·L·d·seq) and the
+peak from `PEAK_TFLOPS` or `log.peak_tflops`. Records go to the sinks in `bigtrain.train.sinks`.
+"""
 
 from __future__ import annotations
 
-import json
 import resource
-import sys
-import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-# Dense bf16/fp16 tensor-core peaks in TFLOP/s, matched against torch.cuda.get_device_name().
-PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "L4": 121.0, "V100": 125.0}
+# Dense bf16 tensor-core peaks in TFLOP/s (fp16 for V100), matched as substrings of
+# torch.cuda.get_device_name(), first match wins: the PCIe/NVL variants come before "H100".
+PEAK_TFLOPS = {
+    "H100 PCIe": 756.0, "H100 NVL": 835.0, "GH200": 989.0, "H200": 989.0, "H100": 989.0, "H800": 989.0,
+    "B200": 2250.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0, "L4": 121.0, "A10": 125.0, "V100": 125.0,
+}
 
 
 def peak_flops(device: torch.device, override_tflops: float | None) -> float | None:
-    """Peak FLOP/s of the device for MFU; None when unknown (CPUs, unlisted GPUs)."""
+    """Peak FLOP/s of one device for MFU; None when unknown (CPUs, unlisted GPUs) and not given."""
     if override_tflops:
         return override_tflops * 1e12
     if device.type == "cuda":
@@ -27,58 +34,41 @@ def peak_flops(device: torch.device, override_tflops: float | None) -> float | N
     return None
 
 
+def mfu(tokens_per_s: float, flops_per_token: float, devices: int, peak_per_device: float | None) -> float | None:
+    """Achieved model FLOP/s over the peak of all devices; None without a known peak."""
+    if not peak_per_device:
+        return None
+    return tokens_per_s * flops_per_token / (devices * peak_per_device)
+
+
 def peak_memory_gb(device: torch.device) -> float:
-    """Peak CUDA allocator memory, or the process's peak RSS on CPU."""
+    """Peak CUDA allocator memory, or the process's peak RSS on CPU (GiB)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-class MetricsLogger:
-    """Appends one JSON object per record to `metrics.jsonl` and shows progress on the console."""
+@dataclass(frozen=True)
+class SpeedMeter:
+    """Turns a logging window (steps, wall seconds, per-phase seconds) into record fields."""
 
-    def __init__(self, run_dir: Path, total_steps: int, start_step: int, console: bool = True):
-        self.file = open(run_dir / "metrics.jsonl", "a")
-        self.total_steps, self.start_step = total_steps, start_step
-        self.console = console
-        self.tty = sys.stdout.isatty()
-        self.started = time.perf_counter()
+    tokens_per_step: int  # global: every data-parallel rank's windows × seq_len
+    flops_per_token: float
+    devices: int  # world size: dp × tp × pp
+    peak_per_device: float | None
 
-    def log(self, record: dict[str, Any]) -> None:
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
-        if self.console:
-            self._print(record)
-
-    def _print(self, r: dict[str, Any]) -> None:
-        if "val_loss" in r:
-            line = f"step {r['step']:>6} | val_loss {r['val_loss']:.4f} | val_ppl {r['val_perplexity']:.2f}"
-            print(("\r\033[K" if self.tty else "") + line, flush=True)
-            return
-        done = r["step"] - self.start_step
-        eta = (time.perf_counter() - self.started) / max(done, 1) * (self.total_steps - r["step"])
-        parts = [
-            f"step {r['step']:>6}/{self.total_steps}",
-            f"loss {r['loss']:.4f}",
-            f"lr {r['lr']:.2e}",
-            f"{r['tokens_per_s'] / 1e3:.1f}k tok/s",
-        ]
-        if r.get("mfu") is not None:
-            parts.append(f"mfu {100 * r['mfu']:.1f}%")
-        parts.append(f"eta {_duration(eta)}")
-        line = " | ".join(parts)
-        if self.tty:
-            print("\r\033[K" + line, end="", flush=True)
-        else:
-            print(line, flush=True)
-
-    def close(self) -> None:
-        if self.console and self.tty:
-            print()
-        self.file.close()
+    def measure(self, steps: int, seconds: float, phases: dict[str, float]) -> dict[str, Any]:
+        step_time = seconds / steps
+        tokens_per_s = self.tokens_per_step / step_time
+        return {
+            "tokens_per_s": tokens_per_s,
+            "tokens_per_s_per_device": tokens_per_s / self.devices,
+            "mfu": mfu(tokens_per_s, self.flops_per_token, self.devices, self.peak_per_device),
+            "step_time_s": step_time,
+            **{f"time_{phase}_s": total / steps for phase, total in sorted(phases.items())},
+        }
 
 
-def _duration(seconds: float) -> str:
-    m, s = divmod(int(seconds), 60)
-    h, m = divmod(m, 60)
-    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+def directory_size(path: Path) -> int:
+    """Bytes of all files under `path` (a checkpoint)."""
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())

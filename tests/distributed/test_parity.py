@@ -86,6 +86,13 @@ def test_layout_matches_single_process(layout, reference, stdlib_data, tmp_path)
     assert norms == pytest.approx(ref_norms, rel=1e-4)
     assert val == pytest.approx(ref_val, rel=1e-5)
     assert ref_losses[-1] < ref_losses[0] - 0.1  # the curve being matched actually moves
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    last = [r for r in records if "loss" in r][-1]
+    phases = ("forward", "backward", "optimizer")
+    assert all(last[f"time_{p}_s"] > 0 for p in phases) and last["time_data_s"] > 0
+    if "pp" in layout:  # DeepSpeed's pipeline timers of every stage reach rank 0's record
+        for stage in range(2):
+            assert all(last[f"time_stage{stage}_{p}_s"] > 0 for p in (*phases, "pipe_comm"))
     checkpoint = tmp_path / "run" / "checkpoints" / f"step-{STEPS:07d}"
     assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() == checkpoint.name
     if "tp" in layout or "pp" in layout:  # shards only: consolidation is the converter's job
@@ -97,29 +104,3 @@ def test_layout_matches_single_process(layout, reference, stdlib_data, tmp_path)
             # Adam turns float-rounding differences of near-zero gradients into ~1e-5 steps; the
             # weights themselves moved by ~1e-2 over these steps
             torch.testing.assert_close(tensor, ref_weights[name], rtol=1e-4, atol=5e-5)
-
-
-@pytest.mark.parametrize("stage", [1, 2, 3])
-def test_zero_partitions_across_data_parallel_ranks(stage, stdlib_data, tmp_path):
-    """Each of 2 ranks holds half the optimizer state (ZeRO ≥ 1) and, at stage 3, half the weights."""
-    import yaml
-
-    config_path = tmp_path / "config.yaml"
-    config_path.write_text(yaml.safe_dump(base_config(stdlib_data, tmp_path / "run")))
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-    worker = os.path.join(os.path.dirname(__file__), "zero_sizes_worker.py")
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", worker,
-         str(config_path), str(tmp_path), "parallel.engine=deepspeed", f"parallel.zero_stage={stage}",
-         "data.micro_batch=4"],
-        capture_output=True, text=True, env=env, timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
-    total = ranks[0]["total_params"]
-    for r in ranks:
-        assert r["adam_state_elements"] == r["fp32_partition_elements"]
-        assert abs(r["fp32_partition_elements"] - total / 2) <= 0.01 * total  # padding only
-        expected_params = total / 2 if stage == 3 else total
-        assert abs(r["param_elements"] - expected_params) <= 0.01 * total
-    assert sum(r["fp32_partition_elements"] for r in ranks) >= total

@@ -1,8 +1,16 @@
+import os
+
 import pytest
 
 from bigtrain.config import from_dict
 from bigtrain.distributed.deepspeed_config import deepspeed_config, merge
-from bigtrain.distributed.topology import ProcessEnv, check_layout, process_env
+from bigtrain.distributed.topology import (
+    ProcessEnv,
+    check_layout,
+    export_rendezvous_env,
+    first_host,
+    process_env,
+)
 from bigtrain.errors import BigtrainError
 
 
@@ -67,3 +75,23 @@ def test_deepspeed_json_from_config_and_overrides(tmp_path):
     assert ds["zero_optimization"] == {**deepspeed_config(config(zero_stage=2), 2)["zero_optimization"], "reduce_bucket_size": 1000}
     assert ds["steps_per_print"] == 5
     assert merge({"a": {"b": 1, "c": 2}}, {"a": {"c": 3}}) == {"a": {"b": 1, "c": 3}}
+
+
+@pytest.mark.parametrize("nodelist, first", [
+    ("vm", "vm"), ("gpu[07-09,12],cpu1", "gpu07"), ("a100-[3,5]", "a100-3"), ("n1,n2", "n1"), ("x[001]-ib", "x001-ib"),
+])
+def test_first_host_of_a_slurm_node_list(nodelist, first):
+    assert first_host(nodelist) == first
+
+
+def test_plain_srun_tasks_get_torch_rendezvous_variables(monkeypatch):
+    env = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_JOB_ID": "123456",
+           "SLURM_STEP_NODELIST": "gpu[03-06]", "SLURM_JOB_NODELIST": "gpu[01-06]"}
+    monkeypatch.setattr(os, "environ", env)  # a private environment: nothing leaks into other tests
+    export_rendezvous_env()
+    assert process_env() == ProcessEnv(5, 8, 1)
+    assert [env[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")] == \
+        ["5", "8", "1", "gpu03", str(20000 + 123456 % 20000)]
+    env.update(MASTER_PORT="31000", RANK="5")  # what the user or torchrun set is kept
+    export_rendezvous_env()
+    assert env["MASTER_PORT"] == "31000"

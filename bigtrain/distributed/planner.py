@@ -1,0 +1,227 @@
+"""Memory and step-time estimates for a layout (dp × tp × pp, ZeRO stage, micro-batch) before launch.
+
+Per-GPU bytes follow what DeepSpeed (the version pinned here) allocates, as checked against real
+allocations on 2 ranks in tests/distributed/test_planner_zero_sizes.py:
+
+- parameters: N_rank × p, where N_rank is the largest pipeline stage's parameters (matmuls and
+  the embedding split by tp, norms replicated), divided by dp under ZeRO-3;
+- gradients: N_rank × g during the backward, in full at ZeRO 0/1 (stage 1 accumulates full
+  gradients and reduces them at the step) and as a 1/dp partition at ZeRO 2/3; at the optimizer
+  step (activations freed) ZeRO ≥ 1 holds the partition plus its fp32 copy for the optimizer
+  (none when the partition already is fp32 at stages 1/2);
+- optimizer: fp32 master copy + Adam's two moments (12 bytes/param), 1/dp of it under ZeRO ≥ 1,
+  in CPU memory with `offload_optimizer`. Without ZeRO, DeepSpeed's bf16 path keeps no master
+  copy and bf16 moments (4 bytes), plain fp32 keeps the two moments (8 bytes);
+- buffers: ZeRO's gradient reduce bucket (DeepSpeed's default 5e8 elements, allocated whatever
+  the model size) and, under ZeRO-3, the parameter prefetch bucket and one gathered block;
+- activations per micro-batch (bf16, flash attention, no sequence parallelism), per layer and
+  token: 2·(4h + (3h + 4·kv + 4f)/tp) bytes — norm inputs/outputs, q/k/v before and after RoPE,
+  the attention output, SwiGLU's four ffn-wide tensors — or 2h with activation checkpointing
+  (plus one block recomputed); logits 6·vocab/tp bytes per token (bf16 and the fp32 copy for
+  the loss). 1F1B keeps up to min(pp, micro-batches) micro-batches in flight on the first stage.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass, replace
+
+from bigtrain.config import Config, ModelConfig
+from bigtrain.errors import BigtrainError
+from bigtrain.model.flops import count_params, flops_per_token
+
+REDUCE_BUCKET = 5e8  # DeepSpeed's default reduce_bucket_size (elements)
+PREFETCH_BUCKET = 5e7  # DeepSpeed's default stage3_prefetch_bucket_size (elements)
+# step-time model: matmuls at this fraction of peak, links at these effective bandwidths (bytes/s)
+COMPUTE_EFFICIENCY = 0.5
+INTRA_NODE_BW = 300e9  # NVLink, per GPU, for tensor parallelism
+INTER_NODE_BW = 25e9  # 200 Gb/s per GPU, for data-parallel reductions across nodes
+PCIE_BW = 25e9  # optimizer offload traffic
+FIT_FRACTION = 0.92  # of --gpu-mem usable by the allocator (CUDA context, fragmentation)
+
+
+@dataclass(frozen=True)
+class Layout:
+    dp: int
+    tp: int = 1
+    pp: int = 1
+    zero: int = 0
+    micro_batch: int = 1
+    grad_accum: int = 1
+    offload: bool = False
+    activation_checkpointing: bool = False
+    local: bool = False  # the local engine: fp32 weights, gradients and AdamW moments, bf16 autocast
+
+    def describe(self) -> str:
+        flags = "".join([" offload" if self.offload else "", " act-ckpt" if self.activation_checkpointing else "",
+                         " (local engine)" if self.local else ""])
+        return (f"dp={self.dp} tp={self.tp} pp={self.pp} zero={self.zero} "
+                f"micro_batch={self.micro_batch} grad_accum={self.grad_accum}{flags}")
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """Bytes on the most loaded GPU (the first pipeline stage) and, with offload, in CPU memory."""
+
+    params: float
+    grads: float  # during the backward, next to the activations
+    grads_at_step: float  # at the optimizer step, after the activations are freed
+    optimizer: float
+    buffers: float
+    activations: float  # everything kept for backward, all in-flight micro-batches
+    activations_one_micro_batch: float
+    optimizer_cpu: float = 0.0
+
+    @property
+    def gradients(self) -> float:
+        return max(self.grads, self.grads_at_step)
+
+    @property
+    def total(self) -> float:
+        peak = max(self.grads + self.activations, self.grads_at_step)
+        return self.params + self.optimizer + self.buffers + peak
+
+
+def precision_bytes(precision: str) -> tuple[int, int]:
+    """(parameter, gradient) bytes per element; `auto` plans for GPUs, i.e. bf16."""
+    return (4, 4) if precision == "fp32" else (2, 2)
+
+
+def stage_params(m: ModelConfig, tp: int, pp: int) -> int:
+    """Parameters on one GPU of the largest pipeline stage (DeepSpeed splits blocks evenly)."""
+    counts = count_params(m)
+    norms_per_block = 2 * m.d_model
+    block = (counts.blocks // m.n_layers - norms_per_block) // tp + norms_per_block
+    head_matrix = 0 if m.tie_embeddings else m.vocab_size * m.d_model
+    embedding, head = counts.embedding // tp, head_matrix // tp + m.d_model
+    blocks_per_stage = math.ceil(m.n_layers / pp)
+    if pp == 1:
+        return embedding + m.n_layers * block + head
+    return max(embedding, head) + blocks_per_stage * block
+
+
+def activation_bytes(m: ModelConfig, seq_len: int, micro_batch: int, tp: int, layers: int, checkpointing: bool) -> float:
+    """Saved activations of one micro-batch over `layers` blocks plus the logits (bf16)."""
+    h, kv, f = m.d_model, m.kv_heads * m.head_dim, m.ffn_dim
+    full = 2 * (4 * h + (3 * h + 4 * kv + 4 * f) / tp)
+    per_token = layers * 2 * h + full if checkpointing else layers * full
+    return micro_batch * seq_len * (per_token + 6 * m.vocab_size / tp)
+
+
+def memory_plan(m: ModelConfig, seq_len: int, precision: str, layout: Layout) -> MemoryPlan:
+    """Per-GPU memory of `layout` (see the module docstring for every term)."""
+    p_bytes, g_bytes = (4, 4) if layout.local else precision_bytes(precision)
+    n = stage_params(m, layout.tp, layout.pp)
+    dp, zero = layout.dp, layout.zero
+    params = n * p_bytes / (dp if zero == 3 else 1)
+    full, part = n * g_bytes, n * g_bytes / dp
+    fp32_copy = 4 * n / dp if zero == 3 or (zero >= 1 and g_bytes < 4) else 0.0
+    grads = full if zero <= 1 else part
+    grads_at_step = full if zero == 0 else part + fp32_copy
+    if zero >= 1:
+        optimizer = 12 * n / dp
+    else:
+        optimizer = 8 * n if precision == "fp32" or layout.local else 4 * n
+    buffers = 0.0
+    if zero >= 1:
+        buffers += REDUCE_BUCKET * g_bytes
+    if zero == 3:
+        block = count_params(m).blocks // m.n_layers // layout.tp
+        buffers += PREFETCH_BUCKET * p_bytes + block * p_bytes
+    layers = math.ceil(m.n_layers / layout.pp)
+    one = activation_bytes(m, seq_len, layout.micro_batch, layout.tp, layers, layout.activation_checkpointing)
+    in_flight = min(layout.pp, layout.grad_accum) if layout.pp > 1 else 1
+    offloaded = layout.offload and zero >= 1
+    return MemoryPlan(params=params, grads=grads, grads_at_step=grads_at_step,
+                      optimizer=0.0 if offloaded else optimizer, buffers=buffers, activations=one * in_flight,
+                      activations_one_micro_batch=one, optimizer_cpu=optimizer if offloaded else 0.0)
+
+
+def step_time(m: ModelConfig, seq_len: int, precision: str, layout: Layout, peak_flops: float,
+              gpus_per_node: int) -> float:
+    """Seconds per optimiser step: compute at COMPUTE_EFFICIENCY of peak, stretched by the pipeline
+    bubble and recomputation, plus non-overlapped TP, DP and offload traffic."""
+    p_bytes, g_bytes = precision_bytes(precision)
+    tokens_per_gpu_row = layout.micro_batch * layout.grad_accum * seq_len  # per data-parallel replica
+    flops = flops_per_token(m, seq_len) * tokens_per_gpu_row / (layout.tp * layout.pp)
+    if layout.activation_checkpointing:
+        flops *= 4 / 3  # one more forward: 8N instead of 6N
+    compute = flops / (peak_flops * COMPUTE_EFFICIENCY)
+    if layout.pp > 1:
+        compute *= 1 + (layout.pp - 1) / layout.grad_accum
+    t = compute
+    if layout.tp > 1:  # 2 all-reduces forward, 2 backward per block, of the block's activations
+        volume = 4 * 2 * (layout.tp - 1) / layout.tp * tokens_per_gpu_row * m.d_model * p_bytes
+        t += volume * math.ceil(m.n_layers / layout.pp) / INTRA_NODE_BW
+    if layout.dp > 1:
+        n = stage_params(m, layout.tp, layout.pp)
+        ring = 2 * (layout.dp - 1) / layout.dp * n
+        volume = ring * g_bytes + (ring / 2 * p_bytes if layout.zero == 3 else 0.0)
+        across_nodes = layout.dp * layout.tp * layout.pp > gpus_per_node
+        t += volume / (INTER_NODE_BW if across_nodes else INTRA_NODE_BW)
+    if layout.offload and layout.zero >= 1:  # gradients down, updated weights back up
+        t += 2 * stage_params(m, layout.tp, layout.pp) / layout.dp * 4 / PCIE_BW
+    return t
+
+
+def fits(plan: MemoryPlan, gpu_mem_gib: float) -> bool:
+    return plan.total <= FIT_FRACTION * gpu_mem_gib * 2**30
+
+
+def config_layout(cfg: Config, gpus: int) -> Layout:
+    """The layout `cfg` asks for on `gpus` GPUs; `train.global_batch`, when set, fixes grad_accum.
+    A local-engine config on more than one GPU is planned as DeepSpeed."""
+    from bigtrain.distributed.topology import check_layout
+
+    p, t = cfg.parallel, cfg.train
+    probe = replace(cfg, parallel=replace(p, engine="deepspeed"), train=replace(t, global_batch=None))
+    dp = check_layout(probe, gpus)
+    grad_accum = t.grad_accum
+    if t.global_batch is not None:
+        if t.global_batch % (cfg.data.micro_batch * dp):
+            raise BigtrainError(f"train.global_batch={t.global_batch} is not a multiple of data.micro_batch × dp = "
+                                f"{cfg.data.micro_batch} × {dp}")
+        grad_accum = t.global_batch // (cfg.data.micro_batch * dp)
+    return Layout(dp=dp, tp=p.tp, pp=p.pp, zero=p.zero_stage, micro_batch=cfg.data.micro_batch,
+                  grad_accum=grad_accum, offload=p.offload_optimizer,
+                  activation_checkpointing=p.activation_checkpointing, local=p.engine == "local" and gpus == 1)
+
+
+def candidate_layouts(cfg: Config, gpus: int, gpus_per_node: int) -> list[Layout]:
+    """Every (dp, tp, pp, zero, micro-batch, checkpointing) that keeps the config's global batch."""
+    m = cfg.model
+    base = config_layout(cfg, gpus)
+    global_batch = base.micro_batch * base.grad_accum * base.dp
+    out = []
+    for tp in (t for t in range(1, gpus_per_node + 1) if gpus % t == 0):
+        if any(x % tp for x in (m.n_heads, m.kv_heads, m.vocab_size, m.ffn_dim)):
+            continue
+        for pp in (q for q in range(1, min(m.n_layers, gpus // tp) + 1) if gpus % (tp * q) == 0):
+            if pp > 1 and m.tie_embeddings:
+                continue
+            dp = gpus // (tp * pp)
+            if global_batch % dp:
+                continue
+            per_replica = global_batch // dp
+            for micro_batch in (b for b in range(1, per_replica + 1) if per_replica % b == 0):
+                for zero in range(1 if dp == 1 else 2 if pp > 1 else 4):  # ZeRO needs dp > 1
+                    for offload, checkpointing in itertools.product((False, True) if zero else (False,), (False, True)):
+                        out.append(Layout(dp, tp, pp, zero, micro_batch, per_replica // micro_batch,
+                                          offload, checkpointing))
+    return out
+
+
+def suggest(cfg: Config, gpus: int, gpu_mem_gib: float, peak_flops: float, gpus_per_node: int = 8,
+            top: int = 10) -> list[tuple[Layout, MemoryPlan, float]]:
+    """The fastest layouts that fit, by estimated step time (ties: less memory first)."""
+    m, seq, precision = cfg.model, cfg.data.seq_len, cfg.train.precision
+    ranked = []
+    for layout in candidate_layouts(cfg, gpus, gpus_per_node):
+        plan = memory_plan(m, seq, precision, layout)
+        if fits(plan, gpu_mem_gib):
+            ranked.append((layout, plan, step_time(m, seq, precision, layout, peak_flops, gpus_per_node)))
+    if not ranked:
+        raise BigtrainError(f"no layout of {gpus} GPUs with {gpu_mem_gib:g} GiB fits this model and global batch")
+    ranked.sort(key=lambda r: (round(r[2], 6), r[1].total))
+    return ranked[:top]

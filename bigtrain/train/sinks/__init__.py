@@ -1,0 +1,54 @@
+"""Metric sinks: small callbacks the loop hands every record to (console, metrics.jsonl, W&B).
+
+A record is one flat dict: a training step (`loss`, `tokens_per_s`, `mfu`, `time_*_s`, …),
+a validation (`val_loss`, `val_perplexity`) or a checkpoint (`checkpoint_save_s`, `checkpoint_gb`).
+Only rank 0 builds sinks; other ranks get an empty `Sinks`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Protocol
+
+from bigtrain.config import Config
+
+
+class Sink(Protocol):
+    def log(self, record: dict[str, Any]) -> None: ...
+    def close(self) -> None: ...
+
+
+class Sinks:
+    """Fans each record out to every sink; `state()` is what checkpoints keep for a resume."""
+
+    def __init__(self, sinks: list[Sink]):
+        self.sinks = sinks
+
+    def log(self, record: dict[str, Any]) -> None:
+        for sink in self.sinks:
+            sink.log(record)
+
+    def state(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for sink in self.sinks:
+            out.update(getattr(sink, "state", dict)())
+        return out
+
+    def close(self) -> None:
+        for sink in self.sinks:
+            sink.close()
+
+
+def build_sinks(cfg: Config, run_dir: Path, start_step: int, resumed: dict[str, Any], console: bool) -> Sinks:
+    """The configured sinks of rank 0; `resumed` is the checkpoint state a run continues from."""
+    from bigtrain.train.sinks.console import ConsoleSink
+    from bigtrain.train.sinks.jsonl import JsonlSink
+
+    sinks: list[Sink] = [JsonlSink(run_dir / "metrics.jsonl")]
+    if console:
+        sinks.append(ConsoleSink(cfg.train.steps, start_step))
+    if cfg.log.wandb.mode != "disabled":
+        from bigtrain.train.sinks.wandb_sink import WandbSink  # imports wandb: only when asked for
+
+        sinks.append(WandbSink(cfg, run_dir, resumed.get(WandbSink.STATE_KEY)))
+    return Sinks(sinks)

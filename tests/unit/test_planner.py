@@ -1,0 +1,103 @@
+"""The memory/layout planner against hand computations, and `bigtrain info`."""
+
+import pytest
+
+from bigtrain.cli import main
+from bigtrain.config import ModelConfig, load_config
+from bigtrain.distributed.planner import (
+    REDUCE_BUCKET,
+    Layout,
+    activation_bytes,
+    fits,
+    memory_plan,
+    stage_params,
+    suggest,
+)
+from bigtrain.model import count_params
+
+# 4 layers, d=64, 4 heads, 2 kv heads (head_dim 16), ffn 256, vocab 512, untied
+SHAPE = ModelConfig(vocab_size=512, d_model=64, n_layers=4, n_heads=4, n_kv_heads=2, ffn_hidden=256, max_seq_len=32)
+# per block: q, o 64·64; k, v 64·32; SwiGLU 3·64·256; 2 norms of 64 → 8192 + 4096 + 49152 + 128 = 61,568
+BLOCK, N = 61_568, 512 * 64 + 4 * 61_568 + 64 + 512 * 64  # embedding + blocks + final norm + head
+
+
+def test_stage_params_by_hand():
+    assert count_params(SHAPE).total == N == 311_872
+    assert stage_params(SHAPE, tp=1, pp=1) == N
+    # tp=2 halves every matmul and the embedding; norms stay whole
+    assert stage_params(SHAPE, tp=2, pp=1) == 512 * 32 + 4 * ((BLOCK - 128) // 2 + 128) + 512 * 32 + 64
+    # pp=2: 2 blocks per stage; stage 0 has the embedding, the last the head and norm (the larger)
+    assert stage_params(SHAPE, tp=1, pp=2) == 512 * 64 + 64 + 2 * BLOCK
+
+
+@pytest.mark.parametrize("zero, params, grads, optimizer", [
+    (0, 2 * N, 2 * N, 4 * N),  # DeepSpeed's bf16 without ZeRO: no fp32 master, bf16 moments
+    (1, 2 * N, 2 * N, 12 * N / 4),  # full gradients; master + moments split over dp=4
+    (2, 2 * N, (2 + 4) * N / 4, 12 * N / 4),  # bf16 partition + its fp32 copy at the step
+    (3, 2 * N / 4, (2 + 4) * N / 4, 12 * N / 4),
+])
+def test_memory_per_zero_stage_by_hand(zero, params, grads, optimizer):
+    plan = memory_plan(SHAPE, 32, "bf16", Layout(dp=4, zero=zero, micro_batch=2))
+    assert (plan.params, plan.gradients, plan.optimizer) == pytest.approx((params, grads, optimizer))
+    assert plan.buffers >= (REDUCE_BUCKET * 2 if zero else 0)
+
+
+def test_local_engine_keeps_everything_in_fp32():
+    plan = memory_plan(SHAPE, 32, "auto", Layout(dp=1, local=True))
+    assert (plan.params, plan.gradients, plan.optimizer, plan.buffers) == (4 * N, 4 * N, 8 * N, 0)
+
+
+def test_offload_moves_the_optimizer_to_cpu():
+    on_gpu = memory_plan(SHAPE, 32, "bf16", Layout(dp=4, zero=2))
+    offloaded = memory_plan(SHAPE, 32, "bf16", Layout(dp=4, zero=2, offload=True))
+    assert offloaded.optimizer == 0 and offloaded.optimizer_cpu == on_gpu.optimizer
+    assert on_gpu.total - offloaded.total == pytest.approx(on_gpu.optimizer)
+
+
+def test_activations_by_hand():
+    # per token and layer 2·(4h + 3h + 4·kv + 4f) = 2·(448 + 128 + 1024) = 3200 bytes; logits 6·512
+    assert activation_bytes(SHAPE, 32, 2, tp=1, layers=4, checkpointing=False) == 2 * 32 * (4 * 3200 + 6 * 512)
+    # checkpointing keeps each block's input (2h) and recomputes one block at a time
+    assert activation_bytes(SHAPE, 32, 2, tp=1, layers=4, checkpointing=True) == 2 * 32 * (4 * 128 + 3200 + 6 * 512)
+    # 1F1B: the first of 2 stages holds 2 micro-batches of its 2 layers
+    plan = memory_plan(SHAPE, 32, "bf16", Layout(dp=1, pp=2, micro_batch=2, grad_accum=4))
+    assert plan.activations == 2 * activation_bytes(SHAPE, 32, 2, tp=1, layers=2, checkpointing=False)
+
+
+def test_suggest_ranks_only_layouts_that_fit():
+    cfg = load_config("configs/7b.yaml")
+    ranked = suggest(cfg, gpus=16, gpu_mem_gib=40, peak_flops=989e12)
+    times = [t for _, _, t in ranked]
+    assert times == sorted(times) and len(ranked) == 10
+    for layout, plan, _ in ranked:
+        assert fits(plan, 40) and layout.dp * layout.tp * layout.pp == 16
+        assert layout.micro_batch * layout.grad_accum * layout.dp == 16  # the config's global batch
+
+
+def test_info_prints_the_plan_and_flags_what_does_not_fit(capsys):
+    assert main(["info", "configs/7b.yaml", "--gpus", "8", "--gpu-mem", "40"]) == 0
+    out = capsys.readouterr().out
+    assert "non-embedding 6,607,343,616" in out and "FLOPs/token  4.608e+10" in out
+    rows = {line.split()[0]: line.split()[1:] for line in out.splitlines() if line.strip()}
+    # 7B in bf16 on 8 GPUs without ZeRO: 12.55 GiB of weights, plus 25.10 GiB of bf16 Adam moments
+    assert rows["parameters"][:4] == ["12.55", "12.55", "12.55", "1.57"]
+    assert rows["optimizer"][0] == "25.10"
+    # "fits 40 GiB" then ZeRO 0 … 3+offload: 36.8 GiB usable; ZeRO 2 needs 46.95, ZeRO 3 36.44
+    assert rows["fits"][2:] == ["NO", "NO", "NO", "yes", "yes"]
+    assert "DOES NOT FIT" in out
+
+
+def test_info_suggest_and_bad_layout(capsys):
+    assert main(["info", "configs/1b.yaml", "--gpus", "8", "--suggest"]) == 0
+    assert " 1. dp=" in capsys.readouterr().out
+    assert main(["info", "configs/1b.yaml", "parallel.tp=3", "--gpus", "6"]) == 1
+    assert "bigtrain: error: model.n_heads=32 is not divisible by parallel.tp=3" in capsys.readouterr().err
+
+
+def test_info_environment(capsys, monkeypatch):
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    for name in ("torch", "deepspeed", "accelerate", "mosaicml-streaming", "wandb", "pyarrow", "CUDA", "NCCL"):
+        assert name in out
+    assert "SLURM_JOB_ID=4242" in out
