@@ -23,20 +23,27 @@ from bigtrain.convert.progress import status, track
 from bigtrain.data.tokenizer import EOS_TOKEN
 from bigtrain.errors import BigtrainError
 from bigtrain.model import Llama
+from bigtrain.train.checkpoint import write_file_list
 
 BLOCK = re.compile(r"layers\.(\d+)\.(.+)")
 HF_BLOCK = re.compile(r"model\.layers\.(\d+)\.(.+)")
+BLOCK_WEIGHTS = {  # the same names on both sides, inside a block
+    "input_layernorm.weight", "post_attention_layernorm.weight",
+    *(f"self_attn.{p}_proj.weight" for p in "qkvo"), *(f"mlp.{p}_proj.weight" for p in ("gate", "up", "down")),
+}
 
 
 def to_hf_name(name: str, n_layers: int) -> str:
     """`layers.0.embed_tokens.weight` → `model.embed_tokens.weight`, block i → `model.layers.{i-1}`, …"""
     index, rest = BLOCK.fullmatch(name).groups()
     index = int(index)
-    if index == 0:
-        return f"model.{rest}"
-    if index == n_layers + 1:
-        return "lm_head.weight" if rest == "lm_head.weight" else f"model.{rest}"
-    return f"model.layers.{index - 1}.{rest}"
+    if index == 0 and rest == "embed_tokens.weight":
+        return "model.embed_tokens.weight"
+    if index == n_layers + 1 and rest in ("norm.weight", "lm_head.weight"):
+        return "lm_head.weight" if rest == "lm_head.weight" else "model.norm.weight"
+    if 0 < index <= n_layers and rest in BLOCK_WEIGHTS:
+        return f"model.layers.{index - 1}.{rest}"
+    raise BigtrainError(f"weight {name} has no counterpart in Hugging Face's LlamaForCausalLM; to-hf cannot express it")
 
 
 def from_hf_name(name: str, n_layers: int) -> str:
@@ -45,7 +52,7 @@ def from_hf_name(name: str, n_layers: int) -> str:
     if name in ("model.norm.weight", "lm_head.weight"):
         return f"layers.{n_layers + 1}.{name.removeprefix('model.')}"
     block = HF_BLOCK.fullmatch(name)
-    if block is None:
+    if block is None or block.group(2) not in BLOCK_WEIGHTS:
         raise BigtrainError(f"Hugging Face weight {name} has no counterpart in a bigtrain Llama")
     return f"layers.{int(block.group(1)) + 1}.{block.group(2)}"
 
@@ -181,6 +188,7 @@ def from_hf(hf_dir: str | Path, out: str | Path, overrides: list[str] = (), over
         (tmp / "state.json").write_text(json.dumps({"step": 0, "tokens": 0, "converted_from": str(hf_dir)}, indent=1))
         if (hf_dir / "tokenizer.json").is_file():
             shutil.copyfile(hf_dir / "tokenizer.json", tmp / "tokenizer.json")
+        write_file_list(tmp)
     status(f"wrote {out}: {sum(p.numel() for p in llama.parameters()):,} parameters")
     return out
 

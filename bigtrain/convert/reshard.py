@@ -22,7 +22,7 @@ from bigtrain.distributed.local import param_groups
 from bigtrain.distributed.topology import check_layout
 from bigtrain.errors import BigtrainError
 from bigtrain.model import Llama
-from bigtrain.train.checkpoint import STATE, resolve_checkpoint
+from bigtrain.train.checkpoint import STATE, resolve_checkpoint, write_file_list
 
 
 def reshard(checkpoint: str | Path, out: str | Path, overrides: list[str], overwrite: bool = False) -> Path:
@@ -58,6 +58,7 @@ def reshard(checkpoint: str | Path, out: str | Path, overrides: list[str], overw
         for name in (STATE, "tokenizer.json", "rng-0.pt"):
             if (full.path / name).is_file():
                 shutil.copyfile(full.path / name, tmp / name)
+        write_file_list(tmp)
     return out
 
 

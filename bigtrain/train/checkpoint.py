@@ -86,8 +86,7 @@ def save_checkpoint(
         save_config(config, tmp / "config.yaml")
         if tokenizer is not None:
             shutil.copyfile(tokenizer, tmp / "tokenizer.json")
-        sizes = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
-        (tmp / FILES).write_text(json.dumps(sizes, indent=0))
+        write_file_list(tmp)
         for file in tmp.rglob("*"):
             _fsync(file)
         _fsync(tmp)
@@ -119,10 +118,16 @@ def load_checkpoint(checkpoint: Path, engine: Engine) -> dict[str, Any]:
     return read_state(checkpoint)
 
 
+def write_file_list(checkpoint: Path) -> None:
+    """Record every file's size in `files.json` (written last, before the directory is renamed)."""
+    sizes = {str(f.relative_to(checkpoint)): f.stat().st_size for f in sorted(checkpoint.rglob("*")) if f.is_file()}
+    (checkpoint / FILES).write_text(json.dumps(sizes, indent=0))
+
+
 def verify_files(checkpoint: Path) -> None:
     """Refuse a checkpoint with a missing or truncated file (against the sizes it was saved with)."""
     if not (checkpoint / FILES).is_file():
-        return  # converted checkpoints carry no list of files
+        return  # written before checkpoints listed their files
     for name, size in json.loads((checkpoint / FILES).read_text()).items():
         file = checkpoint / name
         if not file.is_file():

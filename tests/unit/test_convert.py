@@ -70,6 +70,14 @@ def test_to_hf_of_a_local_checkpoint_loads_in_transformers(stdlib_data, tmp_path
         assert theirs.decode(ours.encode(text)) == text
 
 
+def test_weights_without_a_hugging_face_counterpart_are_refused():
+    from bigtrain.convert.hf import to_hf_name
+
+    assert to_hf_name("layers.2.self_attn.k_proj.weight", 2) == "model.layers.1.self_attn.k_proj.weight"
+    with pytest.raises(Exception, match="layers.1.self_attn.q_norm.weight has no counterpart in Hugging Face's"):
+        to_hf_name("layers.1.self_attn.q_norm.weight", 2)
+
+
 def test_refusals_leave_out_untouched(stdlib_data, tmp_path, capsys):
     random_hf_llama(tmp_path / "scaled", rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                                         "high_freq_factor": 4.0, "original_max_position_embeddings": 32})
