@@ -129,6 +129,17 @@ def cmd_generate(args: argparse.Namespace) -> None:
         print(args.prompt + tokenizer.decode(ids))
 
 
+def cmd_convert(args: argparse.Namespace) -> None:
+    from bigtrain.convert import hf, reshard
+
+    if args.action == "to-hf":
+        hf.to_hf(args.checkpoint, args.out, hf.parse_size(args.max_shard_size), args.overwrite)
+    elif args.action == "from-hf":
+        hf.from_hf(args.hf_dir, args.out, args.overrides, args.overwrite)
+    else:
+        reshard.reshard(args.checkpoint, args.out, args.overrides, args.overwrite)
+
+
 def cmd_info(args: argparse.Namespace) -> None:
     from bigtrain.config import load_config
     from bigtrain.info import environment_report, model_report, plan_report
@@ -209,6 +220,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.set_defaults(func=cmd_generate)
+
+    convert = sub.add_parser("convert", help="Hugging Face Llama export/import, changing the parallel layout")
+    actions = convert.add_subparsers(dest="action", required=True)
+    p = actions.add_parser("to-hf", help="a checkpoint of any layout as a Hugging Face Llama directory")
+    p.add_argument("checkpoint", help="a checkpoint directory or a run directory (its latest)")
+    p.add_argument("out")
+    p.add_argument("--max-shard-size", default="5GB", help="split model.safetensors above this size")
+    p = actions.add_parser("from-hf", help="a Hugging Face Llama directory as a bigtrain checkpoint (model.init_from)")
+    p.add_argument("hf_dir")
+    p.add_argument("out")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config for the checkpoint, e.g. model.max_seq_len=4096")
+    p = actions.add_parser("reshard", help="a checkpoint rewritten for another parallel layout, optimizer state included")
+    p.add_argument("checkpoint")
+    p.add_argument("out")
+    p.add_argument("overrides", nargs="+", metavar="key=value", help="e.g. parallel.engine=local parallel.tp=1 parallel.pp=1")
+    for p in actions.choices.values():
+        p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+        p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("info", help="environment, or a config's parameters, FLOPs/token and memory plan")
     p.add_argument("config", nargs="?")

@@ -36,6 +36,7 @@ class ModelConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
     init_std: float = 0.02
+    init_from: str | None = None  # start from this checkpoint's weights (e.g. `bigtrain convert from-hf`)
 
     @property
     def kv_heads(self) -> int:
@@ -109,6 +110,9 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     deterministic: bool = True
+    nonfinite: Literal["skip", "stop"] = "skip"  # a bad step (NaN/Inf or spike): skip its update, or stop
+    max_bad_steps: int = 10  # with skip: stop after this many bad steps in a row
+    spike_factor: float | None = None  # a loss above this × its running mean is a bad step too
 
 
 @dataclass
@@ -186,6 +190,8 @@ class Config:
             (t.grad_accum > 0 and d.micro_batch > 0, "data.micro_batch and train.grad_accum must be positive"),
             (0 <= t.warmup_steps, "train.warmup_steps must be >= 0"),
             (0.0 <= t.min_lr_ratio <= 1.0, "train.min_lr_ratio must be in [0, 1]"),
+            (t.max_bad_steps > 0, "train.max_bad_steps must be positive"),
+            (t.spike_factor is None or t.spike_factor > 1, "train.spike_factor must be greater than 1"),
         ]
         for ok, message in checks:
             if not ok:

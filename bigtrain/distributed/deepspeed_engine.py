@@ -16,10 +16,13 @@ from deepspeed.runtime.pipe import schedule
 from deepspeed.runtime.utils import clip_grad_norm_
 
 from bigtrain.config import Config
+from bigtrain.distributed import safe_load
 from bigtrain.distributed.deepspeed_config import deepspeed_config
 from bigtrain.distributed.local import StepOutput, param_groups
 from bigtrain.distributed.timing import PhaseTimer
 from bigtrain.distributed.topology import Topology
+from bigtrain.distributed.update_gate import UpdateGate
+from bigtrain.errors import BigtrainError
 from bigtrain.model import Llama, lm_loss
 from bigtrain.model.tensor_parallel import apply_tensor_parallel, vocab_parallel_cross_entropy
 
@@ -100,6 +103,18 @@ class DeepSpeedEngine:
             self._grad_norm = clip_grad_norm_(self.model.parameters(), self.engine.gradient_clipping(), mpu=self.engine.mpu)
 
         self.engine.clip_fp32_gradients = clip_and_record
+        if self.pipelined and t.spike_factor:
+            raise BigtrainError("train.spike_factor needs parallel.pp=1 (the pipeline engine updates before the loss is known)")
+        self.gate, self._step_loss, self._skip = UpdateGate(t.spike_factor), None, None
+        client_step = optimizer.step
+
+        def gated_step(*args, **kwargs) -> None:  # DeepSpeed calls it on its fp32 (ZeRO) partitions
+            if self._skip is None:  # decide once per step: ZeRO-3 calls step once per sub-group
+                self._skip = bool(self.gate.skip(self._step_loss, self._norm_before_update()))
+            if not self._skip:
+                client_step(*args, **kwargs)
+
+        optimizer.step = gated_step
         self.rank, self.world_size = topology.env.rank, topology.env.world_size
         self.dp_rank, self.dp_size, self.is_main = topology.dp_rank, topology.dp, topology.env.rank == 0
 
@@ -119,29 +134,44 @@ class DeepSpeedEngine:
         """One optimiser step; the returned loss is already averaged over the data-parallel group."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        self._grad_norm, self._step_loss, self._skip = None, None, None
         if self.pipelined:
             pairs = iter([(b[:, :-1].to(self.device), b[:, 1:].to(self.device)) for b in micro_batches])
             loss = self.engine.train_batch(data_iter=pairs)
         else:
             loss = torch.zeros((), device=self.device)
-            for batch in micro_batches:
+            for i, batch in enumerate(micro_batches):
                 with self.timer.phase("forward"):
                     tokens = batch.to(self.device, non_blocking=True)
                     micro_loss = self.loss_fn(self.engine(tokens[:, :-1]), tokens[:, 1:])
                 with self.timer.phase("backward"):
                     self.engine.backward(micro_loss)
+                loss += micro_loss.detach().float() / len(micro_batches)
+                if i == len(micro_batches) - 1:  # the gate sees the step's loss before the update
+                    dist.all_reduce(loss, group=self.topology.dp_group)
+                    loss /= self.topology.dp
+                    self._step_loss = loss
                 with self.timer.phase("optimizer"):  # at the last micro-batch: reduce and update
                     self.engine.step()
-                loss += micro_loss.detach().float() / len(micro_batches)
-            dist.all_reduce(loss, group=self.topology.dp_group)
-            loss /= self.topology.dp
+        norm = torch.as_tensor(self._norm_after_update(), dtype=torch.float32)
+        skipped = torch.tensor(self._skip) if self._skip is not None else ~torch.isfinite(norm)  # ZeRO skipped it
+        return StepOutput(loss=loss, grad_norm=norm, skipped=skipped)
+
+    def _norm_before_update(self) -> torch.Tensor | float:
+        if self.engine.zero_optimization_stage() > 0:
+            return self.engine.optimizer._global_grad_norm  # set by ZeRO before it calls the optimizer
+        if self._grad_norm is None:  # no clipping configured: measure without clipping
+            self._grad_norm = clip_grad_norm_(self.model.parameters(), float("inf"), mpu=self.engine.mpu)
+        return self._grad_norm
+
+    def _norm_after_update(self) -> torch.Tensor | float:
         norm = self.engine.get_global_grad_norm()
         if norm is None:
             norm = self._grad_norm if self._grad_norm is not None else float("nan")
-        return StepOutput(loss=loss, grad_norm=torch.as_tensor(norm))
+        return norm
 
     @property
-    def skipped_steps(self) -> int:
+    def overflow_steps(self) -> int:
         """Optimizer steps DeepSpeed skipped because fp16 gradients overflowed."""
         return self.engine.skipped_steps
 
@@ -195,6 +225,9 @@ class DeepSpeedEngine:
                     safetensors.torch.save_file(state, str(directory / "model.safetensors"))
 
     def load(self, directory: Path) -> None:
-        path, _ = self.engine.load_checkpoint(str(directory), tag=TAG, load_lr_scheduler_states=False)
+        allowed = safe_load.deepspeed_globals()
+        safe_load.check_files(directory / TAG, allowed)  # every rank refuses together, before any collective
+        with safe_load.weights_only_loads(allowed):
+            path, _ = self.engine.load_checkpoint(str(directory), tag=TAG, load_lr_scheduler_states=False)
         if path is None:
             raise OSError(f"no DeepSpeed state under {directory / TAG}")

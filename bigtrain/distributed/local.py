@@ -14,7 +14,9 @@ import torch
 from torch import nn
 
 from bigtrain.config import TrainConfig
+from bigtrain.distributed import safe_load
 from bigtrain.distributed.timing import PhaseTimer
+from bigtrain.distributed.update_gate import UpdateGate
 from bigtrain.errors import BigtrainError
 from bigtrain.model import lm_loss
 
@@ -51,13 +53,14 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 class StepOutput:
     loss: torch.Tensor  # mean loss over the step's micro-batches (a device tensor: no host sync)
     grad_norm: torch.Tensor  # total gradient norm before clipping
+    skipped: torch.Tensor  # True when the update was not applied (see `UpdateGate`)
 
 
 class LocalEngine:
     """Runs forward, backward and AdamW for one optimiser step over a list of micro-batches."""
 
     rank, world_size, dp_rank, dp_size, is_main = 0, 1, 0, 1, True
-    skipped_steps, loss_scale = 0, None  # no fp16 loss scaling here
+    overflow_steps, loss_scale = 0, None  # no fp16 loss scaling here
 
     def __init__(self, model: nn.Module, cfg: TrainConfig):
         self.device = pick_device(cfg.device)
@@ -72,6 +75,7 @@ class LocalEngine:
             eps=cfg.eps,
             fused=self.device.type == "cuda",
         )
+        self.gate = UpdateGate(cfg.spike_factor)
 
     def train_step(self, micro_batches: list[torch.Tensor], lr: float) -> StepOutput:
         """Accumulate gradients over `micro_batches` ([b, seq+1] tokens each), then update once."""
@@ -90,9 +94,14 @@ class LocalEngine:
         with self.timer.phase("optimizer"):
             max_norm = self.grad_clip if self.grad_clip else float("inf")
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
-            self.optimizer.step()
+            skip = self.gate.skip(total, grad_norm)
+            if self.optimizer.defaults["fused"]:
+                self.optimizer.found_inf = skip.float()  # fused AdamW skips on the device: no host sync
+                self.optimizer.step()
+            elif not skip:
+                self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
-        return StepOutput(loss=total, grad_norm=grad_norm)
+        return StepOutput(loss=total, grad_norm=grad_norm, skipped=skip)
 
     def step_times(self) -> dict[str, float]:
         """Seconds per phase since the last call (call at logging time: it waits for the device)."""
@@ -124,7 +133,7 @@ class LocalEngine:
 
     def load(self, directory: Path) -> None:
         load_weights(self.model, directory)
-        state = torch.load(directory / "optimizer.pt", map_location=self.device, weights_only=True)
+        state = safe_load.load(directory / "optimizer.pt", map_location=self.device)
         self.optimizer.load_state_dict(state)
 
 

@@ -15,13 +15,17 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+from safetensors import SafetensorError
 
-from bigtrain.config import Config, load_config, save_config
+from bigtrain.config import Config, ModelConfig, load_config, save_config
+from bigtrain.distributed import safe_load
 from bigtrain.distributed.local import load_weights
 from bigtrain.errors import BigtrainError
 from bigtrain.model import Llama
 
 STATE = "state.json"
+FILES = "files.json"  # every file's size, to refuse truncated or missing files before loading
+SHAPE_KEYS = ("vocab_size", "d_model", "n_layers", "n_heads", "kv_heads", "ffn_dim", "tie_embeddings")
 
 
 class Engine(Protocol):
@@ -82,6 +86,8 @@ def save_checkpoint(
         save_config(config, tmp / "config.yaml")
         if tokenizer is not None:
             shutil.copyfile(tokenizer, tmp / "tokenizer.json")
+        sizes = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
+        (tmp / FILES).write_text(json.dumps(sizes, indent=0))
         for file in tmp.rglob("*"):
             _fsync(file)
         _fsync(tmp)
@@ -101,15 +107,40 @@ def save_checkpoint(
 
 def load_checkpoint(checkpoint: Path, engine: Engine) -> dict[str, Any]:
     """Restore engine and RNG state; return the JSON state (step, tokens, loader, …)."""
+    verify_files(checkpoint)
     try:
         engine.load(checkpoint)
         rng_file = checkpoint / f"rng-{engine.rank}.pt"
         if rng_file.exists():  # absent when resuming on more ranks than saved
-            set_rng_state(torch.load(rng_file, weights_only=True))
-    except (pickle.UnpicklingError, RuntimeError, OSError) as e:
+            set_rng_state(safe_load.load(rng_file))
+    except (pickle.UnpicklingError, RuntimeError, OSError, SafetensorError) as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise BigtrainError(f"cannot load checkpoint {checkpoint}: {first_line}") from None
     return read_state(checkpoint)
+
+
+def verify_files(checkpoint: Path) -> None:
+    """Refuse a checkpoint with a missing or truncated file (against the sizes it was saved with)."""
+    if not (checkpoint / FILES).is_file():
+        return  # converted checkpoints carry no list of files
+    for name, size in json.loads((checkpoint / FILES).read_text()).items():
+        file = checkpoint / name
+        if not file.is_file():
+            raise BigtrainError(f"checkpoint {checkpoint} is incomplete: {name} is missing")
+        if file.stat().st_size != size:
+            raise BigtrainError(f"checkpoint {checkpoint} is damaged: {name} has {file.stat().st_size} bytes, "
+                                f"{size} were written")
+
+
+def check_same_model(checkpoint: Path, model: ModelConfig) -> None:
+    """Refuse a checkpoint whose model shape differs from `model`, naming the first differing key."""
+    saved = checkpoint_config(checkpoint).model
+    for key in SHAPE_KEYS:
+        if getattr(saved, key) != getattr(model, key):
+            raise BigtrainError(
+                f"{checkpoint} holds a model with model.{key}={getattr(saved, key)}, "
+                f"but the config has model.{key}={getattr(model, key)}"
+            )
 
 
 def read_state(checkpoint: Path) -> dict[str, Any]:
@@ -141,9 +172,24 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+def load_initial_weights(model: Llama, path: str | Path) -> None:
+    """Load the full weights of checkpoint `path` (or a run's latest) into `model` (`model.init_from`)."""
+    checkpoint = resolve_checkpoint(path)
+    verify_files(checkpoint)
+    check_same_model(checkpoint, model.cfg)
+    if not (checkpoint / "model.safetensors").exists():
+        raise BigtrainError(f"{checkpoint} holds only tensor/pipeline-parallel shards; "
+                            "run bigtrain convert reshard first")
+    try:
+        load_weights(model, checkpoint)
+    except (OSError, SafetensorError) as e:
+        raise BigtrainError(f"cannot load weights from {checkpoint}: {e}") from None
+
+
 def load_trained_model(path: str | Path, device: torch.device) -> tuple[torch.nn.Module, Config, Path]:
     """Rebuild the model of a checkpoint (or a run's latest) for evaluation or generation."""
     checkpoint = resolve_checkpoint(path)
+    verify_files(checkpoint)
     config = checkpoint_config(checkpoint)
     model = Llama(config.model)
     if not (checkpoint / "model.safetensors").exists():

@@ -16,6 +16,7 @@ from bigtrain.errors import BigtrainError
 from bigtrain.eval.perplexity import EvalResult, evaluate
 from bigtrain.model import Llama, flops_per_token
 from bigtrain.train import checkpoint as ckpt
+from bigtrain.train.bad_steps import BadSteps
 from bigtrain.train.metrics import SpeedMeter, directory_size, peak_flops, peak_memory_gb
 from bigtrain.train.schedule import lr_at
 from bigtrain.train.signals import StopRequest
@@ -55,14 +56,18 @@ def find_resume_checkpoint(cfg: Config) -> Path | None:
     return None
 
 
-def build_engine(cfg: Config):
-    """The local engine for one process, else DeepSpeed over the launched processes."""
+def build_engine(cfg: Config, init_from: str | None = None):
+    """The local engine for one process, else DeepSpeed over the launched processes; the model
+    starts from the weights of checkpoint `init_from` when given."""
+    model = Llama(cfg.model)
+    if init_from:
+        ckpt.load_initial_weights(model, init_from)
     if cfg.parallel.engine == "local":
-        return LocalEngine(Llama(cfg.model), cfg.train)
+        return LocalEngine(model, cfg.train)
     from bigtrain.distributed.deepspeed_engine import DeepSpeedEngine  # imports DeepSpeed: slow
 
     topology = init_topology(cfg)
-    return DeepSpeedEngine(Llama(cfg.model), cfg, topology)
+    return DeepSpeedEngine(model, cfg, topology)
 
 
 def train(cfg: Config, console: bool = True) -> TrainResult:
@@ -78,15 +83,17 @@ def _train(cfg: Config, console: bool, stop: StopRequest) -> TrainResult:
     check_layout(cfg, process_env().world_size)  # before touching data or starting processes
     set_determinism(cfg.run.seed, cfg.train.deterministic)
     resume_from = find_resume_checkpoint(cfg)
-    engine = build_engine(cfg)
+    engine = build_engine(cfg, None if resume_from else cfg.model.init_from)
     loader = build_train_loader(cfg.data, cfg.data.micro_batch, cfg.train.grad_accum, dp_rank=engine.dp_rank,
                                 dp_size=engine.dp_size, seed=cfg.run.seed, model_vocab_size=cfg.model.vocab_size)
     val = build_val_data(cfg.data, cfg.data.seq_len)
-    step, tokens, state = 0, 0, {}
+    step, tokens, state, bad = 0, 0, {}, BadSteps(cfg.train)
     if resume_from is not None:
+        ckpt.check_same_model(resume_from, cfg.model)
         state = ckpt.load_checkpoint(resume_from, engine)
         loader.load_state_dict(state["loader"])
         step, tokens = state["step"], state["tokens"]
+        bad.load_state_dict(state.get("bad_steps", {}), engine.gate)
 
     run_dir, main = cfg.run.path, engine.is_main
     if main:
@@ -107,8 +114,9 @@ def _train(cfg: Config, console: bool, stop: StopRequest) -> TrainResult:
         return result
 
     def save() -> Path:
+        bad.check(step, run_dir)  # never save past the allowed run of bad steps
         saving = time.perf_counter()
-        state = {"tokens": tokens, "loader": loader.state_dict(), **sinks.state()}
+        state = {"tokens": tokens, "loader": loader.state_dict(), "bad_steps": bad.state_dict(engine.gate), **sinks.state()}
         path = ckpt.save_checkpoint(run_dir, step, engine, state, cfg, loader.tokenizer_path, cfg.checkpoint.keep_last)
         if main:
             log({"step": step, "checkpoint": path.name, "checkpoint_save_s": time.perf_counter() - saving,
@@ -125,6 +133,7 @@ def _train(cfg: Config, console: bool, stop: StopRequest) -> TrainResult:
             out = engine.train_step(batches, lr_at(step, cfg.train))
             step, tokens, window_steps = step + 1, tokens + tokens_per_step, window_steps + 1
             losses.append(out.loss)
+            bad.record(out.skipped)
             out_of_time = cfg.train.max_minutes is not None and engine.any_rank(
                 time.perf_counter() - started > 60 * cfg.train.max_minutes
             )
@@ -132,14 +141,13 @@ def _train(cfg: Config, console: bool, stop: StopRequest) -> TrainResult:
             last = step == cfg.train.steps or out_of_time
             if step % cfg.log.every == 0 or last or preempted:
                 loss = out.loss.item()  # the loss reaches the host only at logging time
-                if loss != loss or loss in (float("inf"), float("-inf")):
-                    raise BigtrainError(f"loss is {loss} at step {step}; lower train.lr or check the data")
                 log({
                     "step": step, "loss": loss, "lr": lr_at(step - 1, cfg.train), "grad_norm": float(out.grad_norm),
                     "tokens": tokens, **speed.measure(window_steps, time.perf_counter() - window_start, engine.step_times()),
-                    "peak_mem_gb": peak_memory_gb(engine.device), "skipped_steps": engine.skipped_steps,
-                    "loss_scale": engine.loss_scale,
+                    "peak_mem_gb": peak_memory_gb(engine.device), "skipped_steps": bad.total(),
+                    "fp16_overflow_steps": engine.overflow_steps, "loss_scale": engine.loss_scale,
                 })
+                bad.check(step, run_dir)
                 window_start, window_steps = time.perf_counter(), 0
             paused = time.perf_counter()  # validation and saving do not count as step time
             if step % cfg.train.eval_every == 0 or last:

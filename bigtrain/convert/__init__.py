@@ -1,0 +1,1 @@
+"""Conversion: Hugging Face Llama export/import, ZeRO consolidation, layout resharding."""

@@ -1,0 +1,122 @@
+"""DeepSpeed checkpoints: exact resume under ZeRO 1/2/3, refusal of pickled code, the bad-step
+policy, and conversion of ZeRO-3 and TP=2×PP=2 checkpoints (to Hugging Face, and resharded to one
+process, where training continues on the single-process loss curve)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from bigtrain.config import from_dict, load_config
+from bigtrain.convert.hf import to_hf
+from bigtrain.convert.reshard import reshard
+from bigtrain.train.checkpoint import load_trained_model
+from bigtrain.train.loop import train
+
+pytestmark = pytest.mark.distributed
+N = 3  # steps before and after the checkpoint
+ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+
+
+def config(data, run_dir) -> dict:
+    return {
+        "run": {"name": "ckpt", "dir": str(run_dir), "seed": 5},
+        "model": {"vocab_size": 512, "d_model": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "max_seq_len": 32},
+        "data": {"path": str(data[0]), "val_path": str(data[1]), "seq_len": 32, "micro_batch": 4},
+        "train": {"steps": 2 * N, "lr": 3e-3, "warmup_steps": 1, "grad_clip": 1.0, "device": "cpu",
+                  "eval_every": 1000, "eval_batches": 1, "global_batch": 8},
+        "checkpoint": {"every": N},
+        "log": {"every": 1},
+    }
+
+
+def torchrun(nproc: int, *args) -> None:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def worker(stdlib_data, tmp_path_factory):
+    """One 2-rank launch running every DeepSpeed scenario of checkpoint_worker.py."""
+    out = tmp_path_factory.mktemp("ds")
+    (out / "config.yaml").write_text(yaml.safe_dump(config(stdlib_data, out / "unused")))
+    torchrun(2, os.path.join(os.path.dirname(__file__), "checkpoint_worker.py"), str(out / "config.yaml"), str(out))
+    return out, json.loads((out / "results.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def local_straight(stdlib_data, tmp_path_factory):
+    """The single-process run of 2N steps that every layout must continue."""
+    cfg = from_dict(config(stdlib_data, tmp_path_factory.mktemp("local")))
+    cfg.data.micro_batch = 8
+    return train(cfg, console=False).losses
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_zero_resume_is_bitwise_exact(stage, worker):
+    results = worker[1][f"zero{stage}"]
+    assert len(results["straight"]) == 2 * N
+    assert results["resumed"] == results["straight"][N:]  # bitwise: the same floats
+
+
+def test_malicious_deepspeed_file_is_refused(worker):
+    out, results = worker
+    assert not results["pwned"]  # the payload never ran
+    message = results["evil"]
+    assert isinstance(message, str) and "\n" not in message
+    assert "zero_pp_rank_1_mp_rank_00_optim_states.pt holds a pickled io.open; refusing" in message
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_nan_step_is_skipped_under_deepspeed(stage, worker):
+    losses = worker[1][f"nan-zero{stage}"]
+    assert len(losses) == N and losses[1] != losses[1]  # step 2 was poisoned
+    assert all(x == x for x in (losses[0], losses[2]))  # and training went on with finite losses
+    assert worker[1][f"nan-zero{stage}-skipped"] == [0, 1, 1]
+
+
+def test_zero3_to_hf_and_reshard_to_one_process(worker, local_straight, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    out, results = worker
+    checkpoint = out / "z3" / "checkpoints" / f"step-{N:07d}"
+    to_hf(checkpoint, tmp_path / "hf")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    gathered = load_file(checkpoint / "model.safetensors")  # what the ZeRO-3 run gathered itself
+    model, _, _ = load_trained_model(checkpoint, torch.device("cpu"))
+    assert all(torch.equal(gathered[k], v) for k, v in model.state_dict().items() if k in gathered)
+    tokens = torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(tokens).logits, model(tokens), rtol=0, atol=1e-4)
+
+    reshard(checkpoint, tmp_path / "one", ["parallel.engine=local", "parallel.zero_stage=0", "data.micro_batch=8"])
+    cfg = load_config(tmp_path / "one" / "config.yaml", [f"run.dir={tmp_path / 'continued'}",
+                                                          f"run.resume={tmp_path / 'one'}"])
+    continued = train(cfg, console=False).losses
+    assert continued == pytest.approx(results["zero3"]["straight"][N:], rel=1e-5, abs=0)
+    assert continued == pytest.approx(local_straight[N:], rel=1e-5, abs=0)
+
+
+def test_tp2_pp2_to_hf_and_reshard_to_one_process(stdlib_data, local_straight, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config(stdlib_data, tmp_path / "run")))
+    torchrun(4, "-m", "bigtrain", "train", str(tmp_path / "config.yaml"), "parallel.engine=deepspeed",
+             "parallel.tp=2", "parallel.pp=2", "data.micro_batch=2", "train.grad_accum=4")
+    checkpoint = tmp_path / "run" / "checkpoints" / f"step-{N:07d}"
+    reshard(checkpoint, tmp_path / "one", ["parallel.engine=local", "parallel.tp=1", "parallel.pp=1",
+                                           "data.micro_batch=8", "train.grad_accum=1"])
+    cfg = load_config(tmp_path / "one" / "config.yaml", [
+        f"run.dir={tmp_path / 'continued'}", f"run.resume={tmp_path / 'one'}"])
+    assert train(cfg, console=False).losses == pytest.approx(local_straight[N:], rel=1e-5, abs=0)
+
+    to_hf(checkpoint, tmp_path / "hf")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    model, _, _ = load_trained_model(tmp_path / "one", torch.device("cpu"))
+    tokens = torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(tokens).logits, model(tokens), rtol=0, atol=1e-4)

@@ -1,0 +1,170 @@
+"""Local checkpoints: pickled code refused, damaged files and other model shapes refused in one line,
+and the bad-step policy (skip NaN/Inf or spiking steps, stop after K in a row)."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from bigtrain.cli import main
+from bigtrain.distributed.update_gate import UpdateGate
+from bigtrain.errors import BigtrainError
+from bigtrain.train import loop
+from tests.unit.test_train import read_metrics
+from tests.unit.test_train import tiny_config as full_config
+
+
+def tiny_config(*args, **kwargs):
+    """test_train's tiny config without validation or shard checksums: only the steps matter here."""
+    cfg = full_config(*args, **kwargs)
+    cfg.data.val_path, cfg.data.verify_checksums = None, False
+    return cfg
+
+
+class Evil:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (str(self.marker), "w")
+
+
+@pytest.fixture(scope="module")
+def saved_run(stdlib_data, tmp_path_factory):
+    """A 4-step local run with checkpoints at steps 2 and 4."""
+    run_dir = tmp_path_factory.mktemp("saved") / "run"
+    cfg = tiny_config(stdlib_data, run_dir, steps=4, eval_every=1000)
+    cfg.checkpoint.every = 2
+    loop.train(cfg, console=False)
+    return cfg, run_dir / "checkpoints" / "step-0000002"
+
+
+def resume_from(saved_run, checkpoint, tmp_path):
+    cfg = tiny_config((saved_run[0].data.path, None), tmp_path / "resumed", steps=4, eval_every=1000)
+    cfg.run.resume = str(checkpoint)
+    return cfg
+
+
+def copy(checkpoint, tmp_path):
+    import shutil
+
+    return shutil.copytree(checkpoint, tmp_path / "copy")
+
+
+@pytest.mark.parametrize("victim", ["optimizer.pt", "rng-0.pt"])
+def test_malicious_pickle_is_refused(victim, saved_run, tmp_path):
+    checkpoint = copy(saved_run[1], tmp_path)
+    marker = tmp_path / "pwned"
+    payload = torch.load(checkpoint / victim, weights_only=True)
+    payload["extra"] = Evil(marker)
+    torch.save(payload, checkpoint / victim)
+    sizes = json.loads((checkpoint / "files.json").read_text())
+    sizes[victim] = (checkpoint / victim).stat().st_size  # a forger would fix the list up too
+    (checkpoint / "files.json").write_text(json.dumps(sizes))
+    with pytest.raises(BigtrainError) as error:
+        loop.train(resume_from(saved_run, checkpoint, tmp_path), console=False)
+    assert f"{victim} holds a pickled io.open; refusing to unpickle it" in str(error.value)
+    assert "\n" not in str(error.value)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("damage", ["truncate", "delete"])
+def test_damaged_checkpoint_is_refused_in_one_line(damage, saved_run, tmp_path, capsys):
+    checkpoint = copy(saved_run[1], tmp_path)
+    weights = checkpoint / "model.safetensors"
+    written = weights.stat().st_size
+    if damage == "truncate":
+        weights.write_bytes(weights.read_bytes()[:1000])
+        expected = f"checkpoint {checkpoint} is damaged: model.safetensors has 1000 bytes, {written} were written"
+    else:
+        weights.unlink()
+        expected = f"checkpoint {checkpoint} is incomplete: model.safetensors is missing"
+    with pytest.raises(BigtrainError) as error:
+        loop.train(resume_from(saved_run, checkpoint, tmp_path), console=False)
+    assert str(error.value) == expected
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "mine.txt").write_text("keep")
+    assert main(["convert", "to-hf", str(checkpoint), str(tmp_path / "hf"), "--overwrite"]) == 1
+    assert capsys.readouterr().err.strip() == f"bigtrain: error: {expected}"
+    assert [p.name for p in (tmp_path / "hf").iterdir()] == ["mine.txt"]  # OUT untouched
+
+
+def test_checkpoint_of_another_model_shape_is_refused(saved_run, tmp_path):
+    cfg = resume_from(saved_run, saved_run[1], tmp_path)
+    cfg.model.d_model = 32
+    with pytest.raises(BigtrainError, match="holds a model with model.d_model=64, but the config has model.d_model=32"):
+        loop.train(cfg, console=False)
+
+
+def poison(monkeypatch, steps, factor=float("nan")):
+    """Scale the model's logits by `factor` during the given (1-based) training steps."""
+    build, calls = loop.build_engine, {"n": 0}
+
+    def build_poisoned(cfg, init_from=None):
+        engine = build(cfg, init_from)
+
+        def hook(module, args, output):
+            if module.training:
+                calls["n"] += 1
+                return output * factor if calls["n"] in steps else output
+            return output
+
+        engine.model.register_forward_hook(hook)
+        return engine
+
+    monkeypatch.setattr(loop, "build_engine", build_poisoned)
+
+
+def test_nan_steps_are_skipped_and_counted(stdlib_data, tmp_path, monkeypatch):
+    poison(monkeypatch, {3, 4})
+    cfg = tiny_config(stdlib_data, tmp_path / "run", steps=6, eval_every=1000)
+    cfg.log.every, cfg.checkpoint.every = 1, 1
+    result = loop.train(cfg, console=False)
+    steps = [r for r in read_metrics(tmp_path / "run") if "loss" in r]
+    assert [r["skipped_steps"] for r in steps] == [0, 0, 1, 2, 2, 2]
+    assert [r["loss"] != r["loss"] for r in steps] == [False, False, True, True, False, False]
+    checkpoints = tmp_path / "run" / "checkpoints"
+    before, after = (load_file(checkpoints / f"step-000000{s}" / "model.safetensors") for s in (2, 4))
+    assert all(torch.equal(before[k], after[k]) for k in before)  # the two updates were not applied
+    assert torch.equal(torch.load(checkpoints / "step-0000002" / "optimizer.pt")["state"][0]["exp_avg"],
+                       torch.load(checkpoints / "step-0000004" / "optimizer.pt")["state"][0]["exp_avg"])
+    assert json.loads((checkpoints / "step-0000006" / "state.json").read_text())["bad_steps"]["total"] == 2
+    assert result.losses[-1] < result.losses[0]
+
+
+@pytest.mark.parametrize("policy", ["skip", "stop"])
+def test_too_many_bad_steps_stop_with_the_last_good_checkpoint(policy, stdlib_data, tmp_path, monkeypatch):
+    poison(monkeypatch, set(range(4, 100)), factor=float("inf"))
+    cfg = tiny_config(stdlib_data, tmp_path / "run", steps=12, eval_every=1000, nonfinite=policy, max_bad_steps=3)
+    cfg.log.every, cfg.checkpoint.every = 1, 3
+    last_step = 6 if policy == "skip" else 4
+    expected = (f"{last_step - 3} bad step\\(s\\) in a row up to step {last_step} .*stopped; the last good checkpoint "
+                f"{tmp_path / 'run' / 'checkpoints' / 'step-0000003'} is intact")
+    with pytest.raises(BigtrainError, match=expected):
+        loop.train(cfg, console=False)
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["latest", "step-0000003"]
+
+
+def test_loss_spike_is_skipped(stdlib_data, tmp_path, monkeypatch):
+    poison(monkeypatch, {5}, factor=30.0)  # finite, but a far larger loss
+    cfg = tiny_config(stdlib_data, tmp_path / "run", steps=6, eval_every=1000, spike_factor=2.0)
+    cfg.log.every = 1
+    loop.train(cfg, console=False)
+    steps = [r for r in read_metrics(tmp_path / "run") if "loss" in r]
+    assert [r["skipped_steps"] for r in steps] == [0, 0, 0, 0, 1, 1]
+    assert steps[4]["loss"] > 2 * steps[3]["loss"]
+
+
+def test_fused_adamw_skips_on_the_device():
+    """The GPU path: the decision goes to fused AdamW as found_inf, with no host sync."""
+    weight = torch.nn.Parameter(torch.ones(3))
+    optimizer = torch.optim.AdamW([weight], lr=0.1, fused=True)
+    gate = UpdateGate(spike_factor=None)
+    for norm, expect_change in ((float("nan"), False), (1.0, True)):
+        weight.grad = torch.ones(3)
+        before = weight.detach().clone()
+        optimizer.found_inf = gate.skip(torch.tensor(1.0), torch.tensor(norm)).float()
+        optimizer.step()
+        assert (not torch.equal(before, weight.detach())) == expect_change
+    assert optimizer.state[weight]["step"].item() == 1  # the skipped step was not counted
