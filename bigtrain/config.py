@@ -85,6 +85,7 @@ class DataConfig:
     seq_len: int = 256
     micro_batch: int = 16
     shuffle: bool = True
+    prefetch: bool = True  # read the next step's batches in a background thread (pinned on CUDA)
 
 
 @dataclass
@@ -109,6 +110,8 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     deterministic: bool = True
+    compile: bool = False  # torch.compile every transformer block (see tools/bench/README.md)
+    adamw_impl: Literal["fused", "foreach", "for-loop"] = "fused"  # torch AdamW's kernel choice
 
 
 @dataclass

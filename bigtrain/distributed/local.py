@@ -15,7 +15,7 @@ from torch import nn
 
 from bigtrain.config import TrainConfig
 from bigtrain.errors import BigtrainError
-from bigtrain.model import lm_loss
+from bigtrain.model import compile_blocks, lm_loss
 
 
 def pick_device(name: str) -> torch.device:
@@ -46,6 +46,13 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def build_adamw(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """torch's AdamW over `param_groups`, with the kernel `train.adamw_impl` names."""
+    impl = {"fused": {"fused": True}, "foreach": {"foreach": True}, "for-loop": {"foreach": False}}
+    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                             eps=cfg.eps, **impl[cfg.adamw_impl])
+
+
 @dataclass
 class StepOutput:
     loss: torch.Tensor  # mean loss over the step's micro-batches (a device tensor: no host sync)
@@ -60,15 +67,13 @@ class LocalEngine:
     def __init__(self, model: nn.Module, cfg: TrainConfig):
         self.device = pick_device(cfg.device)
         self.model = model.to(self.device)
+        self.loss_fn = lm_loss
+        if cfg.compile:
+            compile_blocks(self.model)
+            self.loss_fn = torch.compile(lm_loss, dynamic=False)  # fuses softmax and its gradient
         self.autocast = lambda: autocast_for(self.device, cfg.precision)
         self.grad_clip = cfg.grad_clip
-        self.optimizer = torch.optim.AdamW(
-            param_groups(self.model, cfg.weight_decay),
-            lr=cfg.lr,
-            betas=(cfg.beta1, cfg.beta2),
-            eps=cfg.eps,
-            fused=self.device.type == "cuda",
-        )
+        self.optimizer = build_adamw(self.model, cfg)
 
     def train_step(self, micro_batches: list[torch.Tensor], lr: float) -> StepOutput:
         """Accumulate gradients over `micro_batches` ([b, seq+1] tokens each), then update once."""
@@ -79,7 +84,7 @@ class LocalEngine:
         for batch in micro_batches:
             tokens = batch.to(self.device, non_blocking=True)
             with self.autocast():
-                loss = lm_loss(self.model(tokens[:, :-1]), tokens[:, 1:]) / len(micro_batches)
+                loss = self.loss_fn(self.model(tokens[:, :-1]), tokens[:, 1:]) / len(micro_batches)
             loss.backward()
             total += loss.detach()
         max_norm = self.grad_clip if self.grad_clip else float("inf")
