@@ -15,7 +15,7 @@ def test_same_batches_and_resumable_state_as_the_loader(stdlib_data):
     assert ahead.state_dict() == plain.state_dict()
     for _ in range(4):
         expected, got = plain.next_step(), ahead.next_step()
-        assert len(got) == 2 and all(torch.equal(a, b) for a, b in zip(expected, got))
+        assert len(got) == 2 and all(torch.equal(a, b) for a, b in zip(expected, got, strict=True))
         # the state is that after the steps handed out, not after the one read ahead
         assert ahead.state_dict() == plain.state_dict()
         assert ahead.state_dict()["consumed_windows"] == ahead.loader.consumed_windows - 6
@@ -30,7 +30,7 @@ def test_load_state_drops_the_read_ahead(stdlib_data):
     resumed = Prefetcher(loader(stdlib_data[0]))
     resumed.next_step()  # reads ahead from position 0 ...
     resumed.load_state_dict(state)  # ... which must not leak into the resumed order
-    assert all(torch.equal(a, b) for a, b in zip(expected, resumed.next_step()))
+    assert all(torch.equal(a, b) for a, b in zip(expected, resumed.next_step(), strict=True))
 
 
 @pytest.mark.gpu

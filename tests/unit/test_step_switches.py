@@ -24,7 +24,7 @@ def test_compile_keeps_losses_and_parameter_names():
     assert compiled_losses == pytest.approx(eager_losses, rel=1e-5)
     assert compiled_losses[-1] < compiled_losses[0] - 0.1  # it learns the batch
     assert list(compiled.model.state_dict()) == list(eager.model.state_dict())  # checkpoints unchanged
-    for a, b in zip(compiled.model.parameters(), eager.model.parameters()):
+    for a, b in zip(compiled.model.parameters(), eager.model.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
@@ -35,5 +35,5 @@ def test_adamw_kernels_give_the_same_update(impl, flags):
     engine, losses = run(adamw_impl=impl)
     assert engine.optimizer.defaults[flags[0]] is flags[1]
     assert losses == pytest.approx(reference_losses, rel=1e-6)
-    for a, b in zip(engine.model.parameters(), reference.model.parameters()):
+    for a, b in zip(engine.model.parameters(), reference.model.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -192,7 +192,7 @@ def main() -> None:
         tolerance = 1e-4 if device.type == "cpu" else 2e-2
         if abs(loss - base_loss) > tolerance * base_loss:
             raise SystemExit(f"{label}: first loss {loss:.6f} differs from {base_loss:.6f}")
-    for label, run in runners.items():
+    for run in runners.values():
         for i in range(1, args.warmup):
             run.train_step(step_batches(i), 3e-4)
         sync(device)
