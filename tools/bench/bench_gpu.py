@@ -32,8 +32,12 @@ def run_model(name: str, sides: list[str], steps: int, repeats: int) -> dict:
         cmd = [sys.executable, str(HERE / "bench_step.py"), "--config", str(CONFIGS / f"{name}.yaml"),
                "--device", "cuda", "--sides", side, "--micro-batch", str(micro_batch),
                "--grad-accum", str(grad_accum), "--steps", str(steps), "--repeats", str(repeats), "--warmup", "3"]
-        record = json.loads(measure(cmd).stdout.strip().splitlines()[-1])
+        out = measure(cmd).stdout
+        record = json.loads(next(line for line in out.splitlines() if line.startswith('{"bench"')))
         merged = {**record, "sides": {**merged.get("sides", {}), **record["sides"]}}
+    losses = [v["first_loss"] for v in merged["sides"].values()]
+    if max(losses) - min(losses) > 2e-2 * min(losses):  # same weights and batch in every process
+        raise SystemExit(f"{name}: the sides' first losses differ: {losses}")
     hf = merged["sides"].get("hf")
     for values in merged["sides"].values():
         if hf:

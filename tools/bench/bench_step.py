@@ -174,7 +174,8 @@ def main() -> None:
     for label, cfg in sides.items():
         runners[label] = HFSide(cfg, state, device) if label.split(",")[0] == "hf" else BigtrainSide(cfg, state)
     vocab = reference.model.vocab_size
-    batches = [torch.randint(0, vocab, (micro_batch, seq_len + 1)) for _ in range(args.grad_accum * 4)]
+    gen = torch.Generator().manual_seed(1)  # the same batches whichever sides this process runs
+    batches = [torch.randint(0, vocab, (micro_batch, seq_len + 1), generator=gen) for _ in range(args.grad_accum * 4)]
     if device.type == "cuda":
         batches = [b.pin_memory() for b in batches]
 
