@@ -87,44 +87,57 @@ def gpu_rows(r: dict) -> list[list[str]]:
     return rows
 
 
+def rows_of(records: list[dict]) -> list[list[str]]:
+    """The table rows of a run's records, in the order the suite runs them."""
+    makers = {"step": step_rows, "prepare": lambda r: [prepare_row(r)], "loader": loader_rows, "gpu": gpu_rows}
+    rows = [row for r in records for row in makers[r["bench"]](r)]
+    if not any(r["bench"] == "gpu" for r in records):
+        rows.append(["GPU: MFU of 125m / 350m / 1b, local and ZeRO-1 vs HF", "not measured: no GPU here", "", "", "", ""])
+    return rows
+
+
+def run_suite(quick: bool, threads: str, repeats: int | None, keep) -> None:
+    """Run every benchmark, handing each record to `keep` as soon as it exists."""
+    steps = ["--steps", "1", "--warmup", "1"] if quick else ["--steps", "2"]
+    steps += ["--repeats", str(repeats or (2 if quick else 5))]
+    for size in ("10m", "50m"):
+        keep(bench("bench_step.py", "--size", size, "--threads", threads, "--sides", *STEP_SIDES, *steps))
+    data_mb = ("16", "16") if quick else ("128", "64")
+    keep(bench("bench_prepare.py", "--mb", data_mb[0], "--workers", "2", "--repeat", "1" if quick else "3"))
+    keep(bench("bench_loader.py", "--mb", data_mb[1]))
+    if torch.cuda.is_available():
+        keep(bench("bench_gpu.py", *(["--models", "125m", "--steps", "3", "--repeats", "1"] if quick else [])))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a smoke run of a few minutes")
     parser.add_argument("--threads", default="1",
                         help="torch threads of the step benchmark (1: CPU-time ratios stay honest on a busy machine)")
-    parser.add_argument("--out", type=Path, help="also append every JSON record to this file")
+    parser.add_argument("--repeats", type=int, help="rounds of the step benchmark (default 5; 2 with --quick)")
+    parser.add_argument("--out", type=Path, help="append every JSON record to this file as it is measured")
+    parser.add_argument("--table", type=Path, metavar="RECORDS", help="only print the table of a saved --out file")
     args = parser.parse_args()
 
-    rounds = ["--repeats", "2", "--steps", "1", "--warmup", "1"] if args.quick else ["--repeats", "5", "--steps", "2"]
-    records: list[dict] = []
-    rows: list[list[str]] = []
     load = [load_average()]
-    for size in ("10m", "50m"):
-        step = bench("bench_step.py", "--size", size, "--threads", args.threads, "--sides", *STEP_SIDES, *rounds)
-        records += step
-        rows += step_rows(step[0])
-    data_mb = ("16", "16") if args.quick else ("128", "64")
-    prepare = bench("bench_prepare.py", "--mb", data_mb[0], "--workers", "2", "--repeat", "1" if args.quick else "3")
-    loader = bench("bench_loader.py", "--mb", data_mb[1])
-    records += prepare + loader
-    rows += [prepare_row(prepare[0]), *loader_rows(loader[0])]
-    if torch.cuda.is_available():
-        gpu_args = ["--models", "125m", "--steps", "3", "--repeats", "1"] if args.quick else []
-        for record in bench("bench_gpu.py", *gpu_args):
-            records.append(record)
-            rows += gpu_rows(record)
+    if args.table:
+        records = [json.loads(line) for line in args.table.read_text().splitlines() if line.strip()]
     else:
-        rows.append(["GPU: MFU of 125m / 350m / 1b, local and ZeRO-1 vs HF", "not measured: no GPU here", "", "", "", ""])
-    load.append(load_average())
+        records = []
 
-    if args.out:
-        with open(args.out, "a") as f:
-            f.writelines(json.dumps(r) + "\n" for r in records)
-    print(f"\n{machine()}; torch {torch.__version__}; load average {load[0]} → {load[-1]}")
+        def keep(new: list[dict]) -> None:
+            records.extend(new)
+            if args.out:
+                with open(args.out, "a") as f:
+                    f.writelines(json.dumps(r) + "\n" for r in new)
+
+        run_suite(args.quick, args.threads, args.repeats, keep)
+        load.append(load_average())
+        print(f"\n{machine()}; torch {torch.__version__}; load average {load[0]} → {load[-1]}")
     print("ratios: wall-time / **CPU-time** (the CPU-time ratio is the robust one on a shared machine)\n")
     print("| benchmark | bigtrain | reference | ratio | goal | met |")
     print("|---|---|---|---|---|---|")
-    for row in rows:
+    for row in rows_of(records):
         print("| " + " | ".join(row) + " |")
 
 
