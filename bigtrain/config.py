@@ -86,6 +86,7 @@ class DataConfig:
     seq_len: int = 256
     micro_batch: int = 16
     shuffle: bool = True
+    prefetch: bool = True  # read the next step's batches in a background thread (pinned on CUDA)
 
 
 @dataclass
@@ -113,6 +114,8 @@ class TrainConfig:
     nonfinite: Literal["skip", "stop"] = "skip"  # a bad step (NaN/Inf or spike): skip its update, or stop
     max_bad_steps: int = 10  # with skip: stop after this many bad steps in a row
     spike_factor: float | None = None  # a loss above this × its running mean is a bad step too
+    compile: bool = False  # torch.compile every transformer block (see tools/bench/README.md)
+    adamw_impl: Literal["fused", "foreach", "for-loop"] = "fused"  # torch AdamW's kernel choice
 
 
 @dataclass

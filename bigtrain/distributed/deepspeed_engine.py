@@ -18,12 +18,12 @@ from deepspeed.runtime.utils import clip_grad_norm_
 from bigtrain.config import Config
 from bigtrain.distributed import safe_load
 from bigtrain.distributed.deepspeed_config import deepspeed_config
-from bigtrain.distributed.local import StepOutput, param_groups
+from bigtrain.distributed.local import StepOutput, build_adamw
 from bigtrain.distributed.timing import PhaseTimer
 from bigtrain.distributed.topology import Topology
 from bigtrain.distributed.update_gate import UpdateGate
 from bigtrain.errors import BigtrainError
-from bigtrain.model import Llama, lm_loss
+from bigtrain.model import Llama, compile_blocks, lm_loss
 from bigtrain.model.tensor_parallel import apply_tensor_parallel, vocab_parallel_cross_entropy
 
 TAG = "deepspeed"  # DeepSpeed's sub-directory inside a bigtrain checkpoint
@@ -84,10 +84,11 @@ class DeepSpeedEngine:
             if cfg.parallel.activation_checkpointing:
                 for block in model.layers[1:-1]:
                     block.forward = partial(torch.utils.checkpoint.checkpoint, block.forward, use_reentrant=False)
-        t = cfg.train
-        optimizer = torch.optim.AdamW(
-            param_groups(module, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps,
-        )
+        if cfg.train.compile:
+            compile_blocks(model)
+            if topology.tp == 1:
+                self.loss_fn = torch.compile(lm_loss, dynamic=False)
+        optimizer = build_adamw(module, cfg.train)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=module.to(self.device), optimizer=optimizer, config=deepspeed_config(cfg, topology.dp),
             mpu=None if self.pipelined else topology.grid,
@@ -103,9 +104,9 @@ class DeepSpeedEngine:
             self._grad_norm = clip_grad_norm_(self.model.parameters(), self.engine.gradient_clipping(), mpu=self.engine.mpu)
 
         self.engine.clip_fp32_gradients = clip_and_record
-        if self.pipelined and t.spike_factor:
+        if self.pipelined and cfg.train.spike_factor:
             raise BigtrainError("train.spike_factor needs parallel.pp=1 (the pipeline engine updates before the loss is known)")
-        self.gate, self._step_loss, self._skip = UpdateGate(t.spike_factor), None, None
+        self.gate, self._step_loss, self._skip = UpdateGate(cfg.train.spike_factor), None, None
         self._client_optimizer, client_step = optimizer, optimizer.step
 
         def gated_step(*args, **kwargs) -> None:  # DeepSpeed calls it on its fp32 (ZeRO) partitions
@@ -157,7 +158,7 @@ class DeepSpeedEngine:
         if self._skip is not None:
             skipped = torch.tensor(self._skip)
         else:  # DeepSpeed skipped it: ZeRO on a non-finite norm (a bad step), fp16 on overflow (its
-            # loss scaler's business, counted in `skipped_steps`)
+            # loss scaler's business, counted in `fp16_overflow_steps`)
             skipped = ~torch.isfinite(norm) & (not self.engine.fp16_enabled())
         return StepOutput(loss=loss, grad_norm=norm, skipped=skipped)
 
@@ -176,7 +177,7 @@ class DeepSpeedEngine:
         return norm
 
     @property
-    def skipped_steps(self) -> int:
+    def overflow_steps(self) -> int:
         """Optimizer steps DeepSpeed skipped because fp16 gradients overflowed."""
         return self.engine.skipped_steps
 

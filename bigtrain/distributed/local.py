@@ -18,7 +18,7 @@ from bigtrain.distributed import safe_load
 from bigtrain.distributed.timing import PhaseTimer
 from bigtrain.distributed.update_gate import UpdateGate
 from bigtrain.errors import BigtrainError
-from bigtrain.model import lm_loss
+from bigtrain.model import compile_blocks, lm_loss
 
 
 def pick_device(name: str) -> torch.device:
@@ -49,6 +49,13 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def build_adamw(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """torch's AdamW over `param_groups`, with the kernel `train.adamw_impl` names."""
+    impl = {"fused": {"fused": True}, "foreach": {"foreach": True}, "for-loop": {"foreach": False}}
+    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                             eps=cfg.eps, **impl[cfg.adamw_impl])
+
+
 @dataclass
 class StepOutput:
     loss: torch.Tensor  # mean loss over the step's micro-batches (a device tensor: no host sync)
@@ -60,21 +67,19 @@ class LocalEngine:
     """Runs forward, backward and AdamW for one optimiser step over a list of micro-batches."""
 
     rank, world_size, dp_rank, dp_size, is_main = 0, 1, 0, 1, True
-    skipped_steps, loss_scale = 0, None  # no fp16 loss scaling here
+    overflow_steps, loss_scale = 0, None  # no fp16 loss scaling here
 
     def __init__(self, model: nn.Module, cfg: TrainConfig):
         self.device = pick_device(cfg.device)
         self.timer = PhaseTimer(self.device)
         self.model = model.to(self.device)
+        self.loss_fn = lm_loss
+        if cfg.compile:
+            compile_blocks(self.model)
+            self.loss_fn = torch.compile(lm_loss, dynamic=False)  # fuses softmax and its gradient
         self.autocast = lambda: autocast_for(self.device, cfg.precision)
         self.grad_clip = cfg.grad_clip
-        self.optimizer = torch.optim.AdamW(
-            param_groups(self.model, cfg.weight_decay),
-            lr=cfg.lr,
-            betas=(cfg.beta1, cfg.beta2),
-            eps=cfg.eps,
-            fused=self.device.type == "cuda",
-        )
+        self.optimizer = build_adamw(self.model, cfg)
         self.gate = UpdateGate(cfg.spike_factor)
 
     def train_step(self, micro_batches: list[torch.Tensor], lr: float) -> StepOutput:
@@ -87,7 +92,7 @@ class LocalEngine:
             with self.timer.phase("forward"):
                 tokens = batch.to(self.device, non_blocking=True)
                 with self.autocast():
-                    loss = lm_loss(self.model(tokens[:, :-1]), tokens[:, 1:]) / len(micro_batches)
+                    loss = self.loss_fn(self.model(tokens[:, :-1]), tokens[:, 1:]) / len(micro_batches)
             with self.timer.phase("backward"):
                 loss.backward()
             total += loss.detach()

@@ -1,6 +1,6 @@
 """The decoder, its loss, and parameter/FLOP counting."""
 
 from bigtrain.model.flops import ParamCount, count_params, flops_per_token
-from bigtrain.model.llama import Llama, lm_loss
+from bigtrain.model.llama import Llama, compile_blocks, lm_loss
 
-__all__ = ["Llama", "lm_loss", "ParamCount", "count_params", "flops_per_token"]
+__all__ = ["Llama", "compile_blocks", "lm_loss", "ParamCount", "count_params", "flops_per_token"]

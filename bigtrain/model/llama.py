@@ -29,18 +29,22 @@ class RMSNorm(nn.Module):
 
 
 def rope_tables(seq_len: int, head_dim: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of shape [seq_len, head_dim] for rotary position embeddings."""
+    """cos and signed sin of shape [seq_len, head_dim] for rotary position embeddings.
+
+    The sin table carries rotate-half's sign (negated on the first half), so `apply_rope` needs
+    only a flip of the halves, whose gradient is again a flip (no zero-filled slice gradients).
+    """
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
     angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
-    angles = torch.cat([angles, angles], dim=-1)
-    return angles.cos(), angles.sin()
+    sin = angles.sin()
+    return torch.cat([angles, angles], dim=-1).cos(), torch.cat([-sin, sin], dim=-1)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x ([batch, heads, seq, head_dim]) by position: x·cos + rotate_half(x)·sin."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return (x * cos + rotated * sin).to(x.dtype)
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x ([batch, heads, seq, head_dim]) by position: x·cos + rotate_half(x)·sin, where
+    rotate_half(x) = [−x₂, x₁] is computed as [x₂, x₁] times the signed sin (bit for bit the same)."""
+    swapped = x.unflatten(-1, (2, -1)).flip(-2).flatten(-2)
+    return (x * cos + swapped * signed_sin).to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -148,3 +152,13 @@ class Llama(nn.Module):
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy over all positions (computed in fp32)."""
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+
+def compile_blocks(model: Llama) -> None:
+    """`torch.compile` every block in place (fusing the norms, RoPE and SwiGLU element-wise work).
+
+    Parameter names, and so checkpoints, stay unchanged; the blocks share one compiled graph.
+    """
+    for layer in model.layers:
+        if isinstance(layer, Block):
+            layer.compile(dynamic=False)

@@ -10,6 +10,7 @@ import torch
 
 from bigtrain.config import Config, save_config
 from bigtrain.data.build import build_train_loader, build_val_data
+from bigtrain.data.prefetch import Prefetcher
 from bigtrain.distributed.local import LocalEngine
 from bigtrain.distributed.topology import check_layout, init_topology, process_env
 from bigtrain.errors import BigtrainError
@@ -86,6 +87,8 @@ def _train(cfg: Config, console: bool, stop: StopRequest) -> TrainResult:
     engine = build_engine(cfg, None if resume_from else cfg.model.init_from)
     loader = build_train_loader(cfg.data, cfg.data.micro_batch, cfg.train.grad_accum, dp_rank=engine.dp_rank,
                                 dp_size=engine.dp_size, seed=cfg.run.seed, model_vocab_size=cfg.model.vocab_size)
+    if cfg.data.prefetch:
+        loader = Prefetcher(loader, pin_memory=engine.device.type == "cuda")
     val = build_val_data(cfg.data, cfg.data.seq_len)
     step, tokens, state, bad = 0, 0, {}, BadSteps(cfg.train)
     if resume_from is not None:
@@ -144,8 +147,8 @@ def _train(cfg: Config, console: bool, stop: StopRequest) -> TrainResult:
                 log({
                     "step": step, "loss": loss, "lr": lr_at(step - 1, cfg.train), "grad_norm": float(out.grad_norm),
                     "tokens": tokens, **speed.measure(window_steps, time.perf_counter() - window_start, engine.step_times()),
-                    "peak_mem_gb": peak_memory_gb(engine.device), "skipped_steps": engine.skipped_steps,
-                    "loss_scale": engine.loss_scale, "bad_steps": bad.total(),
+                    "peak_mem_gb": peak_memory_gb(engine.device), "skipped_steps": bad.total(),
+                    "fp16_overflow_steps": engine.overflow_steps, "loss_scale": engine.loss_scale,
                 })
                 bad.check(step, run_dir)
                 window_start, window_steps = time.perf_counter(), 0

@@ -78,7 +78,7 @@ for stage in (0, 2):
     results[f"nan-zero{stage}"] = run(f"nan{stage}", f"parallel.zero_stage={stage}", f"train.steps={N}")
     restore()
     records = [json.loads(line) for line in (out / f"nan{stage}" / "metrics.jsonl").read_text().splitlines()]
-    results[f"nan-zero{stage}-skipped"] = [r["bad_steps"] for r in records if "loss" in r]
+    results[f"nan-zero{stage}-skipped"] = [r["skipped_steps"] for r in records if "loss" in r]
 
 if dist.get_rank() == 0:
     (out / "results.json").write_text(json.dumps(results))

@@ -122,7 +122,7 @@ def test_nan_steps_are_skipped_and_counted(stdlib_data, tmp_path, monkeypatch):
     cfg.log.every, cfg.checkpoint.every = 1, 1
     result = loop.train(cfg, console=False)
     steps = [r for r in read_metrics(tmp_path / "run") if "loss" in r]
-    assert [r["bad_steps"] for r in steps] == [0, 0, 1, 2, 2, 2]
+    assert [r["skipped_steps"] for r in steps] == [0, 0, 1, 2, 2, 2]
     assert [r["loss"] != r["loss"] for r in steps] == [False, False, True, True, False, False]
     checkpoints = tmp_path / "run" / "checkpoints"
     before, after = (load_file(checkpoints / f"step-000000{s}" / "model.safetensors") for s in (2, 4))
@@ -152,7 +152,7 @@ def test_loss_spike_is_skipped(stdlib_data, tmp_path, monkeypatch):
     cfg.log.every = 1
     loop.train(cfg, console=False)
     steps = [r for r in read_metrics(tmp_path / "run") if "loss" in r]
-    assert [r["bad_steps"] for r in steps] == [0, 0, 0, 0, 1, 1]
+    assert [r["skipped_steps"] for r in steps] == [0, 0, 0, 0, 1, 1]
     assert steps[4]["loss"] > 2 * steps[3]["loss"]
 
 

@@ -52,7 +52,7 @@ def test_step_records_hold_split_speed_and_mfu(run):
         assert all(t > 0 for t in phases)
         # the phases are measured inside the step: together they are most of it, never more
         assert 0.5 * r["step_time_s"] < sum(phases) <= r["step_time_s"] * 1.001
-        assert r["skipped_steps"] == 0 and r["loss_scale"] is None and r["peak_mem_gb"] > 0.1
+        assert r["skipped_steps"] == r["fp16_overflow_steps"] == 0 and r["loss_scale"] is None and r["peak_mem_gb"] > 0.1
     saves = [r for r in records if "checkpoint_save_s" in r]
     assert [r["checkpoint"] for r in saves] == ["step-0000003", "step-0000006"]
     on_disk = sum(f.stat().st_size for f in (run_dir / "checkpoints" / "step-0000006").rglob("*") if f.is_file())

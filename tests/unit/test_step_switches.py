@@ -1,0 +1,53 @@
+"""The speed switches of the training step change its speed, never its numbers."""
+
+import pytest
+import torch
+
+from bigtrain.config import TrainConfig
+from bigtrain.distributed.local import LocalEngine
+from bigtrain.model import Llama
+from tests.helpers import small_model_config
+
+
+def run(steps: int = 3, **switches) -> tuple[LocalEngine, list[float]]:
+    torch.manual_seed(0)
+    engine = LocalEngine(Llama(small_model_config()), TrainConfig(device="cpu", lr=1e-2, **switches))
+    batch = torch.randint(0, 97, (4, 17), generator=torch.Generator().manual_seed(1))
+    return engine, [engine.train_step([batch], 1e-2).loss.item() for _ in range(steps)]
+
+
+def test_compile_keeps_losses_and_parameter_names():
+    eager, eager_losses = run()
+    compiled, compiled_losses = run(compile=True)
+    blocks = compiled.model.layers[1:-1]
+    assert all(block._compiled_call_impl is not None for block in blocks)
+    assert compiled_losses == pytest.approx(eager_losses, rel=1e-5)
+    assert compiled_losses[-1] < compiled_losses[0] - 0.1  # it learns the batch
+    assert list(compiled.model.state_dict()) == list(eager.model.state_dict())  # checkpoints unchanged
+    for a, b in zip(compiled.model.parameters(), eager.model.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl,flags", [("fused", ("fused", True)), ("foreach", ("foreach", True)),
+                                        ("for-loop", ("foreach", False))])
+def test_adamw_kernels_give_the_same_update(impl, flags):
+    reference, reference_losses = run(adamw_impl="for-loop")
+    engine, losses = run(adamw_impl=impl)
+    assert engine.optimizer.defaults[flags[0]] is flags[1]
+    assert losses == pytest.approx(reference_losses, rel=1e-6)
+    for a, b in zip(engine.model.parameters(), reference.model.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_gpu_step_never_waits_for_the_host():
+    engine = LocalEngine(Llama(small_model_config()), TrainConfig(device="cuda"))
+    batch = torch.randint(0, 97, (4, 17)).pin_memory()
+    engine.train_step([batch], 1e-3)  # the first step may initialise lazily
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = engine.train_step([batch], 1e-3)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert out.loss.is_cuda and out.grad_norm.is_cuda

@@ -1,0 +1,249 @@
+"""Training-step tokens/s of bigtrain's engines vs Hugging Face `LlamaForCausalLM` with the same
+architecture, shapes, weights and batches, the sides taking turns in one process.
+
+    python tools/bench/bench_step.py --size 10m --sides hf bigtrain deepspeed [--repeats 5]
+    python tools/bench/bench_step.py --config configs/125m.yaml --device cuda --sides hf
+
+A step is forward + backward + gradient clipping (1.0) + AdamW over `--grad-accum` micro-batches
+of [micro_batch, seq_len + 1] tokens. HF runs as its `Trainer` would: `model(input_ids, labels)`
+with sdpa attention, torch AdamW (fused, Trainer's default since torch 2.8) over the same
+decay/no-decay groups, `clip_grad_norm_`, bf16 autocast on CUDA. A side is `hf`, `bigtrain`
+(the local engine) or `deepspeed` (ZeRO-1, world size 1), optionally followed by config
+overrides: `bigtrain,train.compile=true`. Before timing, every side's first loss must equal HF's
+(same weights, same batch): the architectures are the same. Then the sides take turns for
+`--repeats` rounds of `--steps` steps; a side's figure is its median round, so a neighbour that
+slows one round slows every side of it alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import time
+from pathlib import Path
+from statistics import median
+
+import torch
+from common import load_average, record
+
+from bigtrain.config import Config, ModelConfig, load_config
+from bigtrain.distributed.local import LocalEngine, autocast_for, build_adamw
+from bigtrain.model import Llama, count_params, flops_per_token
+from bigtrain.train.metrics import peak_flops
+
+SIZES = {  # the two CPU shapes: ~10M parameters (GQA, untied) and ~50M (MHA, tied 32k vocabulary)
+    "10m": {"vocab_size": 8192, "d_model": 256, "n_layers": 8, "n_heads": 4, "n_kv_heads": 2},
+    "50m": {"vocab_size": 32000, "d_model": 512, "n_layers": 10, "n_heads": 8, "n_kv_heads": None,
+            "tie_embeddings": True},
+}
+
+
+def hf_name(name: str, n_layers: int) -> str:
+    """bigtrain parameter name → `LlamaForCausalLM` name (layers[0] embeds, layers[-1] is the head)."""
+    _, index, rest = name.split(".", 2)
+    i = int(index)
+    if i == 0:
+        return f"model.{rest}"
+    if i == n_layers + 1:
+        return "lm_head.weight" if rest == "lm_head.weight" else f"model.{rest}"
+    return f"model.layers.{i - 1}.{rest}"
+
+
+def hf_model(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> torch.nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.ffn_dim,
+        num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.kv_heads,
+        max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta,
+        tie_word_embeddings=cfg.tie_embeddings, attention_bias=False, mlp_bias=False, hidden_act="silu",
+        attn_implementation="sdpa", torch_dtype=torch.float32,
+    )
+    model = LlamaForCausalLM(config)
+    model.load_state_dict({hf_name(k, cfg.n_layers): v for k, v in state.items()}, strict=not cfg.tie_embeddings)
+    return model
+
+
+class HFSide:
+    """`LlamaForCausalLM` trained the way HF's `Trainer` does it."""
+
+    def __init__(self, cfg: Config, state: dict[str, torch.Tensor], device: torch.device):
+        self.model = hf_model(cfg.model, state).to(device)
+        self.optimizer = build_adamw(self.model, cfg.train)  # fused AdamW, decay/no-decay groups
+        self.device, self.precision, self.clip = device, cfg.train.precision, cfg.train.grad_clip
+
+    def train_step(self, micro_batches: list[torch.Tensor], lr: float) -> torch.Tensor:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        total = torch.zeros((), device=self.device)
+        for batch in micro_batches:
+            tokens = batch.to(self.device, non_blocking=True)
+            inputs, targets = tokens[:, :-1], tokens[:, 1:].contiguous()  # as a collator gives them
+            with autocast_for(self.device, self.precision):
+                loss = self.model(input_ids=inputs, labels=targets, shift_labels=targets).loss
+            (loss / len(micro_batches)).backward()
+            total += loss.detach() / len(micro_batches)
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return total
+
+
+class BigtrainSide:
+    """The local engine or the DeepSpeed engine, built as `bigtrain train` builds them."""
+
+    def __init__(self, cfg: Config, state: dict[str, torch.Tensor]):
+        model = Llama(cfg.model)
+        model.load_state_dict(state)
+        if cfg.parallel.engine == "local":
+            self.engine = LocalEngine(model, cfg.train)
+        else:
+            from bigtrain.distributed.deepspeed_engine import DeepSpeedEngine
+            from bigtrain.distributed.topology import init_topology
+
+            self.engine = DeepSpeedEngine(model, cfg, init_topology(cfg))
+
+    def train_step(self, micro_batches: list[torch.Tensor], lr: float) -> torch.Tensor:
+        return self.engine.train_step(micro_batches, lr).loss
+
+
+def single_process_env() -> None:
+    """torch.distributed variables for a world of one, on a free port."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(port)})
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+def side_config(base: list[str], spec: str) -> tuple[str, Config]:
+    """`engine[,key=value...]` → (label, config)."""
+    engine, *overrides = spec.split(",")
+    if engine not in ("hf", "bigtrain", "deepspeed"):
+        raise SystemExit(f"unknown side {engine!r}: use hf, bigtrain or deepspeed")
+    layout = ["parallel.engine=deepspeed", "parallel.zero_stage=1"] if engine == "deepspeed" else []
+    return spec, load_config(None, [*base, *layout, *overrides])
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    shape = parser.add_mutually_exclusive_group()
+    shape.add_argument("--size", choices=sorted(SIZES), default="10m", help="a CPU shape")
+    shape.add_argument("--config", type=Path, help="take the model shape from a config file")
+    parser.add_argument("--sides", nargs="+", default=["hf", "bigtrain"])
+    parser.add_argument("--seq-len", type=int, default=None, help="default: 256, or the config's")
+    parser.add_argument("--micro-batch", type=int, default=None, help="default: 8, or the config's")
+    parser.add_argument("--grad-accum", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per side per round")
+    parser.add_argument("--repeats", type=int, default=5, help="rounds; each side's median is kept")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per side first")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    if args.config:
+        file_cfg = load_config(args.config)
+        model_keys = [f"model.{k}={v}" for k, v in vars(file_cfg.model).items() if v is not None]
+        seq_len, micro_batch, name = file_cfg.data.seq_len, file_cfg.data.micro_batch, args.config.stem
+    else:
+        model_keys = [f"model.{k}={v}" for k, v in SIZES[args.size].items() if v is not None]
+        seq_len, micro_batch, name = 256, 8, args.size
+    seq_len, micro_batch = args.seq_len or seq_len, args.micro_batch or micro_batch
+    base = [*model_keys, f"model.max_seq_len={seq_len}", f"data.seq_len={seq_len}",
+            f"data.micro_batch={micro_batch}", f"train.grad_accum={args.grad_accum}",
+            f"train.device={args.device}", "train.lr=3e-4", "train.grad_clip=1.0"]
+    sides = dict(side_config(base, spec) for spec in args.sides)
+    reference = next(iter(sides.values()))
+    if any(c.parallel.engine == "deepspeed" for c in sides.values()):
+        single_process_env()
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    torch.use_deterministic_algorithms(reference.train.deterministic, warn_only=True)
+    state = Llama(reference.model).state_dict()
+    runners = {}
+    for label, cfg in sides.items():
+        runners[label] = HFSide(cfg, state, device) if label.split(",")[0] == "hf" else BigtrainSide(cfg, state)
+    vocab = reference.model.vocab_size
+    gen = torch.Generator().manual_seed(1)  # the same batches whichever sides this process runs
+    batches = [torch.randint(0, vocab, (micro_batch, seq_len + 1), generator=gen) for _ in range(args.grad_accum * 4)]
+    if device.type == "cuda":
+        batches = [b.pin_memory() for b in batches]
+
+    def step_batches(i: int) -> list[torch.Tensor]:
+        start = i * args.grad_accum % len(batches)
+        return batches[start:start + args.grad_accum]
+
+    first, first_s = {}, {}
+    for label, run in runners.items():  # the first step includes torch.compile's compilation
+        start = time.perf_counter()
+        first[label] = float(run.train_step(step_batches(0), 3e-4))
+        first_s[label] = time.perf_counter() - start
+    base_loss = next(iter(first.values()))
+    for label, loss in first.items():  # same weights and batch: the same loss, or the shapes differ
+        tolerance = 1e-4 if device.type == "cpu" else 2e-2
+        if abs(loss - base_loss) > tolerance * base_loss:
+            raise SystemExit(f"{label}: first loss {loss:.6f} differs from {base_loss:.6f}")
+    for run in runners.values():
+        for i in range(1, args.warmup):
+            run.train_step(step_batches(i), 3e-4)
+        sync(device)
+
+    tokens_per_step = args.grad_accum * micro_batch * seq_len
+    rates: dict[str, list[float]] = {label: [] for label in runners}
+    cpu_rates: dict[str, list[float]] = {label: [] for label in runners}
+    peak_mem: dict[str, float] = {}
+    load = [load_average()]
+    for r in range(args.repeats):
+        order = list(runners) if r % 2 == 0 else list(reversed(runners))  # alternate who goes first
+        for label in order:
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            sync(device)
+            start, cpu = time.perf_counter(), time.process_time()
+            for i in range(args.steps):
+                loss = runners[label].train_step(step_batches(i), 3e-4)
+            float(loss)  # the loop's only host sync, at the end of the round
+            sync(device)
+            rates[label].append(args.steps * tokens_per_step / (time.perf_counter() - start))
+            cpu_rates[label].append(args.steps * tokens_per_step / (time.process_time() - cpu))
+            if device.type == "cuda":
+                peak_mem[label] = max(peak_mem.get(label, 0.0), torch.cuda.max_memory_allocated(device) / 2**30)
+        load.append(load_average())
+
+    peak = peak_flops(device, None)
+    flops = flops_per_token(reference.model, seq_len)
+    result = {}
+    for label, values in rates.items():
+        result[label] = {"tokens_per_s": round(median(values)), "rounds": [round(v) for v in values],
+                         "tokens_per_cpu_s": round(median(cpu_rates[label])), "first_loss": round(first[label], 6),
+                         "first_step_s": round(first_s[label], 1)}
+        if peak:
+            result[label]["mfu"] = round(median(values) * flops / peak, 4)
+        if label in peak_mem:
+            result[label]["peak_mem_gib"] = round(peak_mem[label], 2)
+    hf = next((label for label in result if label.split(",")[0] == "hf"), None)
+    if hf:
+        for label in result:
+            for key in ("tokens_per_s", "tokens_per_cpu_s"):
+                result[label][f"vs_hf_{key[7:]}"] = round(result[label][key] / result[hf][key], 3)
+    record("step", {
+        "model": name, "params": count_params(reference.model).total, "seq_len": seq_len,
+        "micro_batch": micro_batch, "grad_accum": args.grad_accum, "steps": args.steps,
+        "repeats": args.repeats, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "threads": torch.get_num_threads(), "torch": torch.__version__, "load_average_1m": load,
+        "sides": result,
+    })
+
+
+if __name__ == "__main__":
+    main()
