@@ -18,7 +18,7 @@ from bigtrain.config import load_config, save_config
 from bigtrain.convert.consolidate import MOMENTS, consolidate, parameter_names
 from bigtrain.convert.output import output_dir, refuse_existing
 from bigtrain.convert.progress import status
-from bigtrain.distributed.local import param_groups
+from bigtrain.distributed.local import build_adamw
 from bigtrain.distributed.topology import check_layout
 from bigtrain.errors import BigtrainError
 from bigtrain.model import Llama
@@ -43,8 +43,7 @@ def reshard(checkpoint: str | Path, out: str | Path, overrides: list[str], overw
         raise BigtrainError("convert reshard changes the layout, not the model: drop the model.* overrides")
     model = Llama(cfg.model)
     model.load_state_dict(full.weights, strict=False)
-    t = cfg.train
-    optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps)
+    optimizer = build_adamw(model, cfg.train)  # the local engine's own, so its options load unchanged
     state = optimizer.state_dict()
     state["state"] = {
         index: {"step": full.adam_step.float().clone(), **{m: full.moments[name][m] for m in MOMENTS}}
