@@ -99,6 +99,8 @@ def test_info_suggest_and_bad_layout(capsys):
     assert " 1. dp=" in capsys.readouterr().out
     assert main(["info", "configs/1b.yaml", "parallel.tp=3", "--gpus", "6"]) == 1
     assert "bigtrain: error: model.n_heads=32 is not divisible by parallel.tp=3" in capsys.readouterr().err
+    assert main(["info", "configs/1b.yaml", "--gpus", "0"]) == 1
+    assert "bigtrain: error: --gpus, --gpu-mem and --gpus-per-node must be positive" in capsys.readouterr().err
 
 
 def test_info_environment(capsys, monkeypatch):
