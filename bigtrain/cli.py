@@ -147,6 +147,8 @@ def cmd_info(args: argparse.Namespace) -> None:
     if not args.config:
         print(environment_report())
         return
+    if (args.gpus is not None and args.gpus < 1) or args.gpu_mem <= 0 or args.gpus_per_node < 1:
+        raise BigtrainError("--gpus, --gpu-mem and --gpus-per-node must be positive")
     cfg = load_config(args.config, args.overrides)
     gpus = args.gpus or cfg.parallel.tp * cfg.parallel.pp
     print(model_report(cfg))
