@@ -58,6 +58,8 @@ def sweep_status(args: argparse.Namespace) -> None:
 
 def sweep_collect(args: argparse.Namespace) -> None:
     plan = plan_sweep(args.sweep)
+    if args.plot and plan.kind != "grid":
+        raise BigtrainError("--plot draws grid sweeps; for isoFLOP sweeps use: bigtrain scaling fit RESULTS.csv --plots DIR")
     rows, unfinished = collect(plan)
     if not rows:
         raise BigtrainError(f"no run of {args.sweep} has finished yet; run: bigtrain sweep run {args.sweep}")
@@ -74,8 +76,6 @@ def sweep_collect(args: argparse.Namespace) -> None:
         keys = plan.columns[len(PLAN_COLUMNS):]  # the grid's keys
         loss = "val_loss" if all(r["val_loss"] is not None for r in rows) else "loss"
         print(f"wrote {grid_plot(rows, keys, Path(args.plot or plan.out / 'grid.png'), loss)}")
-    elif args.plot:
-        raise BigtrainError("--plot draws grid sweeps; for isoFLOP sweeps use: bigtrain scaling fit RESULTS.csv --plots DIR")
 
 
 def scaling_fit(args: argparse.Namespace) -> None:

@@ -43,9 +43,11 @@ def isoflop_curves(report: FitReport, path: Path) -> Path:
             ax.plot(n, np.polyval(parabolas[budget], x), color=color, lw=1, ls="--")
     if frontier:
         ax.scatter(frontier.params, frontier.loss, marker="*", s=120, color="crimson", zorder=4, label="isoFLOP minima")
+    span = p.loss.max() - p.loss.min()
+    ax.set_ylim(p.loss.min() - 0.1 * span, p.loss.max() + 0.1 * span)  # steep parabola ends leave the frame
     ax.set(xscale="log", xlabel="parameters N", ylabel="final loss",
            title="isoFLOP curves (solid: L(N, D) fit, dashed: per-budget parabola)")
-    ax.legend(fontsize=7, ncol=2 if len(budgets) > 8 else 1)
+    ax.legend(fontsize=7, ncol=2 if len(budgets) > 8 else 1, loc="upper right")
     return _save(fig, path)
 
 
