@@ -278,7 +278,7 @@ def format_report(report: FitReport, budget: float | None = None) -> str:
     ]
     frontier = report.frontier
     if frontier is None:
-        lines.append("Approach 2: skipped (needs at least two budgets whose loss minimum lies inside the sizes tried)")
+        lines.append("Approach 2: skipped (needs two budgets, each with 3+ sizes and its loss minimum inside them)")
     else:
         a = iv["a"]
         lines.append(f"Approach 2: isoFLOP parabola minima over {len(frontier.budgets)} budgets")

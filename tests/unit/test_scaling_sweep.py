@@ -191,3 +191,11 @@ def test_grid_collect_plots_loss_against_the_first_key(tmp_path, capsys, stdlib_
     assert [float(r["train.lr"]) for r in rows] == [1e-4, 1e-2]
     assert float(rows[1]["val_loss"]) < float(rows[0]["val_loss"])  # 6 steps at 1e-4 barely move
     assert (tmp_path / "sweep" / "grid.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_shapes_under_one_step_are_skipped_with_a_warning(tmp_path, capsys):
+    path = write_sweep(tmp_path, budgets=[3e7])
+    code, out, err = run(capsys, "sweep", "plan", path)
+    assert code == 0 and "wrote 1 run configs" in out and "C3e07-small" in out
+    assert "skipped C3e07-large" in err and "under one step" in err
+    assert (tmp_path / "sweep" / "runs.txt").read_text() == "configs/C3e07-small.yaml\n"
