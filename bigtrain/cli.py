@@ -147,10 +147,18 @@ def cmd_info(args: argparse.Namespace) -> None:
     if not args.config:
         print(environment_report())
         return
+    if (args.gpus is not None and args.gpus < 1) or args.gpu_mem <= 0 or args.gpus_per_node < 1:
+        raise BigtrainError("--gpus, --gpu-mem and --gpus-per-node must be positive")
     cfg = load_config(args.config, args.overrides)
     gpus = args.gpus or cfg.parallel.tp * cfg.parallel.pp
     print(model_report(cfg))
     print(plan_report(cfg, gpus, args.gpu_mem, args.gpus_per_node, args.suggest))
+
+
+def cmd_scaling(args: argparse.Namespace) -> None:
+    from bigtrain.scaling import commands
+
+    getattr(commands, f"{args.command}_{args.action}")(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -247,6 +255,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus-per-node", type=int, default=8)
     p.add_argument("--suggest", action="store_true", help="rank the layouts that fit by estimated step time")
     p.set_defaults(func=cmd_info)
+
+    sweep = sub.add_parser("sweep", help="isoFLOP and grid sweeps").add_subparsers(dest="action", required=True)
+    for action, text in [("plan", "write one resolved config per run and the plan table"),
+                         ("run", "train every unfinished run (or submit them to Slurm)"),
+                         ("status", "the state of every run"), ("collect", "finished runs' results → CSV")]:
+        p = sweep.add_parser(action, help=text)
+        p.add_argument("sweep", metavar="SWEEP.yaml")
+        p.set_defaults(func=cmd_scaling)
+        if action == "run":
+            p.add_argument("--slurm", action="store_true", help="submit slurm/sweep.sbatch as one job array")
+            p.add_argument("--throttle", type=int, default=None, help="at most K array tasks at once")
+        if action == "collect":
+            p.add_argument("--out", help="results CSV (default PLAN_DIR/results.csv)")
+            p.add_argument("--plot", help="grid sweeps: PNG of loss vs the first grid key (default PLAN_DIR/grid.png)")
+    scaling = sub.add_parser("scaling", help="scaling-law fits").add_subparsers(dest="action", required=True)
+    p = scaling.add_parser("fit", help="Chinchilla fits (Approaches 2 and 3) of a results CSV")
+    p.add_argument("results", metavar="RESULTS.csv")
+    p.add_argument("--plots", help="directory for the PNG plots")
+    p.add_argument("--budget", type=float, help="compute budget (FLOPs) for the compute-optimal N and D")
+    p.add_argument("--loss", help="loss column (default val_loss when every row has one, else loss)")
+    p.add_argument("--bootstrap", type=int, default=100, help="bootstrap resamples for the intervals")
+    p.add_argument("--exclude-highest", type=int, default=0, help="leave out the K highest-loss points")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_scaling)
     return parser
 
 

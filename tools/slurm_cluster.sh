@@ -65,6 +65,9 @@ JobCompType=jobcomp/none
 MpiDefault=none
 ReturnToService=2
 KillWait=10
+# generous timeouts: on a busy machine the defaults (10 s) fail launches and RPCs
+MessageTimeout=60
+BatchStartTimeout=120
 MinJobAge=600
 GresTypes=gpu
 NodeName=$node NodeAddr=127.0.0.1 CPUs=$(nproc) Gres=gpu:1 State=UNKNOWN

@@ -1,17 +1,19 @@
 """Memory and step-time estimates for a layout (dp × tp × pp, ZeRO stage, micro-batch) before launch.
 
 Per-GPU bytes follow what DeepSpeed (the version pinned here) allocates, as checked against real
-allocations on 2 ranks in tests/distributed/test_planner_zero_sizes.py:
+allocations on 2 ranks in tests/distributed/test_memory_plan.py:
 
 - parameters: N_rank × p, where N_rank is the largest pipeline stage's parameters (matmuls and
   the embedding split by tp, norms replicated), divided by dp under ZeRO-3;
 - gradients: N_rank × g during the backward, in full at ZeRO 0/1 (stage 1 accumulates full
   gradients and reduces them at the step) and as a 1/dp partition at ZeRO 2/3; at the optimizer
-  step (activations freed) ZeRO ≥ 1 holds the partition plus its fp32 copy for the optimizer
-  (none when the partition already is fp32 at stages 1/2);
-- optimizer: fp32 master copy + Adam's two moments (12 bytes/param), 1/dp of it under ZeRO ≥ 1,
-  in CPU memory with `offload_optimizer`. Without ZeRO, DeepSpeed's bf16 path keeps no master
-  copy and bf16 moments (4 bytes), plain fp32 keeps the two moments (8 bytes);
+  step (activations freed) the optimizer also gets an fp32 copy: of everything without ZeRO in
+  mixed precision (DeepSpeed's FP16_Optimizer, also used for bf16), of the partition under
+  ZeRO-3 and under ZeRO 1/2 in mixed precision. The bf16 pipeline engine without ZeRO
+  (BF16_Optimizer) keeps a full fp32 accumulation buffer all along;
+- optimizer: fp32 master copy + Adam's two moments (12 bytes/param), 1/dp of it under ZeRO ≥ 1
+  and with the bf16 pipeline engine, in CPU memory with `offload_optimizer`; plain fp32 without
+  ZeRO keeps only the two moments (8 bytes);
 - buffers: ZeRO's gradient reduce bucket (DeepSpeed's default 5e8 elements, allocated whatever
   the model size) and, under ZeRO-3, the parameter prefetch bucket and one gathered block;
 - activations per micro-batch (bf16, flash attention, no sequence parallelism), per layer and
@@ -116,13 +118,18 @@ def memory_plan(m: ModelConfig, seq_len: int, precision: str, layout: Layout) ->
     dp, zero = layout.dp, layout.zero
     params = n * p_bytes / (dp if zero == 3 else 1)
     full, part = n * g_bytes, n * g_bytes / dp
-    fp32_copy = 4 * n / dp if zero == 3 or (zero >= 1 and g_bytes < 4) else 0.0
-    grads = full if zero <= 1 else part
-    grads_at_step = full if zero == 0 else part + fp32_copy
-    if zero >= 1:
+    mixed = g_bytes < 4
+    bf16_pipeline = zero == 0 and mixed and layout.pp > 1 and precision != "fp16"
+    if zero == 0:
+        grads = full + (4 * n if bf16_pipeline else 0.0)
+        grads_at_step = full + (4 * n if mixed else 0.0)
+    else:
+        grads = full if zero == 1 else part
+        grads_at_step = part + (4 * n / dp if zero == 3 or mixed else 0.0)
+    if zero >= 1 or bf16_pipeline:
         optimizer = 12 * n / dp
     else:
-        optimizer = 8 * n if precision == "fp32" or layout.local else 4 * n
+        optimizer = 12 * n if mixed else 8 * n
     buffers = 0.0
     if zero >= 1:
         buffers += REDUCE_BUCKET * g_bytes

@@ -55,8 +55,10 @@ def test_eval_generate_and_resume_from_the_cli(quickstart_run, tmp_path):
                     "train.max_minutes=null", "log.every=1", "train.eval_every=1000")
     assert proc.returncode == 0, proc.stderr
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step-{step + 3:07d}"
-    logged = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert logged[-4:] == [step + 1, step + 2, step + 3, step + 3]  # three train records, then val
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    # three train records, then validation, then the save
+    assert [r["step"] for r in records[-5:]] == [step + 1, step + 2, step + 3, step + 3, step + 3]
+    assert "val_loss" in records[-2] and records[-1]["checkpoint"] == f"step-{step + 3:07d}"
 
 
 def test_info_counts_7b_without_allocating():

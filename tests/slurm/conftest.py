@@ -57,7 +57,7 @@ def job_info(env: dict, job_id: str) -> dict[str, str]:
     return dict(item.split("=", 1) for item in proc.stdout.split() if "=" in item)
 
 
-def wait_for(env: dict, job_id: str, done, timeout: float = 180) -> dict[str, str]:
+def wait_for(env: dict, job_id: str, done, timeout: float = 300) -> dict[str, str]:
     """Poll the job until `done(info)`; fail with its state after `timeout` seconds."""
     deadline = time.monotonic() + timeout
     while True:

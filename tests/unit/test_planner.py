@@ -31,7 +31,7 @@ def test_stage_params_by_hand():
 
 
 @pytest.mark.parametrize("zero, params, grads, optimizer", [
-    (0, 2 * N, 2 * N, 4 * N),  # DeepSpeed's bf16 without ZeRO: no fp32 master, bf16 moments
+    (0, 2 * N, (2 + 4) * N, 12 * N),  # FP16_Optimizer: fp32 master, moments, fp32 gradient copy
     (1, 2 * N, 2 * N, 12 * N / 4),  # full gradients; master + moments split over dp=4
     (2, 2 * N, (2 + 4) * N / 4, 12 * N / 4),  # bf16 partition + its fp32 copy at the step
     (3, 2 * N / 4, (2 + 4) * N / 4, 12 * N / 4),
@@ -40,6 +40,13 @@ def test_memory_per_zero_stage_by_hand(zero, params, grads, optimizer):
     plan = memory_plan(SHAPE, 32, "bf16", Layout(dp=4, zero=zero, micro_batch=2))
     assert (plan.params, plan.gradients, plan.optimizer) == pytest.approx((params, grads, optimizer))
     assert plan.buffers >= (REDUCE_BUCKET * 2 if zero else 0)
+
+
+def test_bf16_pipeline_without_zero_uses_deepspeeds_bf16_optimizer():
+    # BF16_Optimizer: a full fp32 gradient accumulator next to the bf16 gradients, fp32 state ÷ dp
+    n = stage_params(SHAPE, tp=1, pp=2)
+    plan = memory_plan(SHAPE, 32, "bf16", Layout(dp=2, pp=2, zero=0, micro_batch=2, grad_accum=2))
+    assert (plan.params, plan.grads, plan.optimizer) == (2 * n, 6 * n, 12 * n / 2)
 
 
 def test_local_engine_keeps_everything_in_fp32():
@@ -79,9 +86,9 @@ def test_info_prints_the_plan_and_flags_what_does_not_fit(capsys):
     out = capsys.readouterr().out
     assert "non-embedding 6,607,343,616" in out and "FLOPs/token  4.608e+10" in out
     rows = {line.split()[0]: line.split()[1:] for line in out.splitlines() if line.strip()}
-    # 7B in bf16 on 8 GPUs without ZeRO: 12.55 GiB of weights, plus 25.10 GiB of bf16 Adam moments
+    # 7B in bf16 on 8 GPUs: 2 bytes/param of weights (÷8 under ZeRO-3), 12 of optimizer (÷8 under ZeRO)
     assert rows["parameters"][:4] == ["12.55", "12.55", "12.55", "1.57"]
-    assert rows["optimizer"][0] == "25.10"
+    assert rows["optimizer"][:2] == ["75.31", "9.41"]
     # "fits 40 GiB" then ZeRO 0 … 3+offload: 36.8 GiB usable; ZeRO 2 needs 46.95, ZeRO 3 36.44
     assert rows["fits"][2:] == ["NO", "NO", "NO", "yes", "yes"]
     assert "DOES NOT FIT" in out
@@ -92,6 +99,8 @@ def test_info_suggest_and_bad_layout(capsys):
     assert " 1. dp=" in capsys.readouterr().out
     assert main(["info", "configs/1b.yaml", "parallel.tp=3", "--gpus", "6"]) == 1
     assert "bigtrain: error: model.n_heads=32 is not divisible by parallel.tp=3" in capsys.readouterr().err
+    assert main(["info", "configs/1b.yaml", "--gpus", "0"]) == 1
+    assert "bigtrain: error: --gpus, --gpu-mem and --gpus-per-node must be positive" in capsys.readouterr().err
 
 
 def test_info_environment(capsys, monkeypatch):

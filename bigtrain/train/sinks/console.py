@@ -25,7 +25,7 @@ class ConsoleSink:
         self.progress: Progress | None = None
         if sys.stdout.isatty():
             self.progress = Progress(
-                TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                TextColumn("[bold]train"), BarColumn(bar_width=30), MofNCompleteColumn(), TimeElapsedColumn(),
                 TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[stats]}"),
                 console=Console(), transient=False,
             )
@@ -38,10 +38,10 @@ class ConsoleSink:
             if "loss" in record:
                 line += f" | eta {_duration(self._eta(record['step']))}"
             print(line, flush=True)
-        elif "loss" in record:
-            self.progress.update(self.task, completed=record["step"], stats=line.split(" | ", 1)[1])
-        else:
-            self.progress.console.print(line)
+        else:  # the full line scrolls above the bar, which keeps step, ETA and the last loss
+            self.progress.console.print(line, highlight=False)
+            if "loss" in record:
+                self.progress.update(self.task, completed=record["step"], stats=f"loss {record['loss']:.4f}")
 
     def _eta(self, step: int) -> float:
         done = max(step - self.start, 1)

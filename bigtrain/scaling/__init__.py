@@ -1,0 +1,1 @@
+"""Scaling-law tools: sweep plans, running them, collecting results, Chinchilla fits and plots."""

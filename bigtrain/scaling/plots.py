@@ -1,0 +1,120 @@
+"""PNG plots of scaling fits (isoFLOP curves, compute-optimal frontier, loss contours) and grids."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display needed
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from bigtrain.scaling.fit import FitReport  # noqa: E402
+
+
+def _save(fig: plt.Figure, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _colors(n: int) -> list:
+    return [plt.get_cmap("viridis")(x) for x in np.linspace(0.0, 0.9, max(n, 1))]
+
+
+def isoflop_curves(report: FitReport, path: Path) -> Path:
+    """Loss vs N for each budget: runs, the Approach 2 parabola and the Approach 3 law at fixed C."""
+    p, law, frontier = report.points, report.law, report.frontier
+    budgets = np.unique(p.budget)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    parabolas = dict(zip(frontier.budgets, frontier.parabolas, strict=True)) if frontier else {}
+    for budget, color in zip(budgets, _colors(len(budgets)), strict=True):
+        group = p.budget == budget
+        ax.scatter(p.params[group], p.loss[group], color=color, s=18, zorder=3, label=f"C = {budget:.2g}")
+        n = np.geomspace(p.params[group].min() / 1.5, p.params[group].max() * 1.5, 100)
+        ax.plot(n, law.loss(n, budget / (6 * n)), color=color, lw=1)
+        if budget in parabolas:
+            x = np.log(n)
+            ax.plot(n, np.polyval(parabolas[budget], x), color=color, lw=1, ls="--")
+    if frontier:
+        ax.scatter(frontier.params, frontier.loss, marker="*", s=120, color="crimson", zorder=4, label="isoFLOP minima")
+    span = p.loss.max() - p.loss.min()
+    ax.set_ylim(p.loss.min() - 0.1 * span, p.loss.max() + 0.1 * span)  # steep parabola ends leave the frame
+    ax.set(xscale="log", xlabel="parameters N", ylabel="final loss",
+           title="isoFLOP curves (solid: L(N, D) fit, dashed: per-budget parabola)")
+    ax.legend(fontsize=7, ncol=2 if len(budgets) > 8 else 1, loc="upper right")
+    return _save(fig, path)
+
+
+def frontier_plot(report: FitReport, path: Path) -> Path:
+    """Compute-optimal N and D vs C: isoFLOP minima with their power laws and the L(N, D) optimum."""
+    law, frontier, p = report.law, report.frontier, report.points
+    budgets = frontier.budgets if frontier else np.unique(p.budget)
+    c = np.geomspace(budgets.min() / 3, budgets.max() * 30, 100)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for what, index, color in (("N", 0, "tab:blue"), ("D", 1, "tab:orange")):
+        ax.plot(c, law.optimal(c)[index], color=color, lw=1.5, label=f"{what}_opt from L(N, D)")
+        if frontier:
+            exponent = frontier.a if index == 0 else frontier.b
+            ax.scatter(budgets, (frontier.params, frontier.tokens)[index], color=color, marker="o", zorder=3)
+            ax.plot(c, frontier.optimal(c)[index], color=color, ls="--", lw=1,
+                    label=f"{what}_opt ∝ C^{exponent:.2f} (isoFLOP minima)")
+    ax.set(xscale="log", yscale="log", xlabel="compute C (FLOPs)", ylabel="parameters / tokens",
+           title="compute-optimal model size and data")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def contour_plot(report: FitReport, path: Path) -> Path:
+    """The fitted loss over (N, D) with the runs, isoFLOP lines and the compute-optimal frontier."""
+    law, p = report.law, report.points
+    n = np.geomspace(p.params.min() / 3, p.params.max() * 3, 200)
+    d = np.geomspace(p.tokens.min() / 3, p.tokens.max() * 3, 200)
+    nn, dd = np.meshgrid(n, d)
+    fig, ax = plt.subplots(figsize=(7, 5))
+    filled = ax.contourf(nn, dd, law.loss(nn, dd), levels=20, cmap="viridis_r")
+    fig.colorbar(filled, ax=ax, label="fitted loss L(N, D)")
+    ax.contour(nn, dd, law.loss(nn, dd), levels=10, colors="white", linewidths=0.4)
+    for budget in np.unique(p.budget):
+        ax.plot(n, budget / (6 * n), color="grey", lw=0.6, ls=":")
+    c = 6 * nn.min() * dd.min(), 6 * nn.max() * dd.max()
+    on, od = law.optimal(np.geomspace(*c, 200))
+    inside = (on >= n[0]) & (on <= n[-1]) & (od >= d[0]) & (od <= d[-1])
+    ax.plot(on[inside], od[inside], color="crimson", lw=1.5, label="compute-optimal N, D")
+    ax.scatter(p.params, p.tokens, c="black", s=10, label="runs")
+    ax.set(xscale="log", yscale="log", xlim=(n[0], n[-1]), ylim=(d[0], d[-1]), xlabel="parameters N",
+           ylabel="tokens D", title="loss contours (dotted: isoFLOP lines of the budgets)")
+    ax.legend(fontsize=8, loc="upper right")
+    return _save(fig, path)
+
+
+def fit_plots(report: FitReport, directory: Path) -> list[Path]:
+    return [isoflop_curves(report, directory / "isoflop_curves.png"),
+            frontier_plot(report, directory / "compute_optimal.png"),
+            contour_plot(report, directory / "loss_contours.png")]
+
+
+def grid_plot(rows: list[dict[str, Any]], keys: list[str], path: Path, loss: str = "val_loss") -> Path:
+    """Loss vs the first grid key (log axis when it spans ≥ 10×), one line per other combination."""
+    x_key, others = keys[0], keys[1:]
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    combos = sorted({tuple(r[k] for k in others) for r in rows}, key=str)
+    for combo, color in zip(combos, _colors(len(combos)), strict=True):
+        points = sorted((r[x_key], r[loss]) for r in rows if tuple(r[k] for k in others) == combo and r[loss] is not None)
+        label = ", ".join(f"{k}={v}" for k, v in zip(others, combo, strict=True)) or None
+        ax.plot(*zip(*points, strict=True), marker="o", color=color, label=label)
+        best = min(points, key=lambda xy: xy[1])
+        ax.annotate(f"{best[1]:.3f}", best, textcoords="offset points", xytext=(0, -12), ha="center", fontsize=8)
+    xs = [r[x_key] for r in rows]
+    if min(xs) > 0 and max(xs) >= 10 * min(xs):
+        ax.set_xscale("log")
+    ax.set(xlabel=x_key, ylabel=loss, title=f"{loss} vs {x_key}")
+    if others:
+        ax.legend(fontsize=8)
+    return _save(fig, path)
+

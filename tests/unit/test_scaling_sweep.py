@@ -1,0 +1,201 @@
+"""`bigtrain sweep plan|run|status|collect`: plans checked by numbers, real local runs, Slurm's command."""
+
+import copy
+import csv
+import json
+import os
+import stat
+from pathlib import Path
+
+import pytest
+import yaml
+
+from bigtrain.cli import main
+from bigtrain.config import load_config
+from bigtrain.model.flops import count_params
+from bigtrain.scaling import run as sweep_run
+from bigtrain.scaling.plan import plan_sweep
+from bigtrain.train import checkpoint as ckpt
+
+BASE = {
+    "model": {"vocab_size": 512, "d_model": 32, "n_layers": 1, "n_heads": 2, "n_kv_heads": 1, "max_seq_len": 32},
+    "data": {"seq_len": 32, "micro_batch": 4},
+    "train": {"lr": 3e-3, "warmup_steps": 2, "eval_batches": 2, "device": "cpu"},
+    "checkpoint": {"every": 1000},
+    "log": {"every": 2},
+}
+SHAPES = [{"name": "small", "model.d_model": 16}, {"name": "large", "model.d_model": 48, "model.n_layers": 2}]
+
+
+def write_sweep(tmp_path: Path, data=None, **spec) -> Path:
+    base = json.loads(json.dumps(BASE))
+    if data:
+        base["data"].update(path=str(data[0]), val_path=str(data[1]))
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    spec = {"name": "t", "kind": "isoflop", "base": "base.yaml", "out": str(tmp_path / "sweep"),
+            "budgets": [1e9, 3e9], "shapes": SHAPES, "warmup_fraction": 0.1, **spec}
+    spec = {k: v for k, v in spec.items() if v is not None}  # None: leave the key out
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def run(capsys, *args) -> tuple[int, str, str]:
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_isoflop_plan_derives_tokens_steps_and_flops(tmp_path, capsys):
+    path = write_sweep(tmp_path)
+    code, out, _ = run(capsys, "sweep", "plan", path)
+    assert code == 0 and "wrote 4 run configs" in out
+    plan_dir = tmp_path / "sweep"
+    lines = (plan_dir / "runs.txt").read_text().splitlines()
+    assert lines == ["configs/C1e09-small.yaml", "configs/C1e09-large.yaml",
+                     "configs/C3e09-small.yaml", "configs/C3e09-large.yaml"]
+    rows = list(csv.DictReader(open(plan_dir / "plan.csv")))
+    for line, row in zip(lines, rows, strict=True):
+        cfg = load_config(plan_dir / line)
+        n = count_params(cfg.model).total
+        budget, steps = float(row["budget"]), int(row["steps"])
+        tokens_per_step = cfg.data.micro_batch * cfg.data.seq_len
+        assert steps == cfg.train.steps == round(budget / (6 * n * tokens_per_step))
+        assert int(row["params"]) == n and int(row["tokens"]) == steps * tokens_per_step
+        assert float(row["flops"]) == pytest.approx(6 * n * steps * tokens_per_step)
+        assert abs(float(row["flops"]) - budget) <= 0.5 * 6 * n * tokens_per_step  # whole steps
+        assert cfg.train.warmup_steps == round(0.1 * steps)
+        assert cfg.run.dir == str(plan_dir / "runs" / cfg.run.name)
+    assert load_config(plan_dir / lines[1]).model.n_layers == 2
+    assert [int(r["steps"]) for r in rows] == [44, 10, 132, 29]
+
+    code, out, _ = run(capsys, "sweep", "plan", path)  # the same plan again: nothing changes
+    assert code == 0 and "unchanged: 4 run configs" in out
+
+
+def test_a_changed_plan_never_overwrites_the_old_one(tmp_path, capsys):
+    path = write_sweep(tmp_path)
+    assert run(capsys, "sweep", "plan", path)[0] == 0
+    before = (tmp_path / "sweep" / "configs" / "C1e09-small.yaml").read_text()
+    write_sweep(tmp_path, budgets=[2e9, 3e9])
+    code, _, err = run(capsys, "sweep", "plan", path)
+    assert code == 1 and "already holds a different plan (configs/C2e09-small.yaml differs)" in err
+    assert (tmp_path / "sweep" / "configs" / "C1e09-small.yaml").read_text() == before
+    assert not (tmp_path / "sweep" / "configs" / "C2e09-small.yaml").exists()
+
+
+def test_grid_plan_is_the_product_of_the_values(tmp_path):
+    path = write_sweep(tmp_path, kind="grid", budgets=None, shapes=None, warmup_fraction=None,
+                       grid={"train.lr": [1e-3, 1e-2], "data.micro_batch": [2, 4, 8]}, overrides={"train.steps": 7})
+    plan = plan_sweep(path)
+    assert [r.name for r in plan.runs][:3] == ["lr0.001-micro_batch2", "lr0.001-micro_batch4", "lr0.001-micro_batch8"]
+    assert len(plan.runs) == 6 and plan.columns[-2:] == ["train.lr", "data.micro_batch"]
+    last = plan.runs[-1]
+    assert (last.config.train.lr, last.config.data.micro_batch, last.config.train.steps) == (1e-2, 8, 7)
+    assert last.row["tokens"] == 7 * 8 * 32
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"budget": [1e9]}, "unknown sweep key budget; did you mean budgets?"),
+    ({"kind": "isoflops"}, "kind must be one of isoflop, grid"),
+    ({"shapes": [{"model.d_modle": 16}]}, "unknown config key model.d_modle; did you mean model.d_model?"),
+    ({"budgets": [1e6]}, "budget 1e+06 FLOPs is too small for every shape (under one step)"),
+    ({"budgets": ["lots"]}, "budgets must hold positive numbers, got 'lots'"),
+    ({"grid": {"train.lr": [1e-3]}}, "grid belongs to grid sweeps, not isoflop"),
+    ({"warmup_fraction": None}, "has 1 steps but train.warmup_steps=2; set warmup_fraction"),
+    ({"base": "missing.yaml"}, "config file not found"),
+])
+def test_bad_sweep_files_are_one_line_errors(tmp_path, capsys, change, message):
+    if change.get("warmup_fraction", 0) is None:
+        change = {**change, "budgets": [3e7]}
+    path = write_sweep(tmp_path, **change)
+    code, _, err = run(capsys, "sweep", "plan", path)
+    assert code == 1 and len(err.strip().splitlines()) == 1 and message in err, err
+    assert not (tmp_path / "sweep").exists()
+
+
+def test_slurm_submits_one_throttled_array(tmp_path, capsys, monkeypatch):
+    path = write_sweep(tmp_path)
+    repo = tmp_path / "repo"
+    monkeypatch.setattr(sweep_run, "REPO_ROOT", repo)
+    code, _, err = run(capsys, "sweep", "run", path, "--slurm")
+    assert code == 1 and f"{repo}/slurm/sweep.sbatch not found" in err
+
+    (repo / "slurm").mkdir(parents=True)
+    (repo / "slurm" / "sweep.sbatch").write_text("#!/bin/bash\n")
+    plan = plan_sweep(path)
+    assert sweep_run.slurm_command(plan, 2) == [
+        "sbatch", "--array=0-3%2", str(repo / "slurm" / "sweep.sbatch"), str((tmp_path / "sweep").resolve())]
+    assert sweep_run.slurm_command(plan)[1] == "--array=0-3"
+
+    bin_dir = tmp_path / "bin"  # a stand-in sbatch that records its arguments
+    bin_dir.mkdir()
+    fake = bin_dir / "sbatch"
+    fake.write_text(f'#!/bin/sh\necho "$@" > {tmp_path}/args\necho "Submitted batch job 42"\n')
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    code, out, _ = run(capsys, "sweep", "run", path, "--slurm", "--throttle", 3)
+    assert code == 0 and out.strip().endswith("Submitted batch job 42")
+    assert ["sbatch", *(tmp_path / "args").read_text().split()] == sweep_run.slurm_command(plan, 3)
+    assert run(capsys, "sweep", "run", path, "--throttle", 3)[0] == 1  # throttle needs --slurm
+
+
+def test_local_sweep_runs_resumes_skips_and_collects(tmp_path, capsys, stdlib_data):
+    path = write_sweep(tmp_path, stdlib_data, budgets=[1e9], shapes=SHAPES + [{"name": "mid", "model.d_model": 32}])
+    plan = plan_sweep(path)
+    interrupted = copy.deepcopy(plan.runs[0].config)  # out of time after its first step
+    interrupted.train.max_minutes = 0.0
+    from bigtrain.train.loop import train
+
+    train(interrupted, console=False)
+    capsys.readouterr()
+
+    code, out, err = run(capsys, "sweep", "run", path)
+    assert code == 0, err
+    assert "C1e09-small: resuming from step 1 (44 steps)" in out and "C1e09-large: starting (10 steps)" in out
+    for r in plan.runs:
+        assert ckpt.read_state(ckpt.latest_checkpoint(r.config.run.path))["step"] == r.config.train.steps
+
+    metrics = {r.name: (r.config.run.path / "metrics.jsonl").read_text() for r in plan.runs}
+    code, out, _ = run(capsys, "sweep", "run", path)  # everything is finished: nothing trains
+    assert code == 0 and out.count("finished, skipped") == 3 and "trained 0 runs" in out
+    assert metrics == {r.name: (r.config.run.path / "metrics.jsonl").read_text() for r in plan.runs}
+
+    code, out, _ = run(capsys, "sweep", "status", path)
+    assert "3/3 runs finished" in out and out.count("done") == 3
+
+    code, out, _ = run(capsys, "sweep", "collect", path)
+    assert code == 0 and "wrote 3 runs" in out
+    rows = {r["run"]: r for r in csv.DictReader(open(tmp_path / "sweep" / "results.csv"))}
+    small = plan.runs[0]
+    records = [json.loads(x) for x in metrics[small.name].splitlines()]
+    train_records = {r["step"]: r for r in records if "loss" in r}
+    last_tenth = [r["loss"] for s, r in train_records.items() if s > 0.9 * 44]
+    assert float(rows[small.name]["loss"]) == pytest.approx(sum(last_tenth) / len(last_tenth))
+    assert float(rows[small.name]["val_loss"]) == [r for r in records if "val_loss" in r][-1]["val_loss"]
+    assert int(rows[small.name]["tokens"]) == train_records[44]["tokens"] == 44 * 4 * 32
+    assert float(rows[small.name]["wall_s"]) > 0 and float(rows[small.name]["tokens_per_s"]) > 0
+    # the fit reads the collected CSV (3 points of one budget are too few for five parameters)
+    code, _, err = run(capsys, "scaling", "fit", tmp_path / "sweep" / "results.csv")
+    assert code == 1 and "3 points cannot determine the 5 parameters" in err
+
+
+def test_grid_collect_plots_loss_against_the_first_key(tmp_path, capsys, stdlib_data):
+    path = write_sweep(tmp_path, stdlib_data, kind="grid", budgets=None, shapes=None, warmup_fraction=None,
+                       grid={"train.lr": [1e-4, 1e-2]}, overrides={"train.steps": 6})
+    assert run(capsys, "sweep", "collect", path)[0] == 1  # nothing has run yet
+    assert run(capsys, "sweep", "run", path)[0] == 0
+    code, out, _ = run(capsys, "sweep", "collect", path)
+    assert code == 0
+    rows = list(csv.DictReader(open(tmp_path / "sweep" / "results.csv")))
+    assert [float(r["train.lr"]) for r in rows] == [1e-4, 1e-2]
+    assert float(rows[1]["val_loss"]) < float(rows[0]["val_loss"])  # 6 steps at 1e-4 barely move
+    assert (tmp_path / "sweep" / "grid.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_shapes_under_one_step_are_skipped_with_a_warning(tmp_path, capsys):
+    path = write_sweep(tmp_path, budgets=[3e7])
+    code, out, err = run(capsys, "sweep", "plan", path)
+    assert code == 0 and "wrote 1 run configs" in out and "C3e07-small" in out
+    assert "skipped C3e07-large" in err and "under one step" in err
+    assert (tmp_path / "sweep" / "runs.txt").read_text() == "configs/C3e07-small.yaml\n"
