@@ -59,7 +59,7 @@ def sweep_status(args: argparse.Namespace) -> None:
 def sweep_collect(args: argparse.Namespace) -> None:
     plan = plan_sweep(args.sweep)
     if args.plot and plan.kind != "grid":
-        raise BigtrainError("--plot draws grid sweeps; for isoFLOP sweeps use: bigtrain scaling fit RESULTS.csv --plots DIR")
+        raise BigtrainError("--plot draws grid sweeps; for isoFLOP sweeps: bigtrain scaling fit RESULTS.csv --plots DIR")
     rows, unfinished = collect(plan)
     if not rows:
         raise BigtrainError(f"no run of {args.sweep} has finished yet; run: bigtrain sweep run {args.sweep}")
@@ -68,7 +68,8 @@ def sweep_collect(args: argparse.Namespace) -> None:
     out = Path(args.out or plan.out / "results.csv")
     write_results(rows, columns, out)
     if unfinished:
-        print(f"bigtrain: warning: left out {len(unfinished)} unfinished runs: {', '.join(unfinished)}", file=sys.stderr)
+        names = ", ".join(unfinished)
+        print(f"bigtrain: warning: left out {len(unfinished)} unfinished runs: {names}", file=sys.stderr)
     print(f"wrote {len(rows)} runs → {out}")
     if plan.kind == "grid":
         from bigtrain.scaling.plots import grid_plot

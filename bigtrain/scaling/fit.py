@@ -65,7 +65,8 @@ def read_points(path: str | Path, loss_column: str | None = None, exclude_highes
     if "tokens" not in columns and "flops" not in columns:
         missing.append("tokens or flops")
     if missing:
-        raise BigtrainError(f"{path} lacks column(s) {', '.join(missing)} (has: {', '.join(sorted(columns)) or 'none'})")
+        has = ", ".join(sorted(columns)) or "none"
+        raise BigtrainError(f"{path} lacks column(s) {', '.join(missing)} (has: {has})")
 
     def numbers(column: str) -> np.ndarray:
         try:
@@ -230,7 +231,7 @@ def bootstrap(points: Points, law: Law, frontier: Frontier | None, resamples: in
     rng = np.random.default_rng(seed)
     start = np.log([law.A, law.B, law.E]).tolist() + [law.alpha, law.beta]
     estimates: dict[str, Callable[[Law | Frontier], float]] = {
-        "E": lambda f: f.E, "A": lambda f: f.A, "B": lambda f: f.B, "alpha": lambda f: f.alpha, "beta": lambda f: f.beta,
+        name: (lambda f, name=name: getattr(f, name)) for name in ("E", "A", "B", "alpha", "beta")
     }
     predictions = {} if budget is None else {
         "N_opt": lambda f: float(f.optimal(budget)[0]), "D_opt": lambda f: float(f.optimal(budget)[1]),

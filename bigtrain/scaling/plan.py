@@ -168,7 +168,8 @@ def _isoflop(spec: dict, common: dict, out: Path, path: str | Path) -> Plan:
             n = counts.total if params_key == "total" else counts.non_embedding
             steps = round(budget / (6.0 * n) / (global_batch(cfg) * cfg.data.seq_len))
             if steps < 1:
-                skipped.append(f"{name} (N={n:,} needs {6.0 * n * global_batch(cfg) * cfg.data.seq_len:.2g} FLOPs a step)")
+                step_flops = 6.0 * n * global_batch(cfg) * cfg.data.seq_len
+                skipped.append(f"{name} (N={n:,} needs {step_flops:.2g} FLOPs a step)")
                 continue
             cfg.train.steps = steps
             if warmup is not None:
@@ -217,7 +218,8 @@ def _short(value: Any) -> str:
 
 def plan_files(plan: Plan) -> dict[str, str]:
     """The plan directory's files (relative path → text)."""
-    files = {p: yaml.safe_dump(run.config.to_dict(), sort_keys=False) for p, run in zip(plan.config_paths, plan.runs, strict=True)}
+    files = {path: yaml.safe_dump(run.config.to_dict(), sort_keys=False)
+             for path, run in zip(plan.config_paths, plan.runs, strict=True)}
     files["runs.txt"] = "".join(p + "\n" for p in plan.config_paths)
     table = io.StringIO()
     writer = csv.DictWriter(table, plan.columns, lineterminator="\n")
@@ -251,7 +253,8 @@ def format_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     cells = [[_cell(row.get(c)) for c in columns] for row in rows]
     widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]
-    lines += ["  ".join(v.rjust(w) if i else v.ljust(w) for i, (v, w) in enumerate(zip(r, widths, strict=True))) for r in cells]
+    for row in cells:  # the run name left-aligned, numbers right-aligned
+        lines.append("  ".join(v.rjust(w) if i else v.ljust(w) for i, (v, w) in enumerate(zip(row, widths, strict=True))))
     return "\n".join(lines)
 
 

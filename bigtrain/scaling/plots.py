@@ -105,7 +105,8 @@ def grid_plot(rows: list[dict[str, Any]], keys: list[str], path: Path, loss: str
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     combos = sorted({tuple(r[k] for k in others) for r in rows}, key=str)
     for combo, color in zip(combos, _colors(len(combos)), strict=True):
-        points = sorted((r[x_key], r[loss]) for r in rows if tuple(r[k] for k in others) == combo and r[loss] is not None)
+        mine = [r for r in rows if tuple(r[k] for k in others) == combo and r[loss] is not None]
+        points = sorted((r[x_key], r[loss]) for r in mine)
         label = ", ".join(f"{k}={v}" for k, v in zip(others, combo, strict=True)) or None
         ax.plot(*zip(*points, strict=True), marker="o", color=color, label=label)
         best = min(points, key=lambda xy: xy[1])
