@@ -102,8 +102,9 @@ def run_suite(quick: bool, threads: str, repeats: int | None, keep) -> None:
     """Run every benchmark, handing each record to `keep` as soon as it exists."""
     steps = ["--steps", "1", "--warmup", "1"] if quick else ["--steps", "2"]
     steps += ["--repeats", str(repeats or (2 if quick else 5))]
-    for size in ("10m", "50m"):
-        keep(bench("bench_step.py", "--size", size, "--threads", threads, "--sides", *STEP_SIDES, *steps))
+    for size, micro_batch in (("10m", "8"), ("50m", "4")):
+        keep(bench("bench_step.py", "--size", size, "--micro-batch", micro_batch, "--threads", threads,
+                   "--sides", *STEP_SIDES, *steps))
     data_mb = ("16", "16") if quick else ("128", "64")
     keep(bench("bench_prepare.py", "--mb", data_mb[0], "--workers", "2", "--repeat", "1" if quick else "3"))
     keep(bench("bench_loader.py", "--mb", data_mb[1]))
