@@ -90,7 +90,14 @@ EOF
 
 stop() {
     local dir=${1:?usage: slurm_cluster.sh stop DIR}
-    local pidfile pid
+    local pidfile pid jobs
+    # end the cluster's jobs first: slurmstepd and job processes outlive slurmd
+    export SLURM_CONF=$dir/slurm.conf
+    jobs=$(squeue -h -o %A 2>/dev/null || true)
+    if [[ -n $jobs ]]; then
+        scancel $jobs 2>/dev/null || true
+        for _ in $(seq 30); do [[ -z $(squeue -h -o %A 2>/dev/null) ]] && break; sleep 1; done
+    fi
     for pidfile in "$dir/slurmd.pid" "$dir/slurmctld.pid" "$dir/munge/munged.pid"; do
         [[ -s $pidfile ]] || continue
         pid=$(<"$pidfile")
