@@ -205,19 +205,23 @@ class Config:
         return dataclasses.asdict(self)
 
 
+def read_yaml_mapping(path: str | Path, kind: str, holds: str) -> dict[str, Any]:
+    """A YAML file's top-level mapping, or a one-line error naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise BigtrainError(f"{kind} not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise BigtrainError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise BigtrainError(f"{path} must hold a mapping of {holds}")
+    return raw
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
     """Read a YAML config (or start from defaults), apply `a.b=value` overrides, validate."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise BigtrainError(f"config file not found: {path}")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise BigtrainError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
-        if not isinstance(raw, dict):
-            raise BigtrainError(f"{path} must hold a mapping of config sections")
+    raw = read_yaml_mapping(path, "config file", "config sections") if path is not None else {}
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:

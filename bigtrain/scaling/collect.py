@@ -22,7 +22,10 @@ def read_metrics(path: Path) -> tuple[list[dict], list[dict]]:
     for line in path.read_text().splitlines():
         if line.strip():
             record = json.loads(line)
-            (val if "val_loss" in record else train)[record["step"]] = record
+            if "val_loss" in record:
+                val[record["step"]] = record
+            elif "loss" in record:  # not checkpoint records
+                train[record["step"]] = record
     return [train[s] for s in sorted(train)], [val[s] for s in sorted(val)]
 
 

@@ -32,7 +32,7 @@ from typing import Any
 
 import yaml
 
-from bigtrain.config import Config, load_config
+from bigtrain.config import Config, load_config, read_yaml_mapping
 from bigtrain.errors import BigtrainError
 from bigtrain.model.flops import count_params
 
@@ -70,14 +70,7 @@ class Plan:
 def load_sweep(path: str | Path) -> dict[str, Any]:
     """Read and check a sweep file's top level; the config keys are checked when runs resolve."""
     path = Path(path)
-    if not path.is_file():
-        raise BigtrainError(f"sweep file not found: {path}")
-    try:
-        spec = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise BigtrainError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
-    if not isinstance(spec, dict):
-        raise BigtrainError(f"{path} must hold a mapping")
+    spec = read_yaml_mapping(path, "sweep file", "sweep keys")
     for key in spec:
         if key not in KEYS:
             near = difflib.get_close_matches(str(key), sorted(KEYS), n=1)
