@@ -13,7 +13,7 @@ from bigtrain.errors import BigtrainError
 def cmd_quickstart(args: argparse.Namespace) -> None:
     from bigtrain.quickstart import quickstart, summary
 
-    print(summary(quickstart(Path(args.out), args.minutes, args.corpus_mb)))
+    print(summary(quickstart(Path(args.out), args.minutes, args.corpus_mb, args.steps)))
 
 
 def cmd_tokenizer_train(args: argparse.Namespace) -> None:
@@ -169,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/quickstart", help="directory for data and the run")
     p.add_argument("--minutes", type=float, default=5.0, help="training time budget")
     p.add_argument("--corpus-mb", type=float, default=None, help="use only this many MB of the corpus")
+    p.add_argument("--steps", type=int, default=None, help="train exactly this many steps (no time budget)")
     p.set_defaults(func=cmd_quickstart)
 
     tok = sub.add_parser("tokenizer", help="tokenizer jobs").add_subparsers(dest="action", required=True)

@@ -62,9 +62,11 @@ def seconds_per_step(cfg: Config, warmup: int = 2, timed: int = 3) -> float:
     return (time.perf_counter() - start) / timed
 
 
-def quickstart(out: Path, minutes: float = 5.0, corpus_mb: float | None = None) -> QuickstartResult:
-    if minutes <= 0:
-        raise BigtrainError("--minutes must be positive")
+def quickstart(out: Path, minutes: float = 5.0, corpus_mb: float | None = None,
+               steps: int | None = None) -> QuickstartResult:
+    """Prepare the embedded corpus and train the tiny model for `minutes` (or exactly `steps`)."""
+    if minutes <= 0 or (steps is not None and steps <= 0):
+        raise BigtrainError("--minutes and --steps must be positive")
     run_dir = out / "run"
     if (run_dir / "checkpoints").exists():
         raise BigtrainError(f"{run_dir} already holds a quickstart run; pass --out to choose a new directory")
@@ -72,15 +74,20 @@ def quickstart(out: Path, minutes: float = 5.0, corpus_mb: float | None = None) 
     cfg.data.path, cfg.data.val_path = map(str, prepare_default_data(out / "data", cfg.model.vocab_size, corpus_mb))
     cfg.run.name, cfg.run.dir = "quickstart", str(run_dir)
 
-    step_s = seconds_per_step(cfg)
-    eval_share = 0.15  # rough share of the budget left for validation passes and checkpoints
-    steps = max(10, int(minutes * 60 * (1 - eval_share) / step_s))
-    cfg.train.steps, cfg.train.max_minutes = steps, minutes
+    if steps is None:
+        step_s = seconds_per_step(cfg)
+        eval_share = 0.15  # rough share of the budget left for validation passes and checkpoints
+        steps = max(10, int(minutes * 60 * (1 - eval_share) / step_s))
+        cfg.train.max_minutes = minutes
+        plan = f"{steps} steps of ~{step_s:.2f}s to fit {minutes:g} min"
+    else:
+        plan = f"{steps} steps"
+    cfg.train.steps = steps
     cfg.train.warmup_steps = max(1, min(cfg.train.warmup_steps, steps // 10))
     cfg.train.eval_every, cfg.train.eval_batches = max(1, steps // 4), 8
     cfg.checkpoint.every, cfg.log.every = steps, max(1, min(10, steps // 50))
     cfg.validate()
-    print(f"[4/4] train: {steps} steps of ~{step_s:.2f}s to fit {minutes:g} min → {run_dir}")
+    print(f"[4/4] train: {plan} → {run_dir}")
     result = train(cfg)
 
     tokenizer = TextTokenizer.load(Path(cfg.data.path) / "tokenizer.json")
