@@ -72,3 +72,4 @@ report = {
     "optimizer_bytes": storage_bytes(fp32_partitions + states),
 }
 Path(sys.argv[2], f"rank{topology.env.rank}.json").write_text(json.dumps(report))
+torch.distributed.destroy_process_group()  # a clean exit: gloo's threads stopped before teardown

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -91,7 +92,14 @@ def test_preempted_job_saves_requeues_and_resumes_on_the_same_curve(torchrun_ref
     # what Slurm's --signal=B:USR1@120 does before a time limit: USR1 to the batch shell only
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=slurm_env, check=True)
     info = wait_for(slurm_env, job, lambda i: i.get("Restarts") == "1" and i.get("JobState") == "PENDING")
-    # Slurm holds a requeued job for ~2 minutes before it is eligible; start it now
+    # Slurm holds a requeued job for BatchStartTimeout so that the previous attempt's processes
+    # can end (their credential is revoked: an earlier start fails the job). Start it as soon as
+    # slurmd reports both of that attempt's steps done.
+    slurmd_log = Path(slurm_env["SLURM_CONF"]).parent / "log" / "slurmd.log"
+    deadline = time.monotonic() + 120
+    while not all(f"[{job}.{step}] done with job" in slurmd_log.read_text() for step in ("batch", "0")):
+        assert time.monotonic() < deadline, "the first attempt's steps did not end after the requeue"
+        time.sleep(0.5)
     subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=slurm_env, check=True)
     info = wait_for(slurm_env, job, finished)
     log = (tmp_path / f"bigtrain-{job}.log").read_text()
