@@ -3,6 +3,26 @@
 from bigtrain.config import ModelConfig
 
 
+def poisoned(build_engine, steps, factor=float("nan")):
+    """`build_engine` whose model's logits are scaled by `factor` in the given (1-based) training steps."""
+    calls = 0
+
+    def build_poisoned(cfg, init_from=None):
+        engine = build_engine(cfg, init_from)
+
+        def hook(module, args, output):
+            nonlocal calls
+            if module.training:
+                calls += 1
+                return output * factor if calls in steps else output
+            return output
+
+        engine.model.register_forward_hook(hook)
+        return engine
+
+    return build_poisoned
+
+
 def small_model_config(**overrides) -> ModelConfig:
     """A 2-layer model with grouped-query attention that runs in milliseconds."""
     shape = {"vocab_size": 97, "d_model": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "max_seq_len": 16}

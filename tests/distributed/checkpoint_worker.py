@@ -13,6 +13,9 @@ from bigtrain.config import load_config
 from bigtrain.errors import BigtrainError
 from bigtrain.train import loop
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository, for tests.helpers
+from tests.helpers import poisoned  # noqa: E402
+
 config_path, out = sys.argv[1], Path(sys.argv[2])
 N = 3
 
@@ -31,23 +34,9 @@ def run(name, *overrides):
 
 
 def poison(steps):
-    """Make the model's output NaN during the given (1-based) training steps."""
-    build, calls = loop.build_engine, {"n": 0}
-
-    def build_poisoned(cfg, init_from=None):
-        engine = build(cfg, init_from)
-
-        def hook(module, args, output):
-            if module.training:
-                calls["n"] += 1
-                if calls["n"] in steps:
-                    return output * float("nan")
-            return output
-
-        engine.model.register_forward_hook(hook)
-        return engine
-
-    loop.build_engine = build_poisoned
+    """Make the model's output NaN during the given (1-based) training steps; returns the undo."""
+    build = loop.build_engine
+    loop.build_engine = poisoned(build, steps)
     return lambda: setattr(loop, "build_engine", build)
 
 

@@ -11,6 +11,7 @@ from bigtrain.cli import main
 from bigtrain.distributed.update_gate import UpdateGate
 from bigtrain.errors import BigtrainError
 from bigtrain.train import loop
+from tests.helpers import poisoned
 from tests.unit.test_train import read_metrics
 from tests.unit.test_train import tiny_config as full_config
 
@@ -99,21 +100,7 @@ def test_checkpoint_of_another_model_shape_is_refused(saved_run, tmp_path):
 
 def poison(monkeypatch, steps, factor=float("nan")):
     """Scale the model's logits by `factor` during the given (1-based) training steps."""
-    build, calls = loop.build_engine, {"n": 0}
-
-    def build_poisoned(cfg, init_from=None):
-        engine = build(cfg, init_from)
-
-        def hook(module, args, output):
-            if module.training:
-                calls["n"] += 1
-                return output * factor if calls["n"] in steps else output
-            return output
-
-        engine.model.register_forward_hook(hook)
-        return engine
-
-    monkeypatch.setattr(loop, "build_engine", build_poisoned)
+    monkeypatch.setattr(loop, "build_engine", poisoned(loop.build_engine, steps, factor))
 
 
 def test_nan_steps_are_skipped_and_counted(stdlib_data, tmp_path, monkeypatch):
