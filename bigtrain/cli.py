@@ -72,11 +72,15 @@ def cmd_data_to_mds(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int | None:
+    import torch.distributed as dist
+
     from bigtrain.config import load_config
     from bigtrain.train.loop import train
     from bigtrain.train.signals import PREEMPTED_EXIT_CODE
 
     result = train(load_config(args.config, args.overrides))
+    if dist.is_initialized():
+        dist.destroy_process_group()  # stop the backend's threads before interpreter exit
     if result.preempted:
         if result.is_main:
             print(f"preempted at step {result.step}: saved {result.checkpoint}; exiting with "
