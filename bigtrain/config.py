@@ -116,6 +116,7 @@ class TrainConfig:
     spike_factor: float | None = None  # a loss above this × its running mean is a bad step too
     compile: bool = False  # torch.compile every transformer block (see tools/bench/README.md)
     adamw_impl: Literal["fused", "foreach", "for-loop"] = "fused"  # torch AdamW's kernel choice
+    reuse_host_memory: bool = True  # glibc keeps freed blocks for the next step (bigtrain/train/host_memory.py)
 
 
 @dataclass

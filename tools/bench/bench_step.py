@@ -1,5 +1,5 @@
 """Training-step tokens/s of bigtrain's engines vs Hugging Face `LlamaForCausalLM` with the same
-architecture, shapes, weights and batches, the sides taking turns in one process.
+architecture, shapes, weights and batches, the sides taking turns.
 
     python tools/bench/bench_step.py --size 10m --sides hf bigtrain deepspeed [--repeats 5]
     python tools/bench/bench_step.py --config configs/125m.yaml --device cuda --sides hf
@@ -10,17 +10,22 @@ with sdpa attention, torch AdamW (fused, Trainer's default since torch 2.8) over
 decay/no-decay groups, `clip_grad_norm_`, bf16 autocast on CUDA. A side is `hf`, `bigtrain`
 (the local engine) or `deepspeed` (ZeRO-1, world size 1), optionally followed by config
 overrides: `bigtrain,train.compile=true`. Before timing, every side's first loss must equal HF's
-(same weights, same batch): the architectures are the same. Then the sides take turns for
-`--repeats` rounds of `--steps` steps; a side's figure is its median round, so a neighbour that
-slows one round slows every side of it alike.
+(same weights, same batch): the architectures are the same. Each side lives in a process of its
+own (built as `bigtrain train` builds it, with its process-wide settings: threads, host
+allocator, process group) and reports its own CPU time. The sides take turns for `--repeats`
+rounds of `--steps` steps, the order alternating; a side's figure is its median round, so a
+neighbour that slows one round slows every side of it alike.
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing as mp
 import os
 import socket
 import time
+import traceback
+from dataclasses import dataclass
 from pathlib import Path
 from statistics import median
 
@@ -30,6 +35,8 @@ from common import load_average, record
 from bigtrain.config import Config, ModelConfig, load_config
 from bigtrain.distributed.local import LocalEngine, autocast_for, build_adamw
 from bigtrain.model import Llama, count_params, flops_per_token
+from bigtrain.train.host_memory import reuse_freed_memory
+from bigtrain.train.loop import set_determinism
 from bigtrain.train.metrics import peak_flops
 
 SIZES = {  # the two CPU shapes: ~10M parameters (GQA, untied) and ~50M (MHA, tied 32k vocabulary)
@@ -133,6 +140,93 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+@dataclass
+class Setup:
+    base: list[str]  # config overrides shared by every side (shape, batch, optimiser)
+    device: str
+    threads: int | None
+    grad_accum: int
+    warmup: int
+
+
+def serve(conn, spec: str, setup: Setup) -> None:
+    """A side's process: build it as `bigtrain train` would (HF as its `Trainer` would), take the
+    first step and the warm-up, report, then time one round per request until told to stop."""
+    try:
+        if setup.threads:
+            torch.set_num_threads(setup.threads)
+        _, cfg = side_config(setup.base, spec)
+        is_hf = spec.split(",")[0] == "hf"
+        if cfg.parallel.engine == "deepspeed":
+            single_process_env()
+        set_determinism(0, cfg.train.deterministic)
+        if cfg.train.reuse_host_memory and not is_hf:
+            reuse_freed_memory()
+        device = torch.device(setup.device)
+        state = Llama(cfg.model).state_dict()  # seeded: the same weights in every side's process
+        run = HFSide(cfg, state, device) if is_hf else BigtrainSide(cfg, state)
+        gen = torch.Generator().manual_seed(1)  # the same batches in every side's process
+        shape = (cfg.data.micro_batch, cfg.data.seq_len + 1)
+        batches = [torch.randint(0, cfg.model.vocab_size, shape, generator=gen) for _ in range(setup.grad_accum * 4)]
+        if device.type == "cuda":
+            batches = [b.pin_memory() for b in batches]
+
+        def step(i: int) -> torch.Tensor:
+            start = i * setup.grad_accum % len(batches)
+            return run.train_step(batches[start:start + setup.grad_accum], 3e-4)
+
+        start = time.perf_counter()
+        first = float(step(0))  # includes torch.compile's compilation
+        first_s = time.perf_counter() - start
+        for i in range(1, setup.warmup):
+            step(i)
+        sync(device)
+        conn.send((first, first_s))
+        while (steps := conn.recv()) is not None:
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            sync(device)
+            start, cpu = time.perf_counter(), time.process_time()
+            for i in range(steps):
+                loss = step(i)
+            float(loss)  # the loop's only host sync, at the end of the round
+            sync(device)
+            peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+            conn.send((time.perf_counter() - start, time.process_time() - cpu, peak))
+    except Exception:
+        conn.send(traceback.format_exc())
+
+
+class SideProcess:
+    """One side in a process of its own: process-wide settings (threads, bigtrain's host
+    allocator, DeepSpeed's process group) stay its own, and so do its CPU time and peak memory."""
+
+    def __init__(self, spec: str, setup: Setup):
+        self.spec = spec
+        self.conn, child = mp.get_context("spawn").Pipe()
+        self.process = mp.get_context("spawn").Process(target=serve, args=(child, spec, setup), daemon=True)
+        self.process.start()
+        child.close()  # the side's end: a side that dies closes the pipe
+
+    def reply(self):
+        try:
+            answer = self.conn.recv()
+        except EOFError:
+            self.process.join()
+            raise SystemExit(f"side {self.spec} died (exit code {self.process.exitcode})") from None
+        if isinstance(answer, str):
+            raise SystemExit(f"side {self.spec} failed:\n{answer}")
+        return answer
+
+    def round(self, steps: int) -> tuple[float, float, float | None]:
+        self.conn.send(steps)
+        return self.reply()
+
+    def stop(self) -> None:
+        self.conn.send(None)
+        self.process.join()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     shape = parser.add_mutually_exclusive_group()
@@ -148,8 +242,6 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
 
     if args.config:
         file_cfg = load_config(args.config)
@@ -162,64 +254,36 @@ def main() -> None:
     base = [*model_keys, f"model.max_seq_len={seq_len}", f"data.seq_len={seq_len}",
             f"data.micro_batch={micro_batch}", f"train.grad_accum={args.grad_accum}",
             f"train.device={args.device}", "train.lr=3e-4", "train.grad_clip=1.0"]
-    sides = dict(side_config(base, spec) for spec in args.sides)
-    reference = next(iter(sides.values()))
-    if any(c.parallel.engine == "deepspeed" for c in sides.values()):
-        single_process_env()
-    device = torch.device(args.device)
-    torch.manual_seed(0)
-    torch.use_deterministic_algorithms(reference.train.deterministic, warn_only=True)
-    state = Llama(reference.model).state_dict()
-    runners = {}
-    for label, cfg in sides.items():
-        runners[label] = HFSide(cfg, state, device) if label.split(",")[0] == "hf" else BigtrainSide(cfg, state)
-    vocab = reference.model.vocab_size
-    gen = torch.Generator().manual_seed(1)  # the same batches whichever sides this process runs
-    batches = [torch.randint(0, vocab, (micro_batch, seq_len + 1), generator=gen) for _ in range(args.grad_accum * 4)]
-    if device.type == "cuda":
-        batches = [b.pin_memory() for b in batches]
-
-    def step_batches(i: int) -> list[torch.Tensor]:
-        start = i * args.grad_accum % len(batches)
-        return batches[start:start + args.grad_accum]
-
-    first, first_s = {}, {}
-    for label, run in runners.items():  # the first step includes torch.compile's compilation
-        start = time.perf_counter()
-        first[label] = float(run.train_step(step_batches(0), 3e-4))
-        first_s[label] = time.perf_counter() - start
-    base_loss = next(iter(first.values()))
+    reference = [side_config(base, spec)[1] for spec in args.sides][0]  # checks every side's name first
+    setup = Setup(base, args.device, args.threads, args.grad_accum, args.warmup)
+    sides, first, first_s = {}, {}, {}
+    for spec in args.sides:  # one at a time: builds and compilations do not overlap
+        sides[spec] = SideProcess(spec, setup)
+        first[spec], first_s[spec] = sides[spec].reply()
+    base_loss = first[args.sides[0]]
     for label, loss in first.items():  # same weights and batch: the same loss, or the shapes differ
-        tolerance = 1e-4 if device.type == "cpu" else 2e-2
+        tolerance = 1e-4 if args.device == "cpu" else 2e-2
         if abs(loss - base_loss) > tolerance * base_loss:
             raise SystemExit(f"{label}: first loss {loss:.6f} differs from {base_loss:.6f}")
-    for run in runners.values():
-        for i in range(1, args.warmup):
-            run.train_step(step_batches(i), 3e-4)
-        sync(device)
 
     tokens_per_step = args.grad_accum * micro_batch * seq_len
-    rates: dict[str, list[float]] = {label: [] for label in runners}
-    cpu_rates: dict[str, list[float]] = {label: [] for label in runners}
+    rates: dict[str, list[float]] = {label: [] for label in sides}
+    cpu_rates: dict[str, list[float]] = {label: [] for label in sides}
     peak_mem: dict[str, float] = {}
     load = [load_average()]
     for r in range(args.repeats):
-        order = list(runners) if r % 2 == 0 else list(reversed(runners))  # alternate who goes first
+        order = list(sides) if r % 2 == 0 else list(reversed(sides))  # alternate who goes first
         for label in order:
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            sync(device)
-            start, cpu = time.perf_counter(), time.process_time()
-            for i in range(args.steps):
-                loss = runners[label].train_step(step_batches(i), 3e-4)
-            float(loss)  # the loop's only host sync, at the end of the round
-            sync(device)
-            rates[label].append(args.steps * tokens_per_step / (time.perf_counter() - start))
-            cpu_rates[label].append(args.steps * tokens_per_step / (time.process_time() - cpu))
-            if device.type == "cuda":
-                peak_mem[label] = max(peak_mem.get(label, 0.0), torch.cuda.max_memory_allocated(device) / 2**30)
+            wall, cpu, peak = sides[label].round(args.steps)
+            rates[label].append(args.steps * tokens_per_step / wall)
+            cpu_rates[label].append(args.steps * tokens_per_step / cpu)
+            if peak is not None:
+                peak_mem[label] = max(peak_mem.get(label, 0.0), peak)
         load.append(load_average())
+    for side in sides.values():
+        side.stop()
 
+    device = torch.device(args.device)
     peak = peak_flops(device, None)
     flops = flops_per_token(reference.model, seq_len)
     result = {}
@@ -240,7 +304,7 @@ def main() -> None:
         "model": name, "params": count_params(reference.model).total, "seq_len": seq_len,
         "micro_batch": micro_batch, "grad_accum": args.grad_accum, "steps": args.steps,
         "repeats": args.repeats, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "threads": torch.get_num_threads(), "torch": torch.__version__, "load_average_1m": load,
+        "threads": args.threads or torch.get_num_threads(), "torch": torch.__version__, "load_average_1m": load,
         "sides": result,
     })
 
