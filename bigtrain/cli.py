@@ -72,13 +72,15 @@ def cmd_data_to_mds(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int | None:
-    import torch.distributed as dist
+    from bigtrain.train.signals import PREEMPTED_EXIT_CODE, StopRequest
 
-    from bigtrain.config import load_config
-    from bigtrain.train.loop import train
-    from bigtrain.train.signals import PREEMPTED_EXIT_CODE
+    with StopRequest() as stop:  # before the slow imports: a preemption notice then is kept too
+        import torch.distributed as dist
 
-    result = train(load_config(args.config, args.overrides))
+        from bigtrain.config import load_config
+        from bigtrain.train.loop import train
+
+        result = train(load_config(args.config, args.overrides), stop=stop)
     if dist.is_initialized():
         dist.destroy_process_group()  # stop the backend's threads before interpreter exit
     if result.preempted:

@@ -77,10 +77,13 @@ def build_engine(cfg: Config, init_from: str | None = None):
     return DeepSpeedEngine(model, cfg, topology)
 
 
-def train(cfg: Config, console: bool = True) -> TrainResult:
+def train(cfg: Config, console: bool = True, stop: StopRequest | None = None) -> TrainResult:
     """Train `cfg.model` on `cfg.data` with the configured engine, resuming if asked.
 
-    SIGUSR1/SIGTERM make it save after the current step and return with `preempted` set."""
+    SIGUSR1/SIGTERM (caught by `stop`, or from this call on) make it save after the current step
+    and return with `preempted` set."""
+    if stop is not None:
+        return _train(cfg, console, stop)
     with StopRequest() as stop:
         return _train(cfg, console, stop)
 

@@ -84,3 +84,30 @@ def test_cli_exits_with_the_preemption_code(stdlib_data, tmp_path):
     assert out.splitlines()[-1] == (f"preempted at step {step}: saved {run_dir}/checkpoints/step-{step:07d}; "
                                     "exiting with 75 (continue with run.resume=auto)")
     assert "bigtrain: received SIGTERM; will checkpoint after the current step and stop" in err
+
+
+def catches(pid: int, sig: signal.Signals) -> bool:
+    """Whether process `pid` has a handler installed for `sig` (SigCgt in /proc/PID/status)."""
+    status = open(f"/proc/{pid}/status").read()
+    caught = int(next(line.split()[1] for line in status.splitlines() if line.startswith("SigCgt:")), 16)
+    return bool(caught >> (sig - 1) & 1)
+
+
+def test_a_signal_during_startup_stops_after_the_first_step(stdlib_data, tmp_path):
+    """A preemption notice that arrives while `bigtrain train` is still importing torch is kept:
+    the run takes one step, saves and exits with 75 instead of dying without a checkpoint."""
+    run_dir = tmp_path / "run"
+    cfg = tiny_config(stdlib_data, run_dir, steps=100_000, eval_every=100_000)
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
+    proc = subprocess.Popen([sys.executable, "-m", "bigtrain", "train", str(tmp_path / "config.yaml")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not catches(proc.pid, signal.SIGUSR1):
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGUSR1)
+    assert "libtorch" not in open(f"/proc/{proc.pid}/maps").read()  # the handler came before torch
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == PREEMPTED_EXIT_CODE, err
+    assert ckpt.latest_checkpoint(run_dir) == run_dir / "checkpoints" / "step-0000001"
+    assert "bigtrain: received SIGUSR1; will checkpoint after the current step and stop" in err
