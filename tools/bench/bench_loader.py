@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from common import make_corpus, make_tokenizer, measure, record
+from common import corpus_arguments, corpus_workspace, measure, record
 from streaming import StreamingDataset
 
 from bigtrain.config import load_config
@@ -67,17 +66,12 @@ def time_our_streaming_backend(mds: Path, seq_len: int, micro_batch: int, steps:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mb", type=float, default=64, help="corpus size in MB")
+    corpus_arguments(parser, megabytes=64)
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--micro-batch", type=int, default=16)
-    parser.add_argument("--vocab-size", type=int, default=32000)
-    parser.add_argument("--tmp", default=None, help="directory for the temporary files")
     args = parser.parse_args()
 
-    with tempfile.TemporaryDirectory(dir=args.tmp, prefix="bench-loader-") as tmp:
-        root = Path(tmp)
-        corpus = make_corpus(root, args.mb)
-        tokenizer = make_tokenizer(root, corpus, args.vocab_size)
+    with corpus_workspace(args, "loader") as (root, corpus, tokenizer):
         measure([sys.executable, "-m", "bigtrain", "prepare", "--input", str(corpus),
                  "--tokenizer", str(tokenizer), "--out", str(root / "arrow")])
         write_mds(root / "arrow", root / "mds", args.seq_len)

@@ -14,12 +14,10 @@ import argparse
 import json
 import shutil
 import sys
-import tempfile
 import textwrap
-from pathlib import Path
 from statistics import median
 
-from common import load_average, make_corpus, make_tokenizer, measure, record
+from common import corpus_arguments, corpus_workspace, load_average, measure, record
 
 HF_PIPELINE = textwrap.dedent("""
     import json, sys, time
@@ -49,17 +47,12 @@ HF_PIPELINE = textwrap.dedent("""
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mb", type=float, default=1024, help="corpus size in MB")
+    corpus_arguments(parser, megabytes=1024)
     parser.add_argument("--workers", type=int, default=2, help="our --workers and HF's num_proc")
-    parser.add_argument("--vocab-size", type=int, default=32000)
     parser.add_argument("--repeat", type=int, default=1, help="alternate the two pipelines N times")
-    parser.add_argument("--tmp", default=None, help="directory for the temporary files")
     args = parser.parse_args()
 
-    with tempfile.TemporaryDirectory(dir=args.tmp, prefix="bench-prepare-") as tmp:
-        root = Path(tmp)
-        corpus = make_corpus(root, args.mb)
-        tokenizer = make_tokenizer(root, corpus, args.vocab_size)
+    with corpus_workspace(args, "prepare") as (root, corpus, tokenizer):
         size_mb = corpus.stat().st_size / 1e6
         load = [load_average()]
         ours, theirs = [], []

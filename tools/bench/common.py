@@ -1,17 +1,22 @@
-"""Shared pieces of the data benchmarks: a corpus of a given size, a tokenizer, and a runner that
-times a command and samples the peak resident memory of its whole process tree.
+"""Shared pieces of the benchmarks: a corpus of a given size and its tokenizer in a temporary
+workspace, a runner that times a command and samples the peak resident memory of its whole process
+tree, and the JSON record every benchmark prints.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
 import resource
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
@@ -55,6 +60,23 @@ def make_tokenizer(root: Path, corpus: Path, vocab_size: int, train_mb: float = 
 
         TextTokenizer.train(head(), vocab_size).save(path)
     return path
+
+
+def corpus_arguments(parser: argparse.ArgumentParser, megabytes: float) -> None:
+    """The options of a benchmark that runs on a generated corpus."""
+    parser.add_argument("--mb", type=float, default=megabytes, help="corpus size in MB")
+    parser.add_argument("--vocab-size", type=int, default=32000)
+    parser.add_argument("--tmp", default=None, help="directory for the temporary files")
+
+
+@contextmanager
+def corpus_workspace(args: argparse.Namespace, name: str) -> Iterator[tuple[Path, Path, Path]]:
+    """(directory, corpus, tokenizer): a temporary directory holding the corpus of `args.mb` MB
+    and its tokenizer, deleted afterwards."""
+    with tempfile.TemporaryDirectory(dir=args.tmp, prefix=f"bench-{name}-") as tmp:
+        root = Path(tmp)
+        corpus = make_corpus(root, args.mb)
+        yield root, corpus, make_tokenizer(root, corpus, args.vocab_size)
 
 
 @dataclass
