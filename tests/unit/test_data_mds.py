@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bigtrain.config import DataConfig, SourceConfig
+from bigtrain.config import DataConfig, SourceConfig, load_config
 from bigtrain.data.build import build_train_loader
 from bigtrain.data.loader import PackedTokens, WindowLoader
 from bigtrain.data.mds import (
@@ -241,14 +241,25 @@ def test_streaming_mixture_resumes_exactly(mixture, tmp_path):
     second.load_state_dict(state)
     assert head + _windows(second, 45) == straight
     assert len(head) < sum(state["windows"]) < len(straight)  # cut mid-epoch, runs into the next
+    tail = []  # on 2 data-parallel ranks instead: the same windows in each global batch
+    for rank in range(2):
+        loader = _mix(remotes, tmp_path / "b", micro_batch=2, grad_accum=2, dp_rank=rank, dp_size=2, seed=5)
+        loader.load_state_dict(state)
+        tail.append(_windows(loader, 45))
+        del loader
+    for step in range(45):
+        batch = tail[0][4 * step:4 * step + 4] + tail[1][4 * step:4 * step + 4]
+        assert sorted(batch) == sorted(straight[len(head) + 8 * step:len(head) + 8 * step + 8])
     with pytest.raises(BigtrainError, match=r"state has weights=\[0.5, 0.3.* but this run has \[0.6"):
         _mix(remotes, tmp_path / "c", [0.6, 0.2, 0.2], micro_batch=8).load_state_dict(state)
     with pytest.raises(BigtrainError, match="state has windows=.* but this run has"):
         _streaming(remotes[0], tmp_path / "d", micro_batch=8).load_state_dict(state)
 
 
-def test_streaming_mixture_refuses_bad_sources(mixture, tmp_path):
+def test_streaming_mixture_refuses_bad_sources(prepared, mixture, tmp_path):
     remotes, _ = mixture
+    cfg = load_config(None, ["data.backend=streaming", "data.sources=[{remote: s3://corpus/web, weight: 3}]"])
+    assert (cfg.data.sources[0].remote, cfg.data.sources[0].weight, cfg.data.sources[0].path) == ("s3://corpus/web", 3.0, "")
 
     def build(sources, **kwargs):
         gc.collect()
@@ -267,6 +278,9 @@ def test_streaming_mixture_refuses_bad_sources(mixture, tmp_path):
         build([(str(tmp_path / "other"), 1)], tokenizer=str(remotes[1] + "/tokenizer.json"))
     with pytest.raises(BigtrainError, match=r"^cannot fetch \S*nowhere/bigtrain-mds.json: "):
         build([(remotes[0], 1), (str(tmp_path / "nowhere"), 1)])
+    write_mds(prepared[0], tmp_path / "long", 32)
+    with pytest.raises(BigtrainError, match=r"^\S*long holds windows of seq_len 32, data.seq_len is 16"):
+        build([(remotes[0], 1), (str(tmp_path / "long"), 1)])
     for sources, message in [
         ([(remotes[0], 1), (remotes[1], 0.0)], r"data.sources\[1\].weight must be positive, got 0.0"),
         ([(remotes[0], 1), (remotes[1], -1.0)], r"data.sources\[1\].weight must be positive, got -1.0"),
