@@ -58,20 +58,23 @@ class ModelConfig:
 
 @dataclass
 class SourceConfig:
-    """One prepared dataset of a mixture and its sampling weight (relative to the others)."""
+    """One dataset of a mixture and its sampling weight (relative to the others): a prepared
+    directory (`path`, Arrow backend) or an MDS dataset (`remote`, streaming backend)."""
 
-    path: str = ""  # required; an empty path is refused when the loader is built
+    path: str = ""  # required with the Arrow backend; an empty path is refused then
     weight: float = 1.0
+    remote: str | None = None  # required with the streaming backend: s3://, gs:// or a directory
 
 
 @dataclass
 class DataConfig:
     """Where the prepared shards are, how they are cut into batches, and how they are checked.
 
-    The Arrow backend trains on `sources` when given (a weighted mixture), otherwise on `path`;
-    the streaming backend reads MDS windows from `remote` (s3://, gs://, or a directory) through
-    the `local` cache. Validation uses `val_path` or holds out the last `val_fraction` of every
-    training dataset.
+    The Arrow backend trains on `sources` when given (a weighted mixture of `path`s), otherwise on
+    `path`; the streaming backend reads MDS windows from `remote` (s3://, gs://, or a directory)
+    through the `local` cache, or from a weighted mixture of `sources` given by their `remote`,
+    each cached in its own sub-directory of `local`. Validation uses `val_path` or holds out the
+    last `val_fraction` of every training dataset (Arrow backend only).
     """
 
     path: str = "data/train"

@@ -36,17 +36,24 @@ def _check_config(cfg: DataConfig) -> None:
         raise BigtrainError("set data.val_path or data.val_fraction, not both")
     if not 0.0 <= cfg.val_fraction < 1.0:
         raise BigtrainError(f"data.val_fraction must be in [0, 1), got {cfg.val_fraction}")
-    if cfg.backend == "streaming":
+    streaming = cfg.backend == "streaming"
+    if streaming:
         if cfg.local is None:
             raise BigtrainError("data.backend=streaming needs data.local (the shard cache)")
-        if cfg.sources or cfg.val_fraction:
+        if cfg.val_fraction:
             raise BigtrainError(
-                "data.sources and data.val_fraction need data.backend=arrow; "
+                "data.val_fraction needs data.backend=arrow; "
                 "use data.val_path for validation with data.backend=streaming"
             )
+        if cfg.sources and cfg.remote:
+            raise BigtrainError("set data.remote or data.sources, not both")
+    key, other = ("remote", "path") if streaming else ("path", "remote")
     for i, source in enumerate(cfg.sources):
-        if not source.path:
-            raise BigtrainError(f"data.sources[{i}].path is not set")
+        if not getattr(source, key):
+            raise BigtrainError(f"data.sources[{i}].{key} is not set (data.backend={cfg.backend})")
+        if getattr(source, other):
+            raise BigtrainError(f"data.sources[{i}].{other} is not used with "
+                                f"data.backend={cfg.backend}; give data.sources[{i}].{key}")
         if not source.weight > 0:
             raise BigtrainError(f"data.sources[{i}].weight must be positive, got {source.weight}")
 
@@ -102,13 +109,16 @@ def build_train_loader(
     """
     _check_config(data_cfg)
     if data_cfg.backend == "streaming":
+        remote = [(s.remote, s.weight) for s in data_cfg.sources] or data_cfg.remote
         loader = StreamingWindowLoader(
-            data_cfg.remote, data_cfg.local, data_cfg.seq_len, micro_batch, grad_accum,
+            remote, data_cfg.local, data_cfg.seq_len, micro_batch, grad_accum,
             dp_rank, dp_size, seed, data_cfg.shuffle,
         )
-        where = data_cfg.remote or data_cfg.local
-        _check_tokenizer(loader.tokenizer_sha256, where, _expected_tokenizer(data_cfg))
-        _check_vocab(loader.max_token_id, str(where), model_vocab_size)
+        expected = _expected_tokenizer(data_cfg)
+        for name, meta in zip(loader.names, loader.metas, strict=True):
+            _check_tokenizer(meta["tokenizer"]["sha256"], name, expected)
+            expected = expected or (meta["tokenizer"]["sha256"], f"the tokenizer of {name}")
+            _check_vocab(int(meta["max_token_id"]), name, model_vocab_size)
         return loader
     sources = _train_sources(data_cfg)
     for data, _ in sources:

@@ -10,7 +10,9 @@ Arrow-backend run and `prepare` would otherwise pay.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 import shutil
 from datetime import datetime, timezone
 from pathlib import Path
@@ -182,8 +184,20 @@ def _fetch(remote: str | None, local: Path, name: str) -> Path:
     return target
 
 
+def cache_dir(local: Path | str, remote: str) -> Path:
+    """A mixture source's own cache under `local`: its remote's last name and a hash of it."""
+    name = re.sub(r"[^\w.-]", "_", remote.rstrip("/").rsplit("/", 1)[-1])
+    return Path(local) / f"{name}-{hashlib.sha256(remote.encode()).hexdigest()[:8]}"
+
+
 class StreamingWindowLoader:
     """Micro-batches of MDS windows for one data-parallel rank, read through `StreamingDataset`.
+
+    `remote` is one dataset (None: `local` already holds it) or a weighted mixture
+    `[(remote, weight), ...]`: one streaming `Stream` per source, cached in its own sub-directory
+    of `local` (`cache_dir`), with proportion weight / sum of weights. As in streaming, an epoch
+    is as long as all sources together and gives each source its share of it, repeating the
+    windows of a small source and taking another random subset of a large one every epoch.
 
     Streaming partitions each epoch over `dp_size` "nodes" of one rank each, so its relaxed
     partitioning makes resumption elastic in the DP size; its state (epoch, sample in epoch,
@@ -191,10 +205,10 @@ class StreamingWindowLoader:
     `local` cache and iterate together, as streaming coordinates them through shared memory.
     """
 
-    def __init__(self, remote: str | None, local: Path | str, seq_len: int, micro_batch: int,
-                 grad_accum: int = 1, dp_rank: int = 0, dp_size: int = 1, seed: int = 0,
-                 shuffle: bool = True) -> None:
-        from streaming import StreamingDataset
+    def __init__(self, remote: str | None | list[tuple[str, float]], local: Path | str,
+                 seq_len: int, micro_batch: int, grad_accum: int = 1, dp_rank: int = 0,
+                 dp_size: int = 1, seed: int = 0, shuffle: bool = True) -> None:
+        from streaming import Stream, StreamingDataset
         from streaming.base.world import World
 
         if min(micro_batch, grad_accum) < 1:
@@ -202,33 +216,52 @@ class StreamingWindowLoader:
         if dp_size < 1 or not 0 <= dp_rank < dp_size:
             raise BigtrainError(f"dp_rank {dp_rank} is not in [0, dp_size={dp_size})")
         local = Path(local)
-        self.meta = load_mds_meta(_fetch(remote, local, MDS_META).parent)
-        if self.meta["seq_len"] != seq_len:
-            raise BigtrainError(
-                f"{remote or local} holds windows of seq_len {self.meta['seq_len']}, "
-                f"data.seq_len is {seq_len}; convert again with --seq-len {seq_len}"
-            )
-        self.tokenizer_path = _fetch(remote, local, TOKENIZER_FILE)
+        if isinstance(remote, list):
+            sources = [(r, cache_dir(local, r)) for r, _ in remote]
+            weights = [float(w) for _, w in remote]
+            if not all(w > 0 for w in weights):
+                raise BigtrainError(f"mixture weights must be positive, got {weights}")
+            self.weights: list[float] | None = [w / sum(weights) for w in weights]
+        else:
+            sources, self.weights = [(remote, local)], None
+        self.names = [str(source or cache) for source, cache in sources]
+        self.metas = []
+        for name, (source, cache) in zip(self.names, sources, strict=True):
+            meta = load_mds_meta(_fetch(source, cache, MDS_META).parent)
+            if meta["seq_len"] != seq_len:
+                raise BigtrainError(
+                    f"{name} holds windows of seq_len {meta['seq_len']}, "
+                    f"data.seq_len is {seq_len}; convert again with --seq-len {seq_len}"
+                )
+            self.metas.append(meta)
+        self.meta = self.metas[0]
+        self.tokenizer_path = _fetch(*sources[0], TOKENIZER_FILE)
         self.micro_batch, self.grad_accum = micro_batch, grad_accum
         self.dp_rank, self.dp_size, self.seed = dp_rank, dp_size, seed
         self.per_rank = micro_batch * grad_accum
         self.global_batch = self.per_rank * dp_size
+        proportions = self.weights or [None]
+        streams = [Stream(remote=source, local=str(cache), proportion=p)
+                   for (source, cache), p in zip(sources, proportions, strict=True)]
         try:
             self.dataset = StreamingDataset(
-                remote=remote, local=str(local), batch_size=self.per_rank, shuffle=shuffle,
-                shuffle_seed=seed, validate_hash="sha256" if remote is not None else None,
+                streams=streams, batch_size=self.per_rank, shuffle=shuffle, shuffle_seed=seed,
+                validate_hash="sha256" if sources[0][0] is not None else None,
             )
         except (OSError, ValueError, RuntimeError) as e:
-            raise BigtrainError(f"cannot open MDS dataset {remote or local}: {first_line(e)}") from e
-        if self.dataset.num_samples != self.meta["windows"]:
-            raise BigtrainError(
-                f"{local} holds {self.dataset.num_samples} windows, {MDS_META} says "
-                f"{self.meta['windows']}: the cache belongs to another dataset; clear data.local"
-            )
+            raise BigtrainError(f"cannot open MDS dataset {', '.join(self.names)}: "
+                                f"{first_line(e)}") from e
+        held = self.dataset.samples_per_stream.tolist()
+        for (_, cache), name, meta, n in zip(sources, self.names, self.metas, held, strict=True):
+            if n != meta["windows"]:
+                raise BigtrainError(
+                    f"{cache} holds {n} windows, {MDS_META} of {name} says {meta['windows']}: "
+                    f"the cache belongs to another dataset; clear {cache}"
+                )
         # Partition by DP rank (not by process), so tensor/pipeline peers read the same samples.
         self.dataset._parallel_rank_world = World(
             num_nodes=dp_size, ranks_per_node=1, workers_per_rank=1, worker=dp_rank)
-        self.source = remote or str(local)
+        self.source = ", ".join(self.names)
         self._thread_error: BaseException | None = None
         self._streaming_callback = self.dataset.on_exception
         self.dataset.on_exception = self._keep_thread_error
@@ -267,22 +300,24 @@ class StreamingWindowLoader:
         self.consumed_windows += self.global_batch
         return list(torch.from_numpy(windows).split(self.micro_batch))
 
+    def _identity(self) -> dict:
+        """What a saved state must match: backend, windows per source, mixture weights."""
+        windows = [meta["windows"] for meta in self.metas]
+        return {"backend": "streaming", "seq_len": self.meta["seq_len"],
+                "windows": windows if self.weights else windows[0], "weights": self.weights}
+
     def state_dict(self) -> dict:
         # Streaming adds the resumed offset within the epoch (from_beginning=False).
         in_epoch = self._in_epoch * self.dp_size
         return {
-            "backend": "streaming",
+            **self._identity(),
             "consumed_windows": self.consumed_windows,
-            "seq_len": self.meta["seq_len"],
-            "windows": self.meta["windows"],
             "dataset": self.dataset.state_dict(num_samples=in_epoch, from_beginning=False),
         }
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue from a saved position; the data and global batch size must match."""
-        current = {"backend": "streaming", "seq_len": self.meta["seq_len"],
-                   "windows": self.meta["windows"]}
-        for key, value in current.items():
+        """Continue from a saved position; the data, weights and global batch size must match."""
+        for key, value in self._identity().items():
             if state.get(key) != value:
                 raise BigtrainError(
                     f"data loader state has {key}={state.get(key)} but this run has {value}; "
@@ -308,8 +343,4 @@ class StreamingWindowLoader:
 
     @property
     def max_token_id(self) -> int:
-        return int(self.meta["max_token_id"])
-
-    @property
-    def tokenizer_sha256(self) -> str:
-        return self.meta["tokenizer"]["sha256"]
+        return max(int(meta["max_token_id"]) for meta in self.metas)

@@ -96,7 +96,7 @@ def test_config_conflicts_are_refused(data_dir):
         (DataConfig(path=str(data_dir), val_path=str(data_dir), val_fraction=0.1), "set data.val_path or data.val_fraction, not both"),
         (DataConfig(path=str(data_dir), val_fraction=1.5), r"data.val_fraction must be in \[0, 1\), got 1.5"),
         (DataConfig(backend="streaming", remote=str(data_dir)), "data.backend=streaming needs data.local"),
-        (DataConfig(backend="streaming", local="x", sources=[SourceConfig("a")]), "data.sources and data.val_fraction need data.backend=arrow"),
+        (DataConfig(backend="streaming", local="x", val_fraction=0.1), "data.val_fraction needs data.backend=arrow; use data.val_path"),
         (DataConfig(sources=[SourceConfig("")]), r"data.sources\[0\].path is not set"),
         (DataConfig(sources=[SourceConfig(str(data_dir), 0.0)]), r"data.sources\[0\].weight must be positive, got 0.0"),
     ]

@@ -5,10 +5,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bigtrain.config import DataConfig
+from bigtrain.config import DataConfig, SourceConfig, load_config
 from bigtrain.data.build import build_train_loader
 from bigtrain.data.loader import PackedTokens, WindowLoader
-from bigtrain.data.mds import MDS_META, StreamingWindowLoader, prepare_mds, verify_mds, write_mds
+from bigtrain.data.mds import (
+    MDS_META,
+    StreamingWindowLoader,
+    cache_dir,
+    prepare_mds,
+    verify_mds,
+    write_mds,
+)
 from bigtrain.data.prepare import prepare
 from bigtrain.data.tokenizer import TextTokenizer
 from bigtrain.errors import BigtrainError
@@ -172,3 +179,121 @@ def test_prepare_format_mds_resumes_a_cut_conversion(tmp_path):
     assert verify_mds(out / "mds")["windows"] == meta["windows"]
     with pytest.raises(BigtrainError, match="already holds a prepared MDS dataset"):
         prepare_mds([tmp_path / "in.jsonl"], tmp_path / "tok.json", out, SEQ_LEN)
+
+
+WEIGHTS = [0.5, 0.3, 0.2]
+
+
+@pytest.fixture(scope="module")
+def mixture(prepared, tmp_path_factory) -> tuple[list[str], list[set]]:
+    """Three MDS 'remotes' of different sizes sharing the tokenizer, and each one's window set."""
+    arrow, remote = prepared
+    root = tmp_path_factory.mktemp("mix")
+    remotes = [str(remote)]
+    for k, docs in ((1, 80), (2, 40)):
+        rng = np.random.default_rng(k)
+        texts = [" ".join(rng.choice(_WORDS, size=rng.integers(5, 40))) for _ in range(docs)]
+        (root / f"{k}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+        prepare([root / f"{k}.jsonl"], arrow / "tokenizer.json", root / f"arrow{k}")
+        write_mds(root / f"arrow{k}", root / f"bucket{k}", SEQ_LEN, size_limit=1 << 12)
+        remotes.append(str(root / f"bucket{k}"))
+    dirs = [arrow, root / "arrow1", root / "arrow2"]
+    windows = [{tuple(w) for w in PackedTokens(d, SEQ_LEN).windows(np.arange(len(PackedTokens(d, SEQ_LEN))))}
+               for d in dirs]
+    return remotes, windows
+
+
+def _mix(remotes, local, weights=WEIGHTS, **kwargs) -> StreamingWindowLoader:
+    gc.collect()
+    return StreamingWindowLoader(list(zip(remotes, weights, strict=True)), local, SEQ_LEN, **kwargs)
+
+
+def test_streaming_mixture_realises_its_weights(mixture, tmp_path):
+    remotes, windows = mixture
+    sizes = [len(w) for w in windows]
+    assert sizes[0] > sizes[1] > sizes[2] > 20
+    assert not (windows[0] & windows[1] or windows[0] & windows[2] or windows[1] & windows[2])
+    loader = _mix(remotes, tmp_path / "cache", micro_batch=100, seed=3)
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == sorted(
+        cache_dir(tmp_path / "cache", r).name for r in remotes)
+    seen = _windows(loader, 100)  # 10k windows
+    source = np.array([next(k for k, w in enumerate(windows) if s in w) for s in seen])
+    assert np.abs(np.bincount(source, minlength=3) / len(seen) - WEIGHTS).max() < 0.01
+    epoch = sum(sizes)  # streaming's epoch: as many windows as all sources hold together
+    for e in range(len(seen) // epoch):  # each whole epoch gives each source its share exactly
+        counts = np.bincount(source[e * epoch:(e + 1) * epoch], minlength=3)
+        assert np.abs(counts - np.array(WEIGHTS) * epoch).max() <= 1
+    # the large source shows a different subset each epoch, the small ones repeat whole
+    first, second = (set(seen[e * epoch:(e + 1) * epoch]) & windows[0] for e in (0, 1))
+    assert first != second
+    assert windows[2] <= set(seen[:epoch])
+
+
+def test_streaming_mixture_resumes_exactly(mixture, tmp_path):
+    remotes, _ = mixture
+    straight = _windows(_mix(remotes, tmp_path / "a", micro_batch=4, grad_accum=2, seed=5), 90)
+    first = _mix(remotes, tmp_path / "b", micro_batch=4, grad_accum=2, seed=5)
+    head = _windows(first, 45)
+    state = json.loads(json.dumps(first.state_dict()))
+    assert state["weights"] == pytest.approx(WEIGHTS) and len(state["windows"]) == 3
+    del first
+    second = _mix(remotes, tmp_path / "b", micro_batch=4, grad_accum=2, seed=5)
+    second.load_state_dict(state)
+    assert head + _windows(second, 45) == straight
+    assert len(head) < sum(state["windows"]) < len(straight)  # cut mid-epoch, runs into the next
+    tail = []  # on 2 data-parallel ranks instead: the same windows in each global batch
+    for rank in range(2):
+        loader = _mix(remotes, tmp_path / "b", micro_batch=2, grad_accum=2, dp_rank=rank, dp_size=2, seed=5)
+        loader.load_state_dict(state)
+        tail.append(_windows(loader, 45))
+        del loader
+    for step in range(45):
+        batch = tail[0][4 * step:4 * step + 4] + tail[1][4 * step:4 * step + 4]
+        assert sorted(batch) == sorted(straight[len(head) + 8 * step:len(head) + 8 * step + 8])
+    with pytest.raises(BigtrainError, match=r"state has weights=\[0.5, 0.3.* but this run has \[0.6"):
+        _mix(remotes, tmp_path / "c", [0.6, 0.2, 0.2], micro_batch=8).load_state_dict(state)
+    with pytest.raises(BigtrainError, match="state has windows=.* but this run has"):
+        _streaming(remotes[0], tmp_path / "d", micro_batch=8).load_state_dict(state)
+
+
+def test_streaming_mixture_refuses_bad_sources(prepared, mixture, tmp_path):
+    remotes, _ = mixture
+    cfg = load_config(None, ["data.backend=streaming", "data.sources=[{remote: s3://corpus/web, weight: 3}]"])
+    assert (cfg.data.sources[0].remote, cfg.data.sources[0].weight, cfg.data.sources[0].path) == ("s3://corpus/web", 3.0, "")
+
+    def build(sources, **kwargs):
+        gc.collect()
+        cfg = DataConfig(backend="streaming", local=str(tmp_path / "cache"), seq_len=SEQ_LEN,
+                         sources=[SourceConfig(remote=r, weight=w) for r, w in sources], **kwargs)
+        return build_train_loader(cfg, 1, 1, 0, 1, 0)
+
+    TextTokenizer.train(TEXTS[:30], vocab_size=280).save(tmp_path / "other.json")
+    (tmp_path / "o.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS[:30]))
+    prepare([tmp_path / "o.jsonl"], tmp_path / "other.json", tmp_path / "oarrow")
+    write_mds(tmp_path / "oarrow", tmp_path / "other", SEQ_LEN)
+    with pytest.raises(BigtrainError, match=r"^\S*other was tokenized with tokenizer \w{12}, but the tokenizer of "
+                       rf"{remotes[0]} is \w{{12}}; prepare the data again"):
+        build([(remotes[0], 1), (str(tmp_path / "other"), 1)])
+    with pytest.raises(BigtrainError, match=r"^\S*other was tokenized with .* but data.tokenizer"):
+        build([(str(tmp_path / "other"), 1)], tokenizer=str(remotes[1] + "/tokenizer.json"))
+    with pytest.raises(BigtrainError, match=r"^cannot fetch \S*nowhere/bigtrain-mds.json: "):
+        build([(remotes[0], 1), (str(tmp_path / "nowhere"), 1)])
+    write_mds(prepared[0], tmp_path / "long", 32)
+    with pytest.raises(BigtrainError, match=r"^\S*long holds windows of seq_len 32, data.seq_len is 16"):
+        build([(remotes[0], 1), (str(tmp_path / "long"), 1)])
+    for sources, message in [
+        ([(remotes[0], 1), (remotes[1], 0.0)], r"data.sources\[1\].weight must be positive, got 0.0"),
+        ([(remotes[0], 1), (remotes[1], -1.0)], r"data.sources\[1\].weight must be positive, got -1.0"),
+        ([(remotes[0], 1), (None, 1)], r"data.sources\[1\].remote is not set \(data.backend=streaming\)"),
+    ]:
+        with pytest.raises(BigtrainError, match=message):
+            build(sources)
+    with pytest.raises(BigtrainError, match="set data.remote or data.sources, not both"):
+        build([(remotes[0], 1)], remote=remotes[1])
+    cfg = DataConfig(backend="streaming", local="x", sources=[SourceConfig(path="data/web")])
+    with pytest.raises(BigtrainError, match=r"data.sources\[0\].remote is not set"):
+        build_train_loader(cfg, 1, 1, 0, 1, 0)
+    with pytest.raises(BigtrainError, match=r"data.sources\[0\].remote is not used with data.backend=arrow"):
+        build_train_loader(DataConfig(sources=[SourceConfig("a", remote="s3://b/c")]), 1, 1, 0, 1, 0)
+    with pytest.raises(BigtrainError, match=r"mixture weights must be positive, got \[1.0, 0.0\]"):
+        _mix(remotes[:2], tmp_path / "e", [1, 0], micro_batch=1)

@@ -105,3 +105,28 @@ def test_streaming_backend_trains_and_resumes_exactly(stdlib_data, tmp_path):
     resumed = streaming_config("resumed")
     resumed.run.resume = str(tmp_path / "straight" / "checkpoints" / "step-0000004")
     assert train(resumed, console=False).losses == straight.losses[4:]
+
+
+def test_streaming_mixture_trains_and_resumes_exactly(stdlib_data, tmp_path):
+    from bigtrain.config import SourceConfig
+    from bigtrain.data.mds import cache_dir, write_mds
+
+    for k, prepared in enumerate(stdlib_data):  # two MDS 'buckets' sharing the tokenizer
+        write_mds(prepared, tmp_path / f"bucket{k}", 64)
+
+    def mixture_config(name):
+        cfg = tiny_config(stdlib_data, tmp_path / name, steps=4, eval_every=1000)
+        cfg.data.backend, cfg.data.local = "streaming", str(tmp_path / f"cache-{name}")
+        cfg.data.sources = [SourceConfig(remote=str(tmp_path / f"bucket{k}"), weight=w) for k, w in ((0, 3.0), (1, 1.0))]
+        cfg.checkpoint.every = 2
+        return cfg
+
+    straight = train(mixture_config("straight"), console=False)
+    assert straight.step == 4 and straight.losses[-1] < straight.losses[0]
+    for k in range(2):  # each source streamed into its own cache under data.local
+        assert any(cache_dir(tmp_path / "cache-straight", str(tmp_path / f"bucket{k}")).glob("shard.*.mds"))
+    state = json.loads((straight.checkpoint / "state.json").read_text())["loader"]
+    assert state["weights"] == [0.75, 0.25] and state["consumed_windows"] == 32
+    resumed = mixture_config("resumed")
+    resumed.run.resume = str(tmp_path / "straight" / "checkpoints" / "step-0000002")
+    assert train(resumed, console=False).losses == straight.losses[2:]
