@@ -1,6 +1,7 @@
 """Any bigtrain checkpoint as full fp32 weights and AdamW moments, named as in the one-process model.
 
-Layouts: the local engine's files; DeepSpeed ZeRO-1/2/3 without tensor or pipeline split, merged
+Layouts: the single-process files (the local engine's, or a DeepSpeed run's after `convert
+reshard`: `model.safetensors` + `optimizer.pt`, no `deepspeed/`); DeepSpeed ZeRO-1/2/3 without tensor or pipeline split, merged
 by DeepSpeed's own `zero_to_fp32` (its merge is reused for the Adam moments); and DeepSpeed
 tensor/pipeline-parallel checkpoints (ZeRO 0 or 1), whose per-layer shards are joined along the
 dimension each Megatron-style layer splits.
@@ -66,8 +67,9 @@ def consolidate(path: str | Path) -> FullCheckpoint:
     p = cfg.parallel
     try:
         with safe_load.weights_only_loads(_allowed(cfg)):
-            if p.engine == "local":
-                weights, moments, step = _read_local(checkpoint, cfg)
+            if p.engine == "local" or not (checkpoint / "deepspeed").is_dir():
+                status(f"reading {checkpoint} (single-process layout)")
+                weights, moments, step = read_single_process(checkpoint, cfg)
             elif p.tp == 1 and p.pp == 1 and p.zero_stage > 0:
                 weights, moments, step = _read_zero(checkpoint / "deepspeed", cfg)
             else:
@@ -94,8 +96,8 @@ def _allowed(cfg: Config) -> list[type]:
     return safe_load.deepspeed_globals() if cfg.parallel.engine == "deepspeed" else []
 
 
-def _read_local(checkpoint: Path, cfg: Config):
-    status(f"reading {checkpoint} (local engine)")
+def read_single_process(checkpoint: Path, cfg: Config):
+    """Full weights, AdamW moments (None when `optimizer.pt` is absent) and AdamW's step."""
     weights = safetensors.torch.load_file(str(checkpoint / "model.safetensors"))
     names = parameter_names(cfg)
     weights = {name: weights[name].float() for name in names if name in weights}
