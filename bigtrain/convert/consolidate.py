@@ -69,7 +69,7 @@ def consolidate(path: str | Path) -> FullCheckpoint:
         with safe_load.weights_only_loads(_allowed(cfg)):
             if p.engine == "local" or not (checkpoint / "deepspeed").is_dir():
                 status(f"reading {checkpoint} (single-process layout)")
-                weights, moments, step = read_single_process(checkpoint, cfg)
+                weights, moments, step = _read_single_process(checkpoint, cfg)
             elif p.tp == 1 and p.pp == 1 and p.zero_stage > 0:
                 weights, moments, step = _read_zero(checkpoint / "deepspeed", cfg)
             else:
@@ -96,7 +96,7 @@ def _allowed(cfg: Config) -> list[type]:
     return safe_load.deepspeed_globals() if cfg.parallel.engine == "deepspeed" else []
 
 
-def read_single_process(checkpoint: Path, cfg: Config):
+def _read_single_process(checkpoint: Path, cfg: Config):
     """Full weights, AdamW moments (None when `optimizer.pt` is absent) and AdamW's step."""
     weights = safetensors.torch.load_file(str(checkpoint / "model.safetensors"))
     names = parameter_names(cfg)
@@ -104,10 +104,10 @@ def read_single_process(checkpoint: Path, cfg: Config):
     if not (checkpoint / "optimizer.pt").is_file():  # weights only, e.g. made by `convert from-hf`
         return weights, None, None
     optimizer = safe_load.load(checkpoint / "optimizer.pt", map_location="cpu")
-    return (weights, *_torch_adam_moments(optimizer, names))
+    return (weights, *torch_adam_moments(optimizer, names))
 
 
-def _torch_adam_moments(optimizer: dict[str, Any], names: list[str]):
+def torch_adam_moments(optimizer: dict[str, Any], names: list[str]):
     """Moments of a torch AdamW state dict whose parameter indices follow `names`."""
     indices = [i for group in optimizer["param_groups"] for i in group["params"]]
     if len(indices) != len(names):
@@ -180,7 +180,7 @@ def _read_model_parallel(ds_dir: Path, cfg: Config):
             shards.setdefault(name, []).append(local[name].float())
         if p.zero_stage > 0:  # ZeRO-1 partitions under tensor/pipeline parallelism: weights only
             continue
-        local_moments, local_step = _torch_adam_moments(model_file["optimizer"], names)
+        local_moments, local_step = torch_adam_moments(model_file["optimizer"], names)
         step = local_step if local_step is not None else step
         for name, ms in local_moments.items():
             for m in MOMENTS:

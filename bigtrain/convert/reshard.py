@@ -62,10 +62,10 @@ def reshard(checkpoint: str | Path, out: str | Path, overrides: list[str], overw
 
 def _world_size(cfg: Config) -> int:
     """The processes the target layout runs on: tp × pp × the dp that train.global_batch implies."""
-    p, per_replica = cfg.parallel, cfg.data.micro_batch * cfg.train.grad_accum
-    batch = cfg.train.global_batch
-    dp = batch // per_replica if batch and batch % per_replica == 0 and p.engine == "deepspeed" else 1
-    return dp * p.tp * p.pp
+    p, per_replica, batch = cfg.parallel, cfg.data.micro_batch * cfg.train.grad_accum, cfg.train.global_batch
+    if p.engine == "local":
+        return 1
+    return p.tp * p.pp * (batch // per_replica if batch and batch % per_replica == 0 else 1)
 
 
 def _layout(cfg: Config) -> str:

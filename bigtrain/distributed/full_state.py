@@ -13,12 +13,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import deepspeed
+import safetensors
 import torch
 import torch.distributed as dist
 from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
 from bigtrain.config import Config
-from bigtrain.convert.consolidate import MOMENTS, read_single_process
+from bigtrain.convert.consolidate import MOMENTS, parameter_names, torch_adam_moments
+from bigtrain.distributed import safe_load
 from bigtrain.errors import BigtrainError
 
 
@@ -29,28 +31,31 @@ def load_full_state(engine: deepspeed.DeepSpeedEngine, adamw: torch.optim.Optimi
     `adamw` is the torch AdamW handed to DeepSpeed, `names` maps `id(param)` to the parameter's name
     in the one-process model, `tp_group` is the tensor-parallel group.
     """
-    weights, moments, step = read_single_process(directory, cfg)
+    # memory-mapped / opened lazily, so each rank reads only the tensors of its own parameters
+    moments, step = torch_adam_moments(safe_load.load(directory / "optimizer.pt", map_location="cpu", mmap=True),
+                                       parameter_names(cfg))
     zero3 = engine.zero_optimization_stage() == 3
     own_state = {id(p) for group in adamw.param_groups for p in group["params"]}
     if step is not None:
         _create_adamw_state(engine.optimizer, adamw, step)
-    for param in engine.module.parameters():
-        name = names[id(param)]
-        value = _tp_slice(param, weights[name], tp_group)
-        with deepspeed.zero.GatheredParameters([param], modifier_rank=0, enabled=zero3):
-            param.data.copy_(value)  # the working copy; under ZeRO-3 re-partitioned on exit
-        safe_set_full_fp32_param(param, value)  # the fp32 master copy, where there is one
-        if step is None:  # saved before the first update: AdamW starts afresh, as it would have
-            continue
-        for key in MOMENTS:
-            moment = _tp_slice(param, moments[name][key], tp_group) if name in moments else torch.zeros_like(value)
-            if hasattr(param, "ds_id") or hasattr(param, "_hp_mapping"):
-                safe_set_full_optimizer_state(param, moment, key)
-            elif id(param) in own_state:
-                adamw.state[param][key].copy_(moment)
-            else:
-                raise BigtrainError(f"cannot place the AdamW state of {name} under this DeepSpeed optimizer "
-                                    "(fp16 without ZeRO); resume with parallel.zero_stage >= 1")
+    with safetensors.safe_open(str(directory / "model.safetensors"), framework="pt") as weights:
+        for param in engine.module.parameters():
+            name = names[id(param)]
+            value = _tp_slice(param, weights.get_tensor(name).float(), tp_group)
+            with deepspeed.zero.GatheredParameters([param], modifier_rank=0, enabled=zero3):
+                param.data.copy_(value)  # the working copy; under ZeRO-3 re-partitioned on exit
+            safe_set_full_fp32_param(param, value)  # the fp32 master copy, where there is one
+            if step is None:  # saved before the first update: AdamW starts afresh, as it would have
+                continue
+            for key in MOMENTS:
+                moment = _tp_slice(param, moments[name][key], tp_group) if name in moments else torch.zeros_like(value)
+                if hasattr(param, "ds_id") or hasattr(param, "_hp_mapping"):
+                    safe_set_full_optimizer_state(param, moment, key)
+                elif id(param) in own_state:
+                    adamw.state[param][key].copy_(moment)
+                else:
+                    raise BigtrainError(f"cannot place the AdamW state of {name} under this DeepSpeed optimizer "
+                                        "(fp16 without ZeRO); resume with parallel.zero_stage >= 1")
 
 
 def _tp_slice(param: torch.Tensor, full: torch.Tensor, tp_group: dist.ProcessGroup) -> torch.Tensor:
