@@ -1,10 +1,10 @@
 """Any bigtrain checkpoint as full fp32 weights and AdamW moments, named as in the one-process model.
 
-Layouts: the single-process files (the local engine's, or a DeepSpeed run's after `convert
-reshard`: `model.safetensors` + `optimizer.pt`, no `deepspeed/`); DeepSpeed ZeRO-1/2/3 without tensor or pipeline split, merged
-by DeepSpeed's own `zero_to_fp32` (its merge is reused for the Adam moments); and DeepSpeed
-tensor/pipeline-parallel checkpoints (ZeRO 0 or 1), whose per-layer shards are joined along the
-dimension each Megatron-style layer splits.
+Layouts: the single-process files (`model.safetensors` + `optimizer.pt`, no `deepspeed/`: the
+local engine's, or what `convert reshard` wrote for any layout); DeepSpeed ZeRO-1/2/3 without
+tensor or pipeline split, merged by DeepSpeed's own `zero_to_fp32` (its merge is reused for the
+Adam moments); and DeepSpeed tensor/pipeline-parallel checkpoints (ZeRO 0 or 1), whose per-layer
+shards are joined along the dimension each Megatron-style layer splits.
 """
 
 from __future__ import annotations
