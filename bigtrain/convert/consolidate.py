@@ -1,9 +1,10 @@
 """Any bigtrain checkpoint as full fp32 weights and AdamW moments, named as in the one-process model.
 
-Layouts: the local engine's files; DeepSpeed ZeRO-1/2/3 without tensor or pipeline split, merged
-by DeepSpeed's own `zero_to_fp32` (its merge is reused for the Adam moments); and DeepSpeed
-tensor/pipeline-parallel checkpoints (ZeRO 0 or 1), whose per-layer shards are joined along the
-dimension each Megatron-style layer splits.
+Layouts: the single-process files (`model.safetensors` + `optimizer.pt`, no `deepspeed/`: the
+local engine's, or what `convert reshard` wrote for any layout); DeepSpeed ZeRO-1/2/3 without
+tensor or pipeline split, merged by DeepSpeed's own `zero_to_fp32` (its merge is reused for the
+Adam moments); and DeepSpeed tensor/pipeline-parallel checkpoints (ZeRO 0 or 1), whose per-layer
+shards are joined along the dimension each Megatron-style layer splits.
 """
 
 from __future__ import annotations
@@ -66,8 +67,9 @@ def consolidate(path: str | Path) -> FullCheckpoint:
     p = cfg.parallel
     try:
         with safe_load.weights_only_loads(_allowed(cfg)):
-            if p.engine == "local":
-                weights, moments, step = _read_local(checkpoint, cfg)
+            if p.engine == "local" or not (checkpoint / "deepspeed").is_dir():
+                status(f"reading {checkpoint} (single-process layout)")
+                weights, moments, step = _read_single_process(checkpoint, cfg)
             elif p.tp == 1 and p.pp == 1 and p.zero_stage > 0:
                 weights, moments, step = _read_zero(checkpoint / "deepspeed", cfg)
             else:
@@ -94,18 +96,18 @@ def _allowed(cfg: Config) -> list[type]:
     return safe_load.deepspeed_globals() if cfg.parallel.engine == "deepspeed" else []
 
 
-def _read_local(checkpoint: Path, cfg: Config):
-    status(f"reading {checkpoint} (local engine)")
+def _read_single_process(checkpoint: Path, cfg: Config):
+    """Full weights, AdamW moments (None when `optimizer.pt` is absent) and AdamW's step."""
     weights = safetensors.torch.load_file(str(checkpoint / "model.safetensors"))
     names = parameter_names(cfg)
     weights = {name: weights[name].float() for name in names if name in weights}
     if not (checkpoint / "optimizer.pt").is_file():  # weights only, e.g. made by `convert from-hf`
         return weights, None, None
     optimizer = safe_load.load(checkpoint / "optimizer.pt", map_location="cpu")
-    return (weights, *_torch_adam_moments(optimizer, names))
+    return (weights, *torch_adam_moments(optimizer, names))
 
 
-def _torch_adam_moments(optimizer: dict[str, Any], names: list[str]):
+def torch_adam_moments(optimizer: dict[str, Any], names: list[str]):
     """Moments of a torch AdamW state dict whose parameter indices follow `names`."""
     indices = [i for group in optimizer["param_groups"] for i in group["params"]]
     if len(indices) != len(names):
@@ -178,7 +180,7 @@ def _read_model_parallel(ds_dir: Path, cfg: Config):
             shards.setdefault(name, []).append(local[name].float())
         if p.zero_stage > 0:  # ZeRO-1 partitions under tensor/pipeline parallelism: weights only
             continue
-        local_moments, local_step = _torch_adam_moments(model_file["optimizer"], names)
+        local_moments, local_step = torch_adam_moments(model_file["optimizer"], names)
         step = local_step if local_step is not None else step
         for name, ms in local_moments.items():
             for m in MOMENTS:

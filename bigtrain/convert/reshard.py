@@ -2,8 +2,11 @@
 AdamW moments, step counters, data-loader position and RNG state, so training continues as if the
 layout had never changed.
 
-The written layout is the single-process one (the local engine's `model.safetensors` +
-`optimizer.pt`), which is what `parallel.tp=1 parallel.pp=1` asks for.
+Every target is written in one interchange format, the single-process layout (`model.safetensors`
++ `optimizer.pt`: full weights, per-parameter moments, AdamW's step) with the target's
+`config.yaml`. The local engine loads it as its own; a DeepSpeed engine of any ZeRO stage, tensor
+and pipeline split slices and partitions it at resume (`bigtrain.distributed.full_state`), and its
+next save is in DeepSpeed's own format again.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from pathlib import Path
 import safetensors.torch
 import torch
 
-from bigtrain.config import load_config, save_config
+from bigtrain.config import Config, load_config, save_config
 from bigtrain.convert.consolidate import MOMENTS, consolidate, parameter_names
 from bigtrain.convert.output import output_dir, refuse_existing
 from bigtrain.convert.progress import status
@@ -30,11 +33,7 @@ def reshard(checkpoint: str | Path, out: str | Path, overrides: list[str], overw
     out = Path(out)
     refuse_existing(out, overwrite)
     cfg = load_config(resolve_checkpoint(checkpoint) / "config.yaml", list(overrides))
-    p = cfg.parallel
-    if p.tp != 1 or p.pp != 1 or p.engine != "local":
-        raise BigtrainError("convert reshard writes the single-process layout: pass parallel.engine=local "
-                            "parallel.tp=1 parallel.pp=1 (and parallel.zero_stage=0)")
-    check_layout(cfg, world_size=1)
+    check_layout(cfg, world_size=_world_size(cfg))
     full = consolidate(checkpoint)
     if full.moments is None:
         raise BigtrainError(f"{full.path} holds no readable AdamW state (a weights-only checkpoint, or ZeRO-1 "
@@ -50,7 +49,7 @@ def reshard(checkpoint: str | Path, out: str | Path, overrides: list[str], overw
         for index, name in enumerate(parameter_names(cfg)) if name in full.moments
     }
     with output_dir(out, overwrite) as tmp:
-        status(f"writing {out} for parallel.engine=local (from {_layout(full.config)})")
+        status(f"writing {out} for {_layout(cfg)} (from {_layout(full.config)})")
         safetensors.torch.save_model(model, str(tmp / "model.safetensors"))
         torch.save(state, tmp / "optimizer.pt")
         save_config(cfg, tmp / "config.yaml")
@@ -61,6 +60,14 @@ def reshard(checkpoint: str | Path, out: str | Path, overrides: list[str], overw
     return out
 
 
-def _layout(cfg) -> str:
+def _world_size(cfg: Config) -> int:
+    """The processes the target layout runs on: tp × pp × the dp that train.global_batch implies."""
+    p, per_replica, batch = cfg.parallel, cfg.data.micro_batch * cfg.train.grad_accum, cfg.train.global_batch
+    if p.engine == "local":
+        return 1
+    return p.tp * p.pp * (batch // per_replica if batch and batch % per_replica == 0 else 1)
+
+
+def _layout(cfg: Config) -> str:
     p = cfg.parallel
     return "the local engine" if p.engine == "local" else f"DeepSpeed ZeRO-{p.zero_stage}, tp={p.tp}, pp={p.pp}"

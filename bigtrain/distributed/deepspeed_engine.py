@@ -15,9 +15,10 @@ from deepspeed.pipe import PipelineModule
 from deepspeed.runtime.pipe import schedule
 from deepspeed.runtime.utils import clip_grad_norm_
 
-from bigtrain.config import Config
+from bigtrain.config import Config, load_config
 from bigtrain.distributed import safe_load
 from bigtrain.distributed.deepspeed_config import deepspeed_config
+from bigtrain.distributed.full_state import load_full_state
 from bigtrain.distributed.local import StepOutput, build_adamw
 from bigtrain.distributed.timing import PhaseTimer
 from bigtrain.distributed.topology import Topology
@@ -72,6 +73,7 @@ class DeepSpeedEngine:
         if topology.tp > 1:
             apply_tensor_parallel(model, topology.tp_group)
             self.loss_fn = partial(vocab_parallel_cross_entropy, group=topology.tp_group)
+        self.cfg, self.param_names = cfg, {id(p): name for name, p in model.named_parameters()}
         self.pipelined = topology.pp > 1
         if self.pipelined:
             module = PipelineModule(
@@ -231,9 +233,30 @@ class DeepSpeedEngine:
                     safetensors.torch.save_file(state, str(directory / "model.safetensors"))
 
     def load(self, directory: Path) -> None:
+        """DeepSpeed's own state of this layout, or the single-process layout (no `deepspeed/`:
+        a local-engine checkpoint, or one `convert reshard` wrote) placed into this layout."""
+        if not (directory / TAG).is_dir():
+            load_full_state(self.engine, self._client_optimizer, self.param_names, self.cfg, self.topology.tp_group,
+                            directory)
+            return
+        self._check_saved_layout(directory)
         allowed = safe_load.deepspeed_globals()
         safe_load.check_files(directory / TAG, allowed)  # every rank refuses together, before any collective
         with safe_load.weights_only_loads(allowed):
             path, _ = self.engine.load_checkpoint(str(directory), tag=TAG, load_lr_scheduler_states=False)
         if path is None:
             raise OSError(f"no DeepSpeed state under {directory / TAG}")
+
+    def _check_saved_layout(self, directory: Path) -> None:
+        """Refuse DeepSpeed state of another ZeRO stage, tp, pp or (ZeRO partitions) dp in one line."""
+        saved = load_config(directory / "config.yaml").parallel
+        saved_dp = len(list((directory / TAG).glob("zero_pp_rank_*_mp_rank_00_optim_states.pt")))
+
+        def layout(zero: int, tp: int, pp: int, dp: int) -> str:
+            return f"ZeRO-{zero}, tp={tp}, pp={pp}" + (f", dp={dp}" if zero else "")
+
+        here = layout(self.cfg.parallel.zero_stage, self.topology.tp, self.topology.pp, self.dp_size)
+        there = layout(saved.zero_stage, saved.tp, saved.pp, saved_dp)
+        if here != there:
+            raise BigtrainError(f"{directory} holds DeepSpeed state for {there}, this run is {here}: resume from "
+                                f"`bigtrain convert reshard {directory} OUT` with this run's parallel.* settings")

@@ -1,6 +1,7 @@
 """DeepSpeed checkpoints: exact resume under ZeRO 1/2/3, refusal of pickled code, the bad-step
-policy, and conversion of ZeRO-3 and TP=2×PP=2 checkpoints (to Hugging Face, and resharded to one
-process, where training continues on the single-process loss curve)."""
+policy, conversion of ZeRO-3 and TP=2×PP=2 checkpoints (to Hugging Face, and resharded to one
+process), and resuming under another layout (resharded to DeepSpeed layouts, or straight from the
+single-process layout): training continues on the single-process loss curve."""
 
 import json
 import os
@@ -13,6 +14,7 @@ import yaml
 from safetensors.torch import load_file
 
 from bigtrain.config import from_dict, load_config
+from bigtrain.convert.consolidate import MOMENTS, consolidate
 from bigtrain.convert.hf import to_hf
 from bigtrain.convert.reshard import reshard
 from bigtrain.train.checkpoint import load_trained_model
@@ -51,11 +53,26 @@ def worker(stdlib_data, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def local_straight(stdlib_data, tmp_path_factory):
-    """The single-process run of 2N steps that every layout must continue."""
+def local_run(stdlib_data, tmp_path_factory):
+    """The single-process run of 2N steps that every layout must continue (checkpoint at N)."""
     cfg = from_dict(config(stdlib_data, tmp_path_factory.mktemp("local")))
     cfg.data.micro_batch = 8
-    return train(cfg, console=False).losses
+    return train(cfg, console=False)
+
+
+@pytest.fixture(scope="module")
+def local_straight(local_run):
+    return local_run.losses
+
+
+@pytest.fixture(scope="module")
+def resumed_elsewhere(stdlib_data, local_run, tmp_path_factory):
+    """One 2-rank launch of reshard_worker.py: checkpoints resumed under other layouts."""
+    out = tmp_path_factory.mktemp("reshard")
+    (out / "config.yaml").write_text(yaml.safe_dump(config(stdlib_data, out / "unused")))
+    torchrun(2, os.path.join(os.path.dirname(__file__), "reshard_worker.py"), str(out / "config.yaml"), str(out),
+             str(local_run.run_dir / "checkpoints" / f"step-{N:07d}"))
+    return out, json.loads((out / "results.json").read_text())
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
@@ -120,3 +137,34 @@ def test_tp2_pp2_to_hf_and_reshard_to_one_process(stdlib_data, local_straight, t
     tokens = torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(hf(tokens).logits, model(tokens), rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("case", ["local-to-dp2-zero2", "local-resumed-as-tp2", "tp2-to-pp2-zero1",
+                                  "tp2-to-dp2-zero3"])
+def test_resume_under_another_layout_continues_the_loss_curve(case, resumed_elsewhere, local_straight):
+    """Single-process → DP=2 ZeRO-2 (resharded) and → TP=2 (resumed as it is); TP=2 → PP=2 ZeRO-1 and
+    → DP=2 ZeRO-3 (resharded): the last N losses of the uninterrupted single-process run."""
+    results = resumed_elsewhere[1]
+    assert results["tp2"] == pytest.approx(local_straight, rel=1e-5, abs=0)
+    assert results[case] == pytest.approx(local_straight[N:], rel=1e-5, abs=0)
+    assert local_straight[-1] < local_straight[N - 1] - 0.05  # the continued curve actually moves
+
+
+def test_resharded_checkpoint_reshards_and_converts_again(resumed_elsewhere, tmp_path):
+    out = resumed_elsewhere[0]
+    tp2 = consolidate(out / "tp2" / "checkpoints" / f"step-{N:07d}")
+    reshard(out / "dp2-zero3", tmp_path / "again", ["parallel.engine=local", "parallel.zero_stage=0",
+                                                     "data.micro_batch=8"])
+    again = consolidate(tmp_path / "again")
+    assert again.adam_step == tp2.adam_step == N
+    for name, weight in tp2.weights.items():
+        assert torch.equal(again.weights[name], weight)
+        assert all(torch.equal(again.moments[name][m], tp2.moments[name][m]) for m in MOMENTS)
+
+
+def test_deepspeed_checkpoint_of_another_layout_is_refused(resumed_elsewhere):
+    message = resumed_elsewhere[1]["tp2-resumed-as-pp2"]
+    assert isinstance(message, str) and "\n" not in message
+    assert message.endswith("holds DeepSpeed state for ZeRO-0, tp=2, pp=1, this run is ZeRO-0, tp=1, pp=2: resume "
+                            "from `bigtrain convert reshard " + message.split(" holds ")[0] + " OUT` with this run's "
+                            "parallel.* settings")

@@ -94,7 +94,10 @@ def test_refusals_leave_out_untouched(stdlib_data, tmp_path, capsys):
     assert (tmp_path / "taken" / "model.safetensors").is_file() and not (tmp_path / "taken" / "notes.txt").exists()
 
     assert main(["convert", "reshard", str(tmp_path / "taken"), str(tmp_path / "b"), "parallel.tp=2"]) == 1
-    assert "convert reshard writes the single-process layout" in capsys.readouterr().err
+    assert "parallel.tp, parallel.pp and parallel.zero_stage need parallel.engine=deepspeed" in capsys.readouterr().err
+    assert main(["convert", "reshard", str(tmp_path / "taken"), str(tmp_path / "b"), "parallel.engine=deepspeed",
+                 "parallel.tp=3"]) == 1
+    assert capsys.readouterr().err.strip() == "bigtrain: error: model.n_heads=4 is not divisible by parallel.tp=3"
     assert main(["convert", "reshard", str(tmp_path / "taken"), str(tmp_path / "b"), "parallel.tp=1"]) == 1
     assert "holds no readable AdamW state (a weights-only checkpoint" in capsys.readouterr().err
     assert main(["convert", "to-hf", str(tmp_path / "taken"), str(tmp_path / "hf-again")]) == 0  # weights suffice
