@@ -20,12 +20,13 @@ from bigtrain.distributed import safe_load
 from bigtrain.distributed.deepspeed_config import deepspeed_config
 from bigtrain.distributed.full_state import load_full_state
 from bigtrain.distributed.local import StepOutput, build_adamw
+from bigtrain.distributed.stage_build import Stage, model_stage
 from bigtrain.distributed.timing import PhaseTimer
 from bigtrain.distributed.topology import Topology
 from bigtrain.distributed.update_gate import UpdateGate
 from bigtrain.errors import BigtrainError
 from bigtrain.model import Llama, compile_blocks, lm_loss
-from bigtrain.model.tensor_parallel import apply_tensor_parallel, vocab_parallel_cross_entropy
+from bigtrain.model.tensor_parallel import vocab_parallel_cross_entropy
 
 TAG = "deepspeed"  # DeepSpeed's sub-directory inside a bigtrain checkpoint
 # the phase each instruction of DeepSpeed's 1F1B schedule counts as (waiting included)
@@ -65,29 +66,33 @@ def mark_for_grad_norm(stage: torch.nn.Module, tp_rank: int) -> None:
 class DeepSpeedEngine:
     """Wraps `deepspeed.initialize` behind the same `train_step` / `save` / `load` as the local engine."""
 
-    def __init__(self, model: Llama, cfg: Config, topology: Topology):
+    def __init__(self, model: Stage | Llama, cfg: Config, topology: Topology):
+        """`model` is this rank's share (`build_stage`), or a full model this rank then shards."""
         self.topology = topology
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
         self.timer = PhaseTimer(self.device)
         self.loss_fn = lm_loss
         if topology.tp > 1:
-            apply_tensor_parallel(model, topology.tp_group)
             self.loss_fn = partial(vocab_parallel_cross_entropy, group=topology.tp_group)
-        self.cfg, self.param_names = cfg, {id(p): name for name, p in model.named_parameters()}
+        stage = model if isinstance(model, Stage) else model_stage(model, topology)
+        self.cfg, self.param_names = cfg, stage.param_names()
         self.pipelined = topology.pp > 1
         if self.pipelined:
             module = PipelineModule(
-                layers=list(model.layers), loss_fn=self.loss_fn, topology=topology.grid._topo,
+                layers=stage.layers, loss_fn=self.loss_fn, topology=topology.grid._topo,
                 partition_method="type:Block",
                 activation_checkpoint_interval=1 if cfg.parallel.activation_checkpointing else 0,
             )
+            if (module._local_start, module._local_stop) != (stage.start, stage.stop):
+                raise RuntimeError(f"DeepSpeed gave this stage layers {module._local_start}..{module._local_stop}, "
+                                   f"not the {stage.start}..{stage.stop} built for it")
         else:
-            module = model
+            module = Llama(cfg.model, stage.layers)
             if cfg.parallel.activation_checkpointing:
-                for block in model.layers[1:-1]:
+                for block in module.layers[1:-1]:
                     block.forward = partial(torch.utils.checkpoint.checkpoint, block.forward, use_reentrant=False)
         if cfg.train.compile:
-            compile_blocks(model)
+            compile_blocks(stage.owned)
             if topology.tp == 1:
                 self.loss_fn = torch.compile(lm_loss, dynamic=False)
         optimizer = build_adamw(module, cfg.train)

@@ -75,7 +75,7 @@ class LocalEngine:
         self.model = model.to(self.device)
         self.loss_fn = lm_loss
         if cfg.compile:
-            compile_blocks(self.model)
+            compile_blocks(self.model.layers)
             self.loss_fn = torch.compile(lm_loss, dynamic=False)  # fuses softmax and its gradient
         self.autocast = lambda: autocast_for(self.device, cfg.precision)
         self.grad_clip = cfg.grad_clip

@@ -8,6 +8,7 @@ DeepSpeed ZeRO, or cut into pipeline stages. No parallelism lives in this file. 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -120,27 +121,46 @@ class Head(nn.Module):
         return self.lm_head(self.norm(x))
 
 
-class Llama(nn.Module):
-    """The decoder as `layers = [Embedding, Block × n_layers, Head]`, applied in order."""
+def make_layer(cfg: ModelConfig, index: int) -> nn.Module:
+    """Layer `index` of the list (0: embedding, 1..n_layers: blocks, n_layers + 1: head), freshly built."""
+    if index == 0:
+        return Embedding(cfg)
+    return Block(cfg) if index <= cfg.n_layers else Head(cfg)
 
-    def __init__(self, cfg: ModelConfig):
+
+def init_parameter(cfg: ModelConfig, name: str, p: torch.Tensor) -> None:
+    """Normal(0, init_std) for matrices; residual outputs scaled by 1/sqrt(2·n_layers) (GPT-2)."""
+    std = cfg.init_std
+    if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
+        nn.init.ones_(p)
+    elif name.endswith(("o_proj.weight", "down_proj.weight")):
+        nn.init.normal_(p, std=std / math.sqrt(2 * cfg.n_layers))
+    else:
+        nn.init.normal_(p, std=std)
+
+
+class Llama(nn.Module):
+    """The decoder as `layers = [Embedding, Block × n_layers, Head]`, applied in order.
+
+    Given `layers` (already built and initialised, as a distributed stage holds them), it only
+    wraps them; otherwise it builds and initialises the full model.
+    """
+
+    def __init__(self, cfg: ModelConfig, layers: list[nn.Module] | None = None):
         super().__init__()
         self.cfg = cfg
-        self.layers = nn.ModuleList([Embedding(cfg), *(Block(cfg) for _ in range(cfg.n_layers)), Head(cfg)])
+        if layers is not None:
+            self.layers = nn.ModuleList(layers)
+            return
+        self.layers = nn.ModuleList([make_layer(cfg, i) for i in range(cfg.n_layers + 2)])
         if cfg.tie_embeddings:
             self.layers[-1].lm_head.weight = self.layers[0].embed_tokens.weight
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Normal(0, init_std) for matrices; residual outputs scaled by 1/sqrt(2·n_layers) (GPT-2)."""
-        std = self.cfg.init_std
+        """`init_parameter` on every parameter in `named_parameters()` order (one global RNG stream)."""
         for name, p in self.named_parameters():
-            if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
-                nn.init.ones_(p)
-            elif name.endswith(("o_proj.weight", "down_proj.weight")):
-                nn.init.normal_(p, std=std / math.sqrt(2 * self.cfg.n_layers))
-            else:
-                nn.init.normal_(p, std=std)
+            init_parameter(self.cfg, name, p)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         x = tokens
@@ -154,11 +174,11 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
 
 
-def compile_blocks(model: Llama) -> None:
+def compile_blocks(layers: Iterable[nn.Module]) -> None:
     """`torch.compile` every block in place (fusing the norms, RoPE and SwiGLU element-wise work).
 
     Parameter names, and so checkpoints, stay unchanged; the blocks share one compiled graph.
     """
-    for layer in model.layers:
+    for layer in layers:
         if isinstance(layer, Block):
             layer.compile(dynamic=False)

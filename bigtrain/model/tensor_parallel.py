@@ -17,7 +17,7 @@ from torch import nn
 
 from bigtrain.config import ModelConfig
 from bigtrain.errors import BigtrainError
-from bigtrain.model.llama import Llama
+from bigtrain.model.llama import Block, Embedding, Head, Llama
 
 
 def check_tensor_parallel(cfg: ModelConfig, tp: int) -> None:
@@ -136,18 +136,16 @@ def _enter_region_on_input(module: nn.Module, group: dist.ProcessGroup) -> None:
     module.register_forward_pre_hook(lambda _, args: (copy_to_tp_region(args[0], group), *args[1:]))
 
 
-def apply_tensor_parallel(model: Llama, group: dist.ProcessGroup) -> Llama:
-    """Shard `model` in place across `group` by slicing its full weights; returns the model.
+def shard_layer(layer: nn.Module, group: dist.ProcessGroup) -> nn.Module:
+    """Shard one layer of the list (embedding, block or head) in place across `group`; returns it.
 
-    Each rank then computes exactly what the full model does, except that the logits are
-    vocab-sharded: use `vocab_parallel_cross_entropy` instead of `lm_loss`.
+    A head whose weight is tied to the embedding gets a sharded copy here: re-tie it to the
+    sharded embedding afterwards (as `apply_tensor_parallel` does).
     """
-    check_tensor_parallel(model.cfg, dist.get_world_size(group))
-    embedding, *blocks, head = model.layers
-    tied = head.lm_head.weight is embedding.embed_tokens.weight
-    embedding.embed_tokens = VocabParallelEmbedding(embedding.embed_tokens, group)
-    for block in blocks:
-        attn, mlp = block.self_attn, block.mlp
+    if isinstance(layer, Embedding):
+        layer.embed_tokens = VocabParallelEmbedding(layer.embed_tokens, group)
+    elif isinstance(layer, Block):
+        attn, mlp = layer.self_attn, layer.mlp
         attn.q_proj, attn.k_proj, attn.v_proj = (
             ColumnParallelLinear(lin, group) for lin in (attn.q_proj, attn.k_proj, attn.v_proj)
         )
@@ -157,8 +155,25 @@ def apply_tensor_parallel(model: Llama, group: dist.ProcessGroup) -> Llama:
         mlp.down_proj = RowParallelLinear(mlp.down_proj, group)
         _enter_region_on_input(attn, group)
         _enter_region_on_input(mlp, group)
-    head.lm_head = ColumnParallelLinear(head.lm_head, group)
-    _enter_region_on_input(head.lm_head, group)
+    elif isinstance(layer, Head):
+        layer.lm_head = ColumnParallelLinear(layer.lm_head, group)
+        _enter_region_on_input(layer.lm_head, group)
+    else:
+        raise TypeError(f"cannot shard a {type(layer).__name__}")
+    return layer
+
+
+def apply_tensor_parallel(model: Llama, group: dist.ProcessGroup) -> Llama:
+    """Shard `model` in place across `group` by slicing its full weights; returns the model.
+
+    Each rank then computes exactly what the full model does, except that the logits are
+    vocab-sharded: use `vocab_parallel_cross_entropy` instead of `lm_loss`.
+    """
+    check_tensor_parallel(model.cfg, dist.get_world_size(group))
+    embedding, head = model.layers[0], model.layers[-1]
+    tied = head.lm_head.weight is embedding.embed_tokens.weight
+    for layer in model.layers:
+        shard_layer(layer, group)
     if tied:
         head.lm_head.weight = embedding.embed_tokens.weight
     return model

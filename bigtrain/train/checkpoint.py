@@ -177,14 +177,20 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def load_initial_weights(model: Llama, path: str | Path) -> None:
-    """Load the full weights of checkpoint `path` (or a run's latest) into `model` (`model.init_from`)."""
+def initial_weights_file(path: str | Path, model: ModelConfig) -> Path:
+    """The checked `model.safetensors` of checkpoint `path` (or a run's latest) for `model.init_from`."""
     checkpoint = resolve_checkpoint(path)
     verify_files(checkpoint)
-    check_same_model(checkpoint, model.cfg)
+    check_same_model(checkpoint, model)
     if not (checkpoint / "model.safetensors").exists():
         raise BigtrainError(f"{checkpoint} holds only tensor/pipeline-parallel shards; "
                             "run bigtrain convert reshard first")
+    return checkpoint / "model.safetensors"
+
+
+def load_initial_weights(model: Llama, path: str | Path) -> None:
+    """Load the full weights of checkpoint `path` (or a run's latest) into `model` (`model.init_from`)."""
+    checkpoint = initial_weights_file(path, model.cfg).parent
     try:
         load_weights(model, checkpoint)
     except (OSError, SafetensorError) as e:

@@ -66,15 +66,17 @@ def find_resume_checkpoint(cfg: Config) -> Path | None:
 def build_engine(cfg: Config, init_from: str | None = None):
     """The local engine for one process, else DeepSpeed over the launched processes; the model
     starts from the weights of checkpoint `init_from` when given."""
-    model = Llama(cfg.model)
-    if init_from:
-        ckpt.load_initial_weights(model, init_from)
     if cfg.parallel.engine == "local":
+        model = Llama(cfg.model)
+        if init_from:
+            ckpt.load_initial_weights(model, init_from)
         return LocalEngine(model, cfg.train)
     from bigtrain.distributed.deepspeed_engine import DeepSpeedEngine  # imports DeepSpeed: slow
+    from bigtrain.distributed.stage_build import build_stage
 
+    init_file = ckpt.initial_weights_file(init_from, cfg.model) if init_from else None
     topology = init_topology(cfg)
-    return DeepSpeedEngine(model, cfg, topology)
+    return DeepSpeedEngine(build_stage(cfg.model, topology, init_file), cfg, topology)  # this rank's share only
 
 
 def train(cfg: Config, console: bool = True, stop: StopRequest | None = None) -> TrainResult:

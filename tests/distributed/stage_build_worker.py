@@ -1,0 +1,85 @@
+"""Run under torchrun: build this rank's stage while counting the parameter elements alive, then
+hand it to DeepSpeed and write the counts and a bitwise comparison with `Llama(cfg)` as JSON.
+
+Live elements are counted independently of the builder's own bookkeeping: every `nn.Parameter`
+the garbage collector can reach (distinct storages), sampled whenever a layer has just been
+constructed or a tensor-parallel shard just cut: the moments a full layer is alive.
+"""
+
+import gc
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from bigtrain.config import load_config
+from bigtrain.distributed import stage_build
+from bigtrain.distributed.deepspeed_engine import DeepSpeedEngine
+from bigtrain.distributed.topology import init_topology
+from bigtrain.model import Llama, tensor_parallel
+from bigtrain.model.llama import make_layer
+
+cfg = load_config(sys.argv[1], sys.argv[3:])
+topology = init_topology(cfg)
+peak = 0
+
+
+def live_parameter_elements() -> int:
+    storages = {p.untyped_storage().data_ptr(): p.numel() for p in gc.get_objects() if isinstance(p, nn.Parameter)}
+    return sum(storages.values())
+
+
+def probed(fn):
+    def wrapper(*args, **kwargs):
+        global peak
+        out = fn(*args, **kwargs)
+        peak = max(peak, live_parameter_elements())
+        return out
+    return wrapper
+
+
+stage_build.make_layer = probed(stage_build.make_layer)
+tensor_parallel._shard = probed(tensor_parallel._shard)
+
+
+def measured_build(build):
+    """The build's result and the most parameter elements it held at once (beyond those held before)."""
+    global peak
+    before = peak = live_parameter_elements()
+    torch.manual_seed(cfg.run.seed)
+    stage = build()
+    return stage, max(peak, live_parameter_elements()) - before
+
+
+# today's builder, then the full model sharded afterwards (what a caller holding one gets)
+stage, stage_peak = measured_build(lambda: stage_build.build_stage(cfg.model, topology))
+rng_after_stage = torch.get_rng_state()
+share = sum({id(p): p.numel() for layer in stage.owned for p in layer.parameters()}.values())
+engine = DeepSpeedEngine(stage, cfg, topology)  # PipelineModule must accept the stage as built
+engine_params = list(engine.model.parameters())
+del stage
+_, full_then_shard_peak = measured_build(lambda: stage_build.model_stage(Llama(cfg.model), topology))
+
+with torch.device("meta"):
+    layer_sizes = [sum(p.numel() for p in make_layer(cfg.model, i).parameters()) for i in range(cfg.model.n_layers + 2)]
+torch.manual_seed(cfg.run.seed)
+reference = dict(Llama(cfg.model).named_parameters())
+mismatches = []
+for p in engine_params:
+    name = engine.param_names[id(p)]
+    expected = reference[name]
+    if getattr(p, "tensor_model_parallel", False):
+        expected = expected.chunk(topology.tp, dim=p.partition_dim)[torch.distributed.get_rank(topology.tp_group)]
+    if not torch.equal(p.detach().cpu(), expected):
+        mismatches.append(name)
+report = {
+    "peak": stage_peak, "full_then_shard_peak": full_then_shard_peak, "share": share,
+    "largest_layer": max(layer_sizes), "full_model": sum(layer_sizes), "compared": len(engine_params),
+    "mismatches": mismatches, "rng_equal": torch.equal(rng_after_stage, torch.get_rng_state()),
+}
+Path(sys.argv[2], f"rank{topology.env.rank}.json").write_text(json.dumps(report))
+torch.distributed.barrier()
+os._exit(0)  # skip the interpreter's teardown, as zero_sizes_worker.py does
