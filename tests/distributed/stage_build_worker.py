@@ -12,6 +12,7 @@ import os
 import sys
 from pathlib import Path
 
+import safetensors.torch
 import torch
 from torch import nn
 
@@ -19,7 +20,7 @@ from bigtrain.config import load_config
 from bigtrain.distributed import stage_build
 from bigtrain.distributed.deepspeed_engine import DeepSpeedEngine
 from bigtrain.distributed.topology import init_topology
-from bigtrain.model import Llama, tensor_parallel
+from bigtrain.model import Llama, count_params, tensor_parallel
 from bigtrain.model.llama import make_layer
 
 cfg = load_config(sys.argv[1], sys.argv[3:])
@@ -54,7 +55,7 @@ def measured_build(build):
     return stage, max(peak, live_parameter_elements()) - before
 
 
-# today's builder, then the full model sharded afterwards (what a caller holding one gets)
+# the stage builder; then, for contrast, the full model built first and sharded afterwards
 stage, stage_peak = measured_build(lambda: stage_build.build_stage(cfg.model, topology))
 rng_after_stage = torch.get_rng_state()
 share = sum({id(p): p.numel() for layer in stage.owned for p in layer.parameters()}.values())
@@ -65,20 +66,35 @@ _, full_then_shard_peak = measured_build(lambda: stage_build.model_stage(Llama(c
 
 with torch.device("meta"):
     layer_sizes = [sum(p.numel() for p in make_layer(cfg.model, i).parameters()) for i in range(cfg.model.n_layers + 2)]
+
+
+def mismatches(params, names: dict[int, str], full: torch.nn.Module) -> list[str]:
+    """Names of the parameters that differ from their tensor-parallel slice of `full`."""
+    reference, differ = dict(full.named_parameters()), []
+    for p in params:
+        expected = reference[names[id(p)]]
+        if getattr(p, "tensor_model_parallel", False):
+            expected = expected.chunk(topology.tp, dim=p.partition_dim)[torch.distributed.get_rank(topology.tp_group)]
+        if not torch.equal(p.detach().cpu(), expected):
+            differ.append(names[id(p)])
+    return differ
+
+
 torch.manual_seed(cfg.run.seed)
-reference = dict(Llama(cfg.model).named_parameters())
-mismatches = []
-for p in engine_params:
-    name = engine.param_names[id(p)]
-    expected = reference[name]
-    if getattr(p, "tensor_model_parallel", False):
-        expected = expected.chunk(topology.tp, dim=p.partition_dim)[torch.distributed.get_rank(topology.tp_group)]
-    if not torch.equal(p.detach().cpu(), expected):
-        mismatches.append(name)
+engine_mismatches = mismatches(engine_params, engine.param_names, Llama(cfg.model))
+rng_equal = torch.equal(rng_after_stage, torch.get_rng_state())
+# `model.init_from`: each layer's weights read from the file as the layer is built
+torch.manual_seed(cfg.run.seed + 1)
+saved = Llama(cfg.model)
+init_file = Path(sys.argv[2], f"init{topology.env.rank}.safetensors")
+safetensors.torch.save_model(saved, str(init_file))
+loaded = stage_build.build_stage(cfg.model, topology, init_file)
+loaded_params = list({id(p): p for layer in loaded.owned for p in layer.parameters()}.values())
 report = {
     "peak": stage_peak, "full_then_shard_peak": full_then_shard_peak, "share": share,
-    "largest_layer": max(layer_sizes), "full_model": sum(layer_sizes), "compared": len(engine_params),
-    "mismatches": mismatches, "rng_equal": torch.equal(rng_after_stage, torch.get_rng_state()),
+    "largest_layer": max(layer_sizes), "full_model": count_params(cfg.model).total, "compared": len(engine_params),
+    "mismatches": engine_mismatches, "rng_equal": rng_equal, "loaded": len(loaded_params),
+    "init_from_mismatches": mismatches(loaded_params, loaded.param_names(), saved),
 }
 Path(sys.argv[2], f"rank{topology.env.rank}.json").write_text(json.dumps(report))
 torch.distributed.barrier()

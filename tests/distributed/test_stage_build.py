@@ -1,5 +1,5 @@
 """Each rank builds only its share of the model (plus one full layer at a time), bit for bit the
-slice of the single-process `Llama(cfg)` from the same seed."""
+slice of the single-process `Llama(cfg)` from the same seed, or of the `model.init_from` weights."""
 
 import json
 import os
@@ -13,7 +13,13 @@ pytestmark = pytest.mark.distributed
 MODEL = {"vocab_size": 512, "d_model": 64, "n_layers": 4, "n_heads": 4, "n_kv_heads": 2, "max_seq_len": 32}
 
 
-@pytest.mark.parametrize("layout", [["parallel.pp=2", "train.grad_accum=2"], ["parallel.tp=2"]], ids=["pp2", "tp2"])
+LAYOUTS = {
+    "pp2": ["parallel.pp=2", "train.grad_accum=2"],
+    "tp2-tied": ["parallel.tp=2", "model.tie_embeddings=true"],
+}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS.values(), ids=LAYOUTS)
 def test_rank_builds_only_its_share(layout, tmp_path):
     raw = {"run": {"seed": 5}, "model": MODEL, "data": {"seq_len": 32, "micro_batch": 2},
            "train": {"device": "cpu", "global_batch": 4 if "parallel.pp=2" in layout else 2}}
@@ -35,4 +41,5 @@ def test_rank_builds_only_its_share(layout, tmp_path):
         assert r["full_then_shard_peak"] >= r["full_model"] > r["share"] + r["largest_layer"]
         assert r["compared"] > 0 and r["mismatches"] == []
         assert r["rng_equal"]  # the global RNG ends where `Llama(cfg)` leaves it
+        assert r["loaded"] == r["compared"] and r["init_from_mismatches"] == []
     assert sum(r["share"] for r in ranks) >= ranks[0]["full_model"]  # together they hold it all
