@@ -36,8 +36,8 @@ def stage_bounds(cfg: ModelConfig, pp: int, stage: int) -> tuple[int, int]:
 
 @dataclass
 class Stage:
-    """The model's layer list as this rank holds it: built layers in [start, stop), `LayerSpec`s
-    (never built) elsewhere, the form `PipelineModule` takes."""
+    """The model's layer list as this rank holds it, the form `PipelineModule` takes: built layers
+    in [start, stop), elsewhere `LayerSpec`s never built (or, from `model_stage`, unused layers)."""
 
     layers: list[nn.Module | LayerSpec]
     start: int
