@@ -1,6 +1,20 @@
 """Small shared builders for tests."""
 
+import os
+import subprocess
+import sys
+
 from bigtrain.config import ModelConfig
+
+CPU_RANKS_ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+
+
+def torchrun(nproc: int, *args: str) -> subprocess.CompletedProcess:
+    """`torchrun --standalone` of `args` on `nproc` CPU (gloo) ranks, which must all succeed."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=CPU_RANKS_ENV, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
 
 
 def poisoned(build_engine, steps, factor=float("nan")):

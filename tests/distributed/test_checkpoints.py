@@ -5,8 +5,6 @@ single-process layout): training continues on the single-process loss curve."""
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -19,10 +17,10 @@ from bigtrain.convert.hf import to_hf
 from bigtrain.convert.reshard import reshard
 from bigtrain.train.checkpoint import load_trained_model
 from bigtrain.train.loop import train
+from tests.helpers import torchrun
 
 pytestmark = pytest.mark.distributed
 N = 3  # steps before and after the checkpoint
-ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
 
 
 def config(data, run_dir) -> dict:
@@ -35,12 +33,6 @@ def config(data, run_dir) -> dict:
         "checkpoint": {"every": N},
         "log": {"every": 1},
     }
-
-
-def torchrun(nproc: int, *args) -> None:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 @pytest.fixture(scope="module")

@@ -2,14 +2,13 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import yaml
 
 from bigtrain.config import from_dict
 from bigtrain.distributed.planner import Layout, memory_plan
+from tests.helpers import torchrun
 
 pytestmark = pytest.mark.distributed
 MODEL = {"vocab_size": 512, "d_model": 64, "n_layers": 4, "n_heads": 4, "n_kv_heads": 2, "max_seq_len": 32}
@@ -20,14 +19,8 @@ def test_planner_matches_deepspeed_allocations(stage, tmp_path):
     raw = {"model": MODEL, "data": {"seq_len": 32, "micro_batch": 4}, "train": {"device": "cpu", "grad_accum": 2}}
     config_path = tmp_path / "config.yaml"
     config_path.write_text(yaml.safe_dump(raw))
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
     worker = os.path.join(os.path.dirname(__file__), "zero_sizes_worker.py")
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", worker,
-         str(config_path), str(tmp_path), "parallel.engine=deepspeed", f"parallel.zero_stage={stage}"],
-        capture_output=True, text=True, env=env, timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    torchrun(2, worker, str(config_path), str(tmp_path), "parallel.engine=deepspeed", f"parallel.zero_stage={stage}")
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     total = ranks[0]["total_params"]
     # ZeRO itself: each rank holds half the optimizer state and, at stage 3, half the weights

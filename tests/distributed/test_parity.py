@@ -5,9 +5,6 @@ losses and gradient norms in its metrics.jsonl with the local engine's on the sa
 """
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -15,6 +12,7 @@ from safetensors.torch import load_file
 
 from bigtrain.config import from_dict
 from bigtrain.train.loop import train
+from tests.helpers import torchrun
 
 pytestmark = pytest.mark.distributed
 STEPS, GLOBAL_BATCH = 5, 8
@@ -46,13 +44,6 @@ def reference(stdlib_data, tmp_path_factory):
     return (*curve(run_dir), load_file(result.checkpoint / "model.safetensors"))
 
 
-def torchrun(nproc: int, config_path, overrides: list[str]) -> subprocess.CompletedProcess:
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "bigtrain", "train", str(config_path), *overrides]
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-
-
 LAYOUTS = {
     "dp2-zero0": (2, ["parallel.zero_stage=0", "data.micro_batch=4"]),
     "dp2-zero1": (2, ["parallel.zero_stage=1", "data.micro_batch=4"]),
@@ -77,8 +68,7 @@ def test_layout_matches_single_process(layout, reference, stdlib_data, tmp_path)
 
     config_path = tmp_path / "config.yaml"
     config_path.write_text(yaml.safe_dump(base_config(stdlib_data, tmp_path / "run")))
-    proc = torchrun(nproc, config_path, ["parallel.engine=deepspeed", *overrides])
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    torchrun(nproc, "-m", "bigtrain", "train", str(config_path), "parallel.engine=deepspeed", *overrides)
     losses, norms, val = curve(tmp_path / "run")
     ref_losses, ref_norms, ref_val, ref_weights = reference
     assert len(losses) == STEPS and len(val) == 2

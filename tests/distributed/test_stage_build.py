@@ -3,11 +3,11 @@ slice of the single-process `Llama(cfg)` from the same seed, or of the `model.in
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import yaml
+
+from tests.helpers import torchrun
 
 pytestmark = pytest.mark.distributed
 MODEL = {"vocab_size": 512, "d_model": 64, "n_layers": 4, "n_heads": 4, "n_kv_heads": 2, "max_seq_len": 32}
@@ -25,14 +25,8 @@ def test_rank_builds_only_its_share(layout, tmp_path):
            "train": {"device": "cpu", "global_batch": 4 if "parallel.pp=2" in layout else 2}}
     config_path = tmp_path / "config.yaml"
     config_path.write_text(yaml.safe_dump(raw))
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
     worker = os.path.join(os.path.dirname(__file__), "stage_build_worker.py")
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", worker,
-         str(config_path), str(tmp_path), "parallel.engine=deepspeed", *layout],
-        capture_output=True, text=True, env=env, timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    torchrun(2, worker, str(config_path), str(tmp_path), "parallel.engine=deepspeed", *layout)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     for r in ranks:
         assert r["peak"] <= r["share"] + r["largest_layer"]
