@@ -17,7 +17,8 @@ from bigtrain.data.corpus import write_default_corpus
 from bigtrain.data.prepare import iter_documents, prepare
 from bigtrain.data.shards import MANIFEST
 from bigtrain.data.tokenizer import TextTokenizer
-from bigtrain.distributed.local import LocalEngine, pick_device
+from bigtrain.distributed.device import pick_device
+from bigtrain.distributed.local import LocalEngine
 from bigtrain.errors import BigtrainError
 from bigtrain.eval.generate import generate
 from bigtrain.model import Llama

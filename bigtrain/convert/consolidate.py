@@ -20,25 +20,24 @@ import safetensors.torch
 import torch
 from safetensors import SafetensorError
 
+from bigtrain import compat
 from bigtrain.config import Config
 from bigtrain.convert.progress import status, track
 from bigtrain.distributed import safe_load
-from bigtrain.distributed.local import param_groups
-from bigtrain.errors import BigtrainError
-from bigtrain.model import Llama
-from bigtrain.train.checkpoint import (
-    checkpoint_config,
+from bigtrain.distributed.checkpoint_format import (
+    DEEPSPEED,
+    MOMENTS,
+    OPTIMIZER,
+    WEIGHTS,
+    adamw_moments,
+    load_optimizer,
+    parameter_names,
+    read_config,
     read_state,
-    resolve_checkpoint,
-    verify_files,
 )
-
-MOMENTS = ("exp_avg", "exp_avg_sq")
-SPLIT_DIM = {  # how tensor parallelism splits each weight (absent: replicated)
-    "embed_tokens.weight": 0, "q_proj.weight": 0, "k_proj.weight": 0, "v_proj.weight": 0,
-    "gate_proj.weight": 0, "up_proj.weight": 0, "lm_head.weight": 0,
-    "o_proj.weight": 1, "down_proj.weight": 1,
-}
+from bigtrain.distributed.layout import stage_bounds, tp_join
+from bigtrain.errors import BigtrainError
+from bigtrain.train.checkpoint import resolve_checkpoint, verify_files
 
 
 @dataclass
@@ -51,29 +50,22 @@ class FullCheckpoint:
     adam_step: torch.Tensor | None  # AdamW's step count (it skips bad steps, so may trail state["step"])
 
 
-def parameter_names(cfg: Config) -> list[str]:
-    """The one-process model's trainable parameters in AdamW group order (tied weights once)."""
-    with torch.device("meta"):
-        model = Llama(cfg.model)
-    names = {id(p): name for name, p in model.named_parameters()}
-    return [names[id(p)] for group in param_groups(model, 0.0) for p in group["params"]]
-
-
 def consolidate(path: str | Path) -> FullCheckpoint:
     """Read the checkpoint (or a run's latest) at `path` in whatever layout it was written."""
     checkpoint = resolve_checkpoint(path)
     verify_files(checkpoint)
-    cfg = checkpoint_config(checkpoint)
+    state = read_state(checkpoint)
+    cfg = read_config(checkpoint)
     p = cfg.parallel
     try:
         with safe_load.weights_only_loads(_allowed(cfg)):
-            if p.engine == "local" or not (checkpoint / "deepspeed").is_dir():
+            if p.engine == "local" or not (checkpoint / DEEPSPEED).is_dir():
                 status(f"reading {checkpoint} (single-process layout)")
                 weights, moments, step = _read_single_process(checkpoint, cfg)
             elif p.tp == 1 and p.pp == 1 and p.zero_stage > 0:
-                weights, moments, step = _read_zero(checkpoint / "deepspeed", cfg)
+                weights, moments, step = _read_zero(checkpoint / DEEPSPEED, cfg)
             else:
-                weights, moments, step = _read_model_parallel(checkpoint / "deepspeed", cfg)
+                weights, moments, step = _read_model_parallel(checkpoint / DEEPSPEED, cfg)
     except (OSError, RuntimeError, ValueError, KeyError, SafetensorError, pickle.UnpicklingError) as e:
         first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise BigtrainError(f"cannot read checkpoint {checkpoint}: {first_line}") from None
@@ -82,7 +74,7 @@ def consolidate(path: str | Path) -> FullCheckpoint:
         missing = sorted(set(expected) - set(weights))[:3]
         raise BigtrainError(f"{checkpoint} does not match its config.yaml: missing {missing or 'nothing'}, "
                             f"unexpected {sorted(set(weights) - set(expected))[:3] or 'nothing'}")
-    return FullCheckpoint(checkpoint, cfg, read_state(checkpoint), weights, moments, step)
+    return FullCheckpoint(checkpoint, cfg, state, weights, moments, step)
 
 
 @contextlib.contextmanager
@@ -98,48 +90,27 @@ def _allowed(cfg: Config) -> list[type]:
 
 def _read_single_process(checkpoint: Path, cfg: Config):
     """Full weights, AdamW moments (None when `optimizer.pt` is absent) and AdamW's step."""
-    weights = safetensors.torch.load_file(str(checkpoint / "model.safetensors"))
+    weights = safetensors.torch.load_file(str(checkpoint / WEIGHTS))
     names = parameter_names(cfg)
     weights = {name: weights[name].float() for name in names if name in weights}
-    if not (checkpoint / "optimizer.pt").is_file():  # weights only, e.g. made by `convert from-hf`
+    if not (checkpoint / OPTIMIZER).is_file():  # weights only, e.g. made by `convert from-hf`
         return weights, None, None
-    optimizer = safe_load.load(checkpoint / "optimizer.pt", map_location="cpu")
-    return (weights, *torch_adam_moments(optimizer, names))
-
-
-def torch_adam_moments(optimizer: dict[str, Any], names: list[str]):
-    """Moments of a torch AdamW state dict whose parameter indices follow `names`."""
-    indices = [i for group in optimizer["param_groups"] for i in group["params"]]
-    if len(indices) != len(names):
-        raise ValueError(f"optimizer state holds {len(indices)} parameters, the model {len(names)}")
-    moments, step = {}, None
-    for index, name in zip(indices, names, strict=True):
-        state = optimizer["state"].get(index)
-        if state:  # absent before the first update
-            moments[name] = {m: state[m].float() for m in MOMENTS}
-            step = state["step"]
-    return moments, step
+    return (weights, *adamw_moments(load_optimizer(checkpoint, map_location="cpu"), names))
 
 
 def _read_zero(ds_dir: Path, cfg: Config):
     """ZeRO-1/2/3: DeepSpeed's `zero_to_fp32` merge of every rank's fp32 partitions; the same
     merge, fed the partitions of exp_avg and exp_avg_sq, gives the moments."""
-    from deepspeed.utils import zero_to_fp32 as z
-
     status(f"merging ZeRO-{cfg.parallel.zero_stage} partitions of {ds_dir}")
     with _quiet():  # zero_to_fp32 prints its own progress
-        model_states = z.parse_model_states(z.get_model_state_files(str(ds_dir)))
-        zero_stage, world, fp32_groups, paddings = z.parse_optim_states(z.get_optim_files(str(ds_dir)), str(ds_dir))
+        zero_stage, world, fp32_groups, paddings, model_states, optim_files = compat.read_zero_checkpoint(str(ds_dir))
     optim = [safe_load.load(f, map_location="cpu")["optimizer_state_dict"]
-             for f in track(z.get_optim_files(str(ds_dir)), "reading optimizer shards")]
+             for f in track(optim_files, "reading optimizer shards")]
 
     def merge(flat_groups: list[list[torch.Tensor]]) -> dict[str, torch.Tensor]:
         with _quiet():
-            if zero_stage <= 2:
-                merged = z._get_fp32_state_dict_from_zero2_checkpoint(world, flat_groups, model_states, False, paddings)
-            else:
-                merged = z._get_fp32_state_dict_from_zero3_checkpoint(world, flat_groups, model_states, False)
-            return {k: v.float() for k, v in z.to_torch_tensor(merged).items()}
+            merged = compat.merge_zero_partitions(zero_stage, world, flat_groups, model_states, paddings)
+        return {k: v.float() for k, v in merged.items()}
 
     names = set(parameter_names(cfg))
     weights = {k: v for k, v in merge(fp32_groups).items() if k in names}
@@ -153,12 +124,9 @@ def _read_zero(ds_dir: Path, cfg: Config):
 def _read_model_parallel(ds_dir: Path, cfg: Config):
     """Tensor/pipeline-parallel (or plain) DeepSpeed checkpoints: per (stage, tp rank) weights from
     the layer or model files, AdamW state from the model files (ZeRO 0; under ZeRO-1 weights only)."""
-    from deepspeed.runtime.utils import partition_balanced
-
     p = cfg.parallel
     status(f"joining {p.pp} pipeline stage(s) × {p.tp} tensor-parallel rank(s) of {ds_dir}")
-    n = cfg.model.n_layers
-    parts = partition_balanced(weights=[0] + [1] * n + [0], num_parts=p.pp) if p.pp > 1 else [0, n + 2]
+    parts = stage_bounds(cfg.model.n_layers, p.pp)
     shards: dict[str, list[torch.Tensor]] = {}
     moment_shards: dict[str, dict[str, list[torch.Tensor]]] = {}
     step = None
@@ -180,18 +148,13 @@ def _read_model_parallel(ds_dir: Path, cfg: Config):
             shards.setdefault(name, []).append(local[name].float())
         if p.zero_stage > 0:  # ZeRO-1 partitions under tensor/pipeline parallelism: weights only
             continue
-        local_moments, local_step = torch_adam_moments(model_file["optimizer"], names)
+        local_moments, local_step = adamw_moments(model_file["optimizer"], names)
         step = local_step if local_step is not None else step
         for name, ms in local_moments.items():
             for m in MOMENTS:
                 moment_shards.setdefault(name, {}).setdefault(m, []).append(ms[m])
-    weights = {name: _join(name, parts_) for name, parts_ in shards.items()}
+    weights = {name: tp_join(name, parts_) for name, parts_ in shards.items()}
     if p.zero_stage > 0:
         return weights, None, None
-    moments = {name: {m: _join(name, ms[m]) for m in MOMENTS} for name, ms in moment_shards.items()}
+    moments = {name: {m: tp_join(name, ms[m]) for m in MOMENTS} for name, ms in moment_shards.items()}
     return weights, moments, step
-
-
-def _join(name: str, parts: list[torch.Tensor]) -> torch.Tensor:
-    dim = SPLIT_DIM.get(name.rsplit(".", 2)[-2] + "." + name.rsplit(".", 1)[-1])
-    return parts[0] if dim is None or len(parts) == 1 else torch.cat(parts, dim=dim)

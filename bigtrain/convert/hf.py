@@ -16,11 +16,12 @@ from typing import Any
 import safetensors.torch
 import torch
 
-from bigtrain.config import Config, DataConfig, ModelConfig, from_dict, load_config, save_config
-from bigtrain.convert.consolidate import consolidate, parameter_names
+from bigtrain.config import Config, DataConfig, ModelConfig, from_dict, load_config
+from bigtrain.convert.consolidate import consolidate
 from bigtrain.convert.output import output_dir, refuse_existing
 from bigtrain.convert.progress import status, track
 from bigtrain.data.tokenizer import EOS_TOKEN
+from bigtrain.distributed import checkpoint_format as fmt
 from bigtrain.errors import BigtrainError
 from bigtrain.model import Llama
 from bigtrain.train.checkpoint import write_file_list
@@ -113,7 +114,7 @@ def to_hf(checkpoint: str | Path, out: str | Path, max_shard_bytes: int = 5 * 2*
         write_safetensors(tensors, tmp, max_shard_bytes)
         (tmp / "config.json").write_text(json.dumps(hf_config(m), indent=2))
         (tmp / "generation_config.json").write_text(json.dumps({"eos_token_id": 0, "bos_token_id": None}, indent=2))
-        tokenizer = full.path / "tokenizer.json"
+        tokenizer = full.path / fmt.TOKENIZER
         if tokenizer.is_file():
             write_tokenizer_files(tokenizer, tmp, m.max_seq_len)
     status(f"wrote {out}: {len(tensors)} tensors, {sum(t.numel() for t in tensors.values()):,} parameters")
@@ -180,14 +181,14 @@ def from_hf(hf_dir: str | Path, out: str | Path, overrides: list[str] = (), over
     hf_weights = read_hf_weights(hf_dir)
     with output_dir(out, overwrite) as tmp:
         seq_len = min(DataConfig().seq_len, model["max_seq_len"])
-        save_config(from_dict({"model": model, "data": {"seq_len": seq_len}}), tmp / "config.yaml")
-        cfg = load_config(tmp / "config.yaml", list(overrides))  # overrides apply over the HF shape
+        fmt.write_config(tmp, from_dict({"model": model, "data": {"seq_len": seq_len}}))
+        cfg = load_config(tmp / fmt.CONFIG, list(overrides))  # overrides apply over the HF shape
         llama = _bigtrain_model(hf_weights, cfg, hf_dir)
-        safetensors.torch.save_model(llama, str(tmp / "model.safetensors"))
-        save_config(cfg, tmp / "config.yaml")
-        (tmp / "state.json").write_text(json.dumps({"step": 0, "tokens": 0, "converted_from": str(hf_dir)}, indent=1))
+        fmt.save_weights(llama, tmp)
+        fmt.write_config(tmp, cfg)
+        fmt.write_state(tmp, {"step": 0, "tokens": 0, "converted_from": str(hf_dir)})
         if (hf_dir / "tokenizer.json").is_file():
-            shutil.copyfile(hf_dir / "tokenizer.json", tmp / "tokenizer.json")
+            shutil.copyfile(hf_dir / "tokenizer.json", tmp / fmt.TOKENIZER)
         write_file_list(tmp)
     status(f"wrote {out}: {sum(p.numel() for p in llama.parameters()):,} parameters")
     return out
@@ -198,7 +199,7 @@ def _bigtrain_model(hf_weights: dict[str, torch.Tensor], cfg: Config, hf_dir: Pa
     weights = {from_hf_name(k, n): v.float() for k, v in hf_weights.items() if not k.endswith("rotary_emb.inv_freq")}
     if cfg.model.tie_embeddings:
         weights.pop(f"layers.{n + 1}.lm_head.weight", None)
-    expected = set(parameter_names(cfg))
+    expected = set(fmt.parameter_names(cfg))
     if set(weights) != expected:
         raise BigtrainError(f"{hf_dir}: weights do not match its config.json: missing "
                             f"{sorted(expected - set(weights))[:3]}, unexpected {sorted(set(weights) - expected)[:3]}")

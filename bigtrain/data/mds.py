@@ -23,6 +23,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
 import bigtrain
+from bigtrain import compat
 from bigtrain.data.loader import PackedTokens
 from bigtrain.data.prepare import TOKENIZER_FILE, prepare
 from bigtrain.data.shards import (
@@ -209,7 +210,6 @@ class StreamingWindowLoader:
                  seq_len: int, micro_batch: int, grad_accum: int = 1, dp_rank: int = 0,
                  dp_size: int = 1, seed: int = 0, shuffle: bool = True) -> None:
         from streaming import Stream, StreamingDataset
-        from streaming.base.world import World
 
         if min(micro_batch, grad_accum) < 1:
             raise BigtrainError("micro_batch and grad_accum must be positive")
@@ -259,8 +259,7 @@ class StreamingWindowLoader:
                     f"the cache belongs to another dataset; clear {cache}"
                 )
         # Partition by DP rank (not by process), so tensor/pipeline peers read the same samples.
-        self.dataset._parallel_rank_world = World(
-            num_nodes=dp_size, ranks_per_node=1, workers_per_rank=1, worker=dp_rank)
+        compat.partition_streaming_by(self.dataset, dp_rank, dp_size)
         self.source = ", ".join(self.names)
         self._thread_error: BaseException | None = None
         self._streaming_callback = self.dataset.on_exception

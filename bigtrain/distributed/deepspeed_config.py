@@ -9,15 +9,16 @@ from typing import Any
 import torch
 
 from bigtrain.config import Config
+from bigtrain.distributed.device import resolve_precision
+from bigtrain.distributed.layout import global_batch
 from bigtrain.errors import BigtrainError
 
 
 def deepspeed_config(cfg: Config, dp: int) -> dict[str, Any]:
     """ZeRO stage, batch sizes, clipping and precision; `parallel.deepspeed_overrides` merged last."""
     p, t = cfg.parallel, cfg.train
-    if t.precision in ("bf16", "fp16") and not torch.cuda.is_available():
-        raise BigtrainError(f"train.precision={t.precision} needs CUDA devices (use fp32 or auto on CPU)")
-    bf16 = t.precision == "bf16" or (t.precision == "auto" and torch.cuda.is_available())
+    precision = resolve_precision(t.precision, torch.device("cuda" if torch.cuda.is_available() else "cpu"),
+                                  "deepspeed")
     zero: dict[str, Any] = {"stage": p.zero_stage}
     if p.zero_stage > 0:
         zero.update({"overlap_comm": False, "contiguous_gradients": True, "reduce_scatter": True})
@@ -26,15 +27,15 @@ def deepspeed_config(cfg: Config, dp: int) -> dict[str, Any]:
             raise BigtrainError("parallel.offload_optimizer needs parallel.zero_stage >= 1")
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     config = {
-        "train_batch_size": cfg.data.micro_batch * t.grad_accum * dp,
+        "train_batch_size": global_batch(cfg, dp),
         "train_micro_batch_size_per_gpu": cfg.data.micro_batch,
         "gradient_accumulation_steps": t.grad_accum,
         "gradient_clipping": t.grad_clip or 0.0,
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,  # torch's AdamW, the same update as the local engine
         "zero_force_ds_cpu_optimizer": False,
-        "bf16": {"enabled": bf16},
-        "fp16": {"enabled": t.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }

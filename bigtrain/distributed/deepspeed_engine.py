@@ -3,7 +3,6 @@ stage, and DeepSpeed's pipeline engine (1F1B) when `parallel.pp > 1`."""
 
 from __future__ import annotations
 
-import contextlib
 from functools import partial
 from pathlib import Path
 
@@ -15,11 +14,14 @@ from deepspeed.pipe import PipelineModule
 from deepspeed.runtime.pipe import schedule
 from deepspeed.runtime.utils import clip_grad_norm_
 
-from bigtrain.config import Config, load_config
+from bigtrain import compat
+from bigtrain.config import Config
+from bigtrain.distributed import checkpoint_format as fmt
 from bigtrain.distributed import safe_load
 from bigtrain.distributed.deepspeed_config import deepspeed_config
+from bigtrain.distributed.engine import StepOutput
 from bigtrain.distributed.full_state import load_full_state
-from bigtrain.distributed.local import StepOutput, build_adamw
+from bigtrain.distributed.optimizer import build_adamw
 from bigtrain.distributed.stage_build import Stage, model_stage
 from bigtrain.distributed.timing import PhaseTimer
 from bigtrain.distributed.topology import Topology
@@ -28,7 +30,7 @@ from bigtrain.errors import BigtrainError
 from bigtrain.model import Llama, compile_blocks, lm_loss
 from bigtrain.model.tensor_parallel import vocab_parallel_cross_entropy
 
-TAG = "deepspeed"  # DeepSpeed's sub-directory inside a bigtrain checkpoint
+TAG = fmt.DEEPSPEED  # DeepSpeed's sub-directory inside a bigtrain checkpoint, and its tag
 # the phase each instruction of DeepSpeed's 1F1B schedule counts as (waiting included)
 PIPE_PHASES = {
     schedule.LoadMicroBatch: "load", schedule.ForwardPass: "forward", schedule.BackwardPass: "backward",
@@ -47,7 +49,7 @@ def time_pipeline_instructions(engine: deepspeed.PipelineEngine, timer: PhaseTim
                 return run(self, *args, **kwargs)
         return wrapper
 
-    engine._INSTRUCTION_MAP = {kind: timed(run, PIPE_PHASES[kind]) for kind, run in engine._INSTRUCTION_MAP.items()}
+    compat.wrap_pipeline_instructions(engine, lambda kind, run: timed(run, PIPE_PHASES[kind]))
 
 
 def mark_for_grad_norm(stage: torch.nn.Module, tp_rank: int) -> None:
@@ -60,7 +62,7 @@ def mark_for_grad_norm(stage: torch.nn.Module, tp_rank: int) -> None:
     if tp_rank == 0:
         for p in stage.parameters():
             if not getattr(p, "tensor_model_parallel", False):
-                p.model_parallel = True
+                compat.count_once_in_grad_norm(p)
 
 
 class DeepSpeedEngine:
@@ -79,12 +81,12 @@ class DeepSpeedEngine:
         self.pipelined = topology.pp > 1
         if self.pipelined:
             module = PipelineModule(
-                layers=stage.layers, loss_fn=self.loss_fn, topology=topology.grid._topo,
+                layers=stage.layers, loss_fn=self.loss_fn, topology=topology.process_topology,
                 partition_method="type:Block",
                 activation_checkpoint_interval=1 if cfg.parallel.activation_checkpointing else 0,
             )
-            if (module._local_start, module._local_stop) != (stage.start, stage.stop):
-                raise RuntimeError(f"DeepSpeed gave this stage layers {module._local_start}..{module._local_stop}, "
+            if compat.pipeline_stage_layers(module) != (stage.start, stage.stop):
+                raise RuntimeError(f"DeepSpeed gave this stage layers {compat.pipeline_stage_layers(module)}, "
                                    f"not the {stage.start}..{stage.stop} built for it")
         else:
             module = Llama(cfg.model, stage.layers)
@@ -110,7 +112,7 @@ class DeepSpeedEngine:
 
             self._grad_norm = clip_grad_norm_(self.model.parameters(), self.engine.gradient_clipping(), mpu=self.engine.mpu)
 
-        self.engine.clip_fp32_gradients = clip_and_record
+        compat.replace_fp32_clipping(self.engine, clip_and_record)
         if self.pipelined and cfg.train.spike_factor:
             raise BigtrainError("train.spike_factor needs parallel.pp=1 (the pipeline engine updates before the loss is known)")
         self.gate, self._step_loss, self._skip = UpdateGate(cfg.train.spike_factor), None, None
@@ -134,9 +136,6 @@ class DeepSpeedEngine:
         value = torch.tensor(float(flag), device=self.device)  # NCCL reduces only GPU tensors
         dist.all_reduce(value, op=dist.ReduceOp.MAX)
         return bool(value)
-
-    def autocast(self) -> contextlib.AbstractContextManager:
-        return contextlib.nullcontext()  # DeepSpeed casts the model itself when bf16 is on
 
     def train_step(self, micro_batches: list[torch.Tensor], lr: float) -> StepOutput:
         """One optimiser step; the returned loss is already averaged over the data-parallel group."""
@@ -171,8 +170,8 @@ class DeepSpeedEngine:
 
     def _norm_before_update(self) -> torch.Tensor | float:
         wrapper = self.engine.optimizer  # ZeRO and the bf16/fp16 optimizers measure it before stepping
-        if wrapper is not self._client_optimizer and getattr(wrapper, "_global_grad_norm", None) is not None:
-            return wrapper._global_grad_norm
+        if wrapper is not self._client_optimizer and compat.optimizer_grad_norm(wrapper) is not None:
+            return compat.optimizer_grad_norm(wrapper)
         if self._grad_norm is None:  # no clipping configured: measure without clipping
             self._grad_norm = clip_grad_norm_(self.model.parameters(), float("inf"), mpu=self.engine.mpu)
         return self._grad_norm
@@ -193,9 +192,7 @@ class DeepSpeedEngine:
         """The current dynamic fp16 loss scale (None without fp16)."""
         if not self.engine.fp16_enabled():
             return None
-        optimizer = self.engine.optimizer  # fp16 optimizers keep it in a config object or on themselves
-        scale = getattr(getattr(optimizer, "loss_scale_config", optimizer), "cur_scale", None)
-        return None if scale is None else float(scale)
+        return compat.fp16_loss_scale(self.engine.optimizer)
 
     def step_times(self) -> dict[str, float]:
         """Seconds per phase since the last call; with pipeline stages, also `stage{k}_{phase}`
@@ -235,7 +232,7 @@ class DeepSpeedEngine:
             with deepspeed.zero.GatheredParameters(params, enabled=self.engine.zero_optimization_stage() == 3):
                 if self.is_main:
                     state = {name: p.detach().float().cpu().clone() for name, p in self.model.named_parameters()}
-                    safetensors.torch.save_file(state, str(directory / "model.safetensors"))
+                    safetensors.torch.save_file(state, str(directory / fmt.WEIGHTS))
 
     def load(self, directory: Path) -> None:
         """DeepSpeed's own state of this layout, or the single-process layout (no `deepspeed/`:
@@ -254,7 +251,7 @@ class DeepSpeedEngine:
 
     def _check_saved_layout(self, directory: Path) -> None:
         """Refuse DeepSpeed state of another ZeRO stage, tp, pp or (ZeRO partitions) dp in one line."""
-        saved = load_config(directory / "config.yaml").parallel
+        saved = fmt.read_config(directory).parallel
         saved_dp = len(list((directory / TAG).glob("zero_pp_rank_*_mp_rank_00_optim_states.pt")))
 
         def layout(zero: int, tp: int, pp: int, dp: int) -> str:

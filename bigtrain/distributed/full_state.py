@@ -18,9 +18,10 @@ import torch
 import torch.distributed as dist
 from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
+from bigtrain import compat
 from bigtrain.config import Config
-from bigtrain.convert.consolidate import MOMENTS, parameter_names, torch_adam_moments
-from bigtrain.distributed import safe_load
+from bigtrain.distributed import checkpoint_format as fmt
+from bigtrain.distributed.layout import tp_slice
 from bigtrain.errors import BigtrainError
 
 
@@ -32,24 +33,25 @@ def load_full_state(engine: deepspeed.DeepSpeedEngine, adamw: torch.optim.Optimi
     in the one-process model, `tp_group` is the tensor-parallel group.
     """
     # memory-mapped / opened lazily, so each rank reads only the tensors of its own parameters
-    moments, step = torch_adam_moments(safe_load.load(directory / "optimizer.pt", map_location="cpu", mmap=True),
-                                       parameter_names(cfg))
+    moments, step = fmt.adamw_moments(fmt.load_optimizer(directory, map_location="cpu", mmap=True),
+                                      fmt.parameter_names(cfg))
     zero3 = engine.zero_optimization_stage() == 3
     own_state = {id(p) for group in adamw.param_groups for p in group["params"]}
     if step is not None:
         _create_adamw_state(engine.optimizer, adamw, step)
-    with safetensors.safe_open(str(directory / "model.safetensors"), framework="pt") as weights:
+    tp, tp_rank = dist.get_world_size(tp_group), dist.get_rank(tp_group)
+    with safetensors.safe_open(str(directory / fmt.WEIGHTS), framework="pt") as weights:
         for param in engine.module.parameters():
             name = names[id(param)]
-            value = _tp_slice(param, weights.get_tensor(name).float(), tp_group)
+            value = _part(param, name, weights.get_tensor(name).float(), tp, tp_rank)
             with deepspeed.zero.GatheredParameters([param], modifier_rank=0, enabled=zero3):
                 param.data.copy_(value)  # the working copy; under ZeRO-3 re-partitioned on exit
             safe_set_full_fp32_param(param, value)  # the fp32 master copy, where there is one
             if step is None:  # saved before the first update: AdamW starts afresh, as it would have
                 continue
-            for key in MOMENTS:
-                moment = _tp_slice(param, moments[name][key], tp_group) if name in moments else torch.zeros_like(value)
-                if hasattr(param, "ds_id") or hasattr(param, "_hp_mapping"):
+            for key in fmt.MOMENTS:
+                moment = _part(param, name, moments[name][key], tp, tp_rank) if name in moments else torch.zeros_like(value)
+                if compat.has_optimizer_fragment(param):
                     safe_set_full_optimizer_state(param, moment, key)
                 elif id(param) in own_state:
                     adamw.state[param][key].copy_(moment)
@@ -58,11 +60,10 @@ def load_full_state(engine: deepspeed.DeepSpeedEngine, adamw: torch.optim.Optimi
                                         "(fp16 without ZeRO); resume with parallel.zero_stage >= 1")
 
 
-def _tp_slice(param: torch.Tensor, full: torch.Tensor, tp_group: dist.ProcessGroup) -> torch.Tensor:
+def _part(param: torch.Tensor, name: str, full: torch.Tensor, tp: int, tp_rank: int) -> torch.Tensor:
     """This rank's part of `full`, cut as `apply_tensor_parallel` cut the parameter's weight."""
-    if getattr(param, "tensor_model_parallel", False):
-        full = full.chunk(dist.get_world_size(tp_group), dim=param.partition_dim)[dist.get_rank(tp_group)]
-    shape = getattr(param, "ds_shape", param.shape)  # ZeRO-3 keeps the unpartitioned shape there
+    full = tp_slice(full, name, tp, tp_rank)
+    shape = compat.full_shape(param)
     if full.shape != shape:
         raise BigtrainError(f"checkpoint tensor of shape {tuple(full.shape)} does not fit a parameter of shape "
                             f"{tuple(shape)}")
@@ -73,8 +74,7 @@ def _create_adamw_state(wrapper: object, adamw: torch.optim.Optimizer, step: tor
     """Give every tensor AdamW updates (the flat fp32 partitions under ZeRO) its state now, with zero
     moments and the saved step, instead of at its first update; then let DeepSpeed link each
     parameter's fragment of it (what its first step would do)."""
-    tensors = getattr(wrapper, "fp32_partitioned_groups_flat", None)  # ZeRO-3 swaps these in per step
-    tensors = tensors or [t for group in adamw.param_groups for t in group["params"]]
+    tensors = compat.optimizer_state_tensors(wrapper) or [t for group in adamw.param_groups for t in group["params"]]
     on_device = adamw.defaults.get("fused") or adamw.defaults.get("capturable")
     for t in tensors:
         adamw.state[t] = {
@@ -82,6 +82,4 @@ def _create_adamw_state(wrapper: object, adamw: torch.optim.Optimizer, step: tor
             "exp_avg": torch.zeros_like(t, memory_format=torch.preserve_format),
             "exp_avg_sq": torch.zeros_like(t, memory_format=torch.preserve_format),
         }
-    link = getattr(wrapper, "_lazy_init_hp_params_optimizer_state", None)  # ZeRO-1/2, bf16
-    if link is not None:
-        link()
+    compat.link_optimizer_state(wrapper)

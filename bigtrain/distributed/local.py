@@ -5,62 +5,19 @@ This is the debug mode and the reference every parallel layout is compared again
 
 from __future__ import annotations
 
-import contextlib
-from dataclasses import dataclass
 from pathlib import Path
 
-import safetensors.torch
 import torch
 from torch import nn
 
 from bigtrain.config import TrainConfig
-from bigtrain.distributed import safe_load
+from bigtrain.distributed import checkpoint_format as fmt
+from bigtrain.distributed.device import autocast_for, pick_device
+from bigtrain.distributed.engine import StepOutput
+from bigtrain.distributed.optimizer import build_adamw
 from bigtrain.distributed.timing import PhaseTimer
 from bigtrain.distributed.update_gate import UpdateGate
-from bigtrain.errors import BigtrainError
 from bigtrain.model import compile_blocks, lm_loss
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise BigtrainError("train.device=cuda but no CUDA device is visible")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
-
-
-def autocast_for(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA unless fp32 is asked for; plain fp32 on CPU."""
-    if precision == "fp16":
-        raise BigtrainError("train.precision=fp16 needs parallel.engine=deepspeed (dynamic loss scaling)")
-    if precision == "bf16" and device.type != "cuda":
-        raise BigtrainError("train.precision=bf16 needs a CUDA device (use fp32 or auto on CPU)")
-    if device.type == "cuda" and precision in ("auto", "bf16"):
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: matrices decay, vectors (norm weights) do not."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def build_adamw(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """torch's AdamW over `param_groups`, with the kernel `train.adamw_impl` names."""
-    impl = {"fused": {"fused": True}, "foreach": {"foreach": True}, "for-loop": {"foreach": False}}
-    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                             eps=cfg.eps, **impl[cfg.adamw_impl])
-
-
-@dataclass
-class StepOutput:
-    loss: torch.Tensor  # mean loss over the step's micro-batches (a device tensor: no host sync)
-    grad_norm: torch.Tensor  # total gradient norm before clipping
-    skipped: torch.Tensor  # True when the update was not applied (see `UpdateGate`)
 
 
 class LocalEngine:
@@ -132,18 +89,10 @@ class LocalEngine:
         return loss
 
     def save(self, directory: Path) -> None:
-        """Write the weights (safetensors) and the AdamW state into a checkpoint directory."""
-        safetensors.torch.save_model(self.model, str(directory / "model.safetensors"))
-        torch.save(self.optimizer.state_dict(), directory / "optimizer.pt")
+        """Write the weights and the AdamW state into a checkpoint directory."""
+        fmt.save_weights(self.model, directory)
+        fmt.save_optimizer(self.optimizer, directory)
 
     def load(self, directory: Path) -> None:
-        load_weights(self.model, directory)
-        state = safe_load.load(directory / "optimizer.pt", map_location=self.device)
-        self.optimizer.load_state_dict(state)
-
-
-def load_weights(model: nn.Module, directory: Path) -> None:
-    """Load `model.safetensors` from a checkpoint directory into `model` (strict)."""
-    missing, unexpected = safetensors.torch.load_model(model, str(directory / "model.safetensors"), strict=False)
-    if missing or unexpected:
-        raise BigtrainError(f"{directory} does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        fmt.load_weights(self.model, directory)
+        self.optimizer.load_state_dict(fmt.load_optimizer(directory, map_location=self.device))

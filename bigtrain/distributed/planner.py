@@ -1,7 +1,7 @@
 """Memory and step-time estimates for a layout (dp × tp × pp, ZeRO stage, micro-batch) before launch.
 
-Per-GPU bytes follow what DeepSpeed (the version pinned here) allocates, as checked against real
-allocations on 2 ranks in tests/distributed/test_memory_plan.py:
+Per-GPU bytes follow what DeepSpeed (the version pinned in pyproject.toml) allocates, as checked
+against real allocations on 2 ranks in tests/distributed/test_memory_plan.py:
 
 - parameters: N_rank × p, where N_rank is the largest pipeline stage's parameters (matmuls and
   the embedding split by tp, norms replicated), divided by dp under ZeRO-3;
@@ -26,10 +26,15 @@ allocations on 2 ranks in tests/distributed/test_memory_plan.py:
 from __future__ import annotations
 
 import itertools
-import math
 from dataclasses import dataclass, replace
 
 from bigtrain.config import Config, ModelConfig
+from bigtrain.distributed.layout import (
+    check_layout,
+    grad_accum_for,
+    layout_problem,
+    max_blocks_per_stage,
+)
 from bigtrain.errors import BigtrainError
 from bigtrain.model.flops import count_params, flops_per_token
 
@@ -97,7 +102,7 @@ def stage_params(m: ModelConfig, tp: int, pp: int) -> int:
     block = (counts.blocks // m.n_layers - norms_per_block) // tp + norms_per_block
     head_matrix = 0 if m.tie_embeddings else m.vocab_size * m.d_model
     embedding, head = counts.embedding // tp, head_matrix // tp + m.d_model
-    blocks_per_stage = math.ceil(m.n_layers / pp)
+    blocks_per_stage = max_blocks_per_stage(m.n_layers, pp)
     if pp == 1:
         return embedding + m.n_layers * block + head
     return max(embedding, head) + blocks_per_stage * block
@@ -136,7 +141,7 @@ def memory_plan(m: ModelConfig, seq_len: int, precision: str, layout: Layout) ->
     if zero == 3:
         block = count_params(m).blocks // m.n_layers // layout.tp
         buffers += PREFETCH_BUCKET * p_bytes + block * p_bytes
-    layers = math.ceil(m.n_layers / layout.pp)
+    layers = max_blocks_per_stage(m.n_layers, layout.pp)
     one = activation_bytes(m, seq_len, layout.micro_batch, layout.tp, layers, layout.activation_checkpointing)
     in_flight = min(layout.pp, layout.grad_accum) if layout.pp > 1 else 1
     offloaded = layout.offload and zero >= 1
@@ -160,7 +165,7 @@ def step_time(m: ModelConfig, seq_len: int, precision: str, layout: Layout, peak
     t = compute
     if layout.tp > 1:  # 2 all-reduces forward, 2 backward per block, of the block's activations
         volume = 4 * 2 * (layout.tp - 1) / layout.tp * tokens_per_gpu_row * m.d_model * p_bytes
-        t += volume * math.ceil(m.n_layers / layout.pp) / INTRA_NODE_BW
+        t += volume * max_blocks_per_stage(m.n_layers, layout.pp) / INTRA_NODE_BW
     if layout.dp > 1:
         n = stage_params(m, layout.tp, layout.pp)
         ring = 2 * (layout.dp - 1) / layout.dp * n
@@ -179,43 +184,34 @@ def fits(plan: MemoryPlan, gpu_mem_gib: float) -> bool:
 def config_layout(cfg: Config, gpus: int) -> Layout:
     """The layout `cfg` asks for on `gpus` GPUs; `train.global_batch`, when set, fixes grad_accum.
     A local-engine config on more than one GPU is planned as DeepSpeed."""
-    from bigtrain.distributed.topology import check_layout
-
     p, t = cfg.parallel, cfg.train
     probe = replace(cfg, parallel=replace(p, engine="deepspeed"), train=replace(t, global_batch=None))
     dp = check_layout(probe, gpus)
-    grad_accum = t.grad_accum
-    if t.global_batch is not None:
-        if t.global_batch % (cfg.data.micro_batch * dp):
-            raise BigtrainError(f"train.global_batch={t.global_batch} is not a multiple of data.micro_batch × dp = "
-                                f"{cfg.data.micro_batch} × {dp}")
-        grad_accum = t.global_batch // (cfg.data.micro_batch * dp)
     return Layout(dp=dp, tp=p.tp, pp=p.pp, zero=p.zero_stage, micro_batch=cfg.data.micro_batch,
-                  grad_accum=grad_accum, offload=p.offload_optimizer,
+                  grad_accum=grad_accum_for(cfg, dp), offload=p.offload_optimizer,
                   activation_checkpointing=p.activation_checkpointing, local=p.engine == "local" and gpus == 1)
 
 
 def candidate_layouts(cfg: Config, gpus: int, gpus_per_node: int) -> list[Layout]:
-    """Every (dp, tp, pp, zero, micro-batch, checkpointing) that keeps the config's global batch."""
-    m = cfg.model
+    """Every (dp, tp, pp, zero, micro-batch, checkpointing) that keeps the config's global batch and
+    passes the layout check."""
     base = config_layout(cfg, gpus)
-    global_batch = base.micro_batch * base.grad_accum * base.dp
+    batch = base.micro_batch * base.grad_accum * base.dp
     out = []
-    for tp in (t for t in range(1, gpus_per_node + 1) if gpus % t == 0):
-        if any(x % tp for x in (m.n_heads, m.kv_heads, m.vocab_size, m.ffn_dim)):
+    for tp, pp in itertools.product(range(1, gpus_per_node + 1), range(1, gpus + 1)):
+        if gpus % (tp * pp) or batch % (gpus // (tp * pp)):
             continue
-        for pp in (q for q in range(1, min(m.n_layers, gpus // tp) + 1) if gpus % (tp * q) == 0):
-            if pp > 1 and m.tie_embeddings:
-                continue
-            dp = gpus // (tp * pp)
-            if global_batch % dp:
-                continue
-            per_replica = global_batch // dp
-            for micro_batch in (b for b in range(1, per_replica + 1) if per_replica % b == 0):
-                for zero in range(1 if dp == 1 else 2 if pp > 1 else 4):  # ZeRO needs dp > 1
-                    for offload, checkpointing in itertools.product((False, True) if zero else (False,), (False, True)):
-                        out.append(Layout(dp, tp, pp, zero, micro_batch, per_replica // micro_batch,
-                                          offload, checkpointing))
+        dp = gpus // (tp * pp)
+        per_replica = batch // dp
+        for micro_batch in (b for b in range(1, per_replica + 1) if per_replica % b == 0):
+            for zero in range(1 if dp == 1 else 4):  # ZeRO needs dp > 1
+                probe = replace(cfg, parallel=replace(cfg.parallel, engine="deepspeed", tp=tp, pp=pp, zero_stage=zero),
+                                data=replace(cfg.data, micro_batch=micro_batch),
+                                train=replace(cfg.train, grad_accum=per_replica // micro_batch, global_batch=batch))
+                if layout_problem(probe, gpus):
+                    continue
+                for offload, checkpointing in itertools.product((False, True) if zero else (False,), (False, True)):
+                    out.append(Layout(dp, tp, pp, zero, micro_batch, per_replica // micro_batch, offload, checkpointing))
     return out
 
 

@@ -17,7 +17,9 @@ from typing import Any
 
 import torch
 
-_torch_load = torch.load
+from bigtrain import compat
+
+_torch_load = torch.load  # the real one, also while `weights_only_loads` has replaced it
 
 
 def load(path: str | Path, map_location: Any = None, **kwargs: Any) -> Any:
@@ -50,23 +52,15 @@ def check_files(directory: Path, allowed: list[type]) -> None:
 
 def deepspeed_globals() -> list[type]:
     """The plain-data classes DeepSpeed pickles into its checkpoints (loss scaler, ZeRO stage, …)."""
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+    return compat.deepspeed_checkpoint_classes()
 
 
 @contextlib.contextmanager
 def weights_only_loads(allowed: list[type]) -> Iterator[None]:
     """Within the block, every `torch.load` (by any library) is `load` above, allowing `allowed`."""
-    def patched(f: Any, map_location: Any = None, **kwargs: Any) -> Any:
+    def weights_only(f: Any, map_location: Any = None, **kwargs: Any) -> Any:
         kwargs.pop("weights_only", None)
         return load(f, map_location=map_location, **kwargs)
 
-    torch.load = patched
-    try:
-        with torch.serialization.safe_globals(allowed):
-            yield
-    finally:
-        torch.load = _torch_load
+    with compat.replaced_torch_load(weights_only), torch.serialization.safe_globals(allowed):
+        yield

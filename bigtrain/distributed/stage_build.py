@@ -16,22 +16,22 @@ from pathlib import Path
 import safetensors
 import torch
 from deepspeed.pipe import LayerSpec
-from deepspeed.runtime.utils import partition_balanced
 from safetensors import SafetensorError
 from torch import nn
 
 from bigtrain.config import ModelConfig
+from bigtrain.distributed.layout import check_tensor_parallel, stage_bounds
+from bigtrain.distributed.tensor_parallel import apply_tensor_parallel, shard_layer
 from bigtrain.distributed.topology import Topology
 from bigtrain.errors import BigtrainError
 from bigtrain.model.llama import Llama, init_parameter, make_layer
-from bigtrain.model.tensor_parallel import apply_tensor_parallel, check_tensor_parallel, shard_layer
 
 
-def stage_bounds(cfg: ModelConfig, pp: int, stage: int) -> tuple[int, int]:
-    """Layers [start, stop) of `stage`, as DeepSpeed's `partition_method="type:Block"` cuts them."""
-    is_block = [0] + [1] * cfg.n_layers + [0]
-    parts = partition_balanced(weights=is_block, num_parts=pp)
-    return parts[stage], parts[stage + 1]
+def stage_of(cfg: ModelConfig, topology: Topology) -> tuple[int, int]:
+    """Layers [start, stop) of this rank's pipeline stage."""
+    bounds = stage_bounds(cfg.n_layers, topology.pp)
+    stage = topology.grid.get_stage_id()
+    return bounds[stage], bounds[stage + 1]
 
 
 @dataclass
@@ -60,7 +60,7 @@ def model_stage(model: Llama, topology: Topology) -> Stage:
     """The stage of an already built full model, sharded in place (for a caller that holds one)."""
     if topology.tp > 1:
         apply_tensor_parallel(model, topology.tp_group)
-    return Stage(list(model.layers), *stage_bounds(model.cfg, topology.pp, topology.grid.get_stage_id()))
+    return Stage(list(model.layers), *stage_of(model.cfg, topology))
 
 
 class _InitialWeights:
@@ -115,7 +115,7 @@ def build_stage(cfg: ModelConfig, topology: Topology, init_file: Path | None = N
     if topology.tp > 1:
         check_tensor_parallel(cfg, topology.tp)
     count = cfg.n_layers + 2
-    start, stop = stage_bounds(cfg, topology.pp, topology.grid.get_stage_id())
+    start, stop = stage_of(cfg, topology)
     for i in range(count):  # pass 1: the constructors' draws, all made before any initialisation
         make_layer(cfg, i)
     weights = _InitialWeights(init_file) if init_file else None

@@ -1,4 +1,4 @@
-"""Process topology: world = pp × dp × tp, ranks ↔ coordinates, and the process groups.
+"""Process topology: this process's rank and its process groups in the pp × dp × tp grid.
 
 Ranks come from torchrun (`RANK`, `WORLD_SIZE`, `LOCAL_RANK`), Slurm (`SLURM_PROCID`,
 `SLURM_NTASKS`, `SLURM_LOCALID`) or a lone process. The groups are DeepSpeed's own
@@ -17,8 +17,8 @@ import torch
 import torch.distributed as dist
 
 from bigtrain.config import Config
-from bigtrain.distributed.local import pick_device
-from bigtrain.errors import BigtrainError
+from bigtrain.distributed.device import pick_device
+from bigtrain.distributed.layout import check_layout
 
 
 @dataclass(frozen=True)
@@ -61,34 +61,6 @@ def export_rendezvous_env() -> None:
     env.setdefault("MASTER_PORT", "29500")
 
 
-def check_layout(cfg: Config, world_size: int) -> int:
-    """Refuse impossible layouts before any process group exists; return the data-parallel size."""
-    p, m, t = cfg.parallel, cfg.model, cfg.train
-    if p.engine == "local" and world_size > 1:
-        raise BigtrainError(f"parallel.engine=local runs one process, but {world_size} were launched; use parallel.engine=deepspeed")
-    if p.engine == "local" and (p.tp > 1 or p.pp > 1 or p.zero_stage > 0):
-        raise BigtrainError("parallel.tp, parallel.pp and parallel.zero_stage need parallel.engine=deepspeed")
-    if world_size % (p.tp * p.pp):
-        raise BigtrainError(f"world size {world_size} is not divisible by parallel.tp × parallel.pp = {p.tp * p.pp}")
-    for key, value in (("n_heads", m.n_heads), ("n_kv_heads", m.kv_heads), ("vocab_size", m.vocab_size), ("ffn_dim", m.ffn_dim)):
-        if value % p.tp:
-            raise BigtrainError(f"model.{key}={value} is not divisible by parallel.tp={p.tp}")
-    if m.n_layers < p.pp:
-        raise BigtrainError(f"model.n_layers={m.n_layers} is fewer than parallel.pp={p.pp} pipeline stages")
-    if p.pp > 1 and p.zero_stage > 1:
-        raise BigtrainError(f"parallel.zero_stage={p.zero_stage} cannot be combined with pipeline parallelism (use 0 or 1)")
-    if p.pp > 1 and m.tie_embeddings:
-        raise BigtrainError("model.tie_embeddings is not supported with parallel.pp > 1")
-    dp = world_size // (p.tp * p.pp)
-    derived = cfg.data.micro_batch * t.grad_accum * dp
-    if t.global_batch is not None and t.global_batch != derived:
-        raise BigtrainError(
-            f"train.global_batch={t.global_batch} but data.micro_batch × train.grad_accum × dp = "
-            f"{cfg.data.micro_batch} × {t.grad_accum} × {dp} = {derived}"
-        )
-    return dp
-
-
 @dataclass
 class Topology:
     """Where this process sits in the pp × dp × tp grid, with its process groups."""
@@ -97,7 +69,8 @@ class Topology:
     dp: int
     tp: int
     pp: int
-    grid: object  # deepspeed PipelineParallelGrid: the mpu handed to deepspeed.initialize
+    process_topology: object  # deepspeed PipeModelDataParallelTopology: rank ↔ (pipe, data, model)
+    grid: object  # deepspeed PipelineParallelGrid over it: the mpu handed to deepspeed.initialize
 
     @property
     def dp_rank(self) -> int:
@@ -110,10 +83,6 @@ class Topology:
     @property
     def dp_group(self) -> dist.ProcessGroup:
         return self.grid.get_data_parallel_group()
-
-    @property
-    def is_logging_rank(self) -> bool:
-        return self.env.rank == 0
 
 
 def init_topology(cfg: Config) -> Topology:
@@ -136,4 +105,5 @@ def init_topology(cfg: Config) -> Topology:
             verbose=False,
         )
     topology = PipeModelDataParallelTopology(num_pp=cfg.parallel.pp, num_mp=cfg.parallel.tp, num_dp=dp)
-    return Topology(env=env, dp=dp, tp=cfg.parallel.tp, pp=cfg.parallel.pp, grid=PipelineParallelGrid(topology))
+    return Topology(env=env, dp=dp, tp=cfg.parallel.tp, pp=cfg.parallel.pp, process_topology=topology,
+                    grid=PipelineParallelGrid(topology))

@@ -10,13 +10,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from bigtrain.distributed.layout import check_tensor_parallel
+from bigtrain.distributed.tensor_parallel import apply_tensor_parallel
 from bigtrain.errors import BigtrainError
 from bigtrain.model import Llama, lm_loss
-from bigtrain.model.tensor_parallel import (
-    apply_tensor_parallel,
-    check_tensor_parallel,
-    vocab_parallel_cross_entropy,
-)
+from bigtrain.model.tensor_parallel import vocab_parallel_cross_entropy
 from tests.helpers import small_model_config
 
 SHAPE = {"vocab_size": 96, "ffn_hidden": 64}

@@ -4,9 +4,9 @@ import pytest
 
 from bigtrain.config import from_dict
 from bigtrain.distributed.deepspeed_config import deepspeed_config, merge
+from bigtrain.distributed.layout import check_layout
 from bigtrain.distributed.topology import (
     ProcessEnv,
-    check_layout,
     export_rendezvous_env,
     first_host,
     process_env,

@@ -33,7 +33,9 @@ import torch
 from common import load_average, record
 
 from bigtrain.config import Config, ModelConfig, load_config
-from bigtrain.distributed.local import LocalEngine, autocast_for, build_adamw
+from bigtrain.distributed.device import autocast_for
+from bigtrain.distributed.local import LocalEngine
+from bigtrain.distributed.optimizer import build_adamw
 from bigtrain.model import Llama, count_params, flops_per_token
 from bigtrain.train.host_memory import reuse_freed_memory
 from bigtrain.train.loop import set_determinism

@@ -1,0 +1,147 @@
+"""Every use of a library's private internals, in one place.
+
+DeepSpeed and mosaicml-streaming are pinned to the minor versions these were checked against
+(pyproject.toml); tests/unit/test_compat.py fails, naming the internal, when an upgrade removes one.
+Nothing else in bigtrain touches a private name of another library.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+
+# --- DeepSpeed: the pipeline engine -------------------------------------------------------------
+
+
+def wrap_pipeline_instructions(engine: Any, wrap: Callable[[type, Callable], Callable]) -> None:
+    """Replace each 1F1B instruction's handler `run` of the pipeline `engine` by `wrap(kind, run)`."""
+    engine._INSTRUCTION_MAP = {kind: wrap(kind, run) for kind, run in engine._INSTRUCTION_MAP.items()}
+
+
+def pipeline_stage_layers(module: Any) -> tuple[int, int]:
+    """Layers [start, stop) a `PipelineModule` assigned to this rank's stage."""
+    return module._local_start, module._local_stop
+
+
+# --- DeepSpeed: gradient norm, clipping, loss scale ----------------------------------------------
+
+
+def optimizer_grad_norm(wrapper: Any) -> torch.Tensor | float | None:
+    """The global gradient norm a ZeRO / bf16 / fp16 optimizer wrapper measured before stepping."""
+    return getattr(wrapper, "_global_grad_norm", None)
+
+
+def replace_fp32_clipping(engine: Any, clip: Callable[[], None]) -> None:
+    """Run `clip` where the engine (no ZeRO, fp32) clips its gradients before the optimizer step."""
+    engine.clip_fp32_gradients = clip
+
+
+def fp16_loss_scale(wrapper: Any) -> float | None:
+    """The current dynamic fp16 loss scale of DeepSpeed's fp16 optimizer wrappers."""
+    scale = getattr(getattr(wrapper, "loss_scale_config", wrapper), "cur_scale", None)
+    return None if scale is None else float(scale)
+
+
+def count_once_in_grad_norm(param: torch.nn.Parameter) -> None:
+    """Make DeepSpeed's global gradient norm count a replicated `param` on this rank (DeepSpeed
+    counts parameters marked model-parallel, else only those of rank 0 of the model-parallel group)."""
+    param.model_parallel = True
+
+
+def mark_tensor_parallel(param: torch.nn.Parameter, dim: int) -> None:
+    """Megatron's marks on a tensor-parallel shard: DeepSpeed's gradient norm then counts it on
+    every tensor-parallel rank; `partition_dim`/`partition_stride` describe the split."""
+    param.tensor_model_parallel = True
+    param.partition_dim = dim
+    param.partition_stride = 1
+
+
+# --- DeepSpeed: optimizer state placement --------------------------------------------------------
+
+
+def has_optimizer_fragment(param: torch.nn.Parameter) -> bool:
+    """True when ZeRO (`ds_id`) or a mixed-precision optimizer (`_hp_mapping`) owns `param`'s
+    fp32 state, so the tensor-fragment API (`safe_set_full_optimizer_state`) places it."""
+    return hasattr(param, "ds_id") or hasattr(param, "_hp_mapping")
+
+
+def full_shape(param: torch.nn.Parameter) -> torch.Size:
+    """`param`'s shape before ZeRO-3 partitioned it."""
+    return getattr(param, "ds_shape", param.shape)
+
+
+def optimizer_state_tensors(wrapper: Any) -> list[torch.Tensor] | None:
+    """The flat fp32 partitions ZeRO-3 hands its optimizer at each step (None for other wrappers)."""
+    return getattr(wrapper, "fp32_partitioned_groups_flat", None)
+
+
+def link_optimizer_state(wrapper: Any) -> None:
+    """Let ZeRO-1/2 or the bf16 optimizer link each parameter's fragment of freshly created
+    optimizer state, as its first step would."""
+    link = getattr(wrapper, "_lazy_init_hp_params_optimizer_state", None)
+    if link is not None:
+        link()
+
+
+# --- DeepSpeed: ZeRO checkpoints (zero_to_fp32) -----------------------------------------------
+
+
+def read_zero_checkpoint(ds_dir: str) -> tuple[int, int, list, list, Any, list[str]]:
+    """(zero stage, world size, fp32 flat groups, paddings, model states, optimizer files) of the
+    ZeRO checkpoint in `ds_dir`, read by DeepSpeed's `zero_to_fp32`."""
+    from deepspeed.utils import zero_to_fp32 as z
+
+    model_states = z.parse_model_states(z.get_model_state_files(ds_dir))
+    optim_files = z.get_optim_files(ds_dir)
+    zero_stage, world, fp32_groups, paddings = z.parse_optim_states(optim_files, ds_dir)
+    return zero_stage, world, fp32_groups, paddings, model_states, optim_files
+
+
+def merge_zero_partitions(zero_stage: int, world: int, flat_groups: list, model_states: Any,
+                          paddings: list) -> dict[str, torch.Tensor]:
+    """Full tensors by parameter name from every rank's flat partitions (weights or a moment)."""
+    from deepspeed.utils import zero_to_fp32 as z
+
+    if zero_stage <= 2:
+        merged = z._get_fp32_state_dict_from_zero2_checkpoint(world, flat_groups, model_states, False, paddings)
+    else:
+        merged = z._get_fp32_state_dict_from_zero3_checkpoint(world, flat_groups, model_states, False)
+    return z.to_torch_tensor(merged)
+
+
+def deepspeed_checkpoint_classes() -> list[type]:
+    """The plain-data classes DeepSpeed pickles into its checkpoints (loss scaler, ZeRO stage, …)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+# --- mosaicml-streaming ----------------------------------------------------------------------------
+
+
+def partition_streaming_by(dataset: Any, dp_rank: int, dp_size: int) -> None:
+    """Make a `StreamingDataset` partition its samples by data-parallel rank instead of by process,
+    so tensor/pipeline peers read the same samples."""
+    from streaming.base.world import World
+
+    dataset._parallel_rank_world = World(num_nodes=dp_size, ranks_per_node=1, workers_per_rank=1, worker=dp_rank)
+
+
+# --- torch ----------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def replaced_torch_load(load: Callable[..., Any]) -> Iterator[None]:
+    """Within the block, every `torch.load` (by any library: DeepSpeed's checkpoint engine and
+    `zero_to_fp32` call it themselves) is `load`."""
+    original = torch.load
+    torch.load = load
+    try:
+        yield
+    finally:
+        torch.load = original

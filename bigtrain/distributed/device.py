@@ -1,0 +1,36 @@
+"""Which device a process trains on and in which precision: one policy for every engine."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from bigtrain.errors import BigtrainError
+
+
+def pick_device(name: str) -> torch.device:
+    """`train.device`: auto is the GPU when one is visible, else the CPU."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise BigtrainError("train.device=cuda but no CUDA device is visible")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def resolve_precision(precision: str, device: torch.device, engine: str) -> str:
+    """`train.precision` as fp32, bf16 or fp16 on `device` (auto: bf16 on CUDA, fp32 elsewhere)."""
+    if precision in ("bf16", "fp16") and device.type != "cuda":
+        raise BigtrainError(f"train.precision={precision} needs a CUDA device (use fp32 or auto on CPU)")
+    if precision == "fp16" and engine == "local":
+        raise BigtrainError("train.precision=fp16 needs parallel.engine=deepspeed (dynamic loss scaling)")
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return precision
+
+
+def autocast_for(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """The local engine's mixed precision: bf16 autocast over fp32 weights, or plain fp32."""
+    if resolve_precision(precision, device, "local") == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()

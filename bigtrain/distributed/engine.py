@@ -1,0 +1,41 @@
+"""What the training loop and checkpoints ask of an engine (the local one or DeepSpeed)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from bigtrain.distributed.timing import PhaseTimer
+from bigtrain.distributed.update_gate import UpdateGate
+
+
+@dataclass
+class StepOutput:
+    loss: torch.Tensor  # mean loss over the step's micro-batches (a device tensor: no host sync)
+    grad_norm: torch.Tensor  # total gradient norm before clipping
+    skipped: torch.Tensor  # True when the update was not applied (see `UpdateGate`)
+
+
+class Engine(Protocol):
+    rank: int
+    world_size: int
+    dp_rank: int
+    dp_size: int
+    is_main: bool  # rank 0: logs, writes the run directory
+    device: torch.device
+    timer: PhaseTimer
+    gate: UpdateGate
+    overflow_steps: int
+    loss_scale: float | None
+
+    def train_step(self, micro_batches: list[torch.Tensor], lr: float) -> StepOutput: ...
+    def eval_loss(self, tokens: torch.Tensor) -> torch.Tensor: ...
+    def step_times(self) -> dict[str, float]: ...
+    def any_rank(self, flag: bool) -> bool: ...
+    def sum_across_dp(self, tensor: torch.Tensor) -> torch.Tensor: ...
+    def barrier(self) -> None: ...
+    def save(self, directory: Path) -> None: ...
+    def load(self, directory: Path) -> None: ...

@@ -1,0 +1,155 @@
+"""The parallel layout, in one place: world = pp × dp × tp, which weight splits along which
+dimension under tensor parallelism, the layers of each pipeline stage, the one check of a layout,
+and the global-batch arithmetic.
+
+Every other module asks this one: config checks at launch, the engines, the planner's candidate
+filter, checkpoint consolidation and `convert reshard`. Errors name keys a user can set.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+
+from bigtrain.config import Config, ModelConfig
+from bigtrain.errors import BigtrainError
+from bigtrain.model.tensor_parallel import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+)
+
+# Megatron-style tensor parallelism: module name → the parallel layer that replaces it. Column-parallel
+# layers split output features (dim 0), row-parallel ones input features (dim 1), the embedding its
+# vocabulary (dim 0). Modules not named here (the RMSNorms) stay replicated.
+TP_PLAN: dict[str, type] = {
+    "embed_tokens": VocabParallelEmbedding,
+    "q_proj": ColumnParallelLinear, "k_proj": ColumnParallelLinear, "v_proj": ColumnParallelLinear,
+    "o_proj": RowParallelLinear,
+    "gate_proj": ColumnParallelLinear, "up_proj": ColumnParallelLinear,
+    "down_proj": RowParallelLinear,
+    "lm_head": ColumnParallelLinear,
+}
+
+
+def tp_split_dim(param_name: str) -> int | None:
+    """The dimension tensor parallelism splits parameter `param_name` along (None: replicated)."""
+    module = param_name.split(".")[-2] if "." in param_name else ""
+    layer = TP_PLAN.get(module)
+    return None if layer is None else layer.split_dim
+
+
+def tp_slice(full: torch.Tensor, param_name: str, tp: int, tp_rank: int) -> torch.Tensor:
+    """Tensor-parallel rank `tp_rank`'s part of the full tensor of `param_name`."""
+    dim = tp_split_dim(param_name)
+    return full if dim is None or tp == 1 else full.chunk(tp, dim=dim)[tp_rank]
+
+
+def tp_join(param_name: str, parts: list[torch.Tensor]) -> torch.Tensor:
+    """The full tensor of `param_name` from its tensor-parallel parts, in rank order."""
+    dim = tp_split_dim(param_name)
+    return parts[0] if dim is None or len(parts) == 1 else torch.cat(parts, dim=dim)
+
+
+def tensor_parallel_problem(m: ModelConfig, tp: int) -> str | None:
+    """Why tp ranks cannot split the model's heads, KV heads, vocabulary or MLP width (None: they can)."""
+    sizes = [
+        ("model.n_heads", m.n_heads, ""),
+        ("model.n_kv_heads", m.kv_heads, "" if m.n_kv_heads else " (model.n_heads, as model.n_kv_heads is unset)"),
+        ("model.vocab_size", m.vocab_size, ""),
+        ("model.ffn_hidden", m.ffn_dim, "" if m.ffn_hidden else " (derived from model.d_model)"),
+    ]
+    for key, size, note in sizes:
+        if size % tp:
+            return f"{key}={size}{note} is not divisible by parallel.tp={tp}"
+    return None
+
+
+def check_tensor_parallel(m: ModelConfig, tp: int) -> None:
+    problem = tensor_parallel_problem(m, tp)
+    if problem:
+        raise BigtrainError(problem)
+
+
+def stage_bounds(n_layers: int, pp: int) -> list[int]:
+    """Layer-list boundaries of the pp stages (stage s holds layers [b[s], b[s+1])), as DeepSpeed's
+    `PipelineModule(partition_method="type:Block")` cuts the list embedding, n blocks, head."""
+    if pp == 1:
+        return [0, n_layers + 2]
+    from deepspeed.runtime.utils import partition_balanced
+
+    return partition_balanced(weights=[0] + [1] * n_layers + [0], num_parts=pp)
+
+
+def max_blocks_per_stage(n_layers: int, pp: int) -> int:
+    """Transformer blocks on the most loaded pipeline stage."""
+    bounds = stage_bounds(n_layers, pp)
+    return max(len(range(max(a, 1), min(b, n_layers + 1))) for a, b in itertools.pairwise(bounds))
+
+
+def layout_problem(cfg: Config, world_size: int) -> str | None:
+    """Why `cfg`'s parallel layout cannot run on `world_size` processes (None: it can)."""
+    p, m = cfg.parallel, cfg.model
+    if p.engine == "local":
+        if world_size > 1:
+            return f"parallel.engine=local runs one process, but {world_size} were launched; use parallel.engine=deepspeed"
+        if p.tp > 1 or p.pp > 1 or p.zero_stage > 0:
+            return "parallel.tp, parallel.pp and parallel.zero_stage need parallel.engine=deepspeed"
+    if world_size % (p.tp * p.pp):
+        return f"world size {world_size} is not divisible by parallel.tp × parallel.pp = {p.tp * p.pp}"
+    if tensor_parallel_problem(m, p.tp):
+        return tensor_parallel_problem(m, p.tp)
+    if m.n_layers < p.pp:
+        return f"model.n_layers={m.n_layers} is fewer than parallel.pp={p.pp} pipeline stages"
+    if p.pp > 1 and p.zero_stage > 1:
+        return f"parallel.zero_stage={p.zero_stage} cannot be combined with pipeline parallelism (use 0 or 1)"
+    if p.pp > 1 and m.tie_embeddings:
+        return "model.tie_embeddings is not supported with parallel.pp > 1"
+    dp = world_size // (p.tp * p.pp)
+    if cfg.train.global_batch is not None and cfg.train.global_batch != global_batch(cfg, dp):
+        d, t = cfg.data, cfg.train
+        return (f"train.global_batch={t.global_batch} but data.micro_batch × train.grad_accum × dp = "
+                f"{d.micro_batch} × {t.grad_accum} × {dp} = {global_batch(cfg, dp)}")
+    return None
+
+
+def check_layout(cfg: Config, world_size: int) -> int:
+    """Refuse an impossible layout in one line (before any process group exists); return dp."""
+    problem = layout_problem(cfg, world_size)
+    if problem:
+        raise BigtrainError(problem)
+    return data_parallel_size(cfg, world_size)
+
+
+def data_parallel_size(cfg: Config, world_size: int) -> int:
+    return world_size // (cfg.parallel.tp * cfg.parallel.pp)
+
+
+def global_batch(cfg: Config, dp: int) -> int:
+    """Windows per optimizer step: data.micro_batch × train.grad_accum × dp."""
+    return cfg.data.micro_batch * cfg.train.grad_accum * dp
+
+
+def grad_accum_for(cfg: Config, dp: int) -> int:
+    """train.grad_accum, or the one that `train.global_batch` implies on dp replicas."""
+    t, micro_batch = cfg.train, cfg.data.micro_batch
+    if t.global_batch is None:
+        return t.grad_accum
+    if t.global_batch % (micro_batch * dp):
+        raise BigtrainError(f"train.global_batch={t.global_batch} is not a multiple of data.micro_batch × dp = "
+                            f"{micro_batch} × {dp}")
+    return t.global_batch // (micro_batch * dp)
+
+
+def world_size_for(cfg: Config) -> int:
+    """The processes `cfg` runs on: tp × pp × the dp that train.global_batch implies (else dp = 1)."""
+    p, per_replica, batch = cfg.parallel, cfg.data.micro_batch * cfg.train.grad_accum, cfg.train.global_batch
+    if p.engine == "local":
+        return 1
+    return p.tp * p.pp * (batch // per_replica if batch and batch % per_replica == 0 else 1)
+
+
+def describe(cfg: Config) -> str:
+    p = cfg.parallel
+    return "the local engine" if p.engine == "local" else f"DeepSpeed ZeRO-{p.zero_stage}, tp={p.tp}, pp={p.pp}"

@@ -1,0 +1,46 @@
+"""Tensor parallelism applied to a finished model: every module `TP_PLAN` names is swapped for its
+parallel layer, which keeps this rank's slice of the full, already initialised weight.
+
+The input of each column-parallel region (attention, MLP, head) is copied in once, so the
+backward all-reduces once per region rather than once per projection. The logits stay
+vocab-sharded: use `vocab_parallel_cross_entropy` instead of `lm_loss`.
+"""
+
+from __future__ import annotations
+
+import torch.distributed as dist
+from torch import nn
+
+from bigtrain.distributed.layout import TP_PLAN, check_tensor_parallel
+from bigtrain.model.llama import Block, Head, Llama
+from bigtrain.model.tensor_parallel import enter_region_on_input
+
+
+def shard_layer(layer: nn.Module, group: dist.ProcessGroup) -> nn.Module:
+    """Shard one layer of the list (embedding, block or head) in place across `group`; returns it.
+
+    A head whose weight is tied to the embedding gets a sharded copy here: re-tie it to the
+    sharded embedding afterwards (as `apply_tensor_parallel` does).
+    """
+    for parent in list(layer.modules()):
+        for name, child in list(parent.named_children()):
+            if name in TP_PLAN:
+                setattr(parent, name, TP_PLAN[name](child, group))
+    if isinstance(layer, Block):
+        enter_region_on_input(layer.self_attn, group)
+        enter_region_on_input(layer.mlp, group)
+    elif isinstance(layer, Head):
+        enter_region_on_input(layer.lm_head, group)
+    return layer
+
+
+def apply_tensor_parallel(model: Llama, group: dist.ProcessGroup) -> Llama:
+    """Shard `model` in place across `group` by slicing its full weights; returns the model."""
+    check_tensor_parallel(model.cfg, dist.get_world_size(group))
+    embedding, head = model.layers[0], model.layers[-1]
+    tied = head.lm_head.weight is embedding.embed_tokens.weight
+    for layer in model.layers:
+        shard_layer(layer, group)
+    if tied:
+        head.lm_head.weight = embedding.embed_tokens.weight
+    return model

@@ -1,0 +1,147 @@
+"""One test per private library internal that `bigtrain.compat` relies on: each fails, naming the
+internal, when an upgrade of DeepSpeed, mosaicml-streaming or torch removes or renames it.
+(The distributed tests exercise them end to end; these say which one broke.)"""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from bigtrain import compat
+
+
+def assigns_attribute(cls: type, name: str) -> bool:
+    """True when some method of `cls` (or a base) assigns `self.<name>`."""
+    for klass in cls.__mro__[:-1]:  # not `object`
+        tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and node.attr == name and isinstance(node.ctx, ast.Store):
+                return True
+    return False
+
+
+def test_pipeline_engine_instruction_map():
+    from deepspeed.runtime.pipe import schedule
+    from deepspeed.runtime.pipe.engine import PipelineEngine
+
+    instructions = getattr(PipelineEngine, "_INSTRUCTION_MAP", None)
+    assert isinstance(instructions, dict), "PipelineEngine._INSTRUCTION_MAP is gone"
+    assert {schedule.ForwardPass, schedule.BackwardPass, schedule.OptimizerStep} <= set(instructions)
+
+    class Engine:
+        _INSTRUCTION_MAP = dict(instructions)
+
+    engine = Engine()
+    compat.wrap_pipeline_instructions(engine, lambda kind, run: (kind, run))
+    assert engine._INSTRUCTION_MAP[schedule.ForwardPass] == (schedule.ForwardPass, instructions[schedule.ForwardPass])
+
+
+def test_pipeline_module_stage_range():
+    from deepspeed.runtime.pipe.module import PipelineModule
+
+    assert assigns_attribute(PipelineModule, "_local_start"), "PipelineModule._local_start is gone"
+    assert assigns_attribute(PipelineModule, "_local_stop"), "PipelineModule._local_stop is gone"
+
+
+@pytest.mark.parametrize("path", [
+    "deepspeed.runtime.zero.stage_1_and_2.DeepSpeedZeroOptimizer",
+    "deepspeed.runtime.zero.stage3.DeepSpeedZeroOptimizer_Stage3",
+    "deepspeed.runtime.bf16_optimizer.BF16_Optimizer",
+    "deepspeed.runtime.fp16.fused_optimizer.FP16_Optimizer",
+])
+def test_optimizer_wrappers_keep_the_global_grad_norm(path):
+    module, name = path.rsplit(".", 1)
+    cls = getattr(__import__(module, fromlist=[name]), name)
+    assert assigns_attribute(cls, "_global_grad_norm"), f"{name}._global_grad_norm is gone"
+
+
+def test_engine_fp32_clipping_hook():
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    assert callable(getattr(DeepSpeedEngine, "clip_fp32_gradients", None)), "DeepSpeedEngine.clip_fp32_gradients is gone"
+    assert "self.clip_fp32_gradients()" in inspect.getsource(DeepSpeedEngine), \
+        "DeepSpeedEngine no longer calls self.clip_fp32_gradients()"
+
+
+def test_fp16_loss_scale():
+    from deepspeed.runtime.fp16.fused_optimizer import FP16_Optimizer
+
+    assert assigns_attribute(FP16_Optimizer, "loss_scale_config"), "FP16_Optimizer.loss_scale_config is gone"
+
+    class Config:
+        cur_scale = 1024.0
+
+    class Wrapper:
+        loss_scale_config = Config()
+
+    assert compat.fp16_loss_scale(Wrapper()) == 1024.0
+    assert compat.fp16_loss_scale(object()) is None
+
+
+def test_grad_norm_reads_the_model_parallel_marks():
+    from deepspeed.runtime import utils
+
+    source = inspect.getsource(utils)
+    assert "model_parallel" in source and "tensor_model_parallel" in source, \
+        "DeepSpeed's gradient norm no longer reads param.model_parallel / param.tensor_model_parallel"
+    p = torch.nn.Parameter(torch.zeros(2, 2))
+    compat.mark_tensor_parallel(p, 1)
+    assert (p.tensor_model_parallel, p.partition_dim, p.partition_stride) == (True, 1, 1)
+    assert utils.is_model_parallel_parameter(p)
+
+
+def test_zero_optimizer_state_internals():
+    from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    assert assigns_attribute(DeepSpeedZeroOptimizer_Stage3, "fp32_partitioned_groups_flat"), \
+        "DeepSpeedZeroOptimizer_Stage3.fp32_partitioned_groups_flat is gone"
+    for cls in (DeepSpeedZeroOptimizer, BF16_Optimizer):
+        assert callable(getattr(cls, "_lazy_init_hp_params_optimizer_state", None)), \
+            f"{cls.__name__}._lazy_init_hp_params_optimizer_state is gone"
+    from deepspeed.runtime.zero import partition_parameters
+
+    source = inspect.getsource(partition_parameters)
+    assert "ds_id" in source and "ds_shape" in source, "ZeRO-3 parameters no longer carry ds_id / ds_shape"
+
+
+def test_zero_to_fp32_functions():
+    from deepspeed.utils import zero_to_fp32
+
+    for name in ("parse_model_states", "get_model_state_files", "get_optim_files", "parse_optim_states",
+                 "_get_fp32_state_dict_from_zero2_checkpoint", "_get_fp32_state_dict_from_zero3_checkpoint",
+                 "to_torch_tensor"):
+        assert callable(getattr(zero_to_fp32, name, None)), f"deepspeed.utils.zero_to_fp32.{name} is gone"
+
+
+def test_deepspeed_checkpoint_classes_import():
+    assert len(compat.deepspeed_checkpoint_classes()) == 4
+
+
+def test_streaming_partition_world():
+    from streaming import StreamingDataset
+    from streaming.base.world import World
+
+    assert "_parallel_rank_world" in inspect.getsource(StreamingDataset), \
+        "StreamingDataset._parallel_rank_world is gone"
+
+    class Dataset:
+        pass
+
+    dataset = Dataset()
+    compat.partition_streaming_by(dataset, dp_rank=1, dp_size=2)
+    world = dataset._parallel_rank_world
+    assert isinstance(world, World) and (world.num_nodes, world.node, world.rank) == (2, 1, 1)
+
+
+def test_replaced_torch_load_is_restored(tmp_path: Path):
+    original = torch.load
+    with compat.replaced_torch_load(lambda *a, **k: "replaced"):
+        assert torch.load(tmp_path / "x.pt") == "replaced"
+    assert torch.load is original

@@ -1,0 +1,81 @@
+"""Dependencies point one way: cli → jobs (train, eval, convert, scaling, …) → distributed →
+model / data → config (docs/architecture.md). Every import of every module is read with `ast`."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[2] / "bigtrain"
+LEVEL = {  # a module may import only modules of a lower level (or its own package)
+    "errors": 0, "config": 0, "compat": 0,
+    "model": 1, "data": 1,
+    "distributed": 2,
+    "train": 3, "eval": 3, "convert": 3, "scaling": 3, "info": 3, "quickstart": 3,
+    "cli": 4, "__main__": 4,
+}
+JOBS_ORDER = ["eval", "train", "convert", "scaling", "info", "quickstart"]  # a job may use the ones before it
+
+
+def group_of(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else ""
+
+
+def bigtrain_imports(path: Path) -> list[tuple[str, int]]:
+    """(imported bigtrain module, line) of every import in `path`, at any depth."""
+    module = ".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found += [(alias.name, node.lineno) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative import
+                base = ".".join(module.split(".")[: -node.level] + ([base] if base else []))
+            found.append((base, node.lineno))
+    return [(name, line) for name, line in found if name == "bigtrain" or name.startswith("bigtrain.")]
+
+
+def modules() -> list[Path]:
+    return sorted(PACKAGE.rglob("*.py"))
+
+
+def test_every_package_has_a_level():
+    groups = {group_of(".".join(p.relative_to(PACKAGE.parent).with_suffix("").parts)) for p in modules()}
+    assert groups - {"__init__"} <= set(LEVEL), f"no level for {sorted(groups - set(LEVEL) - {'__init__'})}"
+
+
+def edge_problem(source: str, target: str) -> str | None:
+    a, b = group_of(source), group_of(target)
+    if a in ("", "__init__") or b in ("", "__init__") or a == b:
+        return None
+    if LEVEL[b] > LEVEL[a]:
+        return f"{source} (level {LEVEL[a]}) imports {target} (level {LEVEL[b]})"
+    if LEVEL[b] == LEVEL[a] == 1:
+        return f"{source} imports {target}: model/ and data/ know nothing of each other"
+    if LEVEL[b] == LEVEL[a] == 3 and JOBS_ORDER.index(b) > JOBS_ORDER.index(a):
+        return f"{source} imports {target}, against the order {' → '.join(reversed(JOBS_ORDER))}"
+    return None
+
+
+@pytest.mark.parametrize("path", modules(), ids=lambda p: str(p.relative_to(PACKAGE.parent)))
+def test_imports_point_down(path):
+    source = ".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+    problems = [f"line {line}: {edge_problem(source, target)}" for target, line in bigtrain_imports(path)
+                if edge_problem(source, target)]
+    assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize("source, target", [
+    ("bigtrain.distributed.full_state", "bigtrain.convert.consolidate"),  # the cycle this test was written for
+    ("bigtrain.model.llama", "bigtrain.distributed.layout"),
+    ("bigtrain.data.loader", "bigtrain.model"),
+    ("bigtrain.train.loop", "bigtrain.convert.hf"),
+    ("bigtrain.config", "bigtrain.model.llama"),
+])
+def test_the_rule_catches_upward_edges(source, target):
+    assert edge_problem(source, target)
+
