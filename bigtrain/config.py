@@ -1,7 +1,8 @@
 """The typed config tree: YAML files plus `a.b.c=value` overrides, validated against dataclasses.
 
-Each section belongs to the module that uses it. An unknown key or a value of the wrong type is a
-`BigtrainError` that names the key (and, for unknown keys, the nearest valid one).
+Each section belongs to the module that uses it. An unknown key, a value of the wrong type or a
+number outside its key's range is a `BigtrainError` that names the key (and, for unknown keys, the
+nearest valid one). Every numeric key declares its range where it is defined, with `ranged`.
 """
 
 from __future__ import annotations
@@ -18,24 +19,60 @@ import yaml
 
 from bigtrain.errors import BigtrainError
 
+RANGE = "range"  # the field-metadata entry that holds a numeric key's ValueRange
+
+
+@dataclass(frozen=True)
+class ValueRange:
+    """The values a numeric key admits: `ge`/`le` are inclusive bounds, `gt`/`lt` strict ones."""
+
+    gt: float | None = None
+    ge: float | None = None
+    lt: float | None = None
+    le: float | None = None
+
+    def __post_init__(self) -> None:
+        if (self.gt is not None and self.ge is not None) or (self.lt is not None and self.le is not None):
+            raise ValueError("give at most one lower bound (gt or ge) and one upper bound (lt or le)")
+        if self.gt is None and self.ge is None and self.lt is None and self.le is None:
+            raise ValueError("a range needs at least one bound")
+
+    def admits(self, value: float) -> bool:  # NaN is admitted by no range: every comparison is false
+        return ((self.gt is None or value > self.gt) and (self.ge is None or value >= self.ge)
+                and (self.lt is None or value < self.lt) and (self.le is None or value <= self.le))
+
+    def __str__(self) -> str:  # "> 0", ">= 1", "in [0, 1)"
+        if (self.gt, self.ge) != (None, None) and (self.lt, self.le) != (None, None):
+            low = f"[{self.ge}" if self.ge is not None else f"({self.gt}"
+            high = f"{self.le}]" if self.le is not None else f"{self.lt})"
+            return f"in {low}, {high}"
+        bounds = [(">", self.gt), (">=", self.ge), ("<", self.lt), ("<=", self.le)]
+        return next(f"{op} {bound}" for op, bound in bounds if bound is not None)
+
+
+def ranged(default: Any, *, gt: float | None = None, ge: float | None = None,
+           lt: float | None = None, le: float | None = None) -> Any:
+    """A dataclass field whose value (when not None) must lie in the given range."""
+    return field(default=default, metadata={RANGE: ValueRange(gt=gt, ge=ge, lt=lt, le=le)})
+
 
 @dataclass
 class ModelConfig:
     """Shape of the Llama-style decoder. The defaults are the `tiny` model of the quickstart."""
 
-    vocab_size: int = 4096
-    d_model: int = 256
-    n_layers: int = 4
-    n_heads: int = 4
-    n_kv_heads: int | None = 2  # None: same as n_heads (no grouped-query attention)
-    ffn_hidden: int | None = None  # None: Llama's rule, 8/3·d_model rounded up to multiple_of
-    multiple_of: int = 256
-    ffn_dim_multiplier: float | None = None
-    max_seq_len: int = 256
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-5
+    vocab_size: int = ranged(4096, ge=1)
+    d_model: int = ranged(256, ge=1)
+    n_layers: int = ranged(4, ge=1)
+    n_heads: int = ranged(4, ge=1)
+    n_kv_heads: int | None = ranged(2, ge=1)  # None: same as n_heads (no grouped-query attention)
+    ffn_hidden: int | None = ranged(None, ge=1)  # None: Llama's rule, 8/3·d_model rounded up to multiple_of
+    multiple_of: int = ranged(256, ge=1)
+    ffn_dim_multiplier: float | None = ranged(None, gt=0)
+    max_seq_len: int = ranged(256, ge=1)
+    rope_theta: float = ranged(10000.0, gt=0)
+    norm_eps: float = ranged(1e-5, gt=0)
     tie_embeddings: bool = False
-    init_std: float = 0.02
+    init_std: float = ranged(0.02, gt=0)
     init_from: str | None = None  # start from this checkpoint's weights (e.g. `bigtrain convert from-hf`)
 
     @property
@@ -62,7 +99,7 @@ class SourceConfig:
     directory (`path`, Arrow backend) or an MDS dataset (`remote`, streaming backend)."""
 
     path: str = ""  # required with the Arrow backend; an empty path is refused then
-    weight: float = 1.0
+    weight: float = ranged(1.0, gt=0)
     remote: str | None = None  # required with the streaming backend: s3://, gs:// or a directory
 
 
@@ -79,44 +116,44 @@ class DataConfig:
 
     path: str = "data/train"
     val_path: str | None = None
-    val_fraction: float = 0.0
+    val_fraction: float = ranged(0.0, ge=0, lt=1)
     sources: list[SourceConfig] = field(default_factory=list)
     backend: Literal["arrow", "streaming"] = "arrow"
     remote: str | None = None
     local: str | None = None
     tokenizer: str | None = None  # when set, data tokenized with another tokenizer is refused
     verify_checksums: bool = True  # sha256 of every shard when training starts
-    seq_len: int = 256
-    micro_batch: int = 16
+    seq_len: int = ranged(256, ge=1)
+    micro_batch: int = ranged(16, ge=1)
     shuffle: bool = True
     prefetch: bool = True  # read the next step's batches in a background thread (pinned on CUDA)
 
 
 @dataclass
 class TrainConfig:
-    """Optimiser, schedule, loop length and device for the local engine."""
+    """Optimiser, schedule, loop length, device, precision and bad-step policy, for every engine."""
 
-    steps: int = 1000
-    max_minutes: float | None = None  # stop (and save) early once this wall time has passed
-    lr: float = 3e-3
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 50
+    steps: int = ranged(1000, ge=1)
+    max_minutes: float | None = ranged(None, ge=0)  # stop (and save) once this wall time has passed; 0: after one step
+    lr: float = ranged(3e-3, gt=0)
+    min_lr_ratio: float = ranged(0.1, ge=0, le=1)
+    warmup_steps: int = ranged(50, ge=0)
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    grad_clip: float | None = 1.0
-    grad_accum: int = 1
-    global_batch: int | None = None  # windows per step; must equal micro_batch × grad_accum × dp
-    eval_every: int = 200
-    eval_batches: int = 20  # validation covers eval_batches × global batch windows
+    weight_decay: float = ranged(0.1, ge=0)
+    beta1: float = ranged(0.9, ge=0, lt=1)
+    beta2: float = ranged(0.95, ge=0, lt=1)
+    eps: float = ranged(1e-8, gt=0)
+    grad_clip: float | None = ranged(1.0, gt=0)  # None: no clipping
+    grad_accum: int = ranged(1, ge=1)
+    global_batch: int | None = ranged(None, ge=1)  # windows per step; must equal micro_batch × grad_accum × dp
+    eval_every: int = ranged(200, ge=1)
+    eval_batches: int = ranged(20, ge=1)  # validation covers eval_batches × global batch windows
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     deterministic: bool = True
     nonfinite: Literal["skip", "stop"] = "skip"  # a bad step (NaN/Inf or spike): skip its update, or stop
-    max_bad_steps: int = 10  # with skip: stop after this many bad steps in a row
-    spike_factor: float | None = None  # a loss above this × its running mean is a bad step too
+    max_bad_steps: int = ranged(10, ge=1)  # with skip: stop after this many bad steps in a row
+    spike_factor: float | None = ranged(None, gt=1)  # a loss above this × its running mean is a bad step too
     compile: bool = False  # torch.compile every transformer block (see tools/bench/README.md)
     adamw_impl: Literal["fused", "foreach", "for-loop"] = "fused"  # torch AdamW's kernel choice
     reuse_host_memory: bool = True  # glibc keeps freed blocks for the next step (bigtrain/train/host_memory.py)
@@ -124,11 +161,11 @@ class TrainConfig:
 
 @dataclass
 class ParallelConfig:
-    """How a run is laid out over processes: world size = dp × tp × pp (dp is what is left)."""
+    """How a run is laid out over processes: world size = pp × dp × tp (dp is what is left)."""
 
     engine: Literal["local", "deepspeed"] = "local"  # local: one process, no DeepSpeed (debug mode)
-    tp: int = 1  # tensor-parallel degree (Megatron-style, inside a node)
-    pp: int = 1  # pipeline stages (DeepSpeed's pipeline engine, 1F1B)
+    tp: int = ranged(1, ge=1)  # tensor-parallel degree (Megatron-style, inside a node)
+    pp: int = ranged(1, ge=1)  # pipeline stages (DeepSpeed's pipeline engine, 1F1B)
     zero_stage: Literal[0, 1, 2, 3] = 0
     offload_optimizer: bool = False  # ZeRO optimizer states in CPU memory
     activation_checkpointing: bool = False
@@ -138,8 +175,9 @@ class ParallelConfig:
 
 @dataclass
 class CheckpointConfig:
-    every: int = 500
-    keep_last: int | None = None  # None keeps every checkpoint
+    every: int = ranged(500, ge=1)
+    keep_last: int | None = ranged(None, ge=1)  # None keeps every checkpoint
+    verify: bool = True  # check every file's crc32c when resuming (each rank checks a share)
 
 
 @dataclass
@@ -156,8 +194,8 @@ class WandbConfig:
 
 @dataclass
 class LogConfig:
-    every: int = 10
-    peak_tflops: float | None = None  # device peak for MFU; None looks the device up
+    every: int = ranged(10, ge=1)
+    peak_tflops: float | None = ranged(None, gt=0)  # device peak for MFU; None looks the device up
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
@@ -165,8 +203,10 @@ class LogConfig:
 class RunConfig:
     name: str = "run"
     dir: str | None = None  # None: runs/<name>
-    seed: int = 1234
+    seed: int = ranged(1234, ge=0, le=2**32 - 1)
     resume: str | None = None  # "auto" (from checkpoints/latest if any) or a checkpoint path
+    lock: bool = True  # rank 0 holds an OS lock on <dir>/.lock: one writer per run (bigtrain/train/run_lock.py)
+    wait_lock: float = ranged(0.0, ge=0)  # seconds to wait for another process to release the lock
 
     @property
     def path(self) -> Path:
@@ -186,19 +226,14 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
 
     def validate(self) -> Config:
-        """Check relations between keys that types alone cannot express."""
-        m, d, t = self.model, self.data, self.train
+        """Check every numeric key against its range, then relations between keys."""
+        _check_ranges(self, "")
+        m, d = self.model, self.data
         checks = [
             (m.d_model % m.n_heads == 0, "model.d_model must be divisible by model.n_heads"),
             (m.n_heads % m.kv_heads == 0, "model.n_heads must be divisible by model.n_kv_heads"),
             (m.head_dim % 2 == 0, "model.d_model / model.n_heads must be even (RoPE)"),
             (d.seq_len <= m.max_seq_len, "data.seq_len must not exceed model.max_seq_len"),
-            (t.steps > 0, "train.steps must be positive"),
-            (t.grad_accum > 0 and d.micro_batch > 0, "data.micro_batch and train.grad_accum must be positive"),
-            (0 <= t.warmup_steps, "train.warmup_steps must be >= 0"),
-            (0.0 <= t.min_lr_ratio <= 1.0, "train.min_lr_ratio must be in [0, 1]"),
-            (t.max_bad_steps > 0, "train.max_bad_steps must be positive"),
-            (t.spike_factor is None or t.spike_factor > 1, "train.spike_factor must be greater than 1"),
         ]
         for ok, message in checks:
             if not ok:
@@ -207,6 +242,20 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _check_ranges(node: Any, prefix: str) -> None:
+    """Raise, naming the key, at the first set numeric value outside its field's declared range."""
+    for f in dataclasses.fields(node):
+        key, value = prefix + f.name, getattr(node, f.name)
+        if dataclasses.is_dataclass(value):
+            _check_ranges(value, key + ".")
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                if dataclasses.is_dataclass(item):
+                    _check_ranges(item, f"{key}[{i}].")
+        elif value is not None and RANGE in f.metadata and not f.metadata[RANGE].admits(value):
+            raise BigtrainError(f"{key}={value!r} must be {f.metadata[RANGE]}")
 
 
 def read_yaml_mapping(path: str | Path, kind: str, holds: str) -> dict[str, Any]:

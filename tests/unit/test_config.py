@@ -1,11 +1,51 @@
+import dataclasses
+import subprocess
+import sys
+import types
+import typing
 from pathlib import Path
 
 import pytest
 
-from bigtrain.config import Config, load_config, save_config
+from bigtrain.config import RANGE, Config, load_config, save_config
 from bigtrain.errors import BigtrainError
 
 CONFIGS = Path(__file__).parents[2] / "configs"
+
+
+def numeric_fields(cls: type = Config, prefix: str = "") -> dict[str, dataclasses.Field]:
+    """Every int or float key of the config tree (Optional ones too), found from the type hints;
+    a list of sections contributes its entries' keys as `name[].key`."""
+    found, hints = {}, typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        hint, key = hints[f.name], prefix + f.name
+        if typing.get_origin(hint) in (typing.Union, types.UnionType):
+            (hint,) = [a for a in typing.get_args(hint) if a is not type(None)]
+        if typing.get_origin(hint) is list:
+            (hint,), key = typing.get_args(hint), key + "[]"
+        if dataclasses.is_dataclass(hint):
+            found.update(numeric_fields(hint, key + "."))
+        elif hint in (int, float):
+            found[key] = f
+    return found
+
+
+NUMERIC = numeric_fields()
+
+
+def out_of_range_values(f: dataclasses.Field) -> list:
+    """One value just past each bound of the field's declared range."""
+    rng = f.metadata[RANGE]
+    values = [rng.gt, None if rng.ge is None else rng.ge - 1, rng.lt, None if rng.le is None else rng.le + 1]
+    return [v for v in values if v is not None]
+
+
+def as_override(key: str, value) -> tuple[str, str]:
+    """The override that sets `key` (a list entry's key as `name[].key`) and the key the error names."""
+    if "[]." in key:
+        section, leaf = key.split("[].")
+        return f"{section}=[{{path: a}}, {{path: b, {leaf}: {value}}}]", f"{section}[1].{leaf}"
+    return f"{key}={value}", key
 
 
 def test_yaml_and_dotted_overrides_resolve(tmp_path):
@@ -83,3 +123,71 @@ def test_data_sources_are_a_list_of_typed_entries(tmp_path):
         with pytest.raises(BigtrainError) as err:
             load_config(None, [override])
         assert str(err.value) == message
+
+
+def test_the_walk_sees_the_whole_tree():
+    assert {"run.seed", "model.n_kv_heads", "data.sources[].weight", "train.lr", "parallel.tp",
+            "checkpoint.keep_last", "log.peak_tflops"} <= set(NUMERIC)
+    assert "train.deterministic" not in NUMERIC and "parallel.zero_stage" not in NUMERIC  # bool, Literal
+
+
+def test_every_numeric_key_declares_its_range():
+    missing = [key for key, f in NUMERIC.items() if RANGE not in f.metadata]
+    assert not missing, f"numeric config keys without a declared range: {missing}"
+
+
+@pytest.mark.parametrize(
+    "key, value",
+    [(key, value) for key, f in NUMERIC.items() if RANGE in f.metadata for value in out_of_range_values(f)],
+)
+def test_out_of_range_values_name_the_key_in_one_line(key, value):
+    override, named = as_override(key, value)
+    with pytest.raises(BigtrainError) as err:
+        load_config(None, [override])
+    message = str(err.value)
+    assert message.startswith(f"{named}=") and f" must be {NUMERIC[key].metadata[RANGE]}" in message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.lr=-0.001", "train.lr=-0.001 must be > 0"),
+        ("train.beta1=1", "train.beta1=1.0 must be in [0, 1)"),
+        ("train.min_lr_ratio=1.5", "train.min_lr_ratio=1.5 must be in [0, 1]"),
+        ("train.grad_clip=0", "train.grad_clip=0.0 must be > 0"),
+        ("train.spike_factor=1", "train.spike_factor=1.0 must be > 1"),
+        ("train.eps=.nan", "train.eps=nan must be > 0"),
+        ("checkpoint.keep_last=0", "checkpoint.keep_last=0 must be >= 1"),
+        ("data.val_fraction=1", "data.val_fraction=1.0 must be in [0, 1)"),
+        ("model.n_heads=0", "model.n_heads=0 must be >= 1"),  # the range comes before d_model % n_heads
+        ("run.seed=-1", "run.seed=-1 must be in [0, 4294967295]"),
+        ("data.sources=[{path: a, weight: -2}]", "data.sources[0].weight=-2.0 must be > 0"),
+    ],
+)
+def test_range_errors_read_well(override, message):
+    with pytest.raises(BigtrainError) as err:
+        load_config(None, [override])
+    assert str(err.value) == message
+
+
+def test_bounds_and_unset_optional_keys_are_accepted():
+    cfg = load_config(None, [
+        "train.lr=1e-30", "train.warmup_steps=0", "train.min_lr_ratio=1", "train.beta1=0", "data.val_fraction=0",
+        "run.seed=0", "train.max_minutes=0", "train.spike_factor=1.5", "checkpoint.keep_last=1",
+        "train.grad_clip=null", "train.global_batch=null", "log.peak_tflops=null", "model.n_kv_heads=null",
+    ])
+    assert (cfg.train.lr, cfg.train.grad_clip, cfg.checkpoint.keep_last) == (1e-30, None, 1)
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads(path):
+    assert load_config(path).run.name == path.stem
+
+
+def test_cli_reports_an_out_of_range_value_in_one_line():
+    proc = subprocess.run([sys.executable, "-m", "bigtrain", "train", str(CONFIGS / "tiny.yaml"), "train.lr=-1"],
+                          capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == ["bigtrain: error: train.lr=-1.0 must be > 0"]

@@ -36,8 +36,9 @@ def test_from_hf_matches_and_trains_with_init_from(stdlib_data, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(model(tokens), hf(tokens).logits, rtol=0, atol=1e-4)
 
-    # continued pretraining starts from these weights: with lr=0 they come out unchanged
-    train = tiny_config(stdlib_data, tmp_path / "run", steps=2, eval_every=1000, lr=0.0, warmup_steps=0)
+    # continued pretraining starts from these weights: with an lr too small to move an fp32 weight
+    # (|w| ~ 1e-2 has an ulp of ~1e-9) they come out unchanged
+    train = tiny_config(stdlib_data, tmp_path / "run", steps=2, eval_every=1000, lr=1e-30, warmup_steps=0)
     train.model = cfg.model
     train.model.init_from = str(tmp_path / "bt")
     result = loop.train(train, console=False)
