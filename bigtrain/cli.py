@@ -72,15 +72,18 @@ def cmd_data_to_mds(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int | None:
+    from bigtrain.train.launcher_watch import watch_launcher
     from bigtrain.train.signals import PREEMPTED_EXIT_CODE, StopRequest
 
+    watch_launcher()
     with StopRequest() as stop:  # before the slow imports: a preemption notice then is kept too
         import torch.distributed as dist
 
         from bigtrain.config import load_config
         from bigtrain.train.loop import train
 
-        result = train(load_config(args.config, args.overrides), stop=stop)
+        overrides = [*args.overrides, *([f"run.wait_lock={args.wait_lock}"] if args.wait_lock is not None else [])]
+        result = train(load_config(args.config, overrides), stop=stop)
     if dist.is_initialized():
         dist.destroy_process_group()  # stop the backend's threads before interpreter exit
     if result.preempted:
@@ -101,7 +104,8 @@ def cmd_train(args: argparse.Namespace) -> int | None:
 def cmd_eval(args: argparse.Namespace) -> None:
     from bigtrain.config import TrainConfig
     from bigtrain.data.build import build_val_data
-    from bigtrain.distributed.local import LocalEngine, pick_device
+    from bigtrain.distributed.device import pick_device
+    from bigtrain.distributed.local import LocalEngine
     from bigtrain.eval.perplexity import evaluate
     from bigtrain.train.checkpoint import load_trained_model
 
@@ -122,7 +126,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     import torch
 
     from bigtrain.data.tokenizer import TextTokenizer
-    from bigtrain.distributed.local import pick_device
+    from bigtrain.distributed.device import pick_device
     from bigtrain.eval.generate import generate
     from bigtrain.train.checkpoint import load_trained_model
 
@@ -215,6 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train from a YAML config with key=value overrides")
     p.add_argument("config")
     p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.add_argument("--wait-lock", type=float, metavar="SECONDS",
+                   help="wait this long for another process to release the run directory (run.wait_lock)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="validation loss and perplexity of a checkpoint")

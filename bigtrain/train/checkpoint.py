@@ -1,8 +1,7 @@
-"""Checkpoints: a directory `checkpoints/step-NNNNNNN/` that is either complete or absent.
+"""Checkpoints of a run: a directory `checkpoints/step-NNNNNNN/` that is either complete or absent.
 
 It is written under a temporary name, fsync'd and renamed; only then is `checkpoints/latest`
-replaced (atomically) to name it. Metadata is JSON and tensors load with `weights_only=True`, so
-loading never runs pickled code.
+replaced (atomically) to name it. What the directory holds is `bigtrain.distributed.checkpoint_format`.
 """
 
 from __future__ import annotations
@@ -12,29 +11,33 @@ import os
 import pickle
 import shutil
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
+import crc32c
 import torch
 from safetensors import SafetensorError
 
-from bigtrain.config import Config, ModelConfig, load_config, save_config
+from bigtrain.config import Config, ModelConfig
 from bigtrain.distributed import safe_load
-from bigtrain.distributed.local import load_weights
+from bigtrain.distributed.checkpoint_format import (
+    FILES,
+    STATE,
+    TOKENIZER,
+    WEIGHTS,
+    load_weights,
+    read_config,
+    read_state,
+    rng_file,
+    write_config,
+    write_state,
+)
+from bigtrain.distributed.engine import Engine
 from bigtrain.errors import BigtrainError
 from bigtrain.model import Llama
 
-STATE = "state.json"
-FILES = "files.json"  # every file's size, to refuse truncated or missing files before loading
+CHUNK = 16 * 2**20  # bytes read at a time for checksums
+SHARE_PREFIX = ".files-"  # each rank's checksums during a save, merged into files.json
 SHAPE_KEYS = ("vocab_size", "d_model", "n_layers", "n_heads", "kv_heads", "ffn_dim", "tie_embeddings")
-
-
-class Engine(Protocol):
-    rank: int
-    is_main: bool
-
-    def save(self, directory: Path) -> None: ...
-    def load(self, directory: Path) -> None: ...
-    def barrier(self) -> None: ...
 
 
 def checkpoint_root(run_dir: Path) -> Path:
@@ -67,31 +70,43 @@ def save_checkpoint(
     run_dir: Path, step: int, engine: Engine, state: dict[str, Any], config: Config,
     tokenizer: Path | None, keep_last: int | None = None,
 ) -> Path:
-    """Write checkpoint `step` atomically, point `latest` at it, then prune the oldest."""
+    """Write checkpoint `step` atomically, point `latest` at it, then prune the oldest. A save that
+    fails (a full disk, say) removes its partial directory and leaves `latest` as it was."""
     root = checkpoint_root(run_dir)
     name = f"step-{step:07d}"
     final, tmp = root / name, root / f".tmp-{name}"
     if final.exists():
         raise BigtrainError(f"refusing to overwrite existing checkpoint {final}")
+    try:
+        if engine.is_main:
+            root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)  # a leftover of a crashed save of this same step
+            tmp.mkdir()
+        engine.barrier()
+        engine.save(tmp)  # every rank writes its own part
+        torch.save(rng_state(), tmp / rng_file(engine.rank))
+        engine.barrier()
+        if engine.is_main:
+            write_state(tmp, {"step": step, **state})
+            write_config(tmp, config)
+            if tokenizer is not None:
+                shutil.copyfile(tokenizer, tmp / TOKENIZER)
+        engine.barrier()
+        _write_checksum_share(tmp, engine.rank, engine.world_size)  # the ranks checksum in parallel
+        engine.barrier()
+        if engine.is_main:
+            _merge_checksum_shares(tmp, engine.world_size)
+            for file in tmp.rglob("*"):
+                _fsync(file)
+            _fsync(tmp)
+            os.rename(tmp, final)
+            _fsync(root)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        latest = latest_checkpoint(run_dir)
+        kept = f"checkpoints/latest still names {latest.name}" if latest else "no checkpoint was written"
+        raise BigtrainError(f"cannot save checkpoint {final}: {e.strerror or e}; {kept}") from None
     if engine.is_main:
-        root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)  # a leftover of a crashed save of this same step
-        tmp.mkdir()
-    engine.barrier()
-    engine.save(tmp)  # every rank writes its own part
-    torch.save(rng_state(), tmp / f"rng-{engine.rank}.pt")
-    engine.barrier()
-    if engine.is_main:
-        (tmp / STATE).write_text(json.dumps({"step": step, **state}, indent=1))
-        save_config(config, tmp / "config.yaml")
-        if tokenizer is not None:
-            shutil.copyfile(tokenizer, tmp / "tokenizer.json")
-        write_file_list(tmp)
-        for file in tmp.rglob("*"):
-            _fsync(file)
-        _fsync(tmp)
-        os.rename(tmp, final)
-        _fsync(root)
         pointer_tmp = root / ".latest.tmp"
         pointer_tmp.write_text(name + "\n")
         _fsync(pointer_tmp)
@@ -104,56 +119,101 @@ def save_checkpoint(
     return final
 
 
-def load_checkpoint(checkpoint: Path, engine: Engine) -> dict[str, Any]:
-    """Restore engine and RNG state; return the JSON state (step, tokens, loader, …)."""
-    verify_files(checkpoint)
+def load_checkpoint(checkpoint: Path, engine: Engine, verify: bool = True) -> dict[str, Any]:
+    """Restore engine and RNG state; return the JSON state (step, tokens, loader, …). Every rank
+    checks the sizes of all files and, with `verify`, the checksums of its share of them."""
+    problem = file_problem(checkpoint, share=(engine.rank, engine.world_size), checksums=verify)
+    if engine.any_rank(problem is not None):
+        raise BigtrainError(problem or f"checkpoint {checkpoint} failed its checks on another rank")
+    state = read_state(checkpoint)  # refuses an unknown format before any tensor is read
     try:
         engine.load(checkpoint)
-        rng_file = checkpoint / f"rng-{engine.rank}.pt"
-        if rng_file.exists():  # absent when resuming on more ranks than saved
-            set_rng_state(safe_load.load(rng_file))
+        rng = checkpoint / rng_file(engine.rank)
+        if rng.exists():  # absent when resuming on more ranks than saved
+            set_rng_state(safe_load.load(rng))
     except (pickle.UnpicklingError, RuntimeError, OSError, SafetensorError) as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise BigtrainError(f"cannot load checkpoint {checkpoint}: {first_line}") from None
-    return read_state(checkpoint)
+    return state
+
+
+def file_crc32c(path: Path) -> str:
+    value = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            value = crc32c.crc32c(chunk, value=value)
+    return f"{value:08x}"
+
+
+def _listed_files(checkpoint: Path) -> list[Path]:
+    return [f for f in sorted(checkpoint.rglob("*")) if f.is_file() and f.name != FILES
+            and not f.name.startswith(SHARE_PREFIX)]
+
+
+def _write_checksum_share(checkpoint: Path, rank: int, world: int) -> None:
+    files = _listed_files(checkpoint)[rank::world]
+    listed = {str(f.relative_to(checkpoint)): {"bytes": f.stat().st_size, "crc32c": file_crc32c(f)} for f in files}
+    (checkpoint / f"{SHARE_PREFIX}{rank}.json").write_text(json.dumps(listed))
+
+
+def _merge_checksum_shares(checkpoint: Path, world: int) -> None:
+    listed: dict[str, Any] = {}
+    for rank in range(world):
+        share = checkpoint / f"{SHARE_PREFIX}{rank}.json"
+        listed.update(json.loads(share.read_text()))
+        share.unlink()
+    (checkpoint / FILES).write_text(json.dumps(dict(sorted(listed.items())), indent=0))
 
 
 def write_file_list(checkpoint: Path) -> None:
-    """Record every file's size in `files.json` (written last, before the directory is renamed)."""
-    sizes = {str(f.relative_to(checkpoint)): f.stat().st_size for f in sorted(checkpoint.rglob("*")) if f.is_file()}
-    (checkpoint / FILES).write_text(json.dumps(sizes, indent=0))
+    """Record every file's size and crc32c in `files.json` (written last, before the directory is
+    renamed), computed by this one process."""
+    _write_checksum_share(checkpoint, 0, 1)
+    _merge_checksum_shares(checkpoint, 1)
+
+
+def file_problem(checkpoint: Path, share: tuple[int, int] = (0, 1), checksums: bool = True) -> str | None:
+    """What is wrong with the files of `checkpoint` against `files.json` (None: nothing): a missing
+    or truncated file (every file), a changed byte (the crc32c of files `share` = (rank, world) holds)."""
+    if not (checkpoint / FILES).is_file():
+        return None  # written before checkpoints listed their files
+    listed = json.loads((checkpoint / FILES).read_text())
+    rank, world = share
+    for i, (name, entry) in enumerate(listed.items()):
+        size, crc = (entry, None) if isinstance(entry, int) else (entry["bytes"], entry["crc32c"])
+        file = checkpoint / name
+        if not file.is_file():
+            return f"checkpoint {checkpoint} is incomplete: {name} is missing"
+        if file.stat().st_size != size:
+            return (f"checkpoint {checkpoint} is damaged: {name} has {file.stat().st_size} bytes, {size} were "
+                    f"written{_previous_hint(checkpoint)}")
+        if checksums and crc is not None and i % world == rank and file_crc32c(file) != crc:
+            return (f"checkpoint {checkpoint} is damaged: {name} does not match the crc32c it was written with"
+                    f"{_previous_hint(checkpoint)}")
+    return None
 
 
 def verify_files(checkpoint: Path) -> None:
-    """Refuse a checkpoint with a missing or truncated file (against the sizes it was saved with)."""
-    if not (checkpoint / FILES).is_file():
-        return  # written before checkpoints listed their files
-    for name, size in json.loads((checkpoint / FILES).read_text()).items():
-        file = checkpoint / name
-        if not file.is_file():
-            raise BigtrainError(f"checkpoint {checkpoint} is incomplete: {name} is missing")
-        if file.stat().st_size != size:
-            raise BigtrainError(f"checkpoint {checkpoint} is damaged: {name} has {file.stat().st_size} bytes, "
-                                f"{size} were written")
+    """Refuse a checkpoint with a missing, truncated or changed file, in one line."""
+    problem = file_problem(checkpoint)
+    if problem:
+        raise BigtrainError(problem)
+
+
+def _previous_hint(checkpoint: Path) -> str:
+    older = [c for c in sorted(checkpoint.parent.glob("step-*")) if c.name < checkpoint.name and (c / STATE).is_file()]
+    return f"; the previous checkpoint is {older[-1]}: resume with run.resume={older[-1]}" if older else ""
 
 
 def check_same_model(checkpoint: Path, model: ModelConfig) -> None:
     """Refuse a checkpoint whose model shape differs from `model`, naming the first differing key."""
-    saved = checkpoint_config(checkpoint).model
+    saved = read_config(checkpoint).model
     for key in SHAPE_KEYS:
         if getattr(saved, key) != getattr(model, key):
             raise BigtrainError(
                 f"{checkpoint} holds a model with model.{key}={getattr(saved, key)}, "
                 f"but the config has model.{key}={getattr(model, key)}"
             )
-
-
-def read_state(checkpoint: Path) -> dict[str, Any]:
-    return json.loads((checkpoint / STATE).read_text())
-
-
-def checkpoint_config(checkpoint: Path) -> Config:
-    return load_config(checkpoint / "config.yaml")
 
 
 def rng_state() -> dict[str, Any]:
@@ -182,10 +242,10 @@ def initial_weights_file(path: str | Path, model: ModelConfig) -> Path:
     checkpoint = resolve_checkpoint(path)
     verify_files(checkpoint)
     check_same_model(checkpoint, model)
-    if not (checkpoint / "model.safetensors").exists():
+    if not (checkpoint / WEIGHTS).exists():
         raise BigtrainError(f"{checkpoint} holds only tensor/pipeline-parallel shards; "
                             "run bigtrain convert reshard first")
-    return checkpoint / "model.safetensors"
+    return checkpoint / WEIGHTS
 
 
 def load_initial_weights(model: Llama, path: str | Path) -> None:
@@ -201,9 +261,9 @@ def load_trained_model(path: str | Path, device: torch.device) -> tuple[torch.nn
     """Rebuild the model of a checkpoint (or a run's latest) for evaluation or generation."""
     checkpoint = resolve_checkpoint(path)
     verify_files(checkpoint)
-    config = checkpoint_config(checkpoint)
+    config = read_config(checkpoint)
     model = Llama(config.model)
-    if not (checkpoint / "model.safetensors").exists():
+    if not (checkpoint / WEIGHTS).exists():
         raise BigtrainError(
             f"{checkpoint} holds only tensor/pipeline-parallel DeepSpeed shards (no model.safetensors); "
             "evaluate during training with data.val_path"

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,8 +13,10 @@ import torch
 from bigtrain.config import Config, save_config
 from bigtrain.data.build import build_train_loader, build_val_data
 from bigtrain.data.prefetch import Prefetcher
+from bigtrain.distributed.engine import Engine, StepOutput
+from bigtrain.distributed.layout import check_layout
 from bigtrain.distributed.local import LocalEngine
-from bigtrain.distributed.topology import check_layout, init_topology, process_env
+from bigtrain.distributed.topology import init_topology, process_env
 from bigtrain.errors import BigtrainError
 from bigtrain.eval.perplexity import EvalResult, evaluate
 from bigtrain.model import Llama, flops_per_token
@@ -20,6 +24,7 @@ from bigtrain.train import checkpoint as ckpt
 from bigtrain.train.bad_steps import BadSteps
 from bigtrain.train.host_memory import reuse_freed_memory
 from bigtrain.train.metrics import SpeedMeter, directory_size, peak_flops, peak_memory_gb
+from bigtrain.train.run_lock import RunLock
 from bigtrain.train.schedule import lr_at
 from bigtrain.train.signals import StopRequest
 from bigtrain.train.sinks import Sinks, build_sinks
@@ -63,7 +68,7 @@ def find_resume_checkpoint(cfg: Config) -> Path | None:
     return None
 
 
-def build_engine(cfg: Config, init_from: str | None = None):
+def build_engine(cfg: Config, init_from: str | None = None) -> Engine:
     """The local engine for one process, else DeepSpeed over the launched processes; the model
     starts from the weights of checkpoint `init_from` when given."""
     if cfg.parallel.engine == "local":
@@ -84,101 +89,148 @@ def train(cfg: Config, console: bool = True, stop: StopRequest | None = None) ->
 
     SIGUSR1/SIGTERM (caught by `stop`, or from this call on) make it save after the current step
     and return with `preempted` set."""
-    if stop is not None:
-        return _train(cfg, console, stop)
-    with StopRequest() as stop:
-        return _train(cfg, console, stop)
-
-
-def _train(cfg: Config, console: bool, stop: StopRequest) -> TrainResult:
-    started = time.perf_counter()
     check_layout(cfg, process_env().world_size)  # before touching data or starting processes
-    set_determinism(cfg.run.seed, cfg.train.deterministic)
-    if cfg.train.reuse_host_memory:
-        reuse_freed_memory()
-    resume_from = find_resume_checkpoint(cfg)
-    engine = build_engine(cfg, None if resume_from else cfg.model.init_from)
-    loader = build_train_loader(cfg.data, cfg.data.micro_batch, cfg.train.grad_accum, dp_rank=engine.dp_rank,
-                                dp_size=engine.dp_size, seed=cfg.run.seed, model_vocab_size=cfg.model.vocab_size)
-    if cfg.data.prefetch:
-        loader = Prefetcher(loader, pin_memory=engine.device.type == "cuda")
-    val = build_val_data(cfg.data, cfg.data.seq_len)
-    step, tokens, state, bad = 0, 0, {}, BadSteps(cfg.train)
-    if resume_from is not None:
-        ckpt.check_same_model(resume_from, cfg.model)
-        state = ckpt.load_checkpoint(resume_from, engine)
-        loader.load_state_dict(state["loader"])
-        step, tokens = state["step"], state["tokens"]
-        bad.load_state_dict(state.get("bad_steps", {}), engine.gate)
+    with run_lock(cfg), (contextlib.nullcontext(stop) if stop else StopRequest()) as stop:
+        return Trainer(cfg, console, stop).run()
 
-    run_dir, main = cfg.run.path, engine.is_main
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
-    sinks = build_sinks(cfg, run_dir, step, state, console) if main else Sinks([])
-    log = sinks.log
-    tokens_per_step = loader.global_batch * cfg.data.seq_len
-    speed = SpeedMeter(tokens_per_step, flops_per_token(cfg.model, cfg.data.seq_len), engine.world_size,
-                       peak_flops(engine.device, cfg.log.peak_tflops))
 
-    def validate() -> EvalResult | None:
-        if val is None:
+@contextlib.contextmanager
+def run_lock(cfg: Config) -> Iterator[None]:
+    """Rank 0 holds the run directory's lock for the whole run (`run.lock`, `run.wait_lock`)."""
+    if not cfg.run.lock or process_env().rank != 0:
+        yield
+        return
+    lock = RunLock(cfg.run.path).acquire(cfg.run.wait_lock)
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+class Trainer:
+    """One training run: its engine, data and sinks, and the loop over them. Each concern of a step
+    (logging, validation, saving, stopping) is a method the loop calls when that concern is due."""
+
+    def __init__(self, cfg: Config, console: bool, stop: StopRequest):
+        self.started = time.perf_counter()
+        self.cfg, self.stop = cfg, stop
+        set_determinism(cfg.run.seed, cfg.train.deterministic)
+        if cfg.train.reuse_host_memory:
+            reuse_freed_memory()
+        resume_from = find_resume_checkpoint(cfg)
+        self.engine = engine = build_engine(cfg, None if resume_from else cfg.model.init_from)
+        self.loader = build_train_loader(cfg.data, cfg.data.micro_batch, cfg.train.grad_accum, dp_rank=engine.dp_rank,
+                                         dp_size=engine.dp_size, seed=cfg.run.seed,
+                                         model_vocab_size=cfg.model.vocab_size)
+        if cfg.data.prefetch:
+            self.loader = Prefetcher(self.loader, pin_memory=engine.device.type == "cuda")
+        self.val = build_val_data(cfg.data, cfg.data.seq_len)
+        self.step, self.tokens, self.bad = 0, 0, BadSteps(cfg.train)
+        state = self._resume(resume_from) if resume_from is not None else {}
+        self.run_dir = cfg.run.path
+        if engine.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run_dir / "config.yaml")
+        self.sinks = build_sinks(cfg, self.run_dir, self.step, state, console) if engine.is_main else Sinks([])
+        self.tokens_per_step = self.loader.global_batch * cfg.data.seq_len
+        self.speed = SpeedMeter(self.tokens_per_step, flops_per_token(cfg.model, cfg.data.seq_len), engine.world_size,
+                                peak_flops(engine.device, cfg.log.peak_tflops))
+        self.losses: list[torch.Tensor] = []
+        self.last_val: EvalResult | None = None
+        self.last_saved: Path | None = None
+        self.window_start, self.window_steps = time.perf_counter(), 0
+
+    def _resume(self, checkpoint: Path) -> dict:
+        ckpt.check_same_model(checkpoint, self.cfg.model)
+        state = ckpt.load_checkpoint(checkpoint, self.engine, verify=self.cfg.checkpoint.verify)
+        self.loader.load_state_dict(state["loader"])
+        self.step, self.tokens = state["step"], state["tokens"]
+        self.bad.load_state_dict(state.get("bad_steps", {}), self.engine.gate)
+        return state
+
+    def run(self) -> TrainResult:
+        cfg = self.cfg
+        first_val = self.validate() if self.step == 0 else None
+        self.last_val, ending = first_val, None
+        try:
+            while self.step < cfg.train.steps and ending not in ("out_of_time", "preempted"):
+                out = self.train_step()
+                ending = self.ending()
+                if self.step % cfg.log.every == 0 or ending:
+                    self.log_step(out)
+                paused = time.perf_counter()  # validation and saving do not count as step time
+                if self.step % cfg.train.eval_every == 0 or ending in ("done", "out_of_time"):
+                    self.last_val = self.validate()
+                if self.step % cfg.checkpoint.every == 0 or ending:
+                    self.last_saved = self.save()
+                self.window_start += time.perf_counter() - paused
+        finally:
+            self.sinks.close()
+        if ending == "preempted":
+            self.engine.barrier()  # leave together: torchrun stops the other workers when one exits
+        return TrainResult(
+            run_dir=self.run_dir, step=self.step, tokens=self.tokens, losses=[float(x) for x in self.losses],
+            checkpoint=self.last_saved or ckpt.latest_checkpoint(self.run_dir), val=self.last_val,
+            first_val=first_val, wall_s=time.perf_counter() - self.started, is_main=self.engine.is_main,
+            preempted=ending == "preempted",
+        )
+
+    def train_step(self) -> StepOutput:
+        with self.engine.timer.phase("data", host=True):
+            batches = self.loader.next_step()
+        out = self.engine.train_step(batches, lr_at(self.step, self.cfg.train))
+        self.step, self.tokens, self.window_steps = self.step + 1, self.tokens + self.tokens_per_step, self.window_steps + 1
+        self.losses.append(out.loss)
+        self.bad.record(out.skipped)
+        return out
+
+    def ending(self) -> str | None:
+        """Why the loop ends after this step: `done`, `out_of_time` (train.max_minutes),
+        `preempted` (SIGUSR1/SIGTERM), or None. Every rank gets the same answer."""
+        max_minutes = self.cfg.train.max_minutes
+        out_of_time = max_minutes is not None and self.engine.any_rank(
+            time.perf_counter() - self.started > 60 * max_minutes)
+        preempted = self.step < self.cfg.train.steps and self.engine.any_rank(self.stop.requested)
+        if preempted:
+            return "preempted"
+        if out_of_time:
+            return "out_of_time"
+        return "done" if self.step == self.cfg.train.steps else None
+
+    def log_step(self, out: StepOutput) -> None:
+        """One training record (the loss reaches the host only here), then the bad-step check."""
+        window_s = time.perf_counter() - self.window_start
+        engine = self.engine
+        self.sinks.log({
+            "step": self.step, "loss": out.loss.item(), "lr": lr_at(self.step - 1, self.cfg.train),
+            "grad_norm": float(out.grad_norm), "tokens": self.tokens,
+            **self.speed.measure(self.window_steps, window_s, engine.step_times()),
+            "peak_mem_gb": peak_memory_gb(engine.device), "skipped_steps": self.bad.total(),
+            "fp16_overflow_steps": engine.overflow_steps, "loss_scale": engine.loss_scale,
+        })
+        self.bad.check(self.step, self.run_dir)
+        self.window_start, self.window_steps = time.perf_counter(), 0
+
+    def validate(self) -> EvalResult | None:
+        if self.val is None:
             return None
-        result = evaluate(engine.eval_loss, val, cfg.data.micro_batch, cfg.train.eval_batches * loader.global_batch,
-                          engine.dp_rank, engine.dp_size, engine.sum_across_dp)
-        log({"step": step, "tokens": tokens, "val_loss": result.loss, "val_perplexity": result.perplexity})
+        engine, cfg = self.engine, self.cfg
+        result = evaluate(engine.eval_loss, self.val, cfg.data.micro_batch,
+                          cfg.train.eval_batches * self.loader.global_batch, engine.dp_rank, engine.dp_size,
+                          engine.sum_across_dp)
+        self.sinks.log({"step": self.step, "tokens": self.tokens, "val_loss": result.loss,
+                        "val_perplexity": result.perplexity})
         return result
 
-    def save() -> Path:
-        bad.check(step, run_dir)  # never save past the allowed run of bad steps
+    def save(self) -> Path:
+        self.bad.check(self.step, self.run_dir)  # never save past the allowed run of bad steps
         saving = time.perf_counter()
-        state = {"tokens": tokens, "loader": loader.state_dict(), "bad_steps": bad.state_dict(engine.gate), **sinks.state()}
-        path = ckpt.save_checkpoint(run_dir, step, engine, state, cfg, loader.tokenizer_path, cfg.checkpoint.keep_last)
-        if main:
-            log({"step": step, "checkpoint": path.name, "checkpoint_save_s": time.perf_counter() - saving,
-                 "checkpoint_gb": directory_size(path) / 2**30})
+        state = {"tokens": self.tokens, "loader": self.loader.state_dict(),
+                 "bad_steps": self.bad.state_dict(self.engine.gate), **self.sinks.state()}
+        path = ckpt.save_checkpoint(self.run_dir, self.step, self.engine, state, self.cfg, self.loader.tokenizer_path,
+                                    self.cfg.checkpoint.keep_last)
+        if self.engine.is_main:
+            self.sinks.log({"step": self.step, "checkpoint": path.name,
+                            "checkpoint_save_s": time.perf_counter() - saving,
+                            "checkpoint_gb": directory_size(path) / 2**30})
         return path
-
-    first_val = validate() if step == 0 else None
-    last_val, last_saved, losses, preempted = first_val, None, [], False
-    window_start, window_steps = time.perf_counter(), 0
-    try:
-        while step < cfg.train.steps:
-            with engine.timer.phase("data", host=True):
-                batches = loader.next_step()
-            out = engine.train_step(batches, lr_at(step, cfg.train))
-            step, tokens, window_steps = step + 1, tokens + tokens_per_step, window_steps + 1
-            losses.append(out.loss)
-            bad.record(out.skipped)
-            out_of_time = cfg.train.max_minutes is not None and engine.any_rank(
-                time.perf_counter() - started > 60 * cfg.train.max_minutes
-            )
-            preempted = step < cfg.train.steps and engine.any_rank(stop.requested)
-            last = step == cfg.train.steps or out_of_time
-            if step % cfg.log.every == 0 or last or preempted:
-                loss = out.loss.item()  # the loss reaches the host only at logging time
-                log({
-                    "step": step, "loss": loss, "lr": lr_at(step - 1, cfg.train), "grad_norm": float(out.grad_norm),
-                    "tokens": tokens, **speed.measure(window_steps, time.perf_counter() - window_start, engine.step_times()),
-                    "peak_mem_gb": peak_memory_gb(engine.device), "skipped_steps": bad.total(),
-                    "fp16_overflow_steps": engine.overflow_steps, "loss_scale": engine.loss_scale,
-                })
-                bad.check(step, run_dir)
-                window_start, window_steps = time.perf_counter(), 0
-            paused = time.perf_counter()  # validation and saving do not count as step time
-            if step % cfg.train.eval_every == 0 or last:
-                last_val = validate()
-            if step % cfg.checkpoint.every == 0 or last or preempted:
-                last_saved = save()
-            window_start += time.perf_counter() - paused
-            if out_of_time or preempted:
-                break
-    finally:
-        sinks.close()
-    if preempted:
-        engine.barrier()  # leave together: torchrun stops the other workers when one exits
-    return TrainResult(
-        run_dir=run_dir, step=step, tokens=tokens, losses=[float(x) for x in losses],
-        checkpoint=last_saved or ckpt.latest_checkpoint(run_dir), val=last_val, first_val=first_val,
-        wall_s=time.perf_counter() - started, is_main=main, preempted=preempted,
-    )

@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from bigtrain.cli import main
+from bigtrain.distributed.checkpoint_format import FORMAT_VERSION
 from bigtrain.distributed.update_gate import UpdateGate
 from bigtrain.errors import BigtrainError
 from bigtrain.train import loop
@@ -155,3 +156,27 @@ def test_fused_adamw_skips_on_the_device():
         optimizer.step()
         assert (not torch.equal(before, weight.detach())) == expect_change
     assert optimizer.state[weight]["step"].item() == 1  # the skipped step was not counted
+
+
+def test_state_records_the_format_version(saved_run):
+    assert json.loads((saved_run[1] / "state.json").read_text())["format_version"] == FORMAT_VERSION
+
+
+@pytest.mark.parametrize("command", ["train", "to-hf"])
+def test_unknown_format_version_is_refused_in_one_line(command, saved_run, tmp_path, capsys):
+    checkpoint = copy(saved_run[1], tmp_path)
+    state = json.loads((checkpoint / "state.json").read_text())
+    (checkpoint / "state.json").write_text(json.dumps({**state, "format_version": FORMAT_VERSION + 1}))
+    sizes = json.loads((checkpoint / "files.json").read_text())
+    sizes["state.json"] = (checkpoint / "state.json").stat().st_size
+    (checkpoint / "files.json").write_text(json.dumps(sizes))
+    expected = (f"{checkpoint} has checkpoint format_version {FORMAT_VERSION + 1}; this bigtrain reads version "
+                f"{FORMAT_VERSION}")
+    if command == "train":
+        with pytest.raises(BigtrainError) as error:
+            loop.train(resume_from(saved_run, checkpoint, tmp_path), console=False)
+        assert str(error.value).startswith(expected) and "\n" not in str(error.value)
+    else:
+        assert main(["convert", "to-hf", str(checkpoint), str(tmp_path / "hf")]) != 0
+        assert capsys.readouterr().err.strip().startswith(f"bigtrain: error: {expected}")
+        assert not (tmp_path / "hf").exists()

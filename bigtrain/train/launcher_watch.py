@@ -1,0 +1,45 @@
+"""A worker dies with its launcher: when the torchrun agent or the srun step that started this
+process is gone (killed with `kill -9`, say), the process exits at once, writing nothing.
+
+torchrun starts workers in sessions of their own, so they survive their agent; a restarted job
+would then train beside them. A daemon thread checks every `POLL_S` seconds whether the process
+has been re-parented (its launcher died) and ends it with `os._exit`.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+
+POLL_S = 0.5
+EXIT_CODE = 70  # os.EX_SOFTWARE
+
+
+def launched_by() -> str | None:
+    """`torchrun` or `srun` when one of them started this process, else None."""
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        return "torchrun"
+    if "SLURM_STEP_ID" in os.environ and "SLURM_PROCID" in os.environ:
+        return "srun"
+    return None
+
+
+def watch_launcher() -> threading.Thread | None:
+    """Exit this process as soon as the launcher that started it is gone (no-op without one)."""
+    launcher = launched_by()
+    parent = os.getppid()
+    if launcher is None or parent == 1:
+        return None
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(POLL_S)
+        print(f"bigtrain: error: the {launcher} process that started this worker (pid {parent}) is gone; exiting",
+              file=sys.stderr, flush=True)
+        os._exit(EXIT_CODE)
+
+    thread = threading.Thread(target=watch, name="launcher-watch", daemon=True)
+    thread.start()
+    return thread
