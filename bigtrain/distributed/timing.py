@@ -38,10 +38,6 @@ class PhaseTimer:
             yield
             self.host[name] += time.perf_counter() - started
 
-    def add(self, name: str, seconds: float) -> None:
-        """Account time measured elsewhere (e.g. by DeepSpeed's own timers)."""
-        self.host[name] += seconds
-
     def read(self) -> dict[str, float]:
         """Seconds per phase since the last read (waits for the recorded CUDA events)."""
         totals = dict(self.host)

@@ -47,8 +47,18 @@ def test_eval_generate_and_resume_from_the_cli(quickstart_run, tmp_path):
     loss, ppl = map(float, re.search(r"loss ([\d.]+), perplexity ([\d.]+)", proc.stdout).groups())
     assert ppl == pytest.approx(math.exp(loss), rel=1e-3)
 
-    proc = bigtrain("generate", run_dir, "--prompt", "def ", "--max-new-tokens", 8, "--temperature", 0)
-    assert proc.returncode == 0 and proc.stdout.startswith("def ")
+    def generate(*options):
+        proc = bigtrain("generate", run_dir, "--prompt", "def ", "--max-new-tokens", 16, *options)
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.startswith("def ") and proc.stdout.endswith("\n")
+        return proc.stdout[len("def "):-1]  # the generated text alone
+
+    greedy = generate("--temperature", 0)
+    assert greedy.strip(), "nothing generated after the prompt"
+    assert generate("--temperature", 0) == greedy  # greedy decoding is deterministic
+    sampled = generate("--temperature", 1, "--seed", 1)
+    assert sampled.strip() and generate("--temperature", 1, "--seed", 1) == sampled  # seeded sampling repeats
+    assert generate("--temperature", 1, "--seed", 2) != sampled  # and another seed samples other text
 
     step = int((run_dir / "checkpoints" / "latest").read_text().strip().split("-")[1])
     proc = bigtrain("train", run_dir / "config.yaml", "run.resume=auto", f"train.steps={step + 3}",

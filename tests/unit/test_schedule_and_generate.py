@@ -41,7 +41,8 @@ def test_generation_is_seeded_and_stops_at_eos():
         generator = torch.Generator().manual_seed(seed)
         return generate(model, [1, 2, 3], 10, 16, eos_id=None, temperature=1.0, top_k=20, generator=generator)
 
-    assert run(1) == run(1) and len(run(1)) == 10
+    assert run(1) == run(1) and len(run(1)) == 10  # the same seed samples the same tokens
+    assert run(2) != run(1) and run(3) != run(1)  # and the seed matters: other seeds sample other tokens
     greedy = generate(model, [1, 2, 3], 10, 16, eos_id=None, temperature=0)
     eos = greedy[2]
     stopped = generate(model, [1, 2, 3], 10, 16, eos_id=eos, temperature=0)

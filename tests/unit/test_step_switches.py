@@ -28,12 +28,14 @@ def test_compile_keeps_losses_and_parameter_names():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("impl,flags", [("fused", ("fused", True)), ("foreach", ("foreach", True)),
-                                        ("for-loop", ("foreach", False))])
-def test_adamw_kernels_give_the_same_update(impl, flags):
-    reference, reference_losses = run(adamw_impl="for-loop")
+@pytest.mark.parametrize("impl,flags,other", [("fused", ("fused", True), "for-loop"),
+                                              ("foreach", ("foreach", True), "for-loop"),
+                                              ("for-loop", ("foreach", False), "foreach")])
+def test_adamw_kernels_give_the_same_update(impl, flags, other):
+    reference, reference_losses = run(adamw_impl=other)  # another kernel: each is checked against a second one
     engine, losses = run(adamw_impl=impl)
     assert engine.optimizer.defaults[flags[0]] is flags[1]
+    assert reference.optimizer.defaults != engine.optimizer.defaults
     assert losses == pytest.approx(reference_losses, rel=1e-6)
     for a, b in zip(engine.model.parameters(), reference.model.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

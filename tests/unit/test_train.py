@@ -130,3 +130,15 @@ def test_streaming_mixture_trains_and_resumes_exactly(stdlib_data, tmp_path):
     resumed = mixture_config("resumed")
     resumed.run.resume = str(tmp_path / "straight" / "checkpoints" / "step-0000002")
     assert train(resumed, console=False).losses == straight.losses[2:]
+
+
+def test_run_seed_decides_the_initial_weights_and_the_losses(stdlib_data, tmp_path):
+    def run(name, seed):
+        cfg = tiny_config(stdlib_data, tmp_path / name, steps=3, eval_every=1000)
+        cfg.run.seed = seed
+        return train(cfg, console=False)
+
+    first, again, other = run("a", 7), run("b", 7), run("c", 8)
+    assert (again.first_val.loss, again.losses) == (first.first_val.loss, first.losses)  # a seed repeats its run
+    assert other.first_val.loss != first.first_val.loss  # validated before any step: other initial weights
+    assert other.losses[0] != first.losses[0] and other.losses[-1] != first.losses[-1]
