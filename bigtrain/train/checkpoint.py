@@ -101,11 +101,11 @@ def save_checkpoint(
             _fsync(tmp)
             os.rename(tmp, final)
             _fsync(root)
-    except OSError as e:
+    except (OSError, RuntimeError, SafetensorError) as e:  # torch.save and safetensors wrap OSErrors
         shutil.rmtree(tmp, ignore_errors=True)
         latest = latest_checkpoint(run_dir)
         kept = f"checkpoints/latest still names {latest.name}" if latest else "no checkpoint was written"
-        raise BigtrainError(f"cannot save checkpoint {final}: {e.strerror or e}; {kept}") from None
+        raise BigtrainError(f"cannot save checkpoint {final}: {_first_line(e)}; {kept}") from None
     if engine.is_main:
         pointer_tmp = root / ".latest.tmp"
         pointer_tmp.write_text(name + "\n")
@@ -132,9 +132,12 @@ def load_checkpoint(checkpoint: Path, engine: Engine, verify: bool = True) -> di
         if rng.exists():  # absent when resuming on more ranks than saved
             set_rng_state(safe_load.load(rng))
     except (pickle.UnpicklingError, RuntimeError, OSError, SafetensorError) as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise BigtrainError(f"cannot load checkpoint {checkpoint}: {first_line}") from None
+        raise BigtrainError(f"cannot load checkpoint {checkpoint}: {_first_line(e)}") from None
     return state
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
 def file_crc32c(path: Path) -> str:

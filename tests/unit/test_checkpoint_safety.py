@@ -180,3 +180,81 @@ def test_unknown_format_version_is_refused_in_one_line(command, saved_run, tmp_p
         assert main(["convert", "to-hf", str(checkpoint), str(tmp_path / "hf")]) != 0
         assert capsys.readouterr().err.strip().startswith(f"bigtrain: error: {expected}")
         assert not (tmp_path / "hf").exists()
+
+
+def flip_byte(file, offset=None):
+    data = bytearray(file.read_bytes())
+    offset = len(data) // 2 if offset is None else offset
+    data[offset] ^= 0x01
+    file.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("victim", ["model.safetensors", "optimizer.pt"])
+def test_a_flipped_byte_is_refused_naming_the_file_and_the_previous_checkpoint(victim, saved_run, tmp_path, capsys):
+    run_dir = saved_run[1].parent.parent
+    import shutil
+
+    shutil.copytree(run_dir, tmp_path / "run")
+    newest = tmp_path / "run" / "checkpoints" / "step-0000004"
+    flip_byte(newest / victim)
+    cfg = tiny_config((saved_run[0].data.path, None), tmp_path / "run", steps=6, eval_every=1000)
+    cfg.run.resume = "auto"
+    previous = tmp_path / "run" / "checkpoints" / "step-0000002"
+    expected = (f"checkpoint {newest} is damaged: {victim} does not match the crc32c it was written with; "
+                f"the previous checkpoint is {previous}: resume with run.resume={previous}")
+    with pytest.raises(BigtrainError) as error:
+        loop.train(cfg, console=False)
+    assert str(error.value) == expected
+    assert main(["eval", str(newest)]) == 1
+    assert capsys.readouterr().err.strip() == f"bigtrain: error: {expected}"
+    cfg.checkpoint.verify = False  # the check can be turned off (the flipped byte then goes unnoticed)
+    assert loop.train(cfg, console=False).step == 6
+
+
+def test_files_json_holds_sizes_and_crc32c(saved_run):
+    from bigtrain.train.checkpoint import file_crc32c
+
+    listed = json.loads((saved_run[1] / "files.json").read_text())
+    assert {"model.safetensors", "optimizer.pt", "rng-0.pt", "state.json", "config.yaml"} <= set(listed)
+    for name, entry in listed.items():
+        assert entry == {"bytes": (saved_run[1] / name).stat().st_size, "crc32c": file_crc32c(saved_run[1] / name)}
+    assert not list(saved_run[1].glob(".files-*"))
+
+
+FULL_DISK_TRAINER = """
+import resource, sys
+limit = int(sys.argv[1])
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))  # files larger than this fail to write (EFBIG)
+from bigtrain.cli import main
+sys.exit(main(["train", *sys.argv[2:]]))
+"""
+
+
+def test_a_save_that_runs_out_of_space_ends_the_run_and_keeps_latest(stdlib_data, tmp_path):
+    import subprocess
+    import sys
+
+    import yaml
+
+    cfg = tiny_config(stdlib_data, tmp_path / "run", steps=4, eval_every=1000)
+    cfg.checkpoint.every, cfg.log.every, cfg.run.resume = 2, 1, "auto"
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
+    straight = loop.train(tiny_config(stdlib_data, tmp_path / "straight", steps=4, eval_every=1000), console=False)
+
+    def run(limit, *extra):
+        return subprocess.run([sys.executable, "-c", FULL_DISK_TRAINER, str(limit), str(tmp_path / "config.yaml"),
+                               *extra], capture_output=True, text=True, timeout=600)
+
+    first = run(2**40, "train.steps=2")
+    assert first.returncode == 0, first.stderr[-2000:]
+    full = run(100_000)  # the next checkpoint's weights do not fit
+    root = tmp_path / "run" / "checkpoints"
+    assert full.returncode == 1
+    error = full.stderr.strip().splitlines()[-1]
+    assert error.startswith(f"bigtrain: error: cannot save checkpoint {root / 'step-0000004'}: ")
+    assert "File too large" in error and error.endswith("; checkpoints/latest still names step-0000002")
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step-0000002"]  # no half-written directory
+    again = run(2**40)
+    assert again.returncode == 0, again.stderr[-2000:]
+    stitched = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "run") if "loss" in r}
+    assert [stitched[s] for s in range(1, 5)] == straight.losses
