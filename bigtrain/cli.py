@@ -80,10 +80,15 @@ def cmd_train(args: argparse.Namespace) -> int | None:
         import torch.distributed as dist
 
         from bigtrain.config import load_config
+        from bigtrain.distributed.heartbeat import PeersLost
         from bigtrain.train.loop import train
 
         overrides = [*args.overrides, *([f"run.wait_lock={args.wait_lock}"] if args.wait_lock is not None else [])]
-        result = train(load_config(args.config, overrides), stop=stop)
+        try:
+            result = train(load_config(args.config, overrides), stop=stop)
+        except PeersLost as e:  # the process group is broken: leave without waiting on it
+            print(f"bigtrain: error: {e}", file=sys.stderr, flush=True)
+            os._exit(1)
     if dist.is_initialized():
         dist.destroy_process_group()  # stop the backend's threads before interpreter exit
     if result.preempted:

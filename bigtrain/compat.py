@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -133,6 +134,15 @@ def partition_streaming_by(dataset: Any, dp_rank: int, dp_size: int) -> None:
 
 
 # --- torch ----------------------------------------------------------------------------------------
+
+
+def set_default_group_timeout(timeout: timedelta) -> None:
+    """Make every process group created from now on (DeepSpeed's data/tensor/pipeline groups
+    included, which it creates without a timeout) time out after `timeout`."""
+    from torch.distributed import distributed_c10d as c10d
+
+    c10d.default_pg_timeout = timeout
+    c10d.default_pg_nccl_timeout = timeout
 
 
 @contextlib.contextmanager

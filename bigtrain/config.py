@@ -170,6 +170,7 @@ class ParallelConfig:
     offload_optimizer: bool = False  # ZeRO optimizer states in CPU memory
     activation_checkpointing: bool = False
     backend: Literal["auto", "nccl", "gloo"] = "auto"  # auto: nccl with CUDA, else gloo
+    timeout_minutes: float = ranged(10.0, gt=0)  # a collective waiting longer ends the run (a rank died or hung)
     deepspeed_overrides: str | None = None  # a JSON file merged into the generated DeepSpeed config
 
 

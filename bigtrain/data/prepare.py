@@ -16,6 +16,8 @@ import os
 import shutil
 import sys
 from collections.abc import Callable, Iterator
+from concurrent.futures import FIRST_EXCEPTION, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -230,7 +232,14 @@ def _progress() -> Progress:
 
 def _run_jobs(jobs: list[UnitJob], workers: int, on_done: Callable[[dict], None],
               progress: Callable[[int], None]) -> None:
-    """Run the jobs inline (one worker) or in a pool of spawned processes, recording each."""
+    """Run the jobs inline (one worker) or in a pool of spawned processes, recording each.
+
+    The first failure ends the pool: queued units are cancelled and the units already handed to
+    workers finish and are recorded (a re-run skips them). Units are handed out in order, so every
+    unit before a failed one has run by then, and the error raised is that of the first failed
+    unit: under `strict`, the first bad record of the inputs, whatever the timing. A worker that
+    dies without an error (a signal, the OOM killer) breaks the pool instead of hanging it.
+    """
     if workers == 1 or len(jobs) <= 1:
         for job in jobs:
             on_done(run_unit(job, progress))
@@ -240,21 +249,44 @@ def _run_jobs(jobs: list[UnitJob], workers: int, on_done: Callable[[dict], None]
     seen = 0
     processes = min(workers, len(jobs))
     threads = max(1, (os.cpu_count() or 1) // processes)
-    with ctx.Pool(processes, _init_worker, (shared, threads)) as pool:
-        results = pool.imap_unordered(run_unit, jobs)
-        while True:
-            try:
-                record = results.next(timeout=0.25)
-            except multiprocessing.TimeoutError:
-                record = None
-            except StopIteration:
-                break
-            with shared.get_lock():
-                now = shared.value
+    pool = ProcessPoolExecutor(max_workers=processes, mp_context=ctx, initializer=_init_worker,
+                               initargs=(shared, threads))
+    units: dict[Future, int] = {}
+    pending: set[Future] = set()
+    try:
+        units = {pool.submit(run_unit, job): job.index for job in jobs}
+        pending = set(units)
+        while pending:
+            done, pending = wait(pending, timeout=0.25, return_when=FIRST_EXCEPTION)
+            now = shared.get_obj().value  # no lock: a worker killed holding it must not hang us
             progress(now - seen)
             seen = now
-            if record is not None:
-                on_done(record)
+            for future in done:
+                if future.exception() is None:
+                    on_done(future.result())
+            if any(future.exception() is not None for future in done):
+                break
+    finally:
+        for future in pending:
+            future.cancel()  # only queued units; running ones finish
+        pool.shutdown(wait=True, cancel_futures=True)
+    for future in pending:
+        if not future.cancelled() and future.exception() is None:
+            on_done(future.result())
+    failed = [f for f in units if not f.cancelled() and f.exception() is not None]
+    if failed:
+        _raise_failure(min(failed, key=units.__getitem__))
+
+
+def _raise_failure(future: Future) -> None:
+    """Raise a failed unit's own error, or one line if its worker process died."""
+    try:
+        future.result()
+    except BrokenProcessPool as e:
+        raise BigtrainError(
+            f"a prepare worker process died without an error ({type(e).__name__}: killed by a "
+            "signal or out of memory?); finished units are kept: re-run the same command to resume"
+        ) from None
 
 
 def _totals(records: list[dict], total_bytes: int) -> dict:

@@ -12,11 +12,14 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
+from bigtrain import compat
 from bigtrain.config import Config
+from bigtrain.distributed import heartbeat
 from bigtrain.distributed.device import pick_device
 from bigtrain.distributed.layout import check_layout
 
@@ -99,11 +102,15 @@ def init_topology(cfg: Config) -> Topology:
     if torch.cuda.is_available():  # a task may see all of its node's GPUs or only its own
         torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
     export_rendezvous_env()
+    os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")  # NCCL: a timed-out collective ends the process
+    timeout = timedelta(minutes=cfg.parallel.timeout_minutes)
+    compat.set_default_group_timeout(timeout)
     if not dist.is_initialized():
         deepspeed.init_distributed(
             dist_backend=backend, auto_mpi_discovery=False, rank=env.rank, world_size=env.world_size,
-            verbose=False,
+            verbose=False, timeout=timeout,
         )
+    heartbeat.start(env.rank, env.world_size)
     topology = PipeModelDataParallelTopology(num_pp=cfg.parallel.pp, num_mp=cfg.parallel.tp, num_dp=dp)
     return Topology(env=env, dp=dp, tp=cfg.parallel.tp, pp=cfg.parallel.pp, process_topology=topology,
                     grid=PipelineParallelGrid(topology))

@@ -18,7 +18,7 @@ import torch
 from safetensors import SafetensorError
 
 from bigtrain.config import Config, ModelConfig
-from bigtrain.distributed import safe_load
+from bigtrain.distributed import heartbeat, safe_load
 from bigtrain.distributed.checkpoint_format import (
     FILES,
     STATE,
@@ -103,6 +103,7 @@ def save_checkpoint(
             _fsync(root)
     except (OSError, RuntimeError, SafetensorError) as e:  # torch.save and safetensors wrap OSErrors
         shutil.rmtree(tmp, ignore_errors=True)
+        heartbeat.check_peers(e)  # a barrier failed because another rank died: say that instead
         latest = latest_checkpoint(run_dir)
         kept = f"checkpoints/latest still names {latest.name}" if latest else "no checkpoint was written"
         raise BigtrainError(f"cannot save checkpoint {final}: {_first_line(e)}; {kept}") from None

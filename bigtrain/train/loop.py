@@ -13,6 +13,7 @@ import torch
 from bigtrain.config import Config, save_config
 from bigtrain.data.build import build_train_loader, build_val_data
 from bigtrain.data.prefetch import Prefetcher
+from bigtrain.distributed import heartbeat
 from bigtrain.distributed.engine import Engine, StepOutput
 from bigtrain.distributed.layout import check_layout
 from bigtrain.distributed.local import LocalEngine
@@ -91,7 +92,11 @@ def train(cfg: Config, console: bool = True, stop: StopRequest | None = None) ->
     and return with `preempted` set."""
     check_layout(cfg, process_env().world_size)  # before touching data or starting processes
     with run_lock(cfg), (contextlib.nullcontext(stop) if stop else StopRequest()) as stop:
-        return Trainer(cfg, console, stop).run()
+        try:
+            return Trainer(cfg, console, stop).run()
+        except (RuntimeError, OSError) as e:  # a collective failed or timed out: was a rank lost?
+            heartbeat.check_peers(e)
+            raise
 
 
 @contextlib.contextmanager

@@ -1,0 +1,93 @@
+"""Which rank stopped answering: every rank bumps its counter in the rendezvous store (the one
+torchrun's agent or rank 0 hosts at MASTER_ADDR:MASTER_PORT) every `INTERVAL_S` seconds from a
+background thread. When a collective fails or times out, the survivors look for the counters that
+stopped moving; a rank that died or froze (`kill -9`, `SIGSTOP`, a hung host) is named in the error.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+import time
+from datetime import timedelta
+
+import torch.distributed as dist
+
+from bigtrain.errors import BigtrainError
+
+INTERVAL_S = 1.0
+KEY = "bigtrain/heartbeat/{}"
+
+_running: Heartbeat | None = None
+
+
+class Heartbeat:
+    def __init__(self, rank: int, world_size: int):
+        self.rank, self.world_size = rank, world_size
+        self.store = _connect()
+        self.store.add(KEY.format(rank), 1)
+        self.stopped = threading.Event()
+        threading.Thread(target=self._beat, name="heartbeat", daemon=True).start()
+
+    def _beat(self) -> None:
+        store = _connect()  # a client of its own: the main thread may be blocked in the other
+        while not self.stopped.wait(INTERVAL_S):
+            try:
+                store.add(KEY.format(self.rank), 1)
+            except Exception:  # the store's host is gone; `silent_ranks` says so
+                return
+
+    def silent_ranks(self) -> list[int] | None:
+        """The other ranks whose counter did not move for a few intervals; None when the store
+        itself stopped answering (its host, rank 0 or the launcher, is gone)."""
+        try:
+            store = _connect(timeout_s=2 * INTERVAL_S)
+            before = [store.add(KEY.format(r), 0) for r in range(self.world_size)]
+            time.sleep(3 * INTERVAL_S)
+            after = [store.add(KEY.format(r), 0) for r in range(self.world_size)]
+        except Exception:
+            return None
+        return [r for r in range(self.world_size) if r != self.rank and before[r] == after[r]]
+
+    def stop(self) -> None:
+        self.stopped.set()
+
+
+def _connect(timeout_s: float = 10.0) -> dist.TCPStore:
+    return dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                         timeout=timedelta(seconds=timeout_s), wait_for_workers=False)
+
+
+def start(rank: int, world_size: int) -> None:
+    """Start this process's heartbeat (once the process group exists)."""
+    global _running
+    if _running is None and world_size > 1:
+        _running = Heartbeat(rank, world_size)
+
+
+class PeersLost(BigtrainError):
+    """Another rank died or froze: the process group cannot go on (leave without cleaning it up)."""
+
+
+def check_peers(error: BaseException) -> None:
+    """Raise `PeersLost` naming the ranks that stopped answering when one did (`error`, a failed
+    collective or what it caused, is then only the symptom); otherwise return."""
+    silent = who_stopped_answering()
+    if silent is not None:
+        symptom = re.sub(r"^\[[^\]]*\]\s*", "", (str(error).strip().splitlines() or [type(error).__name__])[0])
+        raise PeersLost(f"{silent} stopped answering ({symptom.split('. ')[0]}); "
+                        f"stopping rank {_running.rank}") from None
+
+
+def who_stopped_answering() -> str | None:
+    """'rank 1', 'ranks 1, 3', or 'rank 0 (it hosts the rendezvous store)'-style text naming the ranks
+    that stopped answering, or None when every rank is alive (or no heartbeat runs)."""
+    if _running is None:
+        return None
+    silent = _running.silent_ranks()
+    if silent is None:
+        return "the rendezvous store's host (rank 0 or the launcher)"
+    if not silent:
+        return None
+    return ("rank " if len(silent) == 1 else "ranks ") + ", ".join(map(str, silent))
