@@ -145,3 +145,18 @@ def test_replaced_torch_load_is_restored(tmp_path: Path):
     with compat.replaced_torch_load(lambda *a, **k: "replaced"):
         assert torch.load(tmp_path / "x.pt") == "replaced"
     assert torch.load is original
+
+
+def test_default_group_timeout():
+    from datetime import timedelta
+
+    from torch.distributed import distributed_c10d as c10d
+
+    assert hasattr(c10d, "default_pg_timeout") and hasattr(c10d, "default_pg_nccl_timeout"), \
+        "torch.distributed's default_pg_timeout / default_pg_nccl_timeout are gone"
+    before = c10d.default_pg_timeout, c10d.default_pg_nccl_timeout
+    try:
+        compat.set_default_group_timeout(timedelta(seconds=42))
+        assert c10d._get_default_timeout("gloo") == timedelta(seconds=42)
+    finally:
+        c10d.default_pg_timeout, c10d.default_pg_nccl_timeout = before
