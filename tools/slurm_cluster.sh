@@ -8,8 +8,9 @@
 #
 # Everything (config, munge key and socket, state, spool, logs) lives in one temporary directory;
 # the ports are free ones, so the cluster does not disturb a system Slurm or munge. The node is
-# `$(hostname -s)` with `$(nproc)` CPUs and one fake GPU (gres backed by /dev/null) so that GPU
-# requests can be made and refused; partition `debug` is the default.
+# `$(hostname -s)` with all the machine's CPUs (`nproc --all`: plain `nproc` honours
+# OMP_NUM_THREADS, and a 1-CPU node leaves every 2-task job pending) and one fake GPU (gres backed
+# by /dev/null) so that GPU requests can be made and refused; partition `debug` is the default.
 set -euo pipefail
 
 die() { echo "slurm_cluster.sh: error: $*" >&2; exit 1; }
@@ -70,7 +71,7 @@ MessageTimeout=60
 BatchStartTimeout=120
 MinJobAge=600
 GresTypes=gpu
-NodeName=$node NodeAddr=127.0.0.1 CPUs=$(nproc) Gres=gpu:1 State=UNKNOWN
+NodeName=$node NodeAddr=127.0.0.1 CPUs=$(nproc --all) Gres=gpu:1 State=UNKNOWN
 PartitionName=debug Nodes=$node Default=YES MaxTime=INFINITE State=UP
 EOF
     echo "NodeName=$node Name=gpu File=/dev/null" >"$dir/gres.conf"

@@ -15,7 +15,7 @@ from bigtrain.config import from_dict
 from bigtrain.train.loop import train
 from tests.helpers import small_model_config
 
-from .conftest import REPO, finished, job_info, sbatch, wait_for
+from .conftest import REPO, StartWatch, finished, job_info, sbatch, srun, wait_for
 
 pytestmark = pytest.mark.slurm
 STEPS = 300  # a few seconds of tiny steps: long enough to preempt mid-run
@@ -73,8 +73,7 @@ def test_sbatch_trains_to_the_end_and_matches_torchrun(torchrun_reference, stdli
 def test_plain_srun_one_task_per_process_matches_torchrun(torchrun_reference, stdlib_data, slurm_env, tmp_path):
     """`srun --ntasks 2 bigtrain train` without torchrun: ranks and rendezvous from Slurm's variables."""
     config = write_config(tmp_path / "config.yaml", stdlib_data, tmp_path / "run")
-    proc = subprocess.run(["srun", "--ntasks=2", sys.executable, "-m", "bigtrain", "train", str(config)], cwd=tmp_path,
-                          env=slurm_env, capture_output=True, text=True, timeout=300)
+    proc = srun(slurm_env, tmp_path, "--ntasks=2", sys.executable, "-m", "bigtrain", "train", str(config))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert step_losses(tmp_path / "run") == pytest.approx(torchrun_reference, rel=1e-6)
 
@@ -86,8 +85,10 @@ def test_preempted_job_saves_requeues_and_resumes_on_the_same_curve(torchrun_ref
     job = sbatch({**slurm_env, "NPROC_PER_NODE": "2"}, tmp_path, str(REPO / "slurm" / "train.sbatch"), str(config))
     metrics = run_dir / "metrics.jsonl"
     deadline = time.monotonic() + 300
+    watch = StartWatch(slurm_env, job)
     while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 5):  # mid-run
         assert time.monotonic() < deadline and not finished(job_info(slurm_env, job))
+        watch.check()
         time.sleep(0.2)
     # what Slurm's --signal=B:USR1@120 does before a time limit: USR1 to the batch shell only
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=slurm_env, check=True)
@@ -173,3 +174,24 @@ def test_gpus_requested_but_none_visible_is_a_clear_error(stdlib_data, slurm_env
     assert len(errors) == 1 and errors[0].startswith("multinode.sh: error: Slurm allocated 1 GPU(s) on"), log
     assert "but torch sees none (CUDA_VISIBLE_DEVICES=0)" in errors[0]
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(("how", "reason"), [
+    (("sbatch", "--cpus-per-task=999"), "PartitionConfig"),  # more than the node has
+    (("sbatch", "--begin=now+1hour"), "BeginTime"),
+    (("srun", "--ntasks=999"), "PartitionConfig"),
+], ids=["sbatch-more-cpus-than-the-node", "sbatch-begin-in-an-hour", "srun-more-tasks-than-cpus"])
+def test_a_job_that_cannot_start_fails_with_its_pending_reason(slurm_env, tmp_path, how, reason):
+    """The helpers every test submits through end a job that stays pending on an idle cluster."""
+    tool, option = how
+    limit = 3
+    start = time.monotonic()
+    with pytest.raises(pytest.fail.Exception, match=rf"job (\d+) cannot start: PENDING \({reason}\) for {limit} s"
+                       ) as failure:
+        if tool == "sbatch":
+            wait_for(slurm_env, sbatch(slurm_env, tmp_path, option, "--wrap=true"), finished, pending_limit=limit)
+        else:
+            srun(slurm_env, tmp_path, option, "true", pending_limit=limit)
+    assert time.monotonic() - start < limit + 15
+    job = failure.value.msg.split()[1]
+    wait_for(slurm_env, job, lambda info: info.get("JobState") == "CANCELLED", timeout=30)  # not left queued
