@@ -80,6 +80,7 @@ def cmd_train(args: argparse.Namespace) -> int | None:
         import torch.distributed as dist
 
         from bigtrain.config import load_config
+        from bigtrain.distributed import heartbeat
         from bigtrain.distributed.heartbeat import PeersLost
         from bigtrain.train.loop import train
 
@@ -89,6 +90,7 @@ def cmd_train(args: argparse.Namespace) -> int | None:
         except PeersLost as e:  # the process group is broken: leave without waiting on it
             print(f"bigtrain: error: {e}", file=sys.stderr, flush=True)
             os._exit(1)
+    heartbeat.stop()
     if dist.is_initialized():
         dist.destroy_process_group()  # stop the backend's threads before interpreter exit
     if result.preempted:

@@ -28,7 +28,8 @@ class Heartbeat:
         self.store = _connect()
         self.store.add(KEY.format(rank), 1)
         self.stopped = threading.Event()
-        threading.Thread(target=self._beat, name="heartbeat", daemon=True).start()
+        self.thread = threading.Thread(target=self._beat, name="heartbeat", daemon=True)
+        self.thread.start()
 
     def _beat(self) -> None:
         store = _connect()  # a client of its own: the main thread may be blocked in the other
@@ -37,6 +38,7 @@ class Heartbeat:
                 store.add(KEY.format(self.rank), 1)
             except Exception:  # the store's host is gone; `silent_ranks` says so
                 return
+        del store  # closed here, not by the interpreter's exit (which can abort on a live client)
 
     def silent_ranks(self) -> list[int] | None:
         """The other ranks whose counter did not move for a few intervals; None when the store
@@ -52,6 +54,8 @@ class Heartbeat:
 
     def stop(self) -> None:
         self.stopped.set()
+        self.thread.join()
+        del self.store
 
 
 def _connect(timeout_s: float = 10.0) -> dist.TCPStore:
@@ -78,6 +82,14 @@ def check_peers(error: BaseException) -> None:
         symptom = re.sub(r"^\[[^\]]*\]\s*", "", (str(error).strip().splitlines() or [type(error).__name__])[0])
         raise PeersLost(f"{silent} stopped answering ({symptom.split('. ')[0]}); "
                         f"stopping rank {_running.rank}") from None
+
+
+def stop() -> None:
+    """End this process's heartbeat (at a normal end of training, before the process group goes)."""
+    global _running
+    if _running is not None:
+        _running.stop()
+        _running = None
 
 
 def who_stopped_answering() -> str | None:

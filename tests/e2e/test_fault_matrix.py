@@ -73,6 +73,11 @@ def finish(proc: subprocess.Popen) -> tuple[int, str]:
     return proc.returncode, err
 
 
+def completes(config_path: Path, *args: str) -> None:
+    code, err = finish(launch(config_path, *args))
+    assert code == 0, err[-2000:]
+
+
 def records(run_dir: Path) -> list[dict]:
     path = run_dir / "metrics.jsonl"
     return [r for r in map(json.loads, path.read_text().splitlines()) if "loss" in r] if path.exists() else []
@@ -114,8 +119,7 @@ def check_recovered(run_dir: Path, straight: list[float], launches: int) -> None
 @pytest.fixture(scope="module")
 def straight(stdlib_data, tmp_path_factory) -> list[float]:
     directory = tmp_path_factory.mktemp("straight")
-    code, err = finish(launch(write_config(stdlib_data, directory)))
-    assert code == 0, err[-2000:]
+    completes(write_config(stdlib_data, directory))
     losses = [r["loss"] for r in records(directory / "run")]
     assert len(losses) == STEPS
     return losses
@@ -146,8 +150,7 @@ def test_killing_the_agent_alone_stops_its_workers(stdlib_data, tmp_path, straig
     while any(map(alive, workers)) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not any(map(alive, workers)), "the workers outlived their launcher"
-    code, err = finish(launch(config_path, "--wait-lock", "30"))
-    assert code == 0, err[-2000:]
+    completes(config_path, "--wait-lock", "30")
     check_recovered(tmp_path / "run", straight, launches=2)
 
 
@@ -161,15 +164,14 @@ def test_kill_minus_nine_while_writing_a_checkpoint(stdlib_data, tmp_path, strai
     assert any(root.glob(".tmp-*")), "the kill did not land while a checkpoint was written"
     latest = (root / "latest").read_text().strip()
     assert (root / latest / "files.json").is_file()
-    code, err = finish(launch(config_path))
-    assert code == 0, err[-2000:]
+    completes(config_path)
     check_recovered(tmp_path / "run", straight, launches=2)
 
 
 def test_flipped_byte_is_refused_and_the_previous_checkpoint_resumes(stdlib_data, tmp_path, straight):
     config_path = write_config(stdlib_data, tmp_path)
     root = tmp_path / "run" / "checkpoints"
-    assert finish(launch(config_path, "train.steps=4"))[0] == 0
+    completes(config_path, "train.steps=4")
     damaged = root / "step-0000004"
     victim = sorted((damaged / "deepspeed").glob("*optim_states.pt"))[-1]
     data = bytearray(victim.read_bytes())
@@ -181,20 +183,18 @@ def test_flipped_byte_is_refused_and_the_previous_checkpoint_resumes(stdlib_data
             f"crc32c it was written with; the previous checkpoint is {root / 'step-0000002'}: resume with "
             f"run.resume={root / 'step-0000002'}") in err
     shutil.move(damaged, tmp_path / "damaged")  # set the damaged checkpoint aside, as the docs say
-    code, err = finish(launch(config_path, f"run.resume={root / 'step-0000002'}"))
-    assert code == 0, err[-2000:]
+    completes(config_path, f"run.resume={root / 'step-0000002'}")
     check_recovered(tmp_path / "run", straight, launches=2)
 
 
 def test_a_full_disk_during_a_save_keeps_latest(stdlib_data, tmp_path, straight):
     config_path = write_config(stdlib_data, tmp_path)
     root = tmp_path / "run" / "checkpoints"
-    assert finish(launch(config_path, "train.steps=4"))[0] == 0
+    completes(config_path, "train.steps=4")
     code, err = finish(launch(config_path, file_limit=200_000))  # optimizer shards no longer fit
     assert code != 0
     assert f"bigtrain: error: cannot save checkpoint {root / 'step-0000006'}: " in err
     assert "checkpoints/latest still names step-0000004" in err
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step-0000002", "step-0000004"]
-    code, err = finish(launch(config_path))
-    assert code == 0, err[-2000:]
+    completes(config_path)
     check_recovered(tmp_path / "run", straight, launches=3)
