@@ -110,13 +110,17 @@ def cmd_train(args: argparse.Namespace) -> int | None:
 
 def cmd_eval(args: argparse.Namespace) -> None:
     from bigtrain.config import TrainConfig
+    from bigtrain.convert.consolidate import load_full_model
     from bigtrain.data.build import build_val_data
     from bigtrain.distributed.device import pick_device
     from bigtrain.distributed.local import LocalEngine
     from bigtrain.eval.perplexity import evaluate
-    from bigtrain.train.checkpoint import load_trained_model
 
-    model, cfg, checkpoint = load_trained_model(args.checkpoint, pick_device(args.device))
+    if args.tasks:
+        cmd_eval_tasks(args)
+        if not args.data:
+            return
+    model, cfg, checkpoint = load_full_model(args.checkpoint, pick_device(args.device))
     if args.data:
         cfg.data.val_path = args.data
     data = build_val_data(cfg.data, cfg.data.seq_len)
@@ -127,6 +131,23 @@ def cmd_eval(args: argparse.Namespace) -> None:
     max_windows = None if args.max_batches is None else args.max_batches * cfg.data.micro_batch
     result = evaluate(engine.eval_loss, data, cfg.data.micro_batch, max_windows)
     print(f"{checkpoint}: loss {result.loss:.4f}, perplexity {result.perplexity:.3f} over {result.tokens:,} tokens of {data_dir}")
+
+
+def cmd_eval_tasks(args: argparse.Namespace) -> None:
+    from bigtrain.convert.consolidate import load_full_model
+    from bigtrain.distributed.device import pick_device
+    from bigtrain.eval import harness
+    from bigtrain.train.checkpoint import resolve_checkpoint
+
+    if (args.limit is not None and args.limit < 1) or (args.num_fewshot or 0) < 0 or args.batch_size < 1:
+        raise BigtrainError("--limit and --batch-size must be positive and --num-fewshot at least 0")
+    checkpoint = resolve_checkpoint(args.checkpoint)
+    tokenizer = harness.checkpoint_tokenizer(checkpoint)
+    suite = harness.TaskSuite(args.tasks.split(","), args.num_fewshot, args.limit)  # refused before any weight is read
+    model, cfg, checkpoint = load_full_model(checkpoint, pick_device(args.device))
+    results = suite.run(harness.BigtrainLM(model, tokenizer, cfg.model.max_seq_len, args.batch_size))
+    print(harness.results_table(results))
+    print(f"wrote {harness.record_results(results, checkpoint, args.output and Path(args.output))}")
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -230,10 +251,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="wait this long for another process to release the run directory (run.wait_lock)")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("eval", help="validation loss and perplexity of a checkpoint")
-    p.add_argument("checkpoint", help="a checkpoint directory or a run directory (its latest)")
+    p = sub.add_parser("eval", help="validation loss and perplexity, or lm-eval tasks, of a checkpoint")
+    p.add_argument("checkpoint", help="a checkpoint directory (any layout) or a run directory (its latest)")
     p.add_argument("--data", help="prepared data directory (default: the run's data.val_path)")
     p.add_argument("--max-batches", type=int, default=None)
+    p.add_argument("--tasks", help="lm-eval tasks instead of perplexity (also with --data): names (python_next_line, "
+                   "the harness's registry) and task YAMLs or directories, comma-separated")
+    p.add_argument("--num-fewshot", type=int, default=None, help="examples in each prompt (default: each task's own)")
+    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N documents of each task")
+    p.add_argument("--batch-size", type=int, default=32, help="sequences per forward pass")
+    p.add_argument("--output", help="results JSON (default: lm_eval-<checkpoint>.json next to the checkpoint)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.set_defaults(func=cmd_eval)
 

@@ -1,6 +1,6 @@
 """Every use of a library's private internals, in one place.
 
-DeepSpeed and mosaicml-streaming are pinned to the minor versions these were checked against
+DeepSpeed, mosaicml-streaming and lm-eval are pinned to the versions these were checked against
 (pyproject.toml); tests/unit/test_compat.py fails, naming the internal, when an upgrade removes one.
 Nothing else in bigtrain touches a private name of another library.
 """
@@ -131,6 +131,17 @@ def partition_streaming_by(dataset: Any, dp_rank: int, dp_size: int) -> None:
     from streaming.base.world import World
 
     dataset._parallel_rank_world = World(num_nodes=dp_size, ranks_per_node=1, workers_per_rank=1, worker=dp_rank)
+
+
+# --- lm-evaluation-harness ------------------------------------------------------------------------
+
+
+def read_task_yaml(path: Any) -> dict[str, Any]:
+    """A task YAML as the harness reads it (`include:` merged, `!function` imported), as a dict
+    that bigtrain can adjust before handing it to `TaskManager.load`."""
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    return load_yaml(path, resolve_func=True, recursive=True)
 
 
 # --- torch ----------------------------------------------------------------------------------------

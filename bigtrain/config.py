@@ -201,6 +201,19 @@ class LogConfig:
 
 
 @dataclass
+class EvalConfig:
+    """lm-evaluation-harness tasks during training (bigtrain/eval/harness.py): names (shipped with
+    bigtrain, or of lm-eval's registry), task YAMLs or directories of them; every data-parallel
+    rank scores a share of the documents."""
+
+    tasks: list[str] = field(default_factory=list)  # empty: no task evaluation
+    every: int = ranged(1000, ge=1)  # steps between evaluations (also before the first step and at the end)
+    limit: int | None = ranged(None, ge=1)  # documents per task; None: all
+    num_fewshot: int | None = ranged(None, ge=0)  # None: each task's own default
+    batch_size: int = ranged(32, ge=1)  # sequences per forward pass
+
+
+@dataclass
 class RunConfig:
     name: str = "run"
     dir: str | None = None  # None: runs/<name>
@@ -225,16 +238,20 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def validate(self) -> Config:
         """Check every numeric key against its range, then relations between keys."""
         _check_ranges(self, "")
-        m, d = self.model, self.data
+        m, d, p = self.model, self.data, self.parallel
         checks = [
             (m.d_model % m.n_heads == 0, "model.d_model must be divisible by model.n_heads"),
             (m.n_heads % m.kv_heads == 0, "model.n_heads must be divisible by model.n_kv_heads"),
             (m.head_dim % 2 == 0, "model.d_model / model.n_heads must be even (RoPE)"),
             (d.seq_len <= m.max_seq_len, "data.seq_len must not exceed model.max_seq_len"),
+            (not self.eval.tasks or (p.tp == 1 and p.pp == 1 and p.zero_stage <= 2),
+             "eval.tasks needs a whole model on every rank: parallel.tp=1, parallel.pp=1 and "
+             "parallel.zero_stage <= 2 (evaluate checkpoints of other layouts with bigtrain eval --tasks)"),
         ]
         for ok, message in checks:
             if not ok:

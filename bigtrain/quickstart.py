@@ -1,11 +1,14 @@
 """`bigtrain quickstart`: embedded corpus → tokenizer → shards → train `tiny` → eval → samples.
 
+Training evaluates the shipped lm-eval task `python_next_line` before the first step and at the end.
+
 Needs no downloads: the corpus is the Python standard library's own source code. The number of
 training steps is chosen by timing a few steps first, so training fits the `minutes` budget.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,12 +29,14 @@ from bigtrain.train.checkpoint import load_trained_model
 from bigtrain.train.loop import TrainResult, set_determinism, train
 
 PROMPTS = ["def ", "import os\n", "class Request:\n    def __init__(self"]
+TASK, TASK_LIMIT = "python_next_line", 200  # the shipped lm-eval task, evaluated before and after training
 
 
 @dataclass
 class QuickstartResult:
     train: TrainResult
     samples: dict[str, str]
+    accuracy: list[float]  # TASK's accuracy at each evaluation (before training, at the end)
 
 
 def prepare_default_data(data_dir: Path, vocab_size: int, corpus_mb: float | None) -> tuple[Path, Path]:
@@ -87,6 +92,7 @@ def quickstart(out: Path, minutes: float = 5.0, corpus_mb: float | None = None,
     cfg.train.warmup_steps = max(1, min(cfg.train.warmup_steps, steps // 10))
     cfg.train.eval_every, cfg.train.eval_batches = max(1, steps // 4), 8
     cfg.checkpoint.every, cfg.log.every = steps, max(1, min(10, steps // 50))
+    cfg.eval.tasks, cfg.eval.every, cfg.eval.limit = [TASK], steps, TASK_LIMIT
     cfg.validate()
     print(f"[4/4] train: {plan} → {run_dir}")
     result = train(cfg)
@@ -99,7 +105,9 @@ def quickstart(out: Path, minutes: float = 5.0, corpus_mb: float | None = None,
         ids = generate(model, tokenizer.encode(prompt), 48, cfg.model.max_seq_len, tokenizer.eos_id,
                        temperature=0.8, top_k=50, generator=generator)
         samples[prompt] = prompt + tokenizer.decode(ids)
-    return QuickstartResult(train=result, samples=samples)
+    records = map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+    accuracy = [r[f"eval/{TASK}/acc"] for r in records if f"eval/{TASK}/acc" in r]
+    return QuickstartResult(train=result, samples=samples, accuracy=accuracy)
 
 
 def summary(result: QuickstartResult) -> str:
@@ -111,6 +119,9 @@ def summary(result: QuickstartResult) -> str:
             f"validation loss {t.first_val.loss:.3f} → {t.val.loss:.3f}   "
             f"perplexity {t.first_val.perplexity:.1f} → {t.val.perplexity:.1f}"
         )
+    if result.accuracy:
+        lines.append(f"{TASK} accuracy {result.accuracy[0]:.3f} → {result.accuracy[-1]:.3f} "
+                     f"(lm-eval, first {TASK_LIMIT} documents; chance 0.250)")
     lines.append("samples (temperature 0.8, top-k 50):")
     for text in result.samples.values():
         lines.append("  ┆ " + text.replace("\n", "\n  ┆ "))
@@ -119,5 +130,6 @@ def summary(result: QuickstartResult) -> str:
         f"checkpoint     {t.checkpoint}",
         f"metrics        {t.run_dir / 'metrics.jsonl'}",
         f"next: bigtrain generate {t.checkpoint} --prompt 'def '",
+        f"      bigtrain eval {t.checkpoint} --tasks {TASK}",
     ]
     return "\n".join(lines)

@@ -37,7 +37,8 @@ from bigtrain.distributed.checkpoint_format import (
 )
 from bigtrain.distributed.layout import stage_bounds, tp_join
 from bigtrain.errors import BigtrainError
-from bigtrain.train.checkpoint import resolve_checkpoint, verify_files
+from bigtrain.model import Llama
+from bigtrain.train.checkpoint import load_trained_model, resolve_checkpoint, verify_files
 
 
 @dataclass
@@ -50,8 +51,9 @@ class FullCheckpoint:
     adam_step: torch.Tensor | None  # AdamW's step count (it skips bad steps, so may trail state["step"])
 
 
-def consolidate(path: str | Path) -> FullCheckpoint:
-    """Read the checkpoint (or a run's latest) at `path` in whatever layout it was written."""
+def consolidate(path: str | Path, moments: bool = True) -> FullCheckpoint:
+    """Read the checkpoint (or a run's latest) at `path` in whatever layout it was written;
+    `moments=False` reads the weights alone (no AdamW state: less memory, less time)."""
     checkpoint = resolve_checkpoint(path)
     verify_files(checkpoint)
     state = read_state(checkpoint)
@@ -61,11 +63,11 @@ def consolidate(path: str | Path) -> FullCheckpoint:
         with safe_load.weights_only_loads(_allowed(cfg)):
             if p.engine == "local" or not (checkpoint / DEEPSPEED).is_dir():
                 status(f"reading {checkpoint} (single-process layout)")
-                weights, moments, step = _read_single_process(checkpoint, cfg)
+                weights, adam, step = _read_single_process(checkpoint, cfg, moments)
             elif p.tp == 1 and p.pp == 1 and p.zero_stage > 0:
-                weights, moments, step = _read_zero(checkpoint / DEEPSPEED, cfg)
+                weights, adam, step = _read_zero(checkpoint / DEEPSPEED, cfg, moments)
             else:
-                weights, moments, step = _read_model_parallel(checkpoint / DEEPSPEED, cfg)
+                weights, adam, step = _read_model_parallel(checkpoint / DEEPSPEED, cfg, moments)
     except (OSError, RuntimeError, ValueError, KeyError, SafetensorError, pickle.UnpicklingError) as e:
         first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise BigtrainError(f"cannot read checkpoint {checkpoint}: {first_line}") from None
@@ -74,7 +76,20 @@ def consolidate(path: str | Path) -> FullCheckpoint:
         missing = sorted(set(expected) - set(weights))[:3]
         raise BigtrainError(f"{checkpoint} does not match its config.yaml: missing {missing or 'nothing'}, "
                             f"unexpected {sorted(set(weights) - set(expected))[:3] or 'nothing'}")
-    return FullCheckpoint(checkpoint, cfg, state, weights, moments, step)
+    return FullCheckpoint(checkpoint, cfg, state, weights, adam, step)
+
+
+def load_full_model(path: str | Path, device: torch.device) -> tuple[Llama, Config, Path]:
+    """The one-process model of a checkpoint (or a run's latest) of any layout, in eval mode:
+    read directly when it holds full weights, else consolidated (weights only)."""
+    checkpoint = resolve_checkpoint(path)
+    if (checkpoint / WEIGHTS).is_file():
+        model, cfg, checkpoint = load_trained_model(checkpoint, device)
+        return model, cfg, checkpoint
+    full = consolidate(checkpoint, moments=False)
+    model = Llama(full.config.model)
+    model.load_state_dict(full.weights, strict=False)  # a tied head is the embedding, not a weight of its own
+    return model.to(device).eval(), full.config, full.path
 
 
 @contextlib.contextmanager
@@ -88,24 +103,24 @@ def _allowed(cfg: Config) -> list[type]:
     return safe_load.deepspeed_globals() if cfg.parallel.engine == "deepspeed" else []
 
 
-def _read_single_process(checkpoint: Path, cfg: Config):
+def _read_single_process(checkpoint: Path, cfg: Config, moments: bool = True):
     """Full weights, AdamW moments (None when `optimizer.pt` is absent) and AdamW's step."""
     weights = safetensors.torch.load_file(str(checkpoint / WEIGHTS))
     names = parameter_names(cfg)
     weights = {name: weights[name].float() for name in names if name in weights}
-    if not (checkpoint / OPTIMIZER).is_file():  # weights only, e.g. made by `convert from-hf`
+    if not moments or not (checkpoint / OPTIMIZER).is_file():  # weights only, e.g. made by `convert from-hf`
         return weights, None, None
     return (weights, *adamw_moments(load_optimizer(checkpoint, map_location="cpu"), names))
 
 
-def _read_zero(ds_dir: Path, cfg: Config):
+def _read_zero(ds_dir: Path, cfg: Config, moments: bool = True):
     """ZeRO-1/2/3: DeepSpeed's `zero_to_fp32` merge of every rank's fp32 partitions; the same
     merge, fed the partitions of exp_avg and exp_avg_sq, gives the moments."""
     status(f"merging ZeRO-{cfg.parallel.zero_stage} partitions of {ds_dir}")
     with _quiet():  # zero_to_fp32 prints its own progress
         zero_stage, world, fp32_groups, paddings, model_states, optim_files = compat.read_zero_checkpoint(str(ds_dir))
     optim = [safe_load.load(f, map_location="cpu")["optimizer_state_dict"]
-             for f in track(optim_files, "reading optimizer shards")]
+             for f in track(optim_files, "reading optimizer shards")] if moments else []
 
     def merge(flat_groups: list[list[torch.Tensor]]) -> dict[str, torch.Tensor]:
         with _quiet():
@@ -114,14 +129,16 @@ def _read_zero(ds_dir: Path, cfg: Config):
 
     names = set(parameter_names(cfg))
     weights = {k: v for k, v in merge(fp32_groups).items() if k in names}
+    if not moments:
+        return weights, None, None
     inner = "base_optimizer_state" if zero_stage <= 2 else "optimizer_state_dict"
     states = [o[inner]["state"] for o in optim]
     per_moment = {m: merge([[s[g][m] for g in sorted(s)] for s in states]) for m in MOMENTS}
-    moments = {name: {m: per_moment[m][name] for m in MOMENTS} for name in weights}
-    return weights, moments, states[0][0]["step"]
+    adam = {name: {m: per_moment[m][name] for m in MOMENTS} for name in weights}
+    return weights, adam, states[0][0]["step"]
 
 
-def _read_model_parallel(ds_dir: Path, cfg: Config):
+def _read_model_parallel(ds_dir: Path, cfg: Config, moments: bool = True):
     """Tensor/pipeline-parallel (or plain) DeepSpeed checkpoints: per (stage, tp rank) weights from
     the layer or model files, AdamW state from the model files (ZeRO 0; under ZeRO-1 weights only)."""
     p = cfg.parallel
@@ -146,7 +163,7 @@ def _read_model_parallel(ds_dir: Path, cfg: Config):
         names = [k for k in names if local[k].dim() >= 2] + [k for k in names if local[k].dim() < 2]
         for name in names:
             shards.setdefault(name, []).append(local[name].float())
-        if p.zero_stage > 0:  # ZeRO-1 partitions under tensor/pipeline parallelism: weights only
+        if p.zero_stage > 0 or not moments:  # ZeRO-1 partitions under tensor/pipeline parallelism: weights only
             continue
         local_moments, local_step = adamw_moments(model_file["optimizer"], names)
         step = local_step if local_step is not None else step
@@ -154,7 +171,7 @@ def _read_model_parallel(ds_dir: Path, cfg: Config):
             for m in MOMENTS:
                 moment_shards.setdefault(name, {}).setdefault(m, []).append(ms[m])
     weights = {name: tp_join(name, parts_) for name, parts_ in shards.items()}
-    if p.zero_stage > 0:
+    if p.zero_stage > 0 or not moments:
         return weights, None, None
-    moments = {name: {m: tp_join(name, ms[m]) for m in MOMENTS} for name, ms in moment_shards.items()}
-    return weights, moments, step
+    adam = {name: {m: tp_join(name, ms[m]) for m in MOMENTS} for name, ms in moment_shards.items()}
+    return weights, adam, step

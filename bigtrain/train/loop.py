@@ -130,6 +130,11 @@ class Trainer:
         if cfg.data.prefetch:
             self.loader = Prefetcher(self.loader, pin_memory=engine.device.type == "cuda")
         self.val = build_val_data(cfg.data, cfg.data.seq_len)
+        self.tasks = None
+        if cfg.eval.tasks:  # resolved and loaded now: a bad task name fails before the first step
+            from bigtrain.eval.harness import TrainingTasks  # imports lm-eval: only when asked for
+
+            self.tasks = TrainingTasks(cfg.eval, cfg.model.max_seq_len, engine, self.loader.tokenizer_path)
         self.step, self.tokens, self.bad = 0, 0, BadSteps(cfg.train)
         state = self._resume(resume_from) if resume_from is not None else {}
         self.run_dir = cfg.run.path
@@ -156,6 +161,8 @@ class Trainer:
     def run(self) -> TrainResult:
         cfg = self.cfg
         first_val = self.validate() if self.step == 0 else None
+        if self.step == 0:
+            self.evaluate_tasks()
         self.last_val, ending = first_val, None
         try:
             while self.step < cfg.train.steps and ending not in ("out_of_time", "preempted"):
@@ -166,6 +173,8 @@ class Trainer:
                 paused = time.perf_counter()  # validation and saving do not count as step time
                 if self.step % cfg.train.eval_every == 0 or ending in ("done", "out_of_time"):
                     self.last_val = self.validate()
+                if self.step % cfg.eval.every == 0 or ending in ("done", "out_of_time"):
+                    self.evaluate_tasks()
                 if self.step % cfg.checkpoint.every == 0 or ending:
                     self.last_saved = self.save()
                 self.window_start += time.perf_counter() - paused
@@ -226,6 +235,12 @@ class Trainer:
         self.sinks.log({"step": self.step, "tokens": self.tokens, "val_loss": result.loss,
                         "val_perplexity": result.perplexity})
         return result
+
+    def evaluate_tasks(self) -> None:
+        """lm-eval tasks (`eval.tasks`) on the current weights; rank 0 logs `eval/<task>/<metric>`."""
+        metrics = self.tasks.run() if self.tasks else None
+        if metrics is not None:
+            self.sinks.log({"step": self.step, "tokens": self.tokens, **metrics})
 
     def save(self) -> Path:
         self.bad.check(self.step, self.run_dir)  # never save past the allowed run of bad steps

@@ -32,6 +32,8 @@ def test_quickstart_trains_and_reports(quickstart_run):
     assert val[0] > 7.5  # ln(4096) = 8.32 before training
     assert val[-1] < val[0] - 1.0, val  # validation loss clearly falls (perplexity ÷ e)
     assert f"validation loss {val[0]:.3f} → {val[-1]:.3f}" in stdout
+    accuracy = [r["eval/python_next_line/acc"] for r in records if "eval/python_next_line/acc" in r]
+    assert len(accuracy) == 2 and f"python_next_line accuracy {accuracy[0]:.3f} → {accuracy[1]:.3f}" in stdout
     latest = (out / "run" / "checkpoints" / "latest").read_text().strip()
     assert f"checkpoint     {out / 'run' / 'checkpoints' / latest}" in stdout
     manifest = json.loads((out / "data" / "train" / "manifest.json").read_text())
@@ -66,9 +68,10 @@ def test_eval_generate_and_resume_from_the_cli(quickstart_run, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step-{step + 3:07d}"
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    # three train records, then validation, then the save
-    assert [r["step"] for r in records[-5:]] == [step + 1, step + 2, step + 3, step + 3, step + 3]
-    assert "val_loss" in records[-2] and records[-1]["checkpoint"] == f"step-{step + 3:07d}"
+    # three train records, then validation, the quickstart's task evaluation (eval.tasks), then the save
+    assert [r["step"] for r in records[-6:]] == [step + 1, step + 2, step + 3, step + 3, step + 3, step + 3]
+    assert "val_loss" in records[-3] and "eval/python_next_line/acc" in records[-2]
+    assert records[-1]["checkpoint"] == f"step-{step + 3:07d}"
 
 
 def test_info_counts_7b_without_allocating():

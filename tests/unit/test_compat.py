@@ -160,3 +160,15 @@ def test_default_group_timeout():
         assert c10d._get_default_timeout("gloo") == timedelta(seconds=42)
     finally:
         c10d.default_pg_timeout, c10d.default_pg_nccl_timeout = before
+
+
+def test_lm_eval_task_yaml_reader(tmp_path: Path):
+    from lm_eval.tasks import _yaml_loader
+
+    assert callable(getattr(_yaml_loader, "load_yaml", None)), "lm_eval.tasks._yaml_loader.load_yaml is gone"
+    (tmp_path / "base.yaml").write_text("output_type: multiple_choice\nmetric_list:\n  - metric: acc\n")
+    (tmp_path / "utils.py").write_text("def process(docs):\n    return docs\n")
+    (tmp_path / "task.yaml").write_text("include: base.yaml\ntask: t\nprocess_docs: !function utils.process\n")
+    cfg = compat.read_task_yaml(tmp_path / "task.yaml")
+    assert cfg["task"] == "t" and cfg["output_type"] == "multiple_choice"  # the include is merged
+    assert cfg["process_docs"]([1]) == [1]  # and !function imported

@@ -1,7 +1,8 @@
 """Metric sinks: small callbacks the loop hands every record to (console, metrics.jsonl, W&B).
 
 A record is one flat dict: a training step (`loss`, `tokens_per_s`, `mfu`, `time_*_s`, …),
-a validation (`val_loss`, `val_perplexity`) or a checkpoint (`checkpoint_save_s`, `checkpoint_gb`).
+a validation (`val_loss`, `val_perplexity`), an lm-eval task evaluation (`eval/<task>/<metric>`)
+or a checkpoint (`checkpoint_save_s`, `checkpoint_gb`).
 Only rank 0 builds sinks; other ranks get an empty `Sinks`.
 """
 

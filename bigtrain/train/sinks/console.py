@@ -57,6 +57,10 @@ def format_record(r: dict[str, Any]) -> str:
     head = f"step {r['step']:>6}"
     if "val_loss" in r:
         return f"{head} | val_loss {r['val_loss']:.4f} | val_ppl {r['val_perplexity']:.2f}"
+    tasks = {k.removeprefix("eval/"): v for k, v in r.items() if k.startswith("eval/") and not k.endswith("_stderr")}
+    if tasks:
+        took = [f"{r['eval_tasks_s']:.1f} s"] if "eval_tasks_s" in r else []
+        return " | ".join([head, *(f"{name} {value:.4f}" for name, value in tasks.items()), *took])
     if "checkpoint_save_s" in r:
         return f"{head} | saved {r['checkpoint']} ({r['checkpoint_gb']:.3f} GB in {r['checkpoint_save_s']:.1f} s)"
     parts = [head, f"loss {r['loss']:.4f}", f"lr {r['lr']:.2e}", f"gnorm {r['grad_norm']:.3f}",
