@@ -134,7 +134,7 @@ class TrainConfig:
     """Optimiser, schedule, loop length, device, precision and bad-step policy, for every engine."""
 
     steps: int = ranged(1000, ge=1)
-    max_minutes: float | None = ranged(None, ge=0)  # stop (and save) once this wall time has passed; 0: after one step
+    max_minutes: float | None = ranged(None, ge=0)  # stop (and save) at the first logging step past this wall time
     lr: float = ranged(3e-3, gt=0)
     min_lr_ratio: float = ranged(0.1, ge=0, le=1)
     warmup_steps: int = ranged(50, ge=0)
@@ -150,11 +150,11 @@ class TrainConfig:
     eval_batches: int = ranged(20, ge=1)  # validation covers eval_batches × global batch windows
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
-    deterministic: bool = True
+    deterministic: Literal["auto", True, False] = "auto"  # auto: on for CPU, off for CUDA
     nonfinite: Literal["skip", "stop"] = "skip"  # a bad step (NaN/Inf or spike): skip its update, or stop
     max_bad_steps: int = ranged(10, ge=1)  # with skip: stop after this many bad steps in a row
     spike_factor: float | None = ranged(None, gt=1)  # a loss above this × its running mean is a bad step too
-    compile: bool = False  # torch.compile every transformer block (see tools/bench/README.md)
+    compile: Literal["auto", True, False] = "auto"  # torch.compile every block; auto: on CUDA only (docs/benchmarks.md)
     adamw_impl: Literal["fused", "foreach", "for-loop"] = "fused"  # torch AdamW's kernel choice
     reuse_host_memory: bool = True  # glibc keeps freed blocks for the next step (bigtrain/train/host_memory.py)
 
@@ -168,7 +168,8 @@ class ParallelConfig:
     pp: int = ranged(1, ge=1)  # pipeline stages (DeepSpeed's pipeline engine, 1F1B)
     zero_stage: Literal[0, 1, 2, 3] = 0
     offload_optimizer: bool = False  # ZeRO optimizer states in CPU memory
-    activation_checkpointing: bool = False
+    activation_checkpointing: Literal[False, True, "full", "selective"] = False  # true: full (see docs/benchmarks.md)
+    activation_checkpointing_every: int = ranged(1, ge=1)  # checkpoint every k-th block
     backend: Literal["auto", "nccl", "gloo"] = "auto"  # auto: nccl with CUDA, else gloo
     timeout_minutes: float = ranged(10.0, gt=0)  # a collective waiting longer ends the run (a rank died or hung)
     deepspeed_overrides: str | None = None  # a JSON file merged into the generated DeepSpeed config

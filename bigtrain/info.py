@@ -68,16 +68,17 @@ def plan_report(cfg: Config, gpus: int, gpu_mem_gib: float, gpus_per_node: int, 
     variants.append(("ZeRO 3+off", planner.replace(layout, zero=3, offload=True, local=False)))
     variants = [(name, v) for name, v in variants if layout.pp == 1 or v.zero <= 1]
     plans = [planner.memory_plan(m, seq, precision, v) for _, v in variants]
-    no_ckpt = planner.activation_bytes(m, seq, layout.micro_batch, layout.tp, -(-m.n_layers // layout.pp), False)
-    ckpt = planner.activation_bytes(m, seq, layout.micro_batch, layout.tp, -(-m.n_layers // layout.pp), True)
+    layers = -(-m.n_layers // layout.pp)
+    no_ckpt, selective, ckpt = (planner.activation_bytes(m, seq, layout.micro_batch, layout.tp, layers, mode)
+                                for mode in ("none", "selective", "full"))
     global_batch = layout.micro_batch * layout.grad_accum * layout.dp
     width = 12
     rows = [
         f"layout       {layout.describe()} on {gpus} GPU{'s' if gpus > 1 else ''} ({gpus_per_node}/node), global batch "
         f"{global_batch} × {seq} = {global_batch * seq:,} tokens, precision "
         f"{'bf16' if precision == 'auto' else precision}",
-        f"activations  {_gib(no_ckpt)} per micro-batch, {_gib(ckpt)} with activation checkpointing "
-        f"(config: activation_checkpointing={str(layout.activation_checkpointing).lower()}"
+        f"activations  {_gib(no_ckpt)} per micro-batch, {_gib(selective)} with selective and {_gib(ckpt)} with "
+        f"full activation checkpointing (config: activation_checkpointing={str(layout.activation_checkpointing).lower()}"
         + (f"; ×{min(layout.pp, layout.grad_accum)} micro-batches in flight on stage 0)" if layout.pp > 1 else ")"),
         f"{'GiB per GPU':<14}" + "".join(f"{name:>{width}}" for name, _ in variants),
     ]

@@ -57,7 +57,7 @@ def prepare_default_data(data_dir: Path, vocab_size: int, corpus_mb: float | Non
 
 def seconds_per_step(cfg: Config, warmup: int = 2, timed: int = 3) -> float:
     """Time optimiser steps of the configured model on random tokens, after a warm-up."""
-    set_determinism(0, cfg.train.deterministic)
+    set_determinism(0, cfg.train)
     engine = LocalEngine(Llama(cfg.model), TrainConfig(device=cfg.train.device))
     batch = torch.randint(0, cfg.model.vocab_size, (cfg.data.micro_batch, cfg.data.seq_len + 1))
     for _ in range(warmup):

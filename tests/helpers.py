@@ -7,6 +7,9 @@ import sys
 from bigtrain.config import ModelConfig
 
 CPU_RANKS_ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+# for peak-RSS measurements: every large block mmap'd and returned at free, so the peak RSS of a
+# process is the peak of its live tensors (glibc's dynamic threshold would keep freed ones mapped)
+PEAK_ENV = {**os.environ, "OMP_NUM_THREADS": "2", "MALLOC_MMAP_THRESHOLD_": "65536"}
 
 
 def torchrun(nproc: int, *args: str) -> subprocess.CompletedProcess:

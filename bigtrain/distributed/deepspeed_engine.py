@@ -18,7 +18,9 @@ from bigtrain import compat
 from bigtrain.config import Config
 from bigtrain.distributed import checkpoint_format as fmt
 from bigtrain.distributed import safe_load
+from bigtrain.distributed.activation_checkpointing import apply_activation_checkpointing
 from bigtrain.distributed.deepspeed_config import deepspeed_config
+from bigtrain.distributed.device import compile_enabled
 from bigtrain.distributed.engine import StepOutput
 from bigtrain.distributed.full_state import load_full_state
 from bigtrain.distributed.optimizer import build_adamw
@@ -73,30 +75,28 @@ class DeepSpeedEngine:
         self.topology = topology
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
         self.timer = PhaseTimer(self.device)
-        self.loss_fn = lm_loss
+        self.loss_fn = lm_loss  # the pipeline engine's (its last stage gets logits)
         if topology.tp > 1:
             self.loss_fn = partial(vocab_parallel_cross_entropy, group=topology.tp_group)
+        self.loss_in_model = topology.tp == 1  # the head computes it chunk by chunk (`linear_cross_entropy`)
         stage = model if isinstance(model, Stage) else model_stage(model, topology)
         self.cfg, self.param_names = cfg, stage.param_names()
         self.pipelined = topology.pp > 1
+        checkpointing = cfg.parallel.activation_checkpointing, cfg.parallel.activation_checkpointing_every
         if self.pipelined:
+            apply_activation_checkpointing(stage.layers, *checkpointing)
             module = PipelineModule(
                 layers=stage.layers, loss_fn=self.loss_fn, topology=topology.process_topology,
                 partition_method="type:Block",
-                activation_checkpoint_interval=1 if cfg.parallel.activation_checkpointing else 0,
             )
             if compat.pipeline_stage_layers(module) != (stage.start, stage.stop):
                 raise RuntimeError(f"DeepSpeed gave this stage layers {compat.pipeline_stage_layers(module)}, "
                                    f"not the {stage.start}..{stage.stop} built for it")
         else:
             module = Llama(cfg.model, stage.layers)
-            if cfg.parallel.activation_checkpointing:
-                for block in module.layers[1:-1]:
-                    block.forward = partial(torch.utils.checkpoint.checkpoint, block.forward, use_reentrant=False)
-        if cfg.train.compile:
+            apply_activation_checkpointing(module.layers, *checkpointing)
+        if compile_enabled(cfg.train.compile, self.device):
             compile_blocks(stage.owned)
-            if topology.tp == 1:
-                self.loss_fn = torch.compile(lm_loss, dynamic=False)
         optimizer = build_adamw(module, cfg.train)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=module.to(self.device), optimizer=optimizer, config=deepspeed_config(cfg, topology.dp),
@@ -115,13 +115,20 @@ class DeepSpeedEngine:
         compat.replace_fp32_clipping(self.engine, clip_and_record)
         if self.pipelined and cfg.train.spike_factor:
             raise BigtrainError("train.spike_factor needs parallel.pp=1 (the pipeline engine updates before the loss is known)")
+        # the step's loss is averaged over the data-parallel group at once only where something needs
+        # it before the update (the spike gate); otherwise `mean_over_dp` does it at logging time
+        self.loss_is_global = self.pipelined or bool(cfg.train.spike_factor)
         self.gate, self._step_loss, self._skip = UpdateGate(cfg.train.spike_factor), None, None
         self._client_optimizer, client_step = optimizer, optimizer.step
+        fused = bool(optimizer.defaults.get("fused"))
 
         def gated_step(*args, **kwargs) -> None:  # DeepSpeed calls it on its fp32 (ZeRO) partitions
             if self._skip is None:  # decide once per step: ZeRO-3 calls step once per sub-group
-                self._skip = bool(self.gate.skip(self._step_loss, self._norm_before_update()))
-            if not self._skip:
+                self._skip = self.gate.skip(self._step_loss, self._norm_before_update()).to(self.device)
+            if fused:  # fused AdamW skips on the device: no host sync
+                optimizer.found_inf = self._skip.float()
+                client_step(*args, **kwargs)
+            elif not self._skip:
                 client_step(*args, **kwargs)
 
         optimizer.step = gated_step
@@ -138,7 +145,8 @@ class DeepSpeedEngine:
         return bool(value)
 
     def train_step(self, micro_batches: list[torch.Tensor], lr: float) -> StepOutput:
-        """One optimiser step; the returned loss is already averaged over the data-parallel group."""
+        """One optimiser step; the returned loss is this rank's (`mean_over_dp` averages it) unless
+        `loss_is_global`. No collective of bigtrain's own runs here without the spike gate."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self._grad_norm, self._step_loss, self._skip = None, None, None
@@ -150,23 +158,36 @@ class DeepSpeedEngine:
             for i, batch in enumerate(micro_batches):
                 with self.timer.phase("forward"):
                     tokens = batch.to(self.device, non_blocking=True)
-                    micro_loss = self.loss_fn(self.engine(tokens[:, :-1]), tokens[:, 1:])
+                    micro_loss = self._loss(tokens)
                 with self.timer.phase("backward"):
                     self.engine.backward(micro_loss)
                 loss += micro_loss.detach().float() / len(micro_batches)
-                if i == len(micro_batches) - 1:  # the gate sees the step's loss before the update
-                    dist.all_reduce(loss, group=self.topology.dp_group)
-                    loss /= self.topology.dp
-                    self._step_loss = loss
+                if i == len(micro_batches) - 1 and self.loss_is_global:  # the gate sees the step's loss
+                    self._step_loss = self.mean_over_dp(loss, force=True)  # before the update
+                    loss = self._step_loss
                 with self.timer.phase("optimizer"):  # at the last micro-batch: reduce and update
                     self.engine.step()
         norm = torch.as_tensor(self._norm_after_update(), dtype=torch.float32)
         if self._skip is not None:
-            skipped = torch.tensor(self._skip)
+            skipped = self._skip
         else:  # DeepSpeed skipped it: ZeRO on a non-finite norm (a bad step), fp16 on overflow (its
             # loss scaler's business, counted in `fp16_overflow_steps`)
             skipped = ~torch.isfinite(norm) & (not self.engine.fp16_enabled())
         return StepOutput(loss=loss, grad_norm=norm, skipped=skipped)
+
+    def _loss(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.loss_in_model:
+            return self.engine(tokens[:, :-1], tokens[:, 1:])
+        return self.loss_fn(self.engine(tokens[:, :-1]), tokens[:, 1:])
+
+    def mean_over_dp(self, losses: torch.Tensor, force: bool = False) -> torch.Tensor:
+        """Per-step losses of this rank averaged over the data-parallel group (one collective for
+        all of them); losses that already are (`loss_is_global`) come back as they are."""
+        if self.loss_is_global and not force:
+            return losses
+        total = losses.detach().float().clone()
+        dist.all_reduce(total, group=self.topology.dp_group)
+        return total / self.topology.dp
 
     def _norm_before_update(self) -> torch.Tensor | float:
         wrapper = self.engine.optimizer  # ZeRO and the bf16/fp16 optimizers measure it before stepping
@@ -219,7 +240,7 @@ class DeepSpeedEngine:
         if self.pipelined:
             return self.engine.eval_batch(iter([(tokens[:, :-1], tokens[:, 1:])]), num_micro_batches=1)
         self.engine.eval()
-        loss = self.loss_fn(self.engine(tokens[:, :-1]), tokens[:, 1:]).float()
+        loss = self._loss(tokens).float()
         self.engine.train()
         return loss
 

@@ -29,6 +29,18 @@ def resolve_precision(precision: str, device: torch.device, engine: str) -> str:
     return precision
 
 
+def compile_enabled(setting: bool | str, device: torch.device) -> bool:
+    """`train.compile`: auto compiles on CUDA (where it pays at once) and stays eager on CPU (where
+    the first step's compilation outweighs the gain of a short run)."""
+    return device.type == "cuda" if setting == "auto" else bool(setting)
+
+
+def deterministic_enabled(setting: bool | str, device: torch.device) -> bool:
+    """`train.deterministic`: auto is on for CPU (bitwise reproducible runs and resumes) and off for
+    CUDA, where flash attention's backward is not deterministic anyway."""
+    return device.type != "cuda" if setting == "auto" else bool(setting)
+
+
 def autocast_for(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
     """The local engine's mixed precision: bf16 autocast over fp32 weights, or plain fp32."""
     if resolve_precision(precision, device, "local") == "bf16":

@@ -12,12 +12,12 @@ from torch import nn
 
 from bigtrain.config import TrainConfig
 from bigtrain.distributed import checkpoint_format as fmt
-from bigtrain.distributed.device import autocast_for, pick_device
+from bigtrain.distributed.device import autocast_for, compile_enabled, pick_device
 from bigtrain.distributed.engine import StepOutput
 from bigtrain.distributed.optimizer import build_adamw
 from bigtrain.distributed.timing import PhaseTimer
 from bigtrain.distributed.update_gate import UpdateGate
-from bigtrain.model import compile_blocks, lm_loss
+from bigtrain.model import compile_blocks
 
 
 class LocalEngine:
@@ -30,11 +30,10 @@ class LocalEngine:
         self.device = pick_device(cfg.device)
         self.timer = PhaseTimer(self.device)
         self.model = model.to(self.device)
-        self.loss_fn = lm_loss
-        if cfg.compile:
+        if compile_enabled(cfg.compile, self.device):
             compile_blocks(self.model.layers)
-            self.loss_fn = torch.compile(lm_loss, dynamic=False)  # fuses softmax and its gradient
         self.autocast = lambda: autocast_for(self.device, cfg.precision)
+        self.autocast()  # refuses a precision this device cannot run, now rather than at the first step
         self.grad_clip = cfg.grad_clip
         self.optimizer = build_adamw(self.model, cfg)
         self.gate = UpdateGate(cfg.spike_factor)
@@ -45,14 +44,14 @@ class LocalEngine:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         total = torch.zeros((), device=self.device)
-        for batch in micro_batches:
-            with self.timer.phase("forward"):
-                tokens = batch.to(self.device, non_blocking=True)
-                with self.autocast():
-                    loss = self.loss_fn(self.model(tokens[:, :-1]), tokens[:, 1:]) / len(micro_batches)
-            with self.timer.phase("backward"):
-                loss.backward()
-            total += loss.detach()
+        with self.autocast():  # once per step: its cache of low-precision weight copies serves every micro-batch
+            for batch in micro_batches:
+                with self.timer.phase("forward"):
+                    tokens = batch.to(self.device, non_blocking=True)
+                    loss = self.model(tokens[:, :-1], tokens[:, 1:]) / len(micro_batches)
+                with self.timer.phase("backward"), torch.autocast(self.device.type, enabled=False):
+                    loss.backward()
+                total += loss.detach()
         with self.timer.phase("optimizer"):
             max_norm = self.grad_clip if self.grad_clip else float("inf")
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
@@ -78,13 +77,16 @@ class LocalEngine:
     def sum_across_dp(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor
 
+    def mean_over_dp(self, losses: torch.Tensor) -> torch.Tensor:
+        return losses
+
     @torch.no_grad()
     def eval_loss(self, tokens: torch.Tensor) -> torch.Tensor:
         """Mean next-token loss of one batch, in eval mode."""
         self.model.eval()
         tokens = tokens.to(self.device)
         with self.autocast():
-            loss = lm_loss(self.model(tokens[:, :-1]), tokens[:, 1:])
+            loss = self.model(tokens[:, :-1], tokens[:, 1:])
         self.model.train()
         return loss
 

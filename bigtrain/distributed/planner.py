@@ -29,6 +29,7 @@ import itertools
 from dataclasses import dataclass, replace
 
 from bigtrain.config import Config, ModelConfig
+from bigtrain.distributed.activation_checkpointing import checkpointing_mode
 from bigtrain.distributed.layout import (
     check_layout,
     grad_accum_for,
@@ -57,11 +58,14 @@ class Layout:
     micro_batch: int = 1
     grad_accum: int = 1
     offload: bool = False
-    activation_checkpointing: bool = False
+    activation_checkpointing: bool | str = False  # false/none, true/full or selective
+    checkpoint_every: int = 1
     local: bool = False  # the local engine: fp32 weights, gradients and AdamW moments, bf16 autocast
 
     def describe(self) -> str:
-        flags = "".join([" offload" if self.offload else "", " act-ckpt" if self.activation_checkpointing else "",
+        mode = checkpointing_mode(self.activation_checkpointing)
+        every = f"/{self.checkpoint_every}" if self.checkpoint_every > 1 else ""
+        flags = "".join([" offload" if self.offload else "", f" act-ckpt={mode}{every}" if mode != "none" else "",
                          " (local engine)" if self.local else ""])
         return (f"dp={self.dp} tp={self.tp} pp={self.pp} zero={self.zero} "
                 f"micro_batch={self.micro_batch} grad_accum={self.grad_accum}{flags}")
@@ -108,12 +112,25 @@ def stage_params(m: ModelConfig, tp: int, pp: int) -> int:
     return max(embedding, head) + blocks_per_stage * block
 
 
-def activation_bytes(m: ModelConfig, seq_len: int, micro_batch: int, tp: int, layers: int, checkpointing: bool) -> float:
-    """Saved activations of one micro-batch over `layers` blocks plus the logits (bf16)."""
+def activation_bytes(m: ModelConfig, seq_len: int, micro_batch: int, tp: int, layers: int,
+                     checkpointing: bool | str = False, every: int = 1) -> float:
+    """Saved activations of one micro-batch over `layers` blocks plus the logits (bf16), with
+    activation checkpointing (none, full or selective) of every `every`-th block."""
     h, kv, f = m.d_model, m.kv_heads * m.head_dim, m.ffn_dim
-    full = 2 * (4 * h + (3 * h + 4 * kv + 4 * f) / tp)
-    per_token = layers * 2 * h + full if checkpointing else layers * full
+    block = 2 * (4 * h + (3 * h + 4 * kv + 4 * f) / tp)
+    mode = checkpointing_mode(checkpointing)
+    checkpointed = 0 if mode == "none" else -(-layers // every)
+    kept = 2 * h if mode == "full" else 2 * (3 * h + (2 * h + 2 * kv + 2 * f) / tp)  # selective: matmul outputs
+    per_token = checkpointed * kept + (layers - checkpointed) * block + (block if checkpointed else 0)
     return micro_batch * seq_len * (per_token + 6 * m.vocab_size / tp)
+
+
+def recompute_factor(layout: Layout, n_layers: int) -> float:
+    """Training FLOPs with the layout's activation checkpointing over those without: a fully
+    checkpointed block runs its forward twice (8N instead of 6N); selective recomputes no matmul."""
+    if checkpointing_mode(layout.activation_checkpointing) != "full":
+        return 1.0
+    return 1 + (-(-n_layers // layout.checkpoint_every) / n_layers) / 3
 
 
 def memory_plan(m: ModelConfig, seq_len: int, precision: str, layout: Layout) -> MemoryPlan:
@@ -142,7 +159,8 @@ def memory_plan(m: ModelConfig, seq_len: int, precision: str, layout: Layout) ->
         block = count_params(m).blocks // m.n_layers // layout.tp
         buffers += PREFETCH_BUCKET * p_bytes + block * p_bytes
     layers = max_blocks_per_stage(m.n_layers, layout.pp)
-    one = activation_bytes(m, seq_len, layout.micro_batch, layout.tp, layers, layout.activation_checkpointing)
+    one = activation_bytes(m, seq_len, layout.micro_batch, layout.tp, layers, layout.activation_checkpointing,
+                           layout.checkpoint_every)
     in_flight = min(layout.pp, layout.grad_accum) if layout.pp > 1 else 1
     offloaded = layout.offload and zero >= 1
     return MemoryPlan(params=params, grads=grads, grads_at_step=grads_at_step,
@@ -157,8 +175,7 @@ def step_time(m: ModelConfig, seq_len: int, precision: str, layout: Layout, peak
     p_bytes, g_bytes = precision_bytes(precision)
     tokens_per_gpu_row = layout.micro_batch * layout.grad_accum * seq_len  # per data-parallel replica
     flops = flops_per_token(m, seq_len) * tokens_per_gpu_row / (layout.tp * layout.pp)
-    if layout.activation_checkpointing:
-        flops *= 4 / 3  # one more forward: 8N instead of 6N
+    flops *= recompute_factor(layout, m.n_layers)
     compute = flops / (peak_flops * COMPUTE_EFFICIENCY)
     if layout.pp > 1:
         compute *= 1 + (layout.pp - 1) / layout.grad_accum
@@ -189,7 +206,8 @@ def config_layout(cfg: Config, gpus: int) -> Layout:
     dp = check_layout(probe, gpus)
     return Layout(dp=dp, tp=p.tp, pp=p.pp, zero=p.zero_stage, micro_batch=cfg.data.micro_batch,
                   grad_accum=grad_accum_for(cfg, dp), offload=p.offload_optimizer,
-                  activation_checkpointing=p.activation_checkpointing, local=p.engine == "local" and gpus == 1)
+                  activation_checkpointing=p.activation_checkpointing, checkpoint_every=p.activation_checkpointing_every,
+                  local=p.engine == "local" and gpus == 1)
 
 
 def candidate_layouts(cfg: Config, gpus: int, gpus_per_node: int) -> list[Layout]:
@@ -210,7 +228,8 @@ def candidate_layouts(cfg: Config, gpus: int, gpus_per_node: int) -> list[Layout
                                 train=replace(cfg.train, grad_accum=per_replica // micro_batch, global_batch=batch))
                 if layout_problem(probe, gpus):
                     continue
-                for offload, checkpointing in itertools.product((False, True) if zero else (False,), (False, True)):
+                for offload, checkpointing in itertools.product((False, True) if zero else (False,),
+                                                                (False, "selective", True)):
                     out.append(Layout(dp, tp, pp, zero, micro_batch, per_replica // micro_batch, offload, checkpointing))
     return out
 

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bigtrain.config import ModelConfig
+from bigtrain.model.loss import linear_cross_entropy
 
 
 class RMSNorm(nn.Module):
@@ -109,16 +110,28 @@ class Embedding(nn.Module):
         return self.embed_tokens(tokens)
 
 
+class LMHead(nn.Linear):
+    """The projection to vocabulary logits; given targets it returns their mean cross-entropy
+    instead, without ever holding the full-vocabulary logits (`linear_cross_entropy`)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg.d_model, cfg.vocab_size, bias=False)
+
+    def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        return super().forward(x) if targets is None else linear_cross_entropy(x, self.weight, targets)
+
+
 class Head(nn.Module):
-    """Final RMSNorm and the projection to vocabulary logits."""
+    """Final RMSNorm and the projection to vocabulary logits (or, given targets, the loss)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.lm_head = LMHead(cfg)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(self.norm(x))
+    def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.norm(x)
+        return self.lm_head(x) if targets is None else self.lm_head(x, targets)
 
 
 def make_layer(cfg: ModelConfig, index: int) -> nn.Module:
@@ -162,16 +175,12 @@ class Llama(nn.Module):
         for name, p in self.named_parameters():
             init_parameter(self.cfg, name, p)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [b, t, vocab]; given `targets` [b, t], the mean next-token loss instead."""
         x = tokens
-        for layer in self.layers:
+        for layer in self.layers[:-1]:
             x = layer(x)
-        return x
-
-
-def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy over all positions (computed in fp32)."""
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
+        return self.layers[-1](x) if targets is None else self.layers[-1](x, targets)
 
 
 def compile_blocks(layers: Iterable[nn.Module]) -> None:

@@ -10,10 +10,12 @@ from pathlib import Path
 
 import torch
 
-from bigtrain.config import Config, save_config
+from bigtrain.config import Config, TrainConfig, save_config
 from bigtrain.data.build import build_train_loader, build_val_data
 from bigtrain.data.prefetch import Prefetcher
 from bigtrain.distributed import heartbeat
+from bigtrain.distributed.activation_checkpointing import apply_activation_checkpointing
+from bigtrain.distributed.device import deterministic_enabled, pick_device
 from bigtrain.distributed.engine import Engine, StepOutput
 from bigtrain.distributed.layout import check_layout
 from bigtrain.distributed.local import LocalEngine
@@ -45,12 +47,13 @@ class TrainResult:
     preempted: bool = False  # stopped early by SIGUSR1/SIGTERM after saving a checkpoint
 
 
-def set_determinism(seed: int, deterministic: bool) -> None:
-    """Seed torch; `deterministic` picks deterministic kernels. torch's debugging aid that fills
+def set_determinism(seed: int, cfg: TrainConfig) -> None:
+    """Seed torch; `train.deterministic` picks deterministic kernels. torch's debugging aid that fills
     every new uninitialized tensor with NaN stays off: no kernel here reads memory it has not
     written, and the fill cost DeepSpeed ZeRO-1 a third of its CPU step (it allocates fresh flat
     buffers every step)."""
     torch.manual_seed(seed)
+    deterministic = deterministic_enabled(cfg.deterministic, pick_device(cfg.device))
     torch.use_deterministic_algorithms(deterministic, warn_only=True)
     torch.utils.deterministic.fill_uninitialized_memory = False
 
@@ -76,6 +79,8 @@ def build_engine(cfg: Config, init_from: str | None = None) -> Engine:
         model = Llama(cfg.model)
         if init_from:
             ckpt.load_initial_weights(model, init_from)
+        p = cfg.parallel
+        apply_activation_checkpointing(model.layers, p.activation_checkpointing, p.activation_checkpointing_every)
         return LocalEngine(model, cfg.train)
     from bigtrain.distributed.deepspeed_engine import DeepSpeedEngine  # imports DeepSpeed: slow
     from bigtrain.distributed.stage_build import build_stage
@@ -88,7 +93,7 @@ def build_engine(cfg: Config, init_from: str | None = None) -> Engine:
 def train(cfg: Config, console: bool = True, stop: StopRequest | None = None) -> TrainResult:
     """Train `cfg.model` on `cfg.data` with the configured engine, resuming if asked.
 
-    SIGUSR1/SIGTERM (caught by `stop`, or from this call on) make it save after the current step
+    SIGUSR1/SIGTERM (caught by `stop`, or from this call on) make it save at the next logging step
     and return with `preempted` set."""
     check_layout(cfg, process_env().world_size)  # before touching data or starting processes
     with run_lock(cfg), (contextlib.nullcontext(stop) if stop else StopRequest()) as stop:
@@ -119,7 +124,7 @@ class Trainer:
     def __init__(self, cfg: Config, console: bool, stop: StopRequest):
         self.started = time.perf_counter()
         self.cfg, self.stop = cfg, stop
-        set_determinism(cfg.run.seed, cfg.train.deterministic)
+        set_determinism(cfg.run.seed, cfg.train)
         if cfg.train.reuse_host_memory:
             reuse_freed_memory()
         resume_from = find_resume_checkpoint(cfg)
@@ -145,7 +150,8 @@ class Trainer:
         self.tokens_per_step = self.loader.global_batch * cfg.data.seq_len
         self.speed = SpeedMeter(self.tokens_per_step, flops_per_token(cfg.model, cfg.data.seq_len), engine.world_size,
                                 peak_flops(engine.device, cfg.log.peak_tflops))
-        self.losses: list[torch.Tensor] = []
+        self.losses: list[float] = []  # every step's loss, averaged over data-parallel ranks at logging time
+        self.window_losses: list[torch.Tensor] = []  # this rank's, since the last log
         self.last_val: EvalResult | None = None
         self.last_saved: Path | None = None
         self.window_start, self.window_steps = time.perf_counter(), 0
@@ -183,7 +189,7 @@ class Trainer:
         if ending == "preempted":
             self.engine.barrier()  # leave together: torchrun stops the other workers when one exits
         return TrainResult(
-            run_dir=self.run_dir, step=self.step, tokens=self.tokens, losses=[float(x) for x in self.losses],
+            run_dir=self.run_dir, step=self.step, tokens=self.tokens, losses=self.losses,
             checkpoint=self.last_saved or ckpt.latest_checkpoint(self.run_dir), val=self.last_val,
             first_val=first_val, wall_s=time.perf_counter() - self.started, is_main=self.engine.is_main,
             preempted=ending == "preempted",
@@ -194,29 +200,33 @@ class Trainer:
             batches = self.loader.next_step()
         out = self.engine.train_step(batches, lr_at(self.step, self.cfg.train))
         self.step, self.tokens, self.window_steps = self.step + 1, self.tokens + self.tokens_per_step, self.window_steps + 1
-        self.losses.append(out.loss)
+        self.window_losses.append(out.loss)
         self.bad.record(out.skipped)
         return out
 
     def ending(self) -> str | None:
         """Why the loop ends after this step: `done`, `out_of_time` (train.max_minutes),
-        `preempted` (SIGUSR1/SIGTERM), or None. Every rank gets the same answer."""
+        `preempted` (SIGUSR1/SIGTERM), or None. Every rank gets the same answer. Time and signals
+        are checked (a collective) at logging steps only, so a notice is honoured within log.every steps."""
+        if self.step == self.cfg.train.steps:
+            return "done"
+        if self.step % self.cfg.log.every:
+            return None
         max_minutes = self.cfg.train.max_minutes
         out_of_time = max_minutes is not None and self.engine.any_rank(
             time.perf_counter() - self.started > 60 * max_minutes)
-        preempted = self.step < self.cfg.train.steps and self.engine.any_rank(self.stop.requested)
-        if preempted:
+        if self.engine.any_rank(self.stop.requested):
             return "preempted"
-        if out_of_time:
-            return "out_of_time"
-        return "done" if self.step == self.cfg.train.steps else None
+        return "out_of_time" if out_of_time else None
 
     def log_step(self, out: StepOutput) -> None:
-        """One training record (the loss reaches the host only here), then the bad-step check."""
+        """One training record (the losses reach the host only here), then the bad-step check."""
         window_s = time.perf_counter() - self.window_start
         engine = self.engine
+        self.losses += engine.mean_over_dp(torch.stack(self.window_losses)).tolist()
+        self.window_losses = []
         self.sinks.log({
-            "step": self.step, "loss": out.loss.item(), "lr": lr_at(self.step - 1, self.cfg.train),
+            "step": self.step, "loss": self.losses[-1], "lr": lr_at(self.step - 1, self.cfg.train),
             "grad_norm": float(out.grad_norm), "tokens": self.tokens,
             **self.speed.measure(self.window_steps, window_s, engine.step_times()),
             "peak_mem_gb": peak_memory_gb(engine.device), "skipped_steps": self.bad.total(),

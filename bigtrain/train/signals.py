@@ -1,4 +1,4 @@
-"""Preemption: SIGUSR1 or SIGTERM asks the run to checkpoint after the current step and stop.
+"""Preemption: SIGUSR1 or SIGTERM asks the run to checkpoint at its next logging step and stop.
 
 The handler only sets a flag, so a signal can never interrupt a step or a checkpoint half-way; a
 second signal while the checkpoint is being written is just noted. The loop agrees on the flag
@@ -31,7 +31,7 @@ class StopRequest:
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         name = signal.Signals(signum).name
         self.received.append(name)
-        note = "will checkpoint after the current step and stop" if len(self.received) == 1 else "already stopping"
+        note = "will checkpoint at the next logging step and stop" if len(self.received) == 1 else "already stopping"
         # os.write, not print: a handler may run while the main thread is inside a print
         os.write(2, f"bigtrain: received {name}; {note}\n".encode())
 

@@ -3,6 +3,8 @@ requeue and resume, job arrays, and the mistakes a user makes in a job script.""
 
 import dataclasses
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -195,3 +197,37 @@ def test_a_job_that_cannot_start_fails_with_its_pending_reason(slurm_env, tmp_pa
     assert time.monotonic() - start < limit + 15
     job = failure.value.msg.split()[1]
     wait_for(slurm_env, job, lambda info: info.get("JobState") == "CANCELLED", timeout=30)  # not left queued
+
+
+def test_under_srun_a_lost_rank_stops_the_others_naming_it(stdlib_data, slurm_env, tmp_path):
+    """`srun --ntasks 2` without torchrun and without --kill-on-bad-exit: nobody else stops the
+    survivor when a task dies; it stops itself, naming the rank."""
+    config = write_config(tmp_path / "config.yaml", stdlib_data, tmp_path / "run", steps=100_000)
+    proc = subprocess.Popen(["srun", "--ntasks=2", "--kill-on-bad-exit=0", sys.executable, "-m", "bigtrain", "train",
+                             str(config), "parallel.timeout_minutes=0.25"], cwd=tmp_path, env=slurm_env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while len(step_losses(tmp_path / "run") if (tmp_path / "run" / "metrics.jsonl").exists() else {}) < 3:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-3000:]
+            time.sleep(0.2)
+        rank1 = next(int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and _is_rank(p, config, "1"))
+        os.kill(rank1, signal.SIGKILL)
+        killed = time.monotonic()
+        _, err = proc.communicate(timeout=120)
+        assert time.monotonic() - killed < 30
+        assert "bigtrain: error: rank 1 stopped answering (" in err and "stopping rank 0" in err, err[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _is_rank(proc_dir: Path, config: Path, rank: str) -> bool:
+    """Whether /proc/PID is the bigtrain task of `config` with SLURM_PROCID=`rank`."""
+    try:
+        if str(config) not in (proc_dir / "cmdline").read_bytes().decode(errors="replace"):
+            return False
+        return f"SLURM_PROCID={rank}".encode() in (proc_dir / "environ").read_bytes().split(b"\0")
+    except OSError:
+        return False

@@ -143,8 +143,8 @@ def test_slurm_submits_one_throttled_array(tmp_path, capsys, monkeypatch):
 def test_local_sweep_runs_resumes_skips_and_collects(tmp_path, capsys, stdlib_data):
     path = write_sweep(tmp_path, stdlib_data, budgets=[1e9], shapes=SHAPES + [{"name": "mid", "model.d_model": 32}])
     plan = plan_sweep(path)
-    interrupted = copy.deepcopy(plan.runs[0].config)  # out of time after its first step
-    interrupted.train.max_minutes = 0.0
+    interrupted = copy.deepcopy(plan.runs[0].config)  # out of time at its first (logging) step
+    interrupted.train.max_minutes, interrupted.log.every = 0.0, 1
     from bigtrain.train.loop import train
 
     train(interrupted, console=False)

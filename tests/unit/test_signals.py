@@ -1,4 +1,5 @@
-"""Preemption: SIGUSR1/SIGTERM → checkpoint after the current step, exit code 75, exact resume."""
+"""Preemption: SIGUSR1/SIGTERM → checkpoint at the next logging step (the loop checks for signals,
+a collective under DeepSpeed, only there), exit code 75, exact resume."""
 
 import json
 import os
@@ -42,22 +43,23 @@ def signalling_engine(monkeypatch, at_step: int):
     monkeypatch.setattr(loop, "build_engine", build_engine)
 
 
-def test_signal_saves_after_the_current_step_and_resume_is_exact(stdlib_data, tmp_path, monkeypatch):
+def test_signal_saves_at_the_next_logging_step_and_resume_is_exact(stdlib_data, tmp_path, monkeypatch):
     straight = train(tiny_config(stdlib_data, tmp_path / "straight", steps=6, eval_every=1000), console=False)
 
     cfg = tiny_config(stdlib_data, tmp_path / "run", steps=6, eval_every=1000)
+    cfg.log.every = 2  # the signal comes during step 3: it is honoured at step 4
     handlers = {s: signal.getsignal(s) for s in (signal.SIGUSR1, signal.SIGTERM)}
     with monkeypatch.context() as patch:
         signalling_engine(patch, at_step=3)
         stopped = train(cfg, console=False)
     assert {s: signal.getsignal(s) for s in handlers} == handlers  # restored
-    assert stopped.preempted and stopped.step == 3 and stopped.losses == straight.losses[:3]
+    assert stopped.preempted and stopped.step == 4 and stopped.losses == straight.losses[:4]
     checkpoints = tmp_path / "run" / "checkpoints"
-    assert stopped.checkpoint == checkpoints / "step-0000003"
-    assert sorted(p.name for p in checkpoints.iterdir()) == ["latest", "step-0000003"]  # no .tmp left
-    assert ckpt.read_state(stopped.checkpoint)["step"] == 3
-    logged = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert logged[-1] == 3  # the preempted step is logged even between log.every steps
+    assert stopped.checkpoint == checkpoints / "step-0000004"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["latest", "step-0000004"]  # no .tmp left
+    assert ckpt.read_state(stopped.checkpoint)["step"] == 4
+    records = map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
+    assert [r["step"] for r in records if "loss" in r] == [2, 4]
 
     cfg.run.resume = "auto"
     resumed = train(cfg, console=False)
@@ -83,7 +85,7 @@ def test_cli_exits_with_the_preemption_code(stdlib_data, tmp_path):
     assert 2 <= step < 100_000
     assert out.splitlines()[-1] == (f"preempted at step {step}: saved {run_dir}/checkpoints/step-{step:07d}; "
                                     "exiting with 75 (continue with run.resume=auto)")
-    assert "bigtrain: received SIGTERM; will checkpoint after the current step and stop" in err
+    assert "bigtrain: received SIGTERM; will checkpoint at the next logging step and stop" in err
 
 
 def catches(pid: int, sig: signal.Signals) -> bool:
@@ -93,11 +95,13 @@ def catches(pid: int, sig: signal.Signals) -> bool:
     return bool(caught >> (sig - 1) & 1)
 
 
-def test_a_signal_during_startup_stops_after_the_first_step(stdlib_data, tmp_path):
+def test_a_signal_during_startup_stops_at_the_first_logging_step(stdlib_data, tmp_path):
     """A preemption notice that arrives while `bigtrain train` is still importing torch is kept:
-    the run takes one step, saves and exits with 75 instead of dying without a checkpoint."""
+    the run trains to its first logging step, saves and exits with 75 instead of dying without a
+    checkpoint."""
     run_dir = tmp_path / "run"
     cfg = tiny_config(stdlib_data, run_dir, steps=100_000, eval_every=100_000)
+    cfg.log.every = 2
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
     proc = subprocess.Popen([sys.executable, "-m", "bigtrain", "train", str(tmp_path / "config.yaml")],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -109,5 +113,5 @@ def test_a_signal_during_startup_stops_after_the_first_step(stdlib_data, tmp_pat
     assert "libtorch" not in open(f"/proc/{proc.pid}/maps").read()  # the handler came before torch
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == PREEMPTED_EXIT_CODE, err
-    assert ckpt.latest_checkpoint(run_dir) == run_dir / "checkpoints" / "step-0000001"
-    assert "bigtrain: received SIGUSR1; will checkpoint after the current step and stop" in err
+    assert ckpt.latest_checkpoint(run_dir) == run_dir / "checkpoints" / "step-0000002"
+    assert "bigtrain: received SIGUSR1; will checkpoint at the next logging step and stop" in err

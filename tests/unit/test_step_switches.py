@@ -16,16 +16,26 @@ def run(steps: int = 3, **switches) -> tuple[LocalEngine, list[float]]:
     return engine, [engine.train_step([batch], 1e-2).loss.item() for _ in range(steps)]
 
 
-def test_compile_keeps_losses_and_parameter_names():
+def test_compile_keeps_losses_and_parameter_names_without_breaks_or_recompiles():
+    from torch._dynamo.utils import counters
+
+    counters.clear()
     eager, eager_losses = run()
-    compiled, compiled_losses = run(compile=True)
+    assert not counters["stats"]  # compile=auto stays eager on the CPU
+    compiled, first = run(steps=1, compile=True)
+    graphs = counters["stats"]["unique_graphs"]
+    batch = torch.randint(0, 97, (4, 17), generator=torch.Generator().manual_seed(1))
+    compiled_losses = first + [compiled.train_step([batch], 1e-2).loss.item() for _ in range(2)]
+    assert graphs >= 1 and counters["stats"]["unique_graphs"] == graphs  # no recompilation after step 1
+    assert not counters["graph_break"]
     blocks = compiled.model.layers[1:-1]
     assert all(block._compiled_call_impl is not None for block in blocks)
     assert compiled_losses == pytest.approx(eager_losses, rel=1e-5)
     assert compiled_losses[-1] < compiled_losses[0] - 0.1  # it learns the batch
     assert list(compiled.model.state_dict()) == list(eager.model.state_dict())  # checkpoints unchanged
     for a, b in zip(compiled.model.parameters(), eager.model.parameters(), strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+        # Adam turns rounding differences of near-zero gradients into ~1e-5 steps (lr 1e-2)
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=5e-5)
 
 
 @pytest.mark.parametrize("impl,flags,other", [("fused", ("fused", True), "for-loop"),

@@ -161,7 +161,7 @@ def serve(conn, spec: str, setup: Setup) -> None:
         is_hf = spec.split(",")[0] == "hf"
         if cfg.parallel.engine == "deepspeed":
             single_process_env()
-        set_determinism(0, cfg.train.deterministic)
+        set_determinism(0, cfg.train)
         if cfg.train.reuse_host_memory and not is_hf:
             reuse_freed_memory()
         device = torch.device(setup.device)

@@ -85,6 +85,7 @@ class Measured:
     cpu_s: float  # user + system time of the command and every child it waited for
     peak_rss_mb: float
     stdout: str
+    stderr: str = ""
 
 
 def _tree_rss(proc: psutil.Process) -> int:
@@ -126,7 +127,7 @@ def measure(cmd: list[str], env: dict | None = None) -> Measured:
     sampler.join()
     if proc.returncode:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{err}")
-    return Measured(wall, _children_cpu_s() - cpu, peak[0] / 2**20, out)
+    return Measured(wall, _children_cpu_s() - cpu, peak[0] / 2**20, out, err)
 
 
 def machine() -> str:
