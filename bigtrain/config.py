@@ -244,15 +244,12 @@ class Config:
     def validate(self) -> Config:
         """Check every numeric key against its range, then relations between keys."""
         _check_ranges(self, "")
-        m, d, p = self.model, self.data, self.parallel
+        m, d = self.model, self.data
         checks = [
             (m.d_model % m.n_heads == 0, "model.d_model must be divisible by model.n_heads"),
             (m.n_heads % m.kv_heads == 0, "model.n_heads must be divisible by model.n_kv_heads"),
             (m.head_dim % 2 == 0, "model.d_model / model.n_heads must be even (RoPE)"),
             (d.seq_len <= m.max_seq_len, "data.seq_len must not exceed model.max_seq_len"),
-            (not self.eval.tasks or (p.tp == 1 and p.pp == 1 and p.zero_stage <= 2),
-             "eval.tasks needs a whole model on every rank: parallel.tp=1, parallel.pp=1 and "
-             "parallel.zero_stage <= 2 (evaluate checkpoints of other layouts with bigtrain eval --tasks)"),
         ]
         for ok, message in checks:
             if not ok:

@@ -98,15 +98,18 @@ def layout_problem(cfg: Config, world_size: int) -> str | None:
             return "parallel.tp, parallel.pp and parallel.zero_stage need parallel.engine=deepspeed"
     if world_size % (p.tp * p.pp):
         return f"world size {world_size} is not divisible by parallel.tp × parallel.pp = {p.tp * p.pp}"
-    if tensor_parallel_problem(m, p.tp):
-        return tensor_parallel_problem(m, p.tp)
+    if problem := tensor_parallel_problem(m, p.tp):
+        return problem
     if m.n_layers < p.pp:
         return f"model.n_layers={m.n_layers} is fewer than parallel.pp={p.pp} pipeline stages"
     if p.pp > 1 and p.zero_stage > 1:
         return f"parallel.zero_stage={p.zero_stage} cannot be combined with pipeline parallelism (use 0 or 1)"
     if p.pp > 1 and m.tie_embeddings:
         return "model.tie_embeddings is not supported with parallel.pp > 1"
-    dp = world_size // (p.tp * p.pp)
+    if cfg.eval.tasks and (p.tp > 1 or p.pp > 1 or p.zero_stage > 2):
+        return ("eval.tasks needs a whole model on every rank: parallel.tp=1, parallel.pp=1 and "
+                "parallel.zero_stage <= 2 (evaluate checkpoints of other layouts with bigtrain eval --tasks)")
+    dp = data_parallel_size(cfg, world_size)
     if cfg.train.global_batch is not None and cfg.train.global_batch != global_batch(cfg, dp):
         d, t = cfg.data, cfg.train
         return (f"train.global_batch={t.global_batch} but data.micro_batch × train.grad_accum × dp = "

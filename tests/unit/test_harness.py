@@ -10,6 +10,7 @@ import torch
 
 from bigtrain.config import load_config
 from bigtrain.data.tokenizer import TextTokenizer
+from bigtrain.distributed.layout import check_layout
 from bigtrain.errors import BigtrainError
 from bigtrain.eval import tasks
 from bigtrain.eval.generate import generate
@@ -154,10 +155,11 @@ def test_flat_metrics_names_each_number():
 @pytest.mark.parametrize("layout", ["parallel.tp=2", "parallel.pp=2", "parallel.zero_stage=3"])
 def test_in_loop_tasks_are_refused_for_layouts_without_a_whole_model(layout):
     with pytest.raises(BigtrainError) as err:
-        load_config(None, ["eval.tasks=[python_next_line]", "parallel.engine=deepspeed", layout])
+        check_layout(load_config(None, ["eval.tasks=[python_next_line]", "parallel.engine=deepspeed", layout]), 2)
     assert str(err.value).startswith("eval.tasks needs a whole model on every rank: parallel.tp=1, parallel.pp=1")
-    load_config(None, [layout, "parallel.engine=deepspeed"])  # without eval.tasks: fine
-    load_config(None, ["eval.tasks=[python_next_line]", "parallel.engine=deepspeed", "parallel.zero_stage=2"])
+    check_layout(load_config(None, [layout, "parallel.engine=deepspeed"]), 2)  # without eval.tasks: fine
+    check_layout(load_config(None, ["eval.tasks=[python_next_line]", "parallel.engine=deepspeed",
+                                    "parallel.zero_stage=2"]), 2)
 
 
 HELLASWAG_LOCAL = """\
