@@ -27,6 +27,7 @@ class Engine(Protocol):
     dp_size: int
     is_main: bool  # rank 0: logs, writes the run directory
     device: torch.device
+    model: torch.nn.Module  # this rank's module (DeepSpeed's: the wrapped one)
     timer: PhaseTimer
     gate: UpdateGate
     overflow_steps: int
