@@ -109,18 +109,39 @@ def cmd_train(args: argparse.Namespace) -> int | None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from bigtrain.config import TrainConfig
     from bigtrain.convert.consolidate import load_full_model
-    from bigtrain.data.build import build_val_data
     from bigtrain.distributed.device import pick_device
+
+    suite = eval_task_suite(args) if args.tasks else None  # bad tasks are refused before any weight is read
+    model, cfg, checkpoint = load_full_model(args.checkpoint, pick_device(args.device))
+    if suite is not None:
+        from bigtrain.eval import harness
+
+        results = suite.run(harness.BigtrainLM(model, harness.checkpoint_tokenizer(checkpoint), cfg.model.max_seq_len,
+                                               args.batch_size))
+        print(harness.results_table(results))
+        print(f"wrote {harness.record_results(results, checkpoint, args.output and Path(args.output))}")
+    if suite is None or args.data:
+        eval_perplexity(args, model, cfg, checkpoint)
+
+
+def eval_task_suite(args: argparse.Namespace):
+    """The lm-eval tasks `--tasks` names, checked (and the checkpoint's tokenizer found) up front."""
+    from bigtrain.eval import harness
+    from bigtrain.train.checkpoint import resolve_checkpoint
+
+    if (args.limit is not None and args.limit < 1) or (args.num_fewshot or 0) < 0 or args.batch_size < 1:
+        raise BigtrainError("--limit and --batch-size must be positive and --num-fewshot at least 0")
+    harness.checkpoint_tokenizer(resolve_checkpoint(args.checkpoint))
+    return harness.TaskSuite(args.tasks.split(","), args.num_fewshot, args.limit)
+
+
+def eval_perplexity(args: argparse.Namespace, model, cfg, checkpoint: Path) -> None:
+    from bigtrain.config import TrainConfig
+    from bigtrain.data.build import build_val_data
     from bigtrain.distributed.local import LocalEngine
     from bigtrain.eval.perplexity import evaluate
 
-    if args.tasks:
-        cmd_eval_tasks(args)
-        if not args.data:
-            return
-    model, cfg, checkpoint = load_full_model(args.checkpoint, pick_device(args.device))
     if args.data:
         cfg.data.val_path = args.data
     data = build_val_data(cfg.data, cfg.data.seq_len)
@@ -131,23 +152,6 @@ def cmd_eval(args: argparse.Namespace) -> None:
     max_windows = None if args.max_batches is None else args.max_batches * cfg.data.micro_batch
     result = evaluate(engine.eval_loss, data, cfg.data.micro_batch, max_windows)
     print(f"{checkpoint}: loss {result.loss:.4f}, perplexity {result.perplexity:.3f} over {result.tokens:,} tokens of {data_dir}")
-
-
-def cmd_eval_tasks(args: argparse.Namespace) -> None:
-    from bigtrain.convert.consolidate import load_full_model
-    from bigtrain.distributed.device import pick_device
-    from bigtrain.eval import harness
-    from bigtrain.train.checkpoint import resolve_checkpoint
-
-    if (args.limit is not None and args.limit < 1) or (args.num_fewshot or 0) < 0 or args.batch_size < 1:
-        raise BigtrainError("--limit and --batch-size must be positive and --num-fewshot at least 0")
-    checkpoint = resolve_checkpoint(args.checkpoint)
-    tokenizer = harness.checkpoint_tokenizer(checkpoint)
-    suite = harness.TaskSuite(args.tasks.split(","), args.num_fewshot, args.limit)  # refused before any weight is read
-    model, cfg, checkpoint = load_full_model(checkpoint, pick_device(args.device))
-    results = suite.run(harness.BigtrainLM(model, tokenizer, cfg.model.max_seq_len, args.batch_size))
-    print(harness.results_table(results))
-    print(f"wrote {harness.record_results(results, checkpoint, args.output and Path(args.output))}")
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
