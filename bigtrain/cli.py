@@ -157,12 +157,12 @@ def eval_perplexity(args: argparse.Namespace, model, cfg, checkpoint: Path) -> N
 def cmd_generate(args: argparse.Namespace) -> None:
     import torch
 
+    from bigtrain.convert.consolidate import load_full_model
     from bigtrain.data.tokenizer import TextTokenizer
     from bigtrain.distributed.device import pick_device
     from bigtrain.eval.generate import generate
-    from bigtrain.train.checkpoint import load_trained_model
 
-    model, cfg, checkpoint = load_trained_model(args.checkpoint, pick_device(args.device))
+    model, cfg, checkpoint = load_full_model(args.checkpoint, pick_device(args.device))
     tokenizer = TextTokenizer.load(checkpoint / "tokenizer.json")
     generator = torch.Generator().manual_seed(args.seed)
     for _ in range(args.num_samples):

@@ -270,7 +270,7 @@ def load_trained_model(path: str | Path, device: torch.device) -> tuple[torch.nn
     if not (checkpoint / WEIGHTS).exists():
         raise BigtrainError(
             f"{checkpoint} holds only tensor/pipeline-parallel DeepSpeed shards (no model.safetensors); "
-            "evaluate during training with data.val_path"
+            "read it with bigtrain.convert.consolidate.load_full_model (as bigtrain eval and generate do)"
         )
     try:
         load_weights(model, checkpoint)

@@ -55,3 +55,10 @@ def test_tensor_parallel_checkpoint_is_consolidated_for_tasks(stdlib_data, tmp_p
     assert not (checkpoint / "model.safetensors").exists()  # tensor-parallel shards only
     reshard(checkpoint, tmp_path / "one", ["parallel.engine=local", "parallel.tp=1"])
     assert cli_accuracy(checkpoint, capsys) == cli_accuracy(tmp_path / "one", capsys)
+    # generation reads the tensor-parallel checkpoint as well: the same greedy text as its reshard
+    texts = []
+    for source in (checkpoint, tmp_path / "one"):
+        assert main(["generate", str(source), "--prompt", "def ", "--temperature", "0", "--max-new-tokens", "16",
+                     "--device", "cpu"]) == 0
+        texts.append(capsys.readouterr().out)
+    assert texts[0] == texts[1] and len(texts[0]) > len("def \n")  # 16 new tokens (spaces, for so small a model)
