@@ -19,3 +19,44 @@ def stdlib_data(tmp_path_factory):
     prepare([train_jsonl], tokenizer, root / "train")
     prepare([val_jsonl], tokenizer, root / "val")
     return root / "train", root / "val"
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A live S3-protocol server (tools/s3_server.py, moto) for the session: yields its endpoint
+    URL with `S3_ENDPOINT_URL` and `AWS_*` credentials set in this process's environment (so
+    subprocesses inherit them); stopped by its pid at the end."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "s3_server", Path(__file__).resolve().parents[1] / "tools" / "s3_server.py")
+    server = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(server)
+    sys.modules.setdefault("s3_server", server)
+    directory = tmp_path_factory.mktemp("s3_server")
+    endpoint = server.start(directory)
+    saved = {k: os.environ.get(k) for k in server.env(endpoint)}
+    os.environ.update(server.env(endpoint))
+    try:
+        yield endpoint
+    finally:
+        server.stop(directory)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@pytest.fixture
+def s3_bucket(s3_server, request):
+    """A new, empty bucket on the session's S3 server: its name."""
+    import uuid
+
+    import boto3
+
+    name = f"bt-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=name)
+    return name
