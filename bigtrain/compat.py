@@ -27,6 +27,12 @@ def pipeline_stage_layers(module: Any) -> tuple[int, int]:
     return module._local_start, module._local_stop
 
 
+def use_pipeline_grid(module: Any, grid: Any) -> None:
+    """Make a `PipelineModule` hand `grid` (ours, over the same topology) to DeepSpeed as its mpu
+    instead of the plain grid it built, which lacks the sequence-parallel groups."""
+    module._grid = grid
+
+
 # --- DeepSpeed: gradient norm, clipping, loss scale ----------------------------------------------
 
 

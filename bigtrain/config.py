@@ -161,11 +161,12 @@ class TrainConfig:
 
 @dataclass
 class ParallelConfig:
-    """How a run is laid out over processes: world size = pp × dp × tp (dp is what is left)."""
+    """How a run is laid out over processes: world size = pp × dp × sp × tp (dp is what is left)."""
 
     engine: Literal["local", "deepspeed"] = "local"  # local: one process, no DeepSpeed (debug mode)
     tp: int = ranged(1, ge=1)  # tensor-parallel degree (Megatron-style, inside a node)
     pp: int = ranged(1, ge=1)  # pipeline stages (DeepSpeed's pipeline engine, 1F1B)
+    sp: int = ranged(1, ge=1)  # sequence-parallel degree (DeepSpeed-Ulysses: each rank holds seq_len / sp tokens)
     zero_stage: Literal[0, 1, 2, 3] = 0
     offload_optimizer: bool = False  # ZeRO optimizer states in CPU memory
     activation_checkpointing: Literal[False, True, "full", "selective"] = False  # true: full (see docs/benchmarks.md)

@@ -1,5 +1,6 @@
 """The DeepSpeed engine: ZeRO 0-3 over the data-parallel group, tensor parallelism inside each
-stage, and DeepSpeed's pipeline engine (1F1B) when `parallel.pp > 1`."""
+stage, Ulysses sequence parallelism when `parallel.sp > 1`, and DeepSpeed's pipeline engine (1F1B)
+when `parallel.pp > 1`."""
 
 from __future__ import annotations
 
@@ -24,6 +25,11 @@ from bigtrain.distributed.device import compile_enabled
 from bigtrain.distributed.engine import StepOutput
 from bigtrain.distributed.full_state import load_full_state
 from bigtrain.distributed.optimizer import build_adamw
+from bigtrain.distributed.sequence_parallel import (
+    apply_sequence_parallel,
+    sequence_mean,
+    sequence_slice,
+)
 from bigtrain.distributed.stage_build import Stage, model_stage
 from bigtrain.distributed.timing import PhaseTimer
 from bigtrain.distributed.topology import Topology
@@ -80,6 +86,10 @@ class DeepSpeedEngine:
             self.loss_fn = partial(vocab_parallel_cross_entropy, group=topology.tp_group)
         self.loss_in_model = topology.tp == 1  # the head computes it chunk by chunk (`linear_cross_entropy`)
         stage = model if isinstance(model, Stage) else model_stage(model, topology)
+        if topology.sp > 1:
+            apply_sequence_parallel(stage.owned, topology.sp_group, self.timer)
+            token_loss = self.loss_fn
+            self.loss_fn = lambda logits, targets: sequence_mean(token_loss(logits, targets), topology.sp_group)
         self.cfg, self.param_names = cfg, stage.param_names()
         self.pipelined = topology.pp > 1
         checkpointing = cfg.parallel.activation_checkpointing, cfg.parallel.activation_checkpointing_every
@@ -89,6 +99,7 @@ class DeepSpeedEngine:
                 layers=stage.layers, loss_fn=self.loss_fn, topology=topology.process_topology,
                 partition_method="type:Block",
             )
+            compat.use_pipeline_grid(module, topology.grid)  # its mpu: with our sequence-parallel groups
             if compat.pipeline_stage_layers(module) != (stage.start, stage.stop):
                 raise RuntimeError(f"DeepSpeed gave this stage layers {compat.pipeline_stage_layers(module)}, "
                                    f"not the {stage.start}..{stage.stop} built for it")
@@ -99,7 +110,8 @@ class DeepSpeedEngine:
             compile_blocks(stage.owned)
         optimizer = build_adamw(module, cfg.train)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
-            model=module.to(self.device), optimizer=optimizer, config=deepspeed_config(cfg, topology.dp),
+            # DeepSpeed's data-parallel size counts the sp ranks (its sequence-data-parallel group)
+            model=module.to(self.device), optimizer=optimizer, config=deepspeed_config(cfg, topology.dp * topology.sp),
             mpu=None if self.pipelined else topology.grid,
         )
         self.model = self.engine.module
@@ -150,6 +162,7 @@ class DeepSpeedEngine:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self._grad_norm, self._step_loss, self._skip = None, None, None
+        micro_batches = [self._my_tokens(b) for b in micro_batches]
         if self.pipelined:
             pairs = iter([(b[:, :-1].to(self.device), b[:, 1:].to(self.device)) for b in micro_batches])
             loss = self.engine.train_batch(data_iter=pairs)
@@ -175,9 +188,15 @@ class DeepSpeedEngine:
             skipped = ~torch.isfinite(norm) & (not self.engine.fp16_enabled())
         return StepOutput(loss=loss, grad_norm=norm, skipped=skipped)
 
+    def _my_tokens(self, windows: torch.Tensor) -> torch.Tensor:
+        """This rank's share of the windows' tokens (all of them without sequence parallelism)."""
+        sp = self.topology.sp
+        return windows if sp == 1 else sequence_slice(windows, self.topology.sp_rank, sp)
+
     def _loss(self, tokens: torch.Tensor) -> torch.Tensor:
         if self.loss_in_model:
-            return self.engine(tokens[:, :-1], tokens[:, 1:])
+            loss = self.engine(tokens[:, :-1], tokens[:, 1:])
+            return loss if self.topology.sp == 1 else sequence_mean(loss, self.topology.sp_group)
         return self.loss_fn(self.engine(tokens[:, :-1]), tokens[:, 1:])
 
     def mean_over_dp(self, losses: torch.Tensor, force: bool = False) -> torch.Tensor:
@@ -236,7 +255,7 @@ class DeepSpeedEngine:
     @torch.no_grad()
     def eval_loss(self, tokens: torch.Tensor) -> torch.Tensor:
         """Mean next-token loss of one batch (every rank gets the same value)."""
-        tokens = tokens.to(self.device)
+        tokens = self._my_tokens(tokens).to(self.device)
         if self.pipelined:
             return self.engine.eval_batch(iter([(tokens[:, :-1], tokens[:, 1:])]), num_micro_batches=1)
         self.engine.eval()
@@ -271,15 +290,18 @@ class DeepSpeedEngine:
             raise OSError(f"no DeepSpeed state under {directory / TAG}")
 
     def _check_saved_layout(self, directory: Path) -> None:
-        """Refuse DeepSpeed state of another ZeRO stage, tp, pp or (ZeRO partitions) dp in one line."""
+        """Refuse DeepSpeed state of another ZeRO stage, tp, pp, sp or number of ZeRO partitions
+        (dp × sp) in one line."""
         saved = fmt.read_config(directory).parallel
-        saved_dp = len(list((directory / TAG).glob("zero_pp_rank_*_mp_rank_00_optim_states.pt")))
+        saved_partitions = len(list((directory / TAG).glob("zero_pp_rank_*_mp_rank_00_optim_states.pt")))
 
-        def layout(zero: int, tp: int, pp: int, dp: int) -> str:
-            return f"ZeRO-{zero}, tp={tp}, pp={pp}" + (f", dp={dp}" if zero else "")
+        def layout(zero: int, tp: int, pp: int, sp: int, partitions: int) -> str:
+            return (f"ZeRO-{zero}, tp={tp}, pp={pp}" + (f", sp={sp}" if sp > 1 else "")
+                    + (f", {partitions} ZeRO partitions" if zero else ""))
 
-        here = layout(self.cfg.parallel.zero_stage, self.topology.tp, self.topology.pp, self.dp_size)
-        there = layout(saved.zero_stage, saved.tp, saved.pp, saved_dp)
+        t = self.topology
+        here = layout(self.cfg.parallel.zero_stage, t.tp, t.pp, t.sp, t.dp * t.sp)
+        there = layout(saved.zero_stage, saved.tp, saved.pp, saved.sp, saved_partitions)
         if here != there:
             raise BigtrainError(f"{directory} holds DeepSpeed state for {there}, this run is {here}: resume from "
                                 f"`bigtrain convert reshard {directory} OUT` with this run's parallel.* settings")

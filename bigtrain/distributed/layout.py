@@ -1,5 +1,5 @@
-"""The parallel layout, in one place: world = pp × dp × tp, which weight splits along which
-dimension under tensor parallelism, the layers of each pipeline stage, the one check of a layout,
+"""The parallel layout, in one place: world = pp × dp × sp × tp, which weight splits along which
+dimension under tensor parallelism, what sequence parallelism needs of the model, the layers of each pipeline stage, the one check of a layout,
 and the global-batch arithmetic.
 
 Every other module asks this one: config checks at launch, the engines, the planner's candidate
@@ -72,6 +72,18 @@ def check_tensor_parallel(m: ModelConfig, tp: int) -> None:
         raise BigtrainError(problem)
 
 
+def sequence_parallel_problem(m: ModelConfig, seq_len: int, sp: int, tp: int) -> str | None:
+    """Why sp ranks cannot split the sequence, and (Ulysses' all-to-all) the heads each tensor-parallel
+    rank holds (None: they can). Grouped-query KV heads are not repeated to fit: they must divide too."""
+    if seq_len % sp:
+        return f"data.seq_len={seq_len} is not divisible by parallel.sp={sp}"
+    for key, heads in (("model.n_heads", m.n_heads), ("model.n_kv_heads", m.kv_heads)):
+        if heads % (sp * tp):
+            return (f"{key}={heads} is not divisible by parallel.sp × parallel.tp = {sp * tp} "
+                    "(Ulysses sequence parallelism splits the heads of each tensor-parallel rank)")
+    return None
+
+
 def stage_bounds(n_layers: int, pp: int) -> list[int]:
     """Layer-list boundaries of the pp stages (stage s holds layers [b[s], b[s+1])), as DeepSpeed's
     `PipelineModule(partition_method="type:Block")` cuts the list embedding, n blocks, head."""
@@ -94,11 +106,14 @@ def layout_problem(cfg: Config, world_size: int) -> str | None:
     if p.engine == "local":
         if world_size > 1:
             return f"parallel.engine=local runs one process, but {world_size} were launched; use parallel.engine=deepspeed"
-        if p.tp > 1 or p.pp > 1 or p.zero_stage > 0:
-            return "parallel.tp, parallel.pp and parallel.zero_stage need parallel.engine=deepspeed"
-    if world_size % (p.tp * p.pp):
-        return f"world size {world_size} is not divisible by parallel.tp × parallel.pp = {p.tp * p.pp}"
+        if p.tp > 1 or p.pp > 1 or p.sp > 1 or p.zero_stage > 0:
+            return "parallel.tp, parallel.pp, parallel.sp and parallel.zero_stage need parallel.engine=deepspeed"
+    if world_size % (p.tp * p.pp * p.sp):
+        return (f"world size {world_size} is not divisible by parallel.tp × parallel.pp × parallel.sp = "
+                f"{p.tp * p.pp * p.sp}")
     if problem := tensor_parallel_problem(m, p.tp):
+        return problem
+    if p.sp > 1 and (problem := sequence_parallel_problem(m, cfg.data.seq_len, p.sp, p.tp)):
         return problem
     if m.n_layers < p.pp:
         return f"model.n_layers={m.n_layers} is fewer than parallel.pp={p.pp} pipeline stages"
@@ -106,9 +121,9 @@ def layout_problem(cfg: Config, world_size: int) -> str | None:
         return f"parallel.zero_stage={p.zero_stage} cannot be combined with pipeline parallelism (use 0 or 1)"
     if p.pp > 1 and m.tie_embeddings:
         return "model.tie_embeddings is not supported with parallel.pp > 1"
-    if cfg.eval.tasks and (p.tp > 1 or p.pp > 1 or p.zero_stage > 2):
-        return ("eval.tasks needs a whole model on every rank: parallel.tp=1, parallel.pp=1 and "
-                "parallel.zero_stage <= 2 (evaluate checkpoints of other layouts with bigtrain eval --tasks)")
+    if cfg.eval.tasks and (p.tp > 1 or p.pp > 1 or p.sp > 1 or p.zero_stage > 2):
+        return ("eval.tasks needs a whole model and whole sequences on every rank: parallel.tp=1, "
+                "parallel.pp=1, parallel.sp=1 and parallel.zero_stage <= 2 (evaluate checkpoints of other layouts with bigtrain eval --tasks)")
     dp = data_parallel_size(cfg, world_size)
     if cfg.train.global_batch is not None and cfg.train.global_batch != global_batch(cfg, dp):
         d, t = cfg.data, cfg.train
@@ -126,7 +141,9 @@ def check_layout(cfg: Config, world_size: int) -> int:
 
 
 def data_parallel_size(cfg: Config, world_size: int) -> int:
-    return world_size // (cfg.parallel.tp * cfg.parallel.pp)
+    """Replicas that read different windows (the sp ranks of one replica share its windows)."""
+    p = cfg.parallel
+    return world_size // (p.tp * p.pp * p.sp)
 
 
 def global_batch(cfg: Config, dp: int) -> int:
@@ -146,13 +163,15 @@ def grad_accum_for(cfg: Config, dp: int) -> int:
 
 
 def world_size_for(cfg: Config) -> int:
-    """The processes `cfg` runs on: tp × pp × the dp that train.global_batch implies (else dp = 1)."""
+    """The processes `cfg` runs on: tp × pp × sp × the dp that train.global_batch implies (else dp = 1)."""
     p, per_replica, batch = cfg.parallel, cfg.data.micro_batch * cfg.train.grad_accum, cfg.train.global_batch
     if p.engine == "local":
         return 1
-    return p.tp * p.pp * (batch // per_replica if batch and batch % per_replica == 0 else 1)
+    return p.tp * p.pp * p.sp * (batch // per_replica if batch and batch % per_replica == 0 else 1)
 
 
 def describe(cfg: Config) -> str:
     p = cfg.parallel
-    return "the local engine" if p.engine == "local" else f"DeepSpeed ZeRO-{p.zero_stage}, tp={p.tp}, pp={p.pp}"
+    if p.engine == "local":
+        return "the local engine"
+    return f"DeepSpeed ZeRO-{p.zero_stage}, tp={p.tp}, pp={p.pp}" + (f", sp={p.sp}" if p.sp > 1 else "")

@@ -1,10 +1,11 @@
-"""Memory and step-time estimates for a layout (dp × tp × pp, ZeRO stage, micro-batch) before launch.
+"""Memory and step-time estimates for a layout (dp × sp × tp × pp, ZeRO stage, micro-batch) before launch.
 
 Per-GPU bytes follow what DeepSpeed (the version pinned in pyproject.toml) allocates, as checked
 against real allocations on 2 ranks in tests/distributed/test_memory_plan.py:
 
 - parameters: N_rank × p, where N_rank is the largest pipeline stage's parameters (matmuls and
-  the embedding split by tp, norms replicated), divided by dp under ZeRO-3;
+  the embedding split by tp, norms replicated), divided by dp under ZeRO-3 (here and below, ZeRO
+  partitions over dp × sp: the sequence-parallel ranks join the partitioning);
 - gradients: N_rank × g during the backward, in full at ZeRO 0/1 (stage 1 accumulates full
   gradients and reduces them at the step) and as a 1/dp partition at ZeRO 2/3; at the optimizer
   step (activations freed) the optimizer also gets an fp32 copy: of everything without ZeRO in
@@ -21,6 +22,8 @@ against real allocations on 2 ranks in tests/distributed/test_memory_plan.py:
   the attention output, SwiGLU's four ffn-wide tensors — or 2h with activation checkpointing
   (plus one block recomputed); logits 6·vocab/tp bytes per token (bf16 and the fp32 copy for
   the loss). 1F1B keeps up to min(pp, micro-batches) micro-batches in flight on the first stage.
+  Sequence parallelism (Ulysses) leaves each rank seq_len/sp tokens, plus per token the q, k, v
+  and attention output on the other side of the all-to-all, 2·(2h + 2·kv)/tp bytes.
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ class Layout:
     tp: int = 1
     pp: int = 1
     zero: int = 0
+    sp: int = 1
     micro_batch: int = 1
     grad_accum: int = 1
     offload: bool = False
@@ -67,7 +71,8 @@ class Layout:
         every = f"/{self.checkpoint_every}" if self.checkpoint_every > 1 else ""
         flags = "".join([" offload" if self.offload else "", f" act-ckpt={mode}{every}" if mode != "none" else "",
                          " (local engine)" if self.local else ""])
-        return (f"dp={self.dp} tp={self.tp} pp={self.pp} zero={self.zero} "
+        sp = f" sp={self.sp}" if self.sp > 1 else ""
+        return (f"dp={self.dp}{sp} tp={self.tp} pp={self.pp} zero={self.zero} "
                 f"micro_batch={self.micro_batch} grad_accum={self.grad_accum}{flags}")
 
 
@@ -113,16 +118,17 @@ def stage_params(m: ModelConfig, tp: int, pp: int) -> int:
 
 
 def activation_bytes(m: ModelConfig, seq_len: int, micro_batch: int, tp: int, layers: int,
-                     checkpointing: bool | str = False, every: int = 1) -> float:
+                     checkpointing: bool | str = False, every: int = 1, sp: int = 1) -> float:
     """Saved activations of one micro-batch over `layers` blocks plus the logits (bf16), with
-    activation checkpointing (none, full or selective) of every `every`-th block."""
+    activation checkpointing (none, full or selective) of every `every`-th block, on one of sp
+    sequence-parallel ranks."""
     h, kv, f = m.d_model, m.kv_heads * m.head_dim, m.ffn_dim
-    block = 2 * (4 * h + (3 * h + 4 * kv + 4 * f) / tp)
+    block = 2 * (4 * h + (3 * h + 4 * kv + 4 * f) / tp) + (2 * (2 * h + 2 * kv) / tp if sp > 1 else 0)
     mode = checkpointing_mode(checkpointing)
     checkpointed = 0 if mode == "none" else -(-layers // every)
     kept = 2 * h if mode == "full" else 2 * (3 * h + (2 * h + 2 * kv + 2 * f) / tp)  # selective: matmul outputs
     per_token = checkpointed * kept + (layers - checkpointed) * block + (block if checkpointed else 0)
-    return micro_batch * seq_len * (per_token + 6 * m.vocab_size / tp)
+    return micro_batch * seq_len / sp * (per_token + 6 * m.vocab_size / tp)
 
 
 def recompute_factor(layout: Layout, n_layers: int) -> float:
@@ -137,7 +143,7 @@ def memory_plan(m: ModelConfig, seq_len: int, precision: str, layout: Layout) ->
     """Per-GPU memory of `layout` (see the module docstring for every term)."""
     p_bytes, g_bytes = (4, 4) if layout.local else precision_bytes(precision)
     n = stage_params(m, layout.tp, layout.pp)
-    dp, zero = layout.dp, layout.zero
+    dp, zero = layout.dp * layout.sp, layout.zero  # ZeRO partitions over dp × sp
     params = n * p_bytes / (dp if zero == 3 else 1)
     full, part = n * g_bytes, n * g_bytes / dp
     mixed = g_bytes < 4
@@ -160,7 +166,7 @@ def memory_plan(m: ModelConfig, seq_len: int, precision: str, layout: Layout) ->
         buffers += PREFETCH_BUCKET * p_bytes + block * p_bytes
     layers = max_blocks_per_stage(m.n_layers, layout.pp)
     one = activation_bytes(m, seq_len, layout.micro_batch, layout.tp, layers, layout.activation_checkpointing,
-                           layout.checkpoint_every)
+                           layout.checkpoint_every, layout.sp)
     in_flight = min(layout.pp, layout.grad_accum) if layout.pp > 1 else 1
     offloaded = layout.offload and zero >= 1
     return MemoryPlan(params=params, grads=grads, grads_at_step=grads_at_step,
@@ -171,10 +177,10 @@ def memory_plan(m: ModelConfig, seq_len: int, precision: str, layout: Layout) ->
 def step_time(m: ModelConfig, seq_len: int, precision: str, layout: Layout, peak_flops: float,
               gpus_per_node: int) -> float:
     """Seconds per optimiser step: compute at COMPUTE_EFFICIENCY of peak, stretched by the pipeline
-    bubble and recomputation, plus non-overlapped TP, DP and offload traffic."""
+    bubble and recomputation, plus non-overlapped TP, SP, DP and offload traffic."""
     p_bytes, g_bytes = precision_bytes(precision)
     tokens_per_gpu_row = layout.micro_batch * layout.grad_accum * seq_len  # per data-parallel replica
-    flops = flops_per_token(m, seq_len) * tokens_per_gpu_row / (layout.tp * layout.pp)
+    flops = flops_per_token(m, seq_len) * tokens_per_gpu_row / (layout.tp * layout.pp * layout.sp)
     flops *= recompute_factor(layout, m.n_layers)
     compute = flops / (peak_flops * COMPUTE_EFFICIENCY)
     if layout.pp > 1:
@@ -183,14 +189,20 @@ def step_time(m: ModelConfig, seq_len: int, precision: str, layout: Layout, peak
     if layout.tp > 1:  # 2 all-reduces forward, 2 backward per block, of the block's activations
         volume = 4 * 2 * (layout.tp - 1) / layout.tp * tokens_per_gpu_row * m.d_model * p_bytes
         t += volume * max_blocks_per_stage(m.n_layers, layout.pp) / INTRA_NODE_BW
-    if layout.dp > 1:
+    if layout.sp > 1:  # all-to-alls of q, k, v and the attention output, forward and backward, per block
+        sp, kv = layout.sp, m.kv_heads * m.head_dim
+        volume = 2 * (sp - 1) / sp * tokens_per_gpu_row / sp * (2 * m.d_model + 2 * kv) / layout.tp * p_bytes
+        bandwidth = INTRA_NODE_BW if sp * layout.tp <= gpus_per_node else INTER_NODE_BW
+        t += volume * max_blocks_per_stage(m.n_layers, layout.pp) / bandwidth
+    replicas = layout.dp * layout.sp  # gradients reduce over dp × sp
+    if replicas > 1:
         n = stage_params(m, layout.tp, layout.pp)
-        ring = 2 * (layout.dp - 1) / layout.dp * n
+        ring = 2 * (replicas - 1) / replicas * n
         volume = ring * g_bytes + (ring / 2 * p_bytes if layout.zero == 3 else 0.0)
-        across_nodes = layout.dp * layout.tp * layout.pp > gpus_per_node
+        across_nodes = replicas * layout.tp * layout.pp > gpus_per_node
         t += volume / (INTER_NODE_BW if across_nodes else INTRA_NODE_BW)
     if layout.offload and layout.zero >= 1:  # gradients down, updated weights back up
-        t += 2 * stage_params(m, layout.tp, layout.pp) / layout.dp * 4 / PCIE_BW
+        t += 2 * stage_params(m, layout.tp, layout.pp) / replicas * 4 / PCIE_BW
     return t
 
 
@@ -204,33 +216,35 @@ def config_layout(cfg: Config, gpus: int) -> Layout:
     p, t = cfg.parallel, cfg.train
     probe = replace(cfg, parallel=replace(p, engine="deepspeed"), train=replace(t, global_batch=None))
     dp = check_layout(probe, gpus)
-    return Layout(dp=dp, tp=p.tp, pp=p.pp, zero=p.zero_stage, micro_batch=cfg.data.micro_batch,
+    return Layout(dp=dp, tp=p.tp, pp=p.pp, zero=p.zero_stage, sp=p.sp, micro_batch=cfg.data.micro_batch,
                   grad_accum=grad_accum_for(cfg, dp), offload=p.offload_optimizer,
                   activation_checkpointing=p.activation_checkpointing, checkpoint_every=p.activation_checkpointing_every,
                   local=p.engine == "local" and gpus == 1)
 
 
 def candidate_layouts(cfg: Config, gpus: int, gpus_per_node: int) -> list[Layout]:
-    """Every (dp, tp, pp, zero, micro-batch, checkpointing) that keeps the config's global batch and
-    passes the layout check."""
+    """Every (dp, sp, tp, pp, zero, micro-batch, checkpointing) that keeps the config's global batch
+    and passes the layout check."""
     base = config_layout(cfg, gpus)
     batch = base.micro_batch * base.grad_accum * base.dp
     out = []
-    for tp, pp in itertools.product(range(1, gpus_per_node + 1), range(1, gpus + 1)):
-        if gpus % (tp * pp) or batch % (gpus // (tp * pp)):
+    for tp, pp, sp in itertools.product(range(1, gpus_per_node + 1), range(1, gpus + 1), range(1, gpus + 1)):
+        if gpus % (tp * pp * sp) or batch % (gpus // (tp * pp * sp)):
             continue
-        dp = gpus // (tp * pp)
+        dp = gpus // (tp * pp * sp)
         per_replica = batch // dp
         for micro_batch in (b for b in range(1, per_replica + 1) if per_replica % b == 0):
-            for zero in range(1 if dp == 1 else 4):  # ZeRO needs dp > 1
-                probe = replace(cfg, parallel=replace(cfg.parallel, engine="deepspeed", tp=tp, pp=pp, zero_stage=zero),
+            for zero in range(1 if dp * sp == 1 else 4):  # ZeRO needs dp × sp > 1
+                probe = replace(cfg, parallel=replace(cfg.parallel, engine="deepspeed", tp=tp, pp=pp, sp=sp,
+                                                      zero_stage=zero),
                                 data=replace(cfg.data, micro_batch=micro_batch),
                                 train=replace(cfg.train, grad_accum=per_replica // micro_batch, global_batch=batch))
                 if layout_problem(probe, gpus):
                     continue
                 for offload, checkpointing in itertools.product((False, True) if zero else (False,),
                                                                 (False, "selective", True)):
-                    out.append(Layout(dp, tp, pp, zero, micro_batch, per_replica // micro_batch, offload, checkpointing))
+                    out.append(Layout(dp, tp, pp, zero, sp, micro_batch, per_replica // micro_batch, offload,
+                                      checkpointing))
     return out
 
 

@@ -23,6 +23,7 @@ class PhaseTimer:
         self.cuda = device.type == "cuda"
         self.host: dict[str, float] = defaultdict(float)
         self.events: list[tuple[str, torch.cuda.Event, torch.cuda.Event]] = []
+        self.open: dict[str, torch.cuda.Event | float] = {}
 
     @contextmanager
     def phase(self, name: str, host: bool = False) -> Iterator[None]:
@@ -36,6 +37,24 @@ class PhaseTimer:
         else:
             started = time.perf_counter()
             yield
+            self.host[name] += time.perf_counter() - started
+
+    def start(self, name: str) -> None:
+        """Start an interval of `name`, ended by `stop` (for intervals no one block of code
+        encloses, such as communication inside autograd's backward)."""
+        if self.cuda:
+            self.open[name] = torch.cuda.Event(enable_timing=True)
+            self.open[name].record()
+        else:
+            self.open[name] = time.perf_counter()
+
+    def stop(self, name: str) -> None:
+        started = self.open.pop(name)
+        if self.cuda:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            self.events.append((name, started, end))
+        else:
             self.host[name] += time.perf_counter() - started
 
     def read(self) -> dict[str, float]:

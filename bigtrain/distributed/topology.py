@@ -1,10 +1,11 @@
-"""Process topology: this process's rank and its process groups in the pp × dp × tp grid.
+"""Process topology: this process's rank and its process groups in the pp × dp × sp × tp grid.
 
 Ranks come from torchrun (`RANK`, `WORLD_SIZE`, `LOCAL_RANK`), Slurm (`SLURM_PROCID`,
 `SLURM_NTASKS`, `SLURM_LOCALID`) or a lone process. The groups are DeepSpeed's own
 `PipelineParallelGrid` over a `PipeModelDataParallelTopology` (tp varies fastest, so a tensor-parallel
-group sits inside a node); the grid is also the `mpu` that makes ZeRO partition only across
-data-parallel ranks.
+group sits inside a node, then sp). Its data axis holds dp × sp ranks: the sequence-parallel ranks of
+a replica take part in ZeRO's partitioning and gradient reduction, as DeepSpeed's
+sequence-data-parallel group does. The grid is the `mpu` handed to DeepSpeed.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import os
 import re
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -22,6 +24,9 @@ from bigtrain.config import Config
 from bigtrain.distributed import heartbeat
 from bigtrain.distributed.device import pick_device
 from bigtrain.distributed.layout import check_layout
+
+if TYPE_CHECKING:
+    from bigtrain.distributed.grid import Grid
 
 
 @dataclass(frozen=True)
@@ -66,18 +71,25 @@ def export_rendezvous_env() -> None:
 
 @dataclass
 class Topology:
-    """Where this process sits in the pp × dp × tp grid, with its process groups."""
+    """Where this process sits in the pp × dp × sp × tp grid, with its process groups."""
 
     env: ProcessEnv
     dp: int
     tp: int
     pp: int
-    process_topology: object  # deepspeed PipeModelDataParallelTopology: rank ↔ (pipe, data, model)
-    grid: object  # deepspeed PipelineParallelGrid over it: the mpu handed to deepspeed.initialize
+    sp: int
+    process_topology: object  # deepspeed PipeModelDataParallelTopology: rank ↔ (pipe, data = dp × sp, model)
+    grid: Grid  # the mpu handed to deepspeed.initialize
 
     @property
     def dp_rank(self) -> int:
-        return self.grid.get_data_parallel_rank()
+        """This rank's replica: which windows it reads."""
+        return self.grid.replica_rank
+
+    @property
+    def sp_rank(self) -> int:
+        """Which 1/sp of each window's tokens this rank holds."""
+        return self.grid.sp_rank
 
     @property
     def tp_group(self) -> dist.ProcessGroup:
@@ -85,7 +97,12 @@ class Topology:
 
     @property
     def dp_group(self) -> dist.ProcessGroup:
-        return self.grid.get_data_parallel_group()
+        """The ranks that hold the same tokens of different windows."""
+        return self.grid.replica_group
+
+    @property
+    def sp_group(self) -> dist.ProcessGroup:
+        return self.grid.sp_proc_group
 
 
 def init_topology(cfg: Config) -> Topology:
@@ -93,7 +110,9 @@ def init_topology(cfg: Config) -> Topology:
     env = process_env()
     dp = check_layout(cfg, env.world_size)
     import deepspeed  # slow to import: only once the layout is known to be possible
-    from deepspeed.runtime.pipe.topology import PipelineParallelGrid, PipeModelDataParallelTopology
+    from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+
+    from bigtrain.distributed.grid import Grid
 
     backend = cfg.parallel.backend
     if backend == "auto":
@@ -111,6 +130,7 @@ def init_topology(cfg: Config) -> Topology:
             verbose=False, timeout=timeout,
         )
     heartbeat.start(env.rank, env.world_size)
-    topology = PipeModelDataParallelTopology(num_pp=cfg.parallel.pp, num_mp=cfg.parallel.tp, num_dp=dp)
-    return Topology(env=env, dp=dp, tp=cfg.parallel.tp, pp=cfg.parallel.pp, process_topology=topology,
-                    grid=PipelineParallelGrid(topology))
+    p = cfg.parallel
+    topology = PipeModelDataParallelTopology(num_pp=p.pp, num_mp=p.tp, num_dp=dp * p.sp)
+    return Topology(env=env, dp=dp, tp=p.tp, pp=p.pp, sp=p.sp, process_topology=topology,
+                    grid=Grid(topology, p.sp))

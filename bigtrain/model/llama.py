@@ -43,14 +43,28 @@ def rope_tables(seq_len: int, head_dim: int, theta: float, device=None) -> tuple
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x ([batch, heads, seq, head_dim]) by position: x·cos + rotate_half(x)·sin, where
+    """Rotate x ([batch, seq, heads, head_dim]; the tables broadcast to it) by position: x·cos + rotate_half(x)·sin, where
     rotate_half(x) = [−x₂, x₁] is computed as [x₂, x₁] times the signed sin (bit for bit the same)."""
     swapped = x.unflatten(-1, (2, -1)).flip(-2).flatten(-2)
     return (x * cos + swapped * signed_sin).to(x.dtype)
 
 
+class CausalAttention(nn.Module):
+    """The attention core: causal grouped-query `scaled_dot_product_attention` of q, k, v laid out
+    [batch, seq, heads, head_dim] (sequence parallelism wraps it in its all-to-all)."""
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
+        return y.transpose(1, 2)
+
+
 class Attention(nn.Module):
-    """Causal self-attention with grouped-query heads, via `scaled_dot_product_attention`."""
+    """Causal self-attention with grouped-query heads and rotary positions.
+
+    `seq_shard` k says this module sees tokens [k·t, (k+1)·t) of each window (t its input length:
+    sequence parallelism gives each rank one such slice), so RoPE rotates by global positions.
+    """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -59,15 +73,17 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=False)
         self.v_proj = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
+        self.core = CausalAttention()
+        self.seq_shard = 0
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos[:t], sin[:t]), apply_rope(k, cos[:t], sin[:t])
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
-        return self.o_proj(y.transpose(1, 2).reshape(b, t, -1))
+        positions = slice(self.seq_shard * t, (self.seq_shard + 1) * t)
+        cos, sin = cos[positions, None], sin[positions, None]  # [t, 1, head_dim]: the same for every head
+        q = apply_rope(self.q_proj(x).view(b, t, -1, self.head_dim), cos, sin)
+        k = apply_rope(self.k_proj(x).view(b, t, -1, self.head_dim), cos, sin)
+        v = self.v_proj(x).view(b, t, -1, self.head_dim)
+        return self.o_proj(self.core(q, k, v).reshape(b, t, -1))
 
 
 class MLP(nn.Module):

@@ -132,6 +132,37 @@ def test_tp2_pp2_to_hf_and_reshard_to_one_process(stdlib_data, local_straight, t
         torch.testing.assert_close(hf(tokens).logits, model(tokens), rtol=0, atol=1e-4)
 
 
+def run_losses(run_dir) -> list[float]:
+    return [r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+
+
+def test_sp2_checkpoint_resumes_exactly_reshards_and_converts(stdlib_data, local_straight, tmp_path):
+    """Sequence parallelism shards no parameters: an SP=2 ZeRO-1 run follows the single-process
+    curve, resumes from its checkpoint exactly, and the checkpoint reshards to one process and
+    converts to Hugging Face."""
+    transformers = pytest.importorskip("transformers")
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config(stdlib_data, tmp_path / "run")))
+    sp2 = [str(tmp_path / "config.yaml"), "parallel.engine=deepspeed", "parallel.sp=2", "parallel.zero_stage=1",
+           "data.micro_batch=8"]
+    torchrun(2, "-m", "bigtrain", "train", *sp2)
+    straight = run_losses(tmp_path / "run")
+    assert straight == pytest.approx(local_straight, rel=1e-5, abs=0)
+    checkpoint = tmp_path / "run" / "checkpoints" / f"step-{N:07d}"
+    torchrun(2, "-m", "bigtrain", "train", *sp2, f"run.dir={tmp_path / 'resumed'}", f"run.resume={checkpoint}")
+    assert run_losses(tmp_path / "resumed") == straight[N:]
+
+    reshard(checkpoint, tmp_path / "one", ["parallel.engine=local", "parallel.sp=1", "parallel.zero_stage=0"])
+    cfg = load_config(tmp_path / "one" / "config.yaml", [
+        f"run.dir={tmp_path / 'continued'}", f"run.resume={tmp_path / 'one'}"])
+    assert train(cfg, console=False).losses == pytest.approx(local_straight[N:], rel=1e-5, abs=0)
+    to_hf(checkpoint, tmp_path / "hf")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    model, _, _ = load_trained_model(tmp_path / "one", torch.device("cpu"))
+    tokens = torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(tokens).logits, model(tokens), rtol=0, atol=1e-4)
+
+
 @pytest.mark.parametrize("case", ["local-to-dp2-zero2", "local-resumed-as-tp2", "tp2-to-pp2-zero1",
                                   "tp2-to-dp2-zero3"])
 def test_resume_under_another_layout_continues_the_loss_curve(case, resumed_elsewhere, local_straight):

@@ -21,7 +21,7 @@ STEPS, GLOBAL_BATCH = 5, 8
 def base_config(data, run_dir) -> dict:
     return {
         "run": {"name": "parity", "dir": str(run_dir), "seed": 11},
-        "model": {"vocab_size": 512, "d_model": 64, "n_layers": 4, "n_heads": 4, "n_kv_heads": 2, "max_seq_len": 32},
+        "model": {"vocab_size": 512, "d_model": 64, "n_layers": 4, "n_heads": 8, "n_kv_heads": 4, "max_seq_len": 32},
         "data": {"path": str(data[0]), "val_path": str(data[1]), "seq_len": 32, "micro_batch": GLOBAL_BATCH},
         "train": {"steps": STEPS, "lr": 3e-3, "warmup_steps": 1, "grad_clip": 1.0, "device": "cpu",
                   "eval_every": 1000, "eval_batches": 2, "global_batch": GLOBAL_BATCH},
@@ -65,6 +65,10 @@ LAYOUTS = {
     "tp2-dp2": (4, ["parallel.tp=2", "parallel.zero_stage=1", "data.micro_batch=4"]),
     "tp2-pp2": (4, ["parallel.tp=2", "parallel.pp=2", "data.micro_batch=2", "train.grad_accum=4"]),
     "pp2-dp2-zero1": (4, ["parallel.pp=2", "parallel.zero_stage=1", "data.micro_batch=2", "train.grad_accum=2"]),
+    "sp2": (2, ["parallel.sp=2"]),
+    "sp2-dp2-zero2": (4, ["parallel.sp=2", "parallel.zero_stage=2", "data.micro_batch=4"]),
+    "sp2-tp2": (4, ["parallel.sp=2", "parallel.tp=2"]),
+    "sp2-pp2": (4, ["parallel.sp=2", "parallel.pp=2", "data.micro_batch=4", "train.grad_accum=2"]),
 }
 
 
@@ -87,6 +91,8 @@ def test_layout_matches_single_process(layout, reference, stdlib_data, tmp_path)
     last = [r for r in records if "loss" in r][-1]
     phases = ("forward", "backward", "optimizer")
     assert all(last[f"time_{p}_s"] > 0 for p in phases) and last["time_data_s"] > 0
+    if "sp" in layout:  # the Ulysses all-to-all, inside the forward and backward phases
+        assert 0 < last["time_sp_comm_s"] < last["time_forward_s"] + last["time_backward_s"]
     if "pp" in layout:  # DeepSpeed's pipeline timers of every stage reach rank 0's record
         for stage in range(2):
             assert all(last[f"time_stage{stage}_{p}_s"] > 0 for p in (*phases, "pipe_comm"))

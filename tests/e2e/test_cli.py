@@ -98,7 +98,7 @@ def test_bad_input_gives_one_clear_line(tmp_path, quickstart_run):
     one_line_error(bigtrain("train", CONFIGS / "tiny.yaml", f"data.path={tmp_path / 'nodata'}"),
                    "data directory not found", "nodata")
     one_line_error(bigtrain("train", CONFIGS / "tiny.yaml", "parallel.engine=deepspeed", "parallel.tp=3"),
-                   "world size 1 is not divisible by parallel.tp × parallel.pp = 3")
+                   "world size 1 is not divisible by parallel.tp × parallel.pp × parallel.sp = 3")
     one_line_error(bigtrain("eval", tmp_path / "nockpt"), "checkpoint not found", "nockpt")
     one_line_error(bigtrain("generate", tmp_path / "nockpt", "--prompt", "x"), "checkpoint not found")
 

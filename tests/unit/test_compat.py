@@ -48,6 +48,13 @@ def test_pipeline_module_stage_range():
     assert assigns_attribute(PipelineModule, "_local_stop"), "PipelineModule._local_stop is gone"
 
 
+def test_pipeline_module_grid_is_its_mpu():
+    from deepspeed.runtime.pipe.module import PipelineModule
+
+    assert assigns_attribute(PipelineModule, "_grid"), "PipelineModule._grid is gone"
+    assert "return self._grid" in inspect.getsource(PipelineModule.mpu), "PipelineModule.mpu() no longer returns _grid"
+
+
 @pytest.mark.parametrize("path", [
     "deepspeed.runtime.zero.stage_1_and_2.DeepSpeedZeroOptimizer",
     "deepspeed.runtime.zero.stage3.DeepSpeedZeroOptimizer_Stage3",

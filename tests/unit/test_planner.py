@@ -1,5 +1,7 @@
 """The memory/layout planner against hand computations, and `bigtrain info`."""
 
+from dataclasses import replace
+
 import pytest
 
 from bigtrain.cli import main
@@ -8,6 +10,7 @@ from bigtrain.distributed.planner import (
     REDUCE_BUCKET,
     Layout,
     activation_bytes,
+    config_layout,
     fits,
     memory_plan,
     stage_params,
@@ -71,13 +74,34 @@ def test_activations_by_hand():
     assert plan.activations == 2 * activation_bytes(SHAPE, 32, 2, tp=1, layers=2, checkpointing=False)
 
 
+def test_sequence_parallel_activations_by_hand():
+    # sp=2: 16 of the 32 tokens per rank, each with the all-to-all's q, k, v and attention output on
+    # the other side too: 2·(2h + 2·kv) = 2·(128 + 64) = 384 more bytes per token and layer
+    assert activation_bytes(SHAPE, 32, 2, tp=1, layers=4, sp=2) == 2 * 16 * (4 * (3200 + 384) + 6 * 512)
+    # ZeRO partitions over dp × sp: dp=2 × sp=2 splits the optimizer state four ways
+    plan = memory_plan(SHAPE, 32, "bf16", Layout(dp=2, sp=2, zero=1, micro_batch=2))
+    assert plan.optimizer == 12 * N / 4
+
+
+def test_long_context_config_fits_only_with_sequence_parallelism():
+    """configs/7b-32k.yaml on 8 × 80 GiB: its own layout needs sp (without it, 124 GiB per GPU),
+    and --suggest ranks sequence-parallel layouts first."""
+    cfg = load_config("configs/7b-32k.yaml")
+    seq = cfg.data.seq_len
+    layout = config_layout(cfg, 8)
+    assert layout.sp == 8 and fits(memory_plan(cfg.model, seq, "bf16", layout), 80)
+    assert not fits(memory_plan(cfg.model, seq, "bf16", replace(layout, sp=1, dp=8)), 80)
+    best, plan, _ = suggest(cfg, gpus=8, gpu_mem_gib=80, peak_flops=989e12)[0]
+    assert best.sp > 1 and best.dp * best.sp * best.tp * best.pp == 8
+
+
 def test_suggest_ranks_only_layouts_that_fit():
     cfg = load_config("configs/7b.yaml")
     ranked = suggest(cfg, gpus=16, gpu_mem_gib=40, peak_flops=989e12)
     times = [t for _, _, t in ranked]
     assert times == sorted(times) and len(ranked) == 10
     for layout, plan, _ in ranked:
-        assert fits(plan, 40) and layout.dp * layout.tp * layout.pp == 16
+        assert fits(plan, 40) and layout.dp * layout.sp * layout.tp * layout.pp == 16
         assert layout.micro_batch * layout.grad_accum * layout.dp == 16  # the config's global batch
 
 
