@@ -67,8 +67,9 @@ def cmd_data_inspect(args: argparse.Namespace) -> None:
 def cmd_data_to_mds(args: argparse.Namespace) -> None:
     from bigtrain.data.mds import write_mds
 
-    meta = write_mds(args.arrow_dir, args.out, args.seq_len)
-    print(f"wrote {meta['windows']:,} windows of {args.seq_len + 1} tokens as MDS → {args.out}")
+    meta = write_mds(args.arrow_dir, args.out, args.seq_len, remote=args.remote)
+    where = " and ".join(w for w in (args.out, args.remote) if w)
+    print(f"wrote {meta['windows']:,} windows of {args.seq_len + 1} tokens as MDS → {where}")
 
 
 def cmd_train(args: argparse.Namespace) -> int | None:
@@ -244,7 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_data_inspect)
     p = data.add_parser("to-mds", help="write a prepared Arrow dataset's windows as MDS shards")
     p.add_argument("arrow_dir")
-    p.add_argument("out")
+    p.add_argument("out", nargs="?", help="local directory for the shards (optional with --remote)")
+    p.add_argument("--remote", help="upload the shards there as they are written: s3://bucket/prefix "
+                   "(endpoint from S3_ENDPOINT_URL), gs://..., or a directory")
     p.add_argument("--seq-len", type=int, required=True)
     p.set_defaults(func=cmd_data_to_mds)
 
