@@ -133,9 +133,10 @@ def write_mds(arrow_dir: Path | str, out: Path | str | None, seq_len: int,
 
 
 def prepare_mds(inputs: list[Path | str], tokenizer_path: Path | str, out: Path | str,
-                seq_len: int, **prepare_args) -> tuple[dict, dict]:
+                seq_len: int, remote: str | None = None, **prepare_args) -> tuple[dict, dict]:
     """`prepare --format mds`: the Arrow dataset in `out/arrow` (restartable, checksummed), then
-    its windows as MDS in `out/mds` (the directory to upload and name as `data.remote`).
+    its windows as MDS in `out/mds` (the directory to name as `data.remote`), uploaded to
+    `remote` too when given (checked to be empty before any work).
 
     Returns the Arrow manifest and the MDS record.
     """
@@ -150,6 +151,8 @@ def prepare_mds(inputs: list[Path | str], tokenizer_path: Path | str, out: Path 
                 f"{out} is not empty ({(foreign or ['mds'])[0]}) and holds no unfinished "
                 "prepare; choose an empty or new --out"
             )
+    if remote is not None:
+        _require_empty_remote(remote, DEFAULT_RETRY)
     if (arrow / MANIFEST).exists():
         manifest = load_manifest(arrow)
         same = (
@@ -165,7 +168,7 @@ def prepare_mds(inputs: list[Path | str], tokenizer_path: Path | str, out: Path 
         manifest = prepare(inputs, tokenizer_path, arrow, **prepare_args)
     if staging.exists():
         shutil.rmtree(staging)  # our own conversion, cut short; it is redone from the Arrow data
-    meta = write_mds(arrow, staging, seq_len)
+    meta = write_mds(arrow, staging, seq_len, remote=remote)
     staging.rename(mds)
     return manifest, meta
 

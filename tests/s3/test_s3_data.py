@@ -90,6 +90,31 @@ def test_to_mds_cli_keeps_a_local_copy_and_refuses_a_used_remote(stdlib_data, s3
         r"not exist \(gave up after 1 try over \d+\.\d s\)", err[0]), err
 
 
+def test_to_mds_to_a_directory_remote_and_its_usage_errors(stdlib_data, tmp_path, capsys):
+    code, err, _ = _cli("data", "to-mds", str(stdlib_data[0]), "--remote", str(tmp_path / "shared"),
+                        "--seq-len", str(SEQ_LEN), capsys=capsys)
+    assert code == 0 and err == [] and sorted(_directory(tmp_path / "shared"))[:2] == [MDS_META, "index.json"]
+    code, err, _ = _cli("data", "to-mds", str(stdlib_data[0]), "--seq-len", "32", capsys=capsys)
+    assert code == 1 and err == ["bigtrain: error: to-mds needs an output directory or --remote"]
+
+
+def test_prepare_format_mds_checks_the_remote_first_and_uploads(stdlib_data, s3_server, s3_bucket, tmp_path,
+                                                                 capsys):
+    client = boto3.client("s3", endpoint_url=s3_server)
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps({"text": f"def f{i}(x):\n    return x * {i}\n"}) + "\n"
+                                               for i in range(400)))
+    client.put_object(Bucket=s3_bucket, Key="used/index.json", Body=b"{}")
+    args = ["prepare", "--input", str(tmp_path / "in.jsonl"), "--tokenizer", str(stdlib_data[0] / "tokenizer.json"),
+            "--format", "mds", "--seq-len", "16", "--workers", "1", "--out", str(tmp_path / "out")]
+    code, err, _ = _cli(*args, "--remote", f"s3://{s3_bucket}/used", capsys=capsys)
+    assert code == 1 and err == [f"bigtrain: error: s3://{s3_bucket}/used is not empty (it holds index.json); "
+                                 "choose an empty prefix"]
+    assert not (tmp_path / "out").exists()  # refused before tokenizing anything
+    code, err, out = _cli(*args, "--remote", f"s3://{s3_bucket}/code", capsys=capsys)
+    assert code == 0 and out.strip().endswith(f"→ {tmp_path / 'out' / 'mds'} and s3://{s3_bucket}/code")
+    assert _objects(client, s3_bucket, "code/") == _directory(tmp_path / "out" / "mds")
+
+
 def _streaming_config(data, run_dir: Path, cache: Path, steps: int, every: int, remote=None, sources=()):
     cfg = tiny_config(data, run_dir, steps=steps, eval_every=1000)
     cfg.data.backend, cfg.data.local, cfg.data.remote = "streaming", str(cache), remote
