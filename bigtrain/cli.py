@@ -38,7 +38,10 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 
         if args.seq_len is None:
             raise BigtrainError("--format mds needs --seq-len (an MDS sample is one seq_len+1 window)")
-        manifest, meta = prepare_mds(args.input, args.tokenizer, args.out, args.seq_len, **options)
+        manifest, meta = prepare_mds(args.input, args.tokenizer, args.out, args.seq_len, args.remote,
+                                     **options)
+    elif args.remote:
+        raise BigtrainError("--remote needs --format mds (Arrow shards are read from a directory)")
     else:
         manifest = prepare(args.input, args.tokenizer, args.out, **options)
     totals = manifest["totals"]
@@ -49,7 +52,8 @@ def cmd_prepare(args: argparse.Namespace) -> None:
     print(f"skipped {totals['empty_documents_skipped']:,} empty documents and {totals['bad_records_skipped']:,} bad "
           f"records; replaced invalid UTF-8 in {totals['documents_with_invalid_utf8']:,} documents")
     if args.format == "mds":
-        print(f"wrote {meta['windows']:,} windows of {args.seq_len + 1} tokens as MDS → {Path(args.out) / 'mds'}")
+        where = " and ".join(str(w) for w in (Path(args.out) / "mds", args.remote) if w)
+        print(f"wrote {meta['windows']:,} windows of {args.seq_len + 1} tokens as MDS → {where}")
 
 
 def cmd_data_verify(args: argparse.Namespace) -> None:
@@ -67,8 +71,9 @@ def cmd_data_inspect(args: argparse.Namespace) -> None:
 def cmd_data_to_mds(args: argparse.Namespace) -> None:
     from bigtrain.data.mds import write_mds
 
-    meta = write_mds(args.arrow_dir, args.out, args.seq_len)
-    print(f"wrote {meta['windows']:,} windows of {args.seq_len + 1} tokens as MDS → {args.out}")
+    meta = write_mds(args.arrow_dir, args.out, args.seq_len, remote=args.remote)
+    where = " and ".join(w for w in (args.out, args.remote) if w)
+    print(f"wrote {meta['windows']:,} windows of {args.seq_len + 1} tokens as MDS → {where}")
 
 
 def cmd_train(args: argparse.Namespace) -> int | None:
@@ -231,6 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="tokenizer processes")
     p.add_argument("--format", choices=["arrow", "mds"], default="arrow", help="mds: also write OUT/mds for streaming")
     p.add_argument("--seq-len", type=int, default=None, help="window length of MDS samples (with --format mds)")
+    p.add_argument("--remote", help="with --format mds: also upload the MDS shards there (s3://bucket/prefix, ...)")
     p.add_argument("--strict", action="store_true", help="stop at the first bad .jsonl record")
     p.set_defaults(func=cmd_prepare)
 
@@ -244,7 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_data_inspect)
     p = data.add_parser("to-mds", help="write a prepared Arrow dataset's windows as MDS shards")
     p.add_argument("arrow_dir")
-    p.add_argument("out")
+    p.add_argument("out", nargs="?", help="local directory for the shards (optional with --remote)")
+    p.add_argument("--remote", help="upload the shards there as they are written: s3://bucket/prefix "
+                   "(endpoint from S3_ENDPOINT_URL), gs://..., or a directory")
     p.add_argument("--seq-len", type=int, required=True)
     p.set_defaults(func=cmd_data_to_mds)
 

@@ -127,6 +127,8 @@ class DataConfig:
     micro_batch: int = ranged(16, ge=1)
     shuffle: bool = True
     prefetch: bool = True  # read the next step's batches in a background thread (pinned on CUDA)
+    download_retry: int = ranged(2, ge=0)  # streaming: tries after the first to read a remote object
+    download_timeout: float = ranged(60.0, gt=0)  # streaming: seconds for each try (connect, each read)
 
 
 @dataclass

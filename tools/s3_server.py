@@ -34,13 +34,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(directory: Path, timeout_s: float = 60.0) -> str:
-    """Start the server in its own session, logging to `directory/server.log`; return its URL."""
+def start(directory: Path, timeout_s: float = 60.0, authenticate: bool = False) -> str:
+    """Start the server in its own session, logging to `directory/server.log`; return its URL.
+    With `authenticate`, it checks credentials as AWS does: keys it never issued are refused."""
     directory.mkdir(parents=True, exist_ok=True)
     port = _free_port()
     log = open(directory / "server.log", "ab")
+    server_env = {**os.environ, **({"INITIAL_NO_AUTH_ACTION_COUNT": "0"} if authenticate else {})}
     proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=server_env)
     (directory / "pid").write_text(f"{proc.pid}\n")
     endpoint = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout_s
@@ -56,6 +58,19 @@ def start(directory: Path, timeout_s: float = 60.0) -> str:
     raise RuntimeError(f"moto server did not answer within {timeout_s:.0f} s; see {directory}/server.log")
 
 
+def _gone(pid: int) -> bool:
+    """Whether `pid` has exited (and, when it is our child, been reaped: a zombie still answers
+    signal 0)."""
+    try:
+        return os.waitpid(pid, os.WNOHANG)[0] == pid
+    except ChildProcessError:  # started by another process (the `start` command line)
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        return False
+
+
 def stop(directory: Path) -> None:
     """Stop the server started in `directory` (SIGTERM, then SIGKILL after 10 s)."""
     pid_file = directory / "pid"
@@ -65,14 +80,13 @@ def stop(directory: Path) -> None:
     try:
         os.kill(pid, signal.SIGTERM)
         for _ in range(100):
-            os.kill(pid, 0)
+            if _gone(pid):
+                break
             time.sleep(0.1)
-        os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    try:
-        os.waitpid(pid, 0)
-    except ChildProcessError:
+        else:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+    except (ProcessLookupError, ChildProcessError):
         pass
     pid_file.unlink()
 

@@ -12,7 +12,8 @@ import torch
 
 from bigtrain.config import DataConfig
 from bigtrain.data.loader import ConcatWindows, Mixture, PackedTokens, WindowLoader, Windows
-from bigtrain.data.mds import StreamingWindowLoader
+from bigtrain.data.mds import StreamingWindowLoader, fetch_meta, stream_sources
+from bigtrain.data.remote import Retry
 from bigtrain.data.shards import MANIFEST, load_manifest
 from bigtrain.data.tokenizer import TextTokenizer
 from bigtrain.errors import BigtrainError
@@ -56,6 +57,25 @@ def _check_config(cfg: DataConfig) -> None:
                                 f"data.backend={cfg.backend}; give data.sources[{i}].{key}")
         if not source.weight > 0:
             raise BigtrainError(f"data.sources[{i}].weight must be positive, got {source.weight}")
+
+
+def _retry(cfg: DataConfig) -> Retry:
+    return Retry(tries=cfg.download_retry + 1, timeout_s=cfg.download_timeout)
+
+
+def _streaming_remote(cfg: DataConfig) -> str | None | list[tuple[str, float]]:
+    return [(s.remote, s.weight) for s in cfg.sources] or cfg.remote
+
+
+def check_remote_data(cfg: DataConfig) -> None:
+    """Read every streaming source's `bigtrain-mds.json` now, before processes or the model are
+    built: a missing bucket, refused credentials or an unreachable endpoint is then one early
+    line (after `data.download_retry` retries of `data.download_timeout` seconds at most)."""
+    if cfg.backend != "streaming":
+        return
+    _check_config(cfg)
+    for remote, cache in stream_sources(_streaming_remote(cfg), cfg.local):
+        fetch_meta(remote, cache, cfg.seq_len, _retry(cfg))
 
 
 def _check_tokenizer(sha256: str, where: Path | str, expected: tuple[str, str] | None) -> None:
@@ -109,10 +129,9 @@ def build_train_loader(
     """
     _check_config(data_cfg)
     if data_cfg.backend == "streaming":
-        remote = [(s.remote, s.weight) for s in data_cfg.sources] or data_cfg.remote
         loader = StreamingWindowLoader(
-            remote, data_cfg.local, data_cfg.seq_len, micro_batch, grad_accum,
-            dp_rank, dp_size, seed, data_cfg.shuffle,
+            _streaming_remote(data_cfg), data_cfg.local, data_cfg.seq_len, micro_batch, grad_accum,
+            dp_rank, dp_size, seed, data_cfg.shuffle, _retry(data_cfg),
         )
         expected = _expected_tokenizer(data_cfg)
         for name, meta in zip(loader.names, loader.metas, strict=True):

@@ -14,6 +14,7 @@ import hashlib
 import json
 import re
 import shutil
+import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -24,8 +25,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
 import bigtrain
 from bigtrain import compat
+from bigtrain.data import remote as store
 from bigtrain.data.loader import PackedTokens
 from bigtrain.data.prepare import TOKENIZER_FILE, prepare
+from bigtrain.data.remote import DEFAULT_RETRY, Retry
 from bigtrain.data.shards import (
     MANIFEST,
     file_sha256,
@@ -50,54 +53,90 @@ def _require_empty(out: Path) -> None:
         raise BigtrainError(f"{out} exists and is not an empty directory; choose another output")
 
 
-def write_mds(arrow_dir: Path | str, out: Path | str, seq_len: int,
-              size_limit: int = 1 << 26) -> dict:
-    """Write every window of the Arrow dataset at `arrow_dir`, in order, as MDS shards in `out`.
+def _require_empty_remote(remote: str, retry: Retry) -> None:
+    if not store.is_remote(remote):
+        _require_empty(Path(remote))
+        return
+    first = store.first_object(remote, retry)
+    if first == MDS_META:
+        raise BigtrainError(f"{remote} already holds an MDS dataset; choose another --remote")
+    if first is not None:
+        raise BigtrainError(f"{remote} is not empty (it holds {first}); choose an empty prefix")
 
-    Returns the `bigtrain-mds.json` record. `out` must be new or empty.
+
+def write_mds(arrow_dir: Path | str, out: Path | str | None, seq_len: int,
+              size_limit: int = 1 << 26, remote: str | None = None,
+              retry: Retry = DEFAULT_RETRY) -> dict:
+    """Write every window of the Arrow dataset at `arrow_dir`, in order, as MDS shards in `out`
+    and/or uploaded to `remote` (s3://, gs://, ... or a directory), as streaming's `MDSWriter`
+    finishes each shard; `bigtrain-mds.json` is written (uploaded) last.
+
+    Returns the `bigtrain-mds.json` record. `out` and `remote` must be new or empty.
     """
     from streaming import MDSWriter
+    from streaming.base.storage.upload import CloudUploader
 
-    out = Path(out)
-    _require_empty(out)
+    if out is None and remote is None:
+        raise BigtrainError("to-mds needs an output directory or --remote")
+    if out is not None:
+        _require_empty(Path(out))
+    if remote is not None:
+        _require_empty_remote(remote, retry)
     data = PackedTokens(arrow_dir, seq_len, verify_checksums=True)
     dtype = np.dtype(data.manifest["token_dtype"])
     columns = {COLUMN: f"ndarray:{dtype.name}:{seq_len + 1}"}
     console = Console(stderr=True)
     progress = Progress(TextColumn("to-mds"), BarColumn(), MofNCompleteColumn(), console=console,
                         disable=not console.is_terminal)
-    with progress, MDSWriter(out=str(out), columns=columns, hashes=["sha256"],
-                             size_limit=size_limit) as writer:
-        task = progress.add_task("to-mds", total=len(data))
-        for start in range(0, len(data), 4096):
-            ids = np.arange(start, min(start + 4096, len(data)))
-            for window in data.windows(ids).astype(dtype):
-                writer.write({COLUMN: window})
-            progress.update(task, completed=ids[-1] + 1)
-    shutil.copyfile(data.tokenizer_path, out / TOKENIZER_FILE)
-    meta = {
-        "format": MDS_FORMAT,
-        "bigtrain_version": bigtrain.__version__,
-        "seq_len": seq_len,
-        "windows": len(data),
-        "tokens": len(data) * (seq_len + 1),
-        "token_dtype": dtype.name,
-        "max_token_id": data.max_token_id,
-        "tokenizer": data.manifest["tokenizer"],
-        "source": {
-            "path": str(Path(arrow_dir).resolve()),
-            "manifest_sha256": file_sha256(Path(arrow_dir) / MANIFEST),
-        },
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
-    write_atomic(out / MDS_META, (json.dumps(meta, indent=2) + "\n").encode())
+    with tempfile.TemporaryDirectory(prefix="bigtrain-mds-") as scratch:
+        local = Path(out) if out is not None else Path(scratch) / "mds"
+        target = str(local) if remote is None else (str(local), remote)
+        try:
+            with progress, MDSWriter(out=target, columns=columns, hashes=["sha256"],
+                                     size_limit=size_limit, keep_local=out is not None) as writer:
+                task = progress.add_task("to-mds", total=len(data))
+                for start in range(0, len(data), 4096):
+                    ids = np.arange(start, min(start + 4096, len(data)))
+                    for window in data.windows(ids).astype(dtype):
+                        writer.write({COLUMN: window})
+                    progress.update(task, completed=ids[-1] + 1)
+        except Exception as e:  # noqa: BLE001 - streaming's uploads raise each client's types
+            raise BigtrainError(f"writing MDS shards to {remote or out} failed: "
+                                f"{first_line(e)}") from e
+        local.mkdir(parents=True, exist_ok=True)  # without `out`, uploaded shards are deleted
+        shutil.copyfile(data.tokenizer_path, local / TOKENIZER_FILE)
+        meta = {
+            "format": MDS_FORMAT,
+            "bigtrain_version": bigtrain.__version__,
+            "seq_len": seq_len,
+            "windows": len(data),
+            "tokens": len(data) * (seq_len + 1),
+            "token_dtype": dtype.name,
+            "max_token_id": data.max_token_id,
+            "tokenizer": data.manifest["tokenizer"],
+            "source": {
+                "path": str(Path(arrow_dir).resolve()),
+                "manifest_sha256": file_sha256(Path(arrow_dir) / MANIFEST),
+            },
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        write_atomic(local / MDS_META, (json.dumps(meta, indent=2) + "\n").encode())
+        if remote is not None:
+            uploader = CloudUploader.get((str(local), remote), keep_local=True, exist_ok=True)
+            for name in (TOKENIZER_FILE, MDS_META):  # the record last: it marks a complete dataset
+                try:
+                    uploader.upload_file(name)
+                except Exception as e:  # noqa: BLE001 - as above
+                    raise BigtrainError(f"uploading {store.join(remote, name)} failed: "
+                                        f"{first_line(e)}") from e
     return meta
 
 
 def prepare_mds(inputs: list[Path | str], tokenizer_path: Path | str, out: Path | str,
-                seq_len: int, **prepare_args) -> tuple[dict, dict]:
+                seq_len: int, remote: str | None = None, **prepare_args) -> tuple[dict, dict]:
     """`prepare --format mds`: the Arrow dataset in `out/arrow` (restartable, checksummed), then
-    its windows as MDS in `out/mds` (the directory to upload and name as `data.remote`).
+    its windows as MDS in `out/mds` (the directory to name as `data.remote`), uploaded to
+    `remote` too when given (checked to be empty before any work).
 
     Returns the Arrow manifest and the MDS record.
     """
@@ -112,6 +151,8 @@ def prepare_mds(inputs: list[Path | str], tokenizer_path: Path | str, out: Path 
                 f"{out} is not empty ({(foreign or ['mds'])[0]}) and holds no unfinished "
                 "prepare; choose an empty or new --out"
             )
+    if remote is not None:
+        _require_empty_remote(remote, DEFAULT_RETRY)
     if (arrow / MANIFEST).exists():
         manifest = load_manifest(arrow)
         same = (
@@ -127,7 +168,7 @@ def prepare_mds(inputs: list[Path | str], tokenizer_path: Path | str, out: Path 
         manifest = prepare(inputs, tokenizer_path, arrow, **prepare_args)
     if staging.exists():
         shutil.rmtree(staging)  # our own conversion, cut short; it is redone from the Arrow data
-    meta = write_mds(arrow, staging, seq_len)
+    meta = write_mds(arrow, staging, seq_len, remote=remote)
     staging.rename(mds)
     return manifest, meta
 
@@ -169,17 +210,13 @@ def verify_mds(directory: Path | str) -> dict:
     return {"shards": len(index["shards"]), "windows": windows, "tokens": meta["tokens"]}
 
 
-def _fetch(remote: str | None, local: Path, name: str) -> Path:
-    """`local/name`, downloaded from `remote/name` first when a remote is given."""
-    from streaming.base.storage.download import CloudDownloader
-
+def _fetch(remote: str | None, local: Path, name: str, retry: Retry) -> Path:
+    """`local/name`, read afresh from `remote/name` first when a remote is given."""
     target = local / name
     if remote is not None:
-        source = f"{remote.rstrip('/')}/{name}"
-        try:
-            CloudDownloader.direct_download(source, str(target))
-        except Exception as e:  # each storage client raises its own exception types
-            raise BigtrainError(f"cannot fetch {source}: {first_line(e)}") from e
+        data = store.read_bytes(store.join(remote, name), retry)
+        local.mkdir(parents=True, exist_ok=True)
+        write_atomic(target, data)
     if not target.is_file():
         raise BigtrainError(f"{target} not found: give data.remote or a prepared data.local")
     return target
@@ -189,6 +226,27 @@ def cache_dir(local: Path | str, remote: str) -> Path:
     """A mixture source's own cache under `local`: its remote's last name and a hash of it."""
     name = re.sub(r"[^\w.-]", "_", remote.rstrip("/").rsplit("/", 1)[-1])
     return Path(local) / f"{name}-{hashlib.sha256(remote.encode()).hexdigest()[:8]}"
+
+
+def stream_sources(remote: str | None | list[tuple[str, float]],
+                   local: Path | str) -> list[tuple[str | None, Path]]:
+    """(remote, cache directory) of one dataset or of each source of a mixture."""
+    if isinstance(remote, list):
+        return [(r, cache_dir(local, r)) for r, _ in remote]
+    return [(remote, Path(local))]
+
+
+def fetch_meta(remote: str | None, cache: Path, seq_len: int,
+               retry: Retry = DEFAULT_RETRY) -> dict:
+    """A dataset's `bigtrain-mds.json`, read afresh from `remote` (bounded by `retry`), checked
+    to hold windows of `seq_len`."""
+    meta = load_mds_meta(_fetch(remote, cache, MDS_META, retry).parent)
+    if meta["seq_len"] != seq_len:
+        raise BigtrainError(
+            f"{remote or cache} holds windows of seq_len {meta['seq_len']}, "
+            f"data.seq_len is {seq_len}; convert again with --seq-len {seq_len}"
+        )
+    return meta
 
 
 class StreamingWindowLoader:
@@ -208,34 +266,25 @@ class StreamingWindowLoader:
 
     def __init__(self, remote: str | None | list[tuple[str, float]], local: Path | str,
                  seq_len: int, micro_batch: int, grad_accum: int = 1, dp_rank: int = 0,
-                 dp_size: int = 1, seed: int = 0, shuffle: bool = True) -> None:
+                 dp_size: int = 1, seed: int = 0, shuffle: bool = True,
+                 retry: Retry = DEFAULT_RETRY) -> None:
         from streaming import Stream, StreamingDataset
 
         if min(micro_batch, grad_accum) < 1:
             raise BigtrainError("micro_batch and grad_accum must be positive")
         if dp_size < 1 or not 0 <= dp_rank < dp_size:
             raise BigtrainError(f"dp_rank {dp_rank} is not in [0, dp_size={dp_size})")
-        local = Path(local)
+        sources = stream_sources(remote, local)
+        self.weights: list[float] | None = None
         if isinstance(remote, list):
-            sources = [(r, cache_dir(local, r)) for r, _ in remote]
             weights = [float(w) for _, w in remote]
             if not all(w > 0 for w in weights):
                 raise BigtrainError(f"mixture weights must be positive, got {weights}")
-            self.weights: list[float] | None = [w / sum(weights) for w in weights]
-        else:
-            sources, self.weights = [(remote, local)], None
+            self.weights = [w / sum(weights) for w in weights]
         self.names = [str(source or cache) for source, cache in sources]
-        self.metas = []
-        for name, (source, cache) in zip(self.names, sources, strict=True):
-            meta = load_mds_meta(_fetch(source, cache, MDS_META).parent)
-            if meta["seq_len"] != seq_len:
-                raise BigtrainError(
-                    f"{name} holds windows of seq_len {meta['seq_len']}, "
-                    f"data.seq_len is {seq_len}; convert again with --seq-len {seq_len}"
-                )
-            self.metas.append(meta)
+        self.metas = [fetch_meta(source, cache, seq_len, retry) for source, cache in sources]
         self.meta = self.metas[0]
-        self.tokenizer_path = _fetch(*sources[0], TOKENIZER_FILE)
+        self.tokenizer_path = _fetch(*sources[0], TOKENIZER_FILE, retry)
         self.micro_batch, self.grad_accum = micro_batch, grad_accum
         self.dp_rank, self.dp_size, self.seed = dp_rank, dp_size, seed
         self.per_rank = micro_batch * grad_accum
@@ -247,6 +296,7 @@ class StreamingWindowLoader:
             self.dataset = StreamingDataset(
                 streams=streams, batch_size=self.per_rank, shuffle=shuffle, shuffle_seed=seed,
                 validate_hash="sha256" if sources[0][0] is not None else None,
+                download_retry=retry.tries - 1, download_timeout=retry.timeout_s,
             )
         except (OSError, ValueError, RuntimeError) as e:
             raise BigtrainError(f"cannot open MDS dataset {', '.join(self.names)}: "

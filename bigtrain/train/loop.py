@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from bigtrain.config import Config, TrainConfig, save_config
-from bigtrain.data.build import build_train_loader, build_val_data
+from bigtrain.data.build import build_train_loader, build_val_data, check_remote_data
 from bigtrain.data.prefetch import Prefetcher
 from bigtrain.distributed import heartbeat
 from bigtrain.distributed.activation_checkpointing import apply_activation_checkpointing
@@ -96,6 +96,7 @@ def train(cfg: Config, console: bool = True, stop: StopRequest | None = None) ->
     SIGUSR1/SIGTERM (caught by `stop`, or from this call on) make it save at the next logging step
     and return with `preempted` set."""
     check_layout(cfg, process_env().world_size)  # before touching data or starting processes
+    check_remote_data(cfg.data)  # an unreadable bucket fails here, before processes or the model
     with run_lock(cfg), (contextlib.nullcontext(stop) if stop else StopRequest()) as stop:
         try:
             return Trainer(cfg, console, stop).run()

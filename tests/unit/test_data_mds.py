@@ -143,7 +143,7 @@ def test_streaming_refuses_other_windows_or_tokenizer(prepared, tmp_path):
     _, remote = prepared
     with pytest.raises(BigtrainError, match="holds windows of seq_len 16, data.seq_len is 32; convert again with --seq-len 32"):
         StreamingWindowLoader(str(remote), tmp_path / "c", 32, micro_batch=1)
-    with pytest.raises(BigtrainError, match="cannot fetch .*nowhere/bigtrain-mds.json"):
+    with pytest.raises(BigtrainError, match="cannot read .*nowhere/bigtrain-mds.json"):
         StreamingWindowLoader(str(tmp_path / "nowhere"), tmp_path / "d", SEQ_LEN, micro_batch=1)
     TextTokenizer.train(TEXTS[:10], vocab_size=270).save(tmp_path / "other.json")
     cfg = DataConfig(backend="streaming", remote=str(remote), local=str(tmp_path / "e"), seq_len=SEQ_LEN,
@@ -276,7 +276,7 @@ def test_streaming_mixture_refuses_bad_sources(prepared, mixture, tmp_path):
         build([(remotes[0], 1), (str(tmp_path / "other"), 1)])
     with pytest.raises(BigtrainError, match=r"^\S*other was tokenized with .* but data.tokenizer"):
         build([(str(tmp_path / "other"), 1)], tokenizer=str(remotes[1] + "/tokenizer.json"))
-    with pytest.raises(BigtrainError, match=r"^cannot fetch \S*nowhere/bigtrain-mds.json: "):
+    with pytest.raises(BigtrainError, match=r"^cannot read \S*nowhere/bigtrain-mds.json: "):
         build([(remotes[0], 1), (str(tmp_path / "nowhere"), 1)])
     write_mds(prepared[0], tmp_path / "long", 32)
     with pytest.raises(BigtrainError, match=r"^\S*long holds windows of seq_len 32, data.seq_len is 16"):
