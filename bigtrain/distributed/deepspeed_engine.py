@@ -86,12 +86,14 @@ class DeepSpeedEngine:
             self.loss_fn = partial(vocab_parallel_cross_entropy, group=topology.tp_group)
         self.loss_in_model = topology.tp == 1  # the head computes it chunk by chunk (`linear_cross_entropy`)
         stage = model if isinstance(model, Stage) else model_stage(model, topology)
-        if topology.sp > 1:
-            apply_sequence_parallel(stage.owned, topology.sp_group, self.timer)
-            token_loss = self.loss_fn
-            self.loss_fn = lambda logits, targets: sequence_mean(token_loss(logits, targets), topology.sp_group)
         self.cfg, self.param_names = cfg, stage.param_names()
         self.pipelined = topology.pp > 1
+        if topology.sp > 1:
+            apply_sequence_parallel(stage.owned, topology.sp_group, self.timer)
+            grads_summed = not (self.pipelined and cfg.parallel.zero_stage == 0)
+            self.sequence_mean = partial(sequence_mean, group=topology.sp_group, grads_summed=grads_summed)
+            token_loss = self.loss_fn
+            self.loss_fn = lambda logits, targets: self.sequence_mean(token_loss(logits, targets))
         checkpointing = cfg.parallel.activation_checkpointing, cfg.parallel.activation_checkpointing_every
         if self.pipelined:
             apply_activation_checkpointing(stage.layers, *checkpointing)
@@ -196,7 +198,7 @@ class DeepSpeedEngine:
     def _loss(self, tokens: torch.Tensor) -> torch.Tensor:
         if self.loss_in_model:
             loss = self.engine(tokens[:, :-1], tokens[:, 1:])
-            return loss if self.topology.sp == 1 else sequence_mean(loss, self.topology.sp_group)
+            return loss if self.topology.sp == 1 else self.sequence_mean(loss)
         return self.loss_fn(self.engine(tokens[:, :-1]), tokens[:, 1:])
 
     def mean_over_dp(self, losses: torch.Tensor, force: bool = False) -> torch.Tensor:

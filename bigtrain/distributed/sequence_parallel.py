@@ -81,14 +81,15 @@ def sequence_slice(windows: torch.Tensor, rank: int, sp: int) -> torch.Tensor:
     return windows[:, rank * t:(rank + 1) * t + 1]
 
 
-def sequence_mean(local_mean: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+def sequence_mean(local_mean: torch.Tensor, group: dist.ProcessGroup, grads_summed: bool) -> torch.Tensor:
     """The windows' mean loss from this rank's mean over its equal share of their tokens.
 
-    The value is the mean over the group (one all-reduce); the gradient is this rank's share,
-    local_mean / sp, as DeepSpeed sums gradients over the sequence-parallel ranks.
+    The value is the mean over the group (one all-reduce). The gradient is this rank's share:
+    local_mean / sp where the engine sums gradients over the sequence-parallel ranks (DeepSpeed
+    does, except its pipeline engine without ZeRO, which averages them: `grads_summed=False`).
     """
     sp = dist.get_world_size(group)
     total = local_mean.detach().clone()
     dist.all_reduce(total, group=group)
-    share = local_mean / sp
+    share = local_mean / sp if grads_summed else local_mean
     return share + (total / sp - share.detach())

@@ -47,7 +47,7 @@ def main(out: Path) -> None:
     tokens = sequence_slice(windows, rank, sp)
     nbytes, loss = saved_bytes(lambda: model(tokens[:, :-1], tokens[:, 1:]))
     if sp > 1:
-        loss = sequence_mean(loss, dist.group.WORLD)
+        loss = sequence_mean(loss, dist.group.WORLD, grads_summed=True)
     loss.backward()
     (out / f"sp{sp}-rank{rank}.json").write_text(json.dumps({"saved_bytes": nbytes, "loss": loss.item()}))
     dist.destroy_process_group()
