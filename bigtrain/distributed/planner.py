@@ -17,8 +17,9 @@ against real allocations on 2 ranks in tests/distributed/test_memory_plan.py:
 - buffers: ZeRO's gradient reduce bucket (DeepSpeed's default 5e8 elements, allocated whatever
   the model size) and, under ZeRO-3, the parameter prefetch bucket and one gathered block;
 - activations per micro-batch (bf16, flash attention, no sequence parallelism), per layer and
-  token: 2·(4h + (3h + 4·kv + 4f)/tp) bytes — norm inputs/outputs, q/k/v before and after RoPE,
-  the attention output, SwiGLU's four ffn-wide tensors — or 2h with activation checkpointing
+  token: 2·(4h + (3h + 4·kv + 3f)/tp) bytes — norm inputs/outputs, q/k/v before and after RoPE,
+  the attention output, SwiGLU's three ffn-wide tensors (gate, up and their product; SiLU is
+  recomputed, bigtrain/model/pointwise.py) — or 2h with activation checkpointing
   (plus one block recomputed); logits 6·vocab/tp bytes per token (bf16 and the fp32 copy for
   the loss). 1F1B keeps up to min(pp, micro-batches) micro-batches in flight on the first stage.
 """
@@ -117,7 +118,7 @@ def activation_bytes(m: ModelConfig, seq_len: int, micro_batch: int, tp: int, la
     """Saved activations of one micro-batch over `layers` blocks plus the logits (bf16), with
     activation checkpointing (none, full or selective) of every `every`-th block."""
     h, kv, f = m.d_model, m.kv_heads * m.head_dim, m.ffn_dim
-    block = 2 * (4 * h + (3 * h + 4 * kv + 4 * f) / tp)
+    block = 2 * (4 * h + (3 * h + 4 * kv + 3 * f) / tp)
     mode = checkpointing_mode(checkpointing)
     checkpointed = 0 if mode == "none" else -(-layers // every)
     kept = 2 * h if mode == "full" else 2 * (3 * h + (2 * h + 2 * kv + 2 * f) / tp)  # selective: matmul outputs

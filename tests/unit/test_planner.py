@@ -62,10 +62,10 @@ def test_offload_moves_the_optimizer_to_cpu():
 
 
 def test_activations_by_hand():
-    # per token and layer 2·(4h + 3h + 4·kv + 4f) = 2·(448 + 128 + 1024) = 3200 bytes; logits 6·512
-    assert activation_bytes(SHAPE, 32, 2, tp=1, layers=4, checkpointing=False) == 2 * 32 * (4 * 3200 + 6 * 512)
+    # per token and layer 2·(4h + 3h + 4·kv + 3f) = 2·(448 + 128 + 768) = 2688 bytes; logits 6·512
+    assert activation_bytes(SHAPE, 32, 2, tp=1, layers=4, checkpointing=False) == 2 * 32 * (4 * 2688 + 6 * 512)
     # checkpointing keeps each block's input (2h) and recomputes one block at a time
-    assert activation_bytes(SHAPE, 32, 2, tp=1, layers=4, checkpointing=True) == 2 * 32 * (4 * 128 + 3200 + 6 * 512)
+    assert activation_bytes(SHAPE, 32, 2, tp=1, layers=4, checkpointing=True) == 2 * 32 * (4 * 128 + 2688 + 6 * 512)
     # 1F1B: the first of 2 stages holds 2 micro-batches of its 2 layers
     plan = memory_plan(SHAPE, 32, "bf16", Layout(dp=1, pp=2, micro_batch=2, grad_accum=4))
     assert plan.activations == 2 * activation_bytes(SHAPE, 32, 2, tp=1, layers=2, checkpointing=False)
