@@ -5,7 +5,6 @@ import pytest
 from bigtrain.cli import main
 from bigtrain.config import ModelConfig, load_config
 from bigtrain.distributed.planner import (
-    REDUCE_BUCKET,
     Layout,
     activation_bytes,
     fits,
@@ -39,7 +38,9 @@ def test_stage_params_by_hand():
 def test_memory_per_zero_stage_by_hand(zero, params, grads, optimizer):
     plan = memory_plan(SHAPE, 32, "bf16", Layout(dp=4, zero=zero, micro_batch=2))
     assert (plan.params, plan.gradients, plan.optimizer) == pytest.approx((params, grads, optimizer))
-    assert plan.buffers >= (REDUCE_BUCKET * 2 if zero else 0)
+    # ZeRO 1/2: two bf16 reduce buckets as large as the model (it is under 4e7 elements);
+    # ZeRO-3: a d² bucket, one block prefetched and one gathered
+    assert plan.buffers == [0, 2 * 2 * N, 2 * 2 * N, 2 * 64**2 + 2 * BLOCK + 2 * BLOCK][zero]
 
 
 def test_bf16_pipeline_without_zero_uses_deepspeeds_bf16_optimizer():
