@@ -8,7 +8,7 @@
 #   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
 #   PYTHONPATH=/tmp/site:$PWD DS_BUILD_OPS=0 python3 tools/bench/bench_gpu.py --seq-len 2048
 #
-# (.whl is git-ignored; about 10 MB, of which torchao 3.4 MB.)
+# (.whl is git-ignored; about 10 MB, plus torchao's 3.4 MB.)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 out=.whl
