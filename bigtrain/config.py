@@ -151,7 +151,7 @@ class TrainConfig:
     eval_every: int = ranged(200, ge=1)
     eval_batches: int = ranged(20, ge=1)  # validation covers eval_batches × global batch windows
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    precision: Literal["auto", "fp32", "bf16", "fp16", "fp8"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU; fp8: torchao
     deterministic: Literal["auto", True, False] = "auto"  # auto: on for CPU, off for CUDA
     nonfinite: Literal["skip", "stop"] = "skip"  # a bad step (NaN/Inf or spike): skip its update, or stop
     max_bad_steps: int = ranged(10, ge=1)  # with skip: stop after this many bad steps in a row

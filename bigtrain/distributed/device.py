@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 
 import torch
 
@@ -18,8 +19,13 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+FP8_CAPABILITY = (8, 9)  # float8 tensor cores: Ada (8.9) and Hopper (9.0) onwards
+
+
 def resolve_precision(precision: str, device: torch.device, engine: str) -> str:
-    """`train.precision` as fp32, bf16 or fp16 on `device` (auto: bf16 on CUDA, fp32 elsewhere)."""
+    """`train.precision` as fp32, bf16, fp16 or fp8 on `device` (auto: bf16 on CUDA, fp32 elsewhere)."""
+    if precision == "fp8":
+        check_fp8(device, engine)
     if precision in ("bf16", "fp16") and device.type != "cuda":
         raise BigtrainError(f"train.precision={precision} needs a CUDA device (use fp32 or auto on CPU)")
     if precision == "fp16" and engine == "local":
@@ -27,6 +33,21 @@ def resolve_precision(precision: str, device: torch.device, engine: str) -> str:
     if precision == "auto":
         return "bf16" if device.type == "cuda" else "fp32"
     return precision
+
+
+def check_fp8(device: torch.device, engine: str) -> None:
+    """fp8 (torchao float8 training) needs float8 tensor cores, torchao and the local engine."""
+    if device.type != "cuda":
+        raise BigtrainError(f"train.precision=fp8 needs a CUDA GPU of compute capability >= 8.9 "
+                            f"(Ada, Hopper or newer), not {device.type}; use bf16 or fp32")
+    capability = torch.cuda.get_device_capability(device)
+    if capability < FP8_CAPABILITY:
+        raise BigtrainError(f"train.precision=fp8 needs compute capability >= 8.9 (Ada, Hopper or newer); "
+                            f"{torch.cuda.get_device_name(device)} has {capability[0]}.{capability[1]}; use bf16")
+    if engine != "local":
+        raise BigtrainError("train.precision=fp8 runs on parallel.engine=local only; use bf16 with DeepSpeed")
+    if importlib.util.find_spec("torchao") is None:
+        raise BigtrainError("train.precision=fp8 needs torchao: pip install 'bigtrain[fp8]'")
 
 
 def compile_enabled(setting: bool | str, device: torch.device) -> bool:
@@ -42,7 +63,8 @@ def deterministic_enabled(setting: bool | str, device: torch.device) -> bool:
 
 
 def autocast_for(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """The local engine's mixed precision: bf16 autocast over fp32 weights, or plain fp32."""
-    if resolve_precision(precision, device, "local") == "bf16":
+    """The local engine's mixed precision: bf16 autocast over fp32 weights (also around fp8's
+    float8 block linears), or plain fp32."""
+    if resolve_precision(precision, device, "local") in ("bf16", "fp8"):
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()

@@ -12,8 +12,14 @@ from torch import nn
 
 from bigtrain.config import TrainConfig
 from bigtrain.distributed import checkpoint_format as fmt
-from bigtrain.distributed.device import autocast_for, compile_enabled, pick_device
+from bigtrain.distributed.device import (
+    autocast_for,
+    compile_enabled,
+    pick_device,
+    resolve_precision,
+)
 from bigtrain.distributed.engine import StepOutput
+from bigtrain.distributed.float8 import apply_float8
 from bigtrain.distributed.optimizer import build_adamw
 from bigtrain.distributed.timing import PhaseTimer
 from bigtrain.distributed.update_gate import UpdateGate
@@ -30,10 +36,11 @@ class LocalEngine:
         self.device = pick_device(cfg.device)
         self.timer = PhaseTimer(self.device)
         self.model = model.to(self.device)
+        if resolve_precision(cfg.precision, self.device, "local") == "fp8":
+            apply_float8(self.model.layers)  # before compiling, as torchtitan orders them
         if compile_enabled(cfg.compile, self.device):
             compile_blocks(self.model.layers)
         self.autocast = lambda: autocast_for(self.device, cfg.precision)
-        self.autocast()  # refuses a precision this device cannot run, now rather than at the first step
         self.grad_clip = cfg.grad_clip
         self.optimizer = build_adamw(self.model, cfg)
         self.gate = UpdateGate(cfg.spike_factor)

@@ -15,11 +15,13 @@ against real allocations on 2 ranks in tests/distributed/test_memory_plan.py:
 - optimizer: fp32 master copy + Adam's two moments (12 bytes/param), 1/dp of it under ZeRO ≥ 1
   and with the bf16 pipeline engine, in CPU memory with `offload_optimizer`; plain fp32 without
   ZeRO keeps only the two moments (8 bytes);
-- buffers: ZeRO's gradient reduce bucket (DeepSpeed's default 5e8 elements, allocated whatever
-  the model size) and, under ZeRO-3, the parameter prefetch bucket and one gathered block;
+- buffers: ZeRO's gradient reduce bucket (sized by `zero_communication`, allocated whatever
+  the model size; twice under ZeRO 1/2, whose `overlap_comm` double-buffers it) and, under
+  ZeRO-3, the parameter prefetch bucket and one gathered block;
 - activations per micro-batch (bf16, flash attention, no sequence parallelism), per layer and
-  token: 2·(4h + (3h + 4·kv + 4f)/tp) bytes — norm inputs/outputs, q/k/v before and after RoPE,
-  the attention output, SwiGLU's four ffn-wide tensors — or 2h with activation checkpointing
+  token: 2·(4h + (3h + 4·kv + 3f)/tp) bytes — norm inputs/outputs, q/k/v before and after RoPE,
+  the attention output, SwiGLU's three ffn-wide tensors (gate, up and their product; SiLU is
+  recomputed, bigtrain/model/pointwise.py) — or 2h with activation checkpointing
   (plus one block recomputed); logits 6·vocab/tp bytes per token (bf16 and the fp32 copy for
   the loss). 1F1B keeps up to min(pp, micro-batches) micro-batches in flight on the first stage.
   Sequence parallelism (Ulysses) leaves each rank seq_len/sp tokens, plus per token the q, k, v
@@ -33,6 +35,7 @@ from dataclasses import dataclass, replace
 
 from bigtrain.config import Config, ModelConfig
 from bigtrain.distributed.activation_checkpointing import checkpointing_mode
+from bigtrain.distributed.deepspeed_config import zero_communication
 from bigtrain.distributed.layout import (
     check_layout,
     grad_accum_for,
@@ -42,8 +45,6 @@ from bigtrain.distributed.layout import (
 from bigtrain.errors import BigtrainError
 from bigtrain.model.flops import count_params, flops_per_token
 
-REDUCE_BUCKET = 5e8  # DeepSpeed's default reduce_bucket_size (elements)
-PREFETCH_BUCKET = 5e7  # DeepSpeed's default stage3_prefetch_bucket_size (elements)
 # step-time model: matmuls at this fraction of peak, links at these effective bandwidths (bytes/s)
 COMPUTE_EFFICIENCY = 0.5
 INTRA_NODE_BW = 300e9  # NVLink, per GPU, for tensor parallelism
@@ -123,7 +124,7 @@ def activation_bytes(m: ModelConfig, seq_len: int, micro_batch: int, tp: int, la
     activation checkpointing (none, full or selective) of every `every`-th block, on one of sp
     sequence-parallel ranks."""
     h, kv, f = m.d_model, m.kv_heads * m.head_dim, m.ffn_dim
-    block = 2 * (4 * h + (3 * h + 4 * kv + 4 * f) / tp) + (2 * (2 * h + 2 * kv) / tp if sp > 1 else 0)
+    block = 2 * (4 * h + (3 * h + 4 * kv + 3 * f) / tp) + (2 * (2 * h + 2 * kv) / tp if sp > 1 else 0)
     mode = checkpointing_mode(checkpointing)
     checkpointed = 0 if mode == "none" else -(-layers // every)
     kept = 2 * h if mode == "full" else 2 * (3 * h + (2 * h + 2 * kv + 2 * f) / tp)  # selective: matmul outputs
@@ -160,10 +161,11 @@ def memory_plan(m: ModelConfig, seq_len: int, precision: str, layout: Layout) ->
         optimizer = 12 * n if mixed else 8 * n
     buffers = 0.0
     if zero >= 1:
-        buffers += REDUCE_BUCKET * g_bytes
+        comm = zero_communication(m, zero, dp, layout.tp)
+        buffers += (1 if zero == 3 else 2) * comm["reduce_bucket_size"] * g_bytes
     if zero == 3:
         block = count_params(m).blocks // m.n_layers // layout.tp
-        buffers += PREFETCH_BUCKET * p_bytes + block * p_bytes
+        buffers += comm["stage3_prefetch_bucket_size"] * p_bytes + block * p_bytes
     layers = max_blocks_per_stage(m.n_layers, layout.pp)
     one = activation_bytes(m, seq_len, layout.micro_batch, layout.tp, layers, layout.activation_checkpointing,
                            layout.checkpoint_every, layout.sp)

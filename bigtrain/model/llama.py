@@ -16,6 +16,7 @@ from torch import nn
 
 from bigtrain.config import ModelConfig
 from bigtrain.model.loss import linear_cross_entropy
+from bigtrain.model.pointwise import rms_norm, swiglu
 
 
 class RMSNorm(nn.Module):
@@ -25,9 +26,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
 
 
 def rope_tables(seq_len: int, head_dim: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,8 +44,9 @@ def rope_tables(seq_len: int, head_dim: int, theta: float, device=None) -> tuple
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
     """Rotate x ([batch, seq, heads, head_dim]; the tables broadcast to it) by position: x·cos + rotate_half(x)·sin, where
     rotate_half(x) = [−x₂, x₁] is computed as [x₂, x₁] times the signed sin (bit for bit the same)."""
+    cos, signed_sin = cos.to(x.dtype), signed_sin.to(x.dtype)  # as Megatron-LM and HF: tables in x's dtype
     swapped = x.unflatten(-1, (2, -1)).flip(-2).flatten(-2)
-    return (x * cos + swapped * signed_sin).to(x.dtype)
+    return x * cos + swapped * signed_sin
 
 
 class CausalAttention(nn.Module):
@@ -96,7 +96,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.ffn_dim, cfg.d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
 class Block(nn.Module):

@@ -15,7 +15,7 @@ from bigtrain.data.build import build_train_loader, build_val_data, check_remote
 from bigtrain.data.prefetch import Prefetcher
 from bigtrain.distributed import heartbeat
 from bigtrain.distributed.activation_checkpointing import apply_activation_checkpointing
-from bigtrain.distributed.device import deterministic_enabled, pick_device
+from bigtrain.distributed.device import deterministic_enabled, pick_device, resolve_precision
 from bigtrain.distributed.engine import Engine, StepOutput
 from bigtrain.distributed.layout import check_layout
 from bigtrain.distributed.local import LocalEngine
@@ -96,6 +96,7 @@ def train(cfg: Config, console: bool = True, stop: StopRequest | None = None) ->
     SIGUSR1/SIGTERM (caught by `stop`, or from this call on) make it save at the next logging step
     and return with `preempted` set."""
     check_layout(cfg, process_env().world_size)  # before touching data or starting processes
+    resolve_precision(cfg.train.precision, pick_device(cfg.train.device), cfg.parallel.engine)  # and before any model
     check_remote_data(cfg.data)  # an unreadable bucket fails here, before processes or the model
     with run_lock(cfg), (contextlib.nullcontext(stop) if stop else StopRequest()) as stop:
         try:

@@ -7,7 +7,6 @@ import pytest
 from bigtrain.cli import main
 from bigtrain.config import ModelConfig, load_config
 from bigtrain.distributed.planner import (
-    REDUCE_BUCKET,
     Layout,
     activation_bytes,
     config_layout,
@@ -42,7 +41,9 @@ def test_stage_params_by_hand():
 def test_memory_per_zero_stage_by_hand(zero, params, grads, optimizer):
     plan = memory_plan(SHAPE, 32, "bf16", Layout(dp=4, zero=zero, micro_batch=2))
     assert (plan.params, plan.gradients, plan.optimizer) == pytest.approx((params, grads, optimizer))
-    assert plan.buffers >= (REDUCE_BUCKET * 2 if zero else 0)
+    # ZeRO 1/2: two bf16 reduce buckets as large as the model (it is under 4e7 elements);
+    # ZeRO-3: a d² bucket, one block prefetched and one gathered
+    assert plan.buffers == [0, 2 * 2 * N, 2 * 2 * N, 2 * 64**2 + 2 * BLOCK + 2 * BLOCK][zero]
 
 
 def test_bf16_pipeline_without_zero_uses_deepspeeds_bf16_optimizer():
@@ -65,10 +66,10 @@ def test_offload_moves_the_optimizer_to_cpu():
 
 
 def test_activations_by_hand():
-    # per token and layer 2·(4h + 3h + 4·kv + 4f) = 2·(448 + 128 + 1024) = 3200 bytes; logits 6·512
-    assert activation_bytes(SHAPE, 32, 2, tp=1, layers=4, checkpointing=False) == 2 * 32 * (4 * 3200 + 6 * 512)
+    # per token and layer 2·(4h + 3h + 4·kv + 3f) = 2·(448 + 128 + 768) = 2688 bytes; logits 6·512
+    assert activation_bytes(SHAPE, 32, 2, tp=1, layers=4, checkpointing=False) == 2 * 32 * (4 * 2688 + 6 * 512)
     # checkpointing keeps each block's input (2h) and recomputes one block at a time
-    assert activation_bytes(SHAPE, 32, 2, tp=1, layers=4, checkpointing=True) == 2 * 32 * (4 * 128 + 3200 + 6 * 512)
+    assert activation_bytes(SHAPE, 32, 2, tp=1, layers=4, checkpointing=True) == 2 * 32 * (4 * 128 + 2688 + 6 * 512)
     # 1F1B: the first of 2 stages holds 2 micro-batches of its 2 layers
     plan = memory_plan(SHAPE, 32, "bf16", Layout(dp=1, pp=2, micro_batch=2, grad_accum=4))
     assert plan.activations == 2 * activation_bytes(SHAPE, 32, 2, tp=1, layers=2, checkpointing=False)
@@ -77,7 +78,7 @@ def test_activations_by_hand():
 def test_sequence_parallel_activations_by_hand():
     # sp=2: 16 of the 32 tokens per rank, each with the all-to-all's q, k, v and attention output on
     # the other side too: 2·(2h + 2·kv) = 2·(128 + 64) = 384 more bytes per token and layer
-    assert activation_bytes(SHAPE, 32, 2, tp=1, layers=4, sp=2) == 2 * 16 * (4 * (3200 + 384) + 6 * 512)
+    assert activation_bytes(SHAPE, 32, 2, tp=1, layers=4, sp=2) == 2 * 16 * (4 * (2688 + 384) + 6 * 512)
     # ZeRO partitions over dp × sp: dp=2 × sp=2 splits the optimizer state four ways
     plan = memory_plan(SHAPE, 32, "bf16", Layout(dp=2, sp=2, zero=1, micro_batch=2))
     assert plan.optimizer == 12 * N / 4

@@ -1,9 +1,10 @@
 import os
+from pathlib import Path
 
 import pytest
 
-from bigtrain.config import from_dict
-from bigtrain.distributed.deepspeed_config import deepspeed_config, merge
+from bigtrain.config import from_dict, load_config
+from bigtrain.distributed.deepspeed_config import deepspeed_config, merge, zero_communication
 from bigtrain.distributed.layout import check_layout
 from bigtrain.distributed.topology import (
     ProcessEnv,
@@ -12,6 +13,7 @@ from bigtrain.distributed.topology import (
     process_env,
 )
 from bigtrain.errors import BigtrainError
+from bigtrain.model import count_params
 
 
 def config(**parallel):
@@ -101,3 +103,26 @@ def test_plain_srun_tasks_get_torch_rendezvous_variables(monkeypatch):
     env.update(MASTER_PORT="31000", RANK="5")  # what the user or torchrun set is kept
     export_rendezvous_env()
     assert env["MASTER_PORT"] == "31000"
+
+
+@pytest.mark.parametrize("name, d, block", [("125m", 768, 7_079_424), ("1b", 2048, 60_821_504),
+                                            ("7b", 4096, 202_383_360)])
+def test_zero_overlaps_communication_in_buckets_sized_from_the_model(name, d, block):
+    cfg = load_config(Path(__file__).parents[2] / "configs" / f"{name}.yaml")
+    cfg.train.device, cfg.data.micro_batch, cfg.train.grad_accum = "cpu", 1, 1
+    for stage in (1, 2):  # Megatron-LM's gradient bucket, max(4e7, 1e6·dp) elements
+        cfg.parallel.zero_stage = stage
+        for dp, bucket in ((8, 40_000_000), (64, 64_000_000)):
+            zero = deepspeed_config(cfg, dp)["zero_optimization"]
+            assert zero["overlap_comm"] and zero["stage"] == stage
+            assert zero["reduce_bucket_size"] == zero["allgather_bucket_size"] == bucket
+    cfg.parallel.zero_stage = 3
+    zero = deepspeed_config(cfg, 8)["zero_optimization"]
+    assert zero["overlap_comm"] and zero["reduce_bucket_size"] == d * d
+    assert zero["stage3_prefetch_bucket_size"] == block and zero["stage3_param_persistence_threshold"] == 10 * d
+    assert zero["stage3_max_live_parameters"] == zero["stage3_max_reuse_distance"] == 10**9
+    big = load_config(Path(__file__).parents[2] / "configs" / "70b.yaml").model  # two 856M blocks stay live
+    assert zero_communication(big, 3, 8)["stage3_max_live_parameters"] == 2 * 855_654_400
+    small = config(zero_stage=2)  # a model smaller than a bucket gets one bucket of its own size
+    assert deepspeed_config(small, 2)["zero_optimization"]["reduce_bucket_size"] == count_params(small.model).total
+    assert "overlap_comm" not in deepspeed_config(config(zero_stage=0), 2)["zero_optimization"]

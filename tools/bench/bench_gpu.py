@@ -10,11 +10,18 @@ and nothing else holds GPU memory; a side that fails is reported with its error 
 still run. Compiled sides run with `TORCH_LOGS=recompiles,graph_breaks`: any recompilation or graph
 break fails that side. `--seq-len 2048` gives the 1b row llm-foundry publishes (41.8 % MFU on H100).
 `tools/bench/gpu_wheels.sh` prepares what a bare GPU machine lacks. Prints one JSON line per model.
+
+The fp8 side (`train.precision=fp8`, torchao float8 block linears, compiled) is skipped, with the
+reason, where torchao is missing. Then the loss curves (`--curve-model`, default 125m; `--curve-steps
+0` skips them): `loss_curve.py` trains it from the same seed on the same batches in fp32, bf16 and
+fp8, each in a process of its own; the line reports each precision's tokens/s and mean loss over
+the last 20 steps, and whether bf16 tracks fp32 within 2 % and fp8 tracks bf16 within 1 %.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import re
 import sys
@@ -28,10 +35,14 @@ from bigtrain.distributed import planner
 
 HERE = Path(__file__).resolve().parent
 CONFIGS = HERE.parents[1] / "configs"
-SIDES = ["hf", "bigtrain", "bigtrain,train.compile=true", "deepspeed", "deepspeed,train.compile=true"]
+FP8_SIDE = "bigtrain,train.precision=fp8,train.compile=true"
+SIDES = ["hf", "bigtrain", "bigtrain,train.compile=true", "deepspeed", "deepspeed,train.compile=true", FP8_SIDE]
 SHAPES = {"125m": (16, 2), "350m": (8, 2), "1b": (4, 2)}  # micro-batch, grad-accum
 COMPILE_PROBLEMS = re.compile(r"Recompiling function|Graph break", re.IGNORECASE)
 MEMORY_GOAL = 0.15
+CURVE_GOALS = {"bf16": ("fp32", 0.02), "fp8": ("bf16", 0.01)}  # precision: (reference, relative tolerance)
+CURVE_TAIL = 20  # a curve's loss: the mean of its last steps
+NO_TORCHAO = "torchao is not installed (pip install 'bigtrain[fp8]')"
 
 
 def predicted_gib(name: str, side: str, seq_len: int, micro_batch: int, grad_accum: int) -> float | None:
@@ -46,6 +57,8 @@ def predicted_gib(name: str, side: str, seq_len: int, micro_batch: int, grad_acc
 
 
 def run_side(name: str, side: str, args: argparse.Namespace) -> dict:
+    if "precision=fp8" in side and importlib.util.find_spec("torchao") is None:
+        return {"skipped": NO_TORCHAO}
     micro_batch, grad_accum = SHAPES.get(name, (4, 2))
     cmd = [sys.executable, str(HERE / "bench_step.py"), "--config", str(CONFIGS / f"{name}.yaml"),
            "--device", "cuda", "--sides", side, "--micro-batch", str(micro_batch), "--grad-accum", str(grad_accum),
@@ -83,6 +96,33 @@ def run_model(name: str, args: argparse.Namespace) -> dict:
     return {"bench": "gpu", "model": name, "sides": sides}
 
 
+def curve(name: str, precision: str, steps: int) -> dict:
+    """`loss_curve.py` of one precision in a process of its own: tokens/s and the tail's mean loss."""
+    if precision == "fp8" and importlib.util.find_spec("torchao") is None:
+        return {"skipped": NO_TORCHAO}
+    cmd = [sys.executable, str(HERE / "loss_curve.py"), "--config", str(CONFIGS / f"{name}.yaml"),
+           "--precision", precision, "--steps", str(steps)]
+    try:
+        done = measure(cmd)
+    except SystemExit as e:
+        return {"error": str(e).strip().splitlines()[-1][:500]}
+    record = json.loads(next(line for line in done.stdout.splitlines() if line.startswith('{"precision"')))
+    tail = record["losses"][-CURVE_TAIL:]
+    return {"tokens_per_s": record["tokens_per_s"], "first_loss": record["losses"][0],
+            "final_loss": round(sum(tail) / len(tail), 4)}
+
+
+def run_curves(name: str, steps: int) -> dict:
+    """The loss curves of `name` in fp32, bf16 and fp8, each checked against its reference."""
+    curves = {precision: curve(name, precision, steps) for precision in ("fp32", "bf16", "fp8")}
+    for precision, (reference, tolerance) in CURVE_GOALS.items():
+        mine, ref = curves[precision].get("final_loss"), curves[reference].get("final_loss")
+        if mine is not None and ref is not None:
+            curves[precision][f"vs_{reference}"] = round(mine / ref - 1, 4)
+            curves[precision]["within_goal"] = abs(mine / ref - 1) <= tolerance
+    return {"bench": "gpu-loss-curves", "model": name, "steps": steps, "curves": curves}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(SHAPES))
@@ -90,11 +130,15 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=None, help="default: each config's")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--curve-model", default="125m")
+    parser.add_argument("--curve-steps", type=int, default=200)
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_gpu.py needs a CUDA GPU; none is visible")
     for name in args.models:
         print(json.dumps(run_model(name, args)), flush=True)
+    if args.curve_steps:
+        print(json.dumps(run_curves(args.curve_model, args.curve_steps)), flush=True)
 
 
 if __name__ == "__main__":
