@@ -136,10 +136,10 @@ def run_losses(run_dir) -> list[float]:
     return [r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
 
 
-def test_sp2_checkpoint_resumes_exactly_reshards_and_converts(stdlib_data, local_straight, tmp_path):
+def test_sp2_checkpoint_resumes_exactly_reshards_and_converts(stdlib_data, local_run, local_straight, tmp_path):
     """Sequence parallelism shards no parameters: an SP=2 ZeRO-1 run follows the single-process
     curve, resumes from its checkpoint exactly, and the checkpoint reshards to one process and
-    converts to Hugging Face."""
+    converts to Hugging Face; the single-process checkpoint resharded to SP=2 continues its curve."""
     transformers = pytest.importorskip("transformers")
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config(stdlib_data, tmp_path / "run")))
     sp2 = [str(tmp_path / "config.yaml"), "parallel.engine=deepspeed", "parallel.sp=2", "parallel.zero_stage=1",
@@ -150,6 +150,12 @@ def test_sp2_checkpoint_resumes_exactly_reshards_and_converts(stdlib_data, local
     checkpoint = tmp_path / "run" / "checkpoints" / f"step-{N:07d}"
     torchrun(2, "-m", "bigtrain", "train", *sp2, f"run.dir={tmp_path / 'resumed'}", f"run.resume={checkpoint}")
     assert run_losses(tmp_path / "resumed") == straight[N:]
+    local_checkpoint = local_run.run_dir / "checkpoints" / f"step-{N:07d}"
+    reshard(local_checkpoint, tmp_path / "to-sp2", ["parallel.engine=deepspeed", "parallel.sp=2",
+                                                    "parallel.zero_stage=1"])
+    torchrun(2, "-m", "bigtrain", "train", str(tmp_path / "to-sp2" / "config.yaml"),
+             f"run.dir={tmp_path / 'from-local'}", f"run.resume={tmp_path / 'to-sp2'}")
+    assert run_losses(tmp_path / "from-local") == pytest.approx(local_straight[N:], rel=1e-5, abs=0)
 
     reshard(checkpoint, tmp_path / "one", ["parallel.engine=local", "parallel.sp=1", "parallel.zero_stage=0"])
     cfg = load_config(tmp_path / "one" / "config.yaml", [

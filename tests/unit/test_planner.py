@@ -85,7 +85,7 @@ def test_sequence_parallel_activations_by_hand():
 
 
 def test_long_context_config_fits_only_with_sequence_parallelism():
-    """configs/7b-32k.yaml on 8 × 80 GiB: its own layout needs sp (without it, 124 GiB per GPU),
+    """configs/7b-32k.yaml on 8 × 80 GiB: its own layout needs sp (without it, 123 GiB per GPU),
     and --suggest ranks sequence-parallel layouts first."""
     cfg = load_config("configs/7b-32k.yaml")
     seq = cfg.data.seq_len
