@@ -139,7 +139,7 @@ class Trainer:
         self.engine = engine = build_engine(cfg, None if resume_from or from_remote else cfg.model.init_from)
         if from_remote:
             resume_from = self.mirror.fetch(ckpt.checkpoint_root(cfg.run.path), engine)
-        elif self.mirror and cfg.run.resume == "auto" and resume_from and resume_from.name != self.mirror.reached:
+        elif self.mirror and cfg.run.resume == "auto" and resume_from and resume_from.name > (self.mirror.reached or ""):
             self.mirror.upload(resume_from, engine)  # the remote missed it (a job killed while uploading)
         self.loader = build_train_loader(cfg.data, cfg.data.micro_batch, cfg.train.grad_accum, dp_rank=engine.dp_rank,
                                          dp_size=engine.dp_size, seed=cfg.run.seed,

@@ -150,3 +150,16 @@ def test_a_stopped_server_warns_and_the_run_fails_at_the_end(stdlib_data, s3_ser
             "s3://stopped/r/step-0000002"]
     finally:
         s3_server.stop(tmp_path / "server")
+
+
+def test_a_local_resume_uploads_the_checkpoint_the_remote_missed(stdlib_data, tmp_path):
+    """The last job was killed before its upload finished: the next one uploads that checkpoint first."""
+    remote = str(tmp_path / "mirror")
+    loop.train(config(stdlib_data, tmp_path / "a", None, steps=2, every=2), console=False)  # nothing remote yet
+    cfg = config(stdlib_data, tmp_path / "a", remote, steps=4, every=2)
+    cfg.run.resume = "auto"
+    loop.train(cfg, console=False)
+    uploads = [r["checkpoint_remote"] for r in read_metrics(tmp_path / "a") if "checkpoint_upload_s" in r]
+    assert uploads == [f"{remote}/step-0000002", f"{remote}/step-0000004"]
+    assert remote_names(remote) == ["step-0000002", "step-0000004"]
+    assert read_remote(remote, "latest") == b"step-0000004\n"
