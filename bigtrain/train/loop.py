@@ -271,11 +271,11 @@ class Trainer:
 
     def save(self) -> Path:
         self.bad.check(self.step, self.run_dir)  # never save past the allowed run of bad steps
+        if self.mirror:  # one upload at a time; local pruning never removes files in flight
+            self.log_upload(self.mirror.wait(self.engine))
         saving = time.perf_counter()
         state = {"tokens": self.tokens, "loader": self.loader.state_dict(),
                  "bad_steps": self.bad.state_dict(self.engine.gate), **self.sinks.state()}
-        if self.mirror:  # one upload at a time; local pruning never removes files in flight
-            self.log_upload(self.mirror.wait(self.engine))
         path = ckpt.save_checkpoint(self.run_dir, self.step, self.engine, state, self.cfg, self.loader.tokenizer_path,
                                     self.cfg.checkpoint.keep_last)
         if self.engine.is_main:
