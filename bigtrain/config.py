@@ -180,9 +180,13 @@ class ParallelConfig:
 
 @dataclass
 class CheckpointConfig:
+    """Local checkpoints under `<run dir>/checkpoints/` and their mirror in object storage (`remote`)."""
+
     every: int = ranged(500, ge=1)
     keep_last: int | None = ranged(None, ge=1)  # None keeps every checkpoint
     verify: bool = True  # check every file's crc32c when resuming (each rank checks a share)
+    remote: str | None = None  # mirror every checkpoint to s3://bucket/prefix, gs://bucket/prefix or a directory
+    remote_retries: int = ranged(5, ge=0)  # retries of a failed upload/download, backoff 1, 2, 4 … s (at most 60)
 
 
 @dataclass

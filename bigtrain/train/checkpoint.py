@@ -34,6 +34,7 @@ from bigtrain.distributed.checkpoint_format import (
 from bigtrain.distributed.engine import Engine
 from bigtrain.errors import BigtrainError
 from bigtrain.model import Llama
+from bigtrain.train.object_store import is_remote
 
 CHUNK = 16 * 2**20  # bytes read at a time for checksums
 SHARE_PREFIX = ".files-"  # each rank's checksums during a save, merged into files.json
@@ -53,14 +54,21 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """Accept a checkpoint directory or a run directory (meaning its latest checkpoint)."""
+    """Accept a checkpoint directory, a run directory or its `checkpoints/` (meaning the latest
+    checkpoint), or the URL of a remote checkpoint or remote root (s3://, gs://: fetched into the
+    local cache and verified once)."""
+    if is_remote(path):
+        from bigtrain.train.mirror import cached_checkpoint  # mirror builds on this module
+
+        return cached_checkpoint(str(path))
     path = Path(path)
     if not path.exists():
         raise BigtrainError(f"checkpoint not found: {path}")
     if (path / STATE).is_file():
         return path
-    for run_dir in (path, path.parent):
-        latest = latest_checkpoint(run_dir)
+    for root in (checkpoint_root(path), path, checkpoint_root(path.parent)):
+        pointer = root / "latest"
+        latest = root / pointer.read_text().strip() if pointer.is_file() else None
         if latest is not None and (latest / STATE).is_file():
             return latest
     raise BigtrainError(f"{path} is neither a checkpoint nor a run directory with checkpoints/latest")
@@ -108,16 +116,21 @@ def save_checkpoint(
         kept = f"checkpoints/latest still names {latest.name}" if latest else "no checkpoint was written"
         raise BigtrainError(f"cannot save checkpoint {final}: {_first_line(e)}; {kept}") from None
     if engine.is_main:
-        pointer_tmp = root / ".latest.tmp"
-        pointer_tmp.write_text(name + "\n")
-        _fsync(pointer_tmp)
-        os.replace(pointer_tmp, root / "latest")
-        _fsync(root)
+        write_latest(root, name)
         if keep_last:
             for old in sorted(root.glob("step-*"))[:-keep_last]:
                 shutil.rmtree(old)
     engine.barrier()
     return final
+
+
+def write_latest(root: Path, name: str) -> None:
+    """Point `root/latest` at checkpoint `name` (atomically: written aside, fsync'd, renamed)."""
+    pointer_tmp = root / ".latest.tmp"
+    pointer_tmp.write_text(name + "\n")
+    _fsync(pointer_tmp)
+    os.replace(pointer_tmp, root / "latest")
+    _fsync(root)
 
 
 def load_checkpoint(checkpoint: Path, engine: Engine, verify: bool = True) -> dict[str, Any]:

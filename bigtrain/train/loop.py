@@ -27,6 +27,7 @@ from bigtrain.train import checkpoint as ckpt
 from bigtrain.train.bad_steps import BadSteps
 from bigtrain.train.host_memory import reuse_freed_memory
 from bigtrain.train.metrics import SpeedMeter, directory_size, peak_flops, peak_memory_gb
+from bigtrain.train.mirror import CheckpointMirror
 from bigtrain.train.run_lock import RunLock
 from bigtrain.train.schedule import lr_at
 from bigtrain.train.signals import StopRequest
@@ -58,8 +59,10 @@ def set_determinism(seed: int, cfg: TrainConfig) -> None:
     torch.utils.deterministic.fill_uninitialized_memory = False
 
 
-def find_resume_checkpoint(cfg: Config) -> Path | None:
-    """The checkpoint to start from; refuse to start over a run that already has checkpoints."""
+def find_resume_checkpoint(cfg: Config, mirror: CheckpointMirror | None = None) -> Path | None:
+    """The local checkpoint to start from; refuse to start over a run that already has checkpoints,
+    here or in its `mirror`. With run.resume=auto and no local checkpoint, the caller fetches the
+    mirror's latest."""
     run_dir, resume = cfg.run.path, cfg.run.resume
     if resume == "auto":
         return ckpt.latest_checkpoint(run_dir)
@@ -69,6 +72,9 @@ def find_resume_checkpoint(cfg: Config) -> Path | None:
         raise BigtrainError(
             f"{run_dir} already has checkpoints; pass run.resume=auto to continue it or choose another run.name"
         )
+    if mirror is not None and mirror.reached is not None:
+        raise BigtrainError(f"checkpoint.remote={mirror.url} already has checkpoints (latest {mirror.reached}); "
+                            "pass run.resume=auto to continue from it or choose another checkpoint.remote")
     return None
 
 
@@ -129,8 +135,14 @@ class Trainer:
         set_determinism(cfg.run.seed, cfg.train)
         if cfg.train.reuse_host_memory:
             reuse_freed_memory()
-        resume_from = find_resume_checkpoint(cfg)
-        self.engine = engine = build_engine(cfg, None if resume_from else cfg.model.init_from)
+        self.mirror = CheckpointMirror(cfg.checkpoint) if cfg.checkpoint.remote else None
+        resume_from = find_resume_checkpoint(cfg, self.mirror)
+        from_remote = resume_from is None and cfg.run.resume == "auto" and self.mirror and self.mirror.reached
+        self.engine = engine = build_engine(cfg, None if resume_from or from_remote else cfg.model.init_from)
+        if from_remote:
+            resume_from = self.mirror.fetch(ckpt.checkpoint_root(cfg.run.path), engine)
+        elif self.mirror and cfg.run.resume == "auto" and resume_from and resume_from.name > (self.mirror.reached or ""):
+            self.mirror.upload(resume_from, engine)  # the remote missed it (a job killed while uploading)
         self.loader = build_train_loader(cfg.data, cfg.data.micro_batch, cfg.train.grad_accum, dp_rank=engine.dp_rank,
                                          dp_size=engine.dp_size, seed=cfg.run.seed,
                                          model_vocab_size=cfg.model.vocab_size)
@@ -186,6 +198,9 @@ class Trainer:
                 if self.step % cfg.checkpoint.every == 0 or ending:
                     self.last_saved = self.save()
                 self.window_start += time.perf_counter() - paused
+            if self.mirror:
+                self.log_upload(self.mirror.wait(self.engine))
+                self.mirror.check_final()
         finally:
             self.sinks.close()
         if ending == "preempted":
@@ -235,6 +250,8 @@ class Trainer:
             "fp16_overflow_steps": engine.overflow_steps, "loss_scale": engine.loss_scale,
         })
         self.bad.check(self.step, self.run_dir)
+        if self.mirror:
+            self.log_upload(self.mirror.poll(engine))
         self.window_start, self.window_steps = time.perf_counter(), 0
 
     def validate(self) -> EvalResult | None:
@@ -256,6 +273,8 @@ class Trainer:
 
     def save(self) -> Path:
         self.bad.check(self.step, self.run_dir)  # never save past the allowed run of bad steps
+        if self.mirror:  # one upload at a time; local pruning never removes files in flight
+            self.log_upload(self.mirror.wait(self.engine))
         saving = time.perf_counter()
         state = {"tokens": self.tokens, "loader": self.loader.state_dict(),
                  "bad_steps": self.bad.state_dict(self.engine.gate), **self.sinks.state()}
@@ -265,4 +284,11 @@ class Trainer:
             self.sinks.log({"step": self.step, "checkpoint": path.name,
                             "checkpoint_save_s": time.perf_counter() - saving,
                             "checkpoint_gb": directory_size(path) / 2**30})
+        if self.mirror:
+            self.mirror.upload(path, self.engine)
         return path
+
+    def log_upload(self, record: dict | None) -> None:
+        """Log a checkpoint's arrival in `checkpoint.remote` (`checkpoint_upload_s`: rank 0's upload time)."""
+        if record is not None:
+            self.sinks.log({"step": self.step, **record})

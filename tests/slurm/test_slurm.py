@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import boto3
 import pytest
 import yaml
 
@@ -80,11 +81,9 @@ def test_plain_srun_one_task_per_process_matches_torchrun(torchrun_reference, st
     assert step_losses(tmp_path / "run") == pytest.approx(torchrun_reference, rel=1e-6)
 
 
-def test_preempted_job_saves_requeues_and_resumes_on_the_same_curve(torchrun_reference, stdlib_data, slurm_env,
-                                                                   tmp_path):
-    run_dir = tmp_path / "run"
-    config = write_config(tmp_path / "config.yaml", stdlib_data, run_dir)
-    job = sbatch({**slurm_env, "NPROC_PER_NODE": "2"}, tmp_path, str(REPO / "slurm" / "train.sbatch"), str(config))
+def preempt_and_requeue(slurm_env, job, run_dir, between=lambda: None) -> tuple[dict, str]:
+    """USR1 to train.sbatch mid-run, as before a time limit; once the job is requeued and its first
+    attempt has ended, `between()`, then start it at once. The finished job's info and log."""
     metrics = run_dir / "metrics.jsonl"
     deadline = time.monotonic() + 300
     watch = StartWatch(slurm_env, job)
@@ -103,9 +102,18 @@ def test_preempted_job_saves_requeues_and_resumes_on_the_same_curve(torchrun_ref
     while not all(f"[{job}.{step}] done with job" in slurmd_log.read_text() for step in ("batch", "0")):
         assert time.monotonic() < deadline, "the first attempt's steps did not end after the requeue"
         time.sleep(0.5)
+    between()
     subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=slurm_env, check=True)
     info = wait_for(slurm_env, job, finished)
-    log = (tmp_path / f"bigtrain-{job}.log").read_text()
+    return info, (run_dir.parent / f"bigtrain-{job}.log").read_text()
+
+
+def test_preempted_job_saves_requeues_and_resumes_on_the_same_curve(torchrun_reference, stdlib_data, slurm_env,
+                                                                   tmp_path):
+    run_dir = tmp_path / "run"
+    config = write_config(tmp_path / "config.yaml", stdlib_data, run_dir)
+    job = sbatch({**slurm_env, "NPROC_PER_NODE": "2"}, tmp_path, str(REPO / "slurm" / "train.sbatch"), str(config))
+    info, log = preempt_and_requeue(slurm_env, job, run_dir)
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", (info, log[-3000:])
 
     saved = [p.name for p in (run_dir / "checkpoints").glob("step-*")]
@@ -118,6 +126,30 @@ def test_preempted_job_saves_requeues_and_resumes_on_the_same_curve(torchrun_ref
     losses = step_losses(run_dir)
     assert sorted(losses) == list(range(1, STEPS + 1))
     assert losses == pytest.approx(torchrun_reference, rel=1e-6)
+
+
+def test_requeued_job_on_a_fresh_node_resumes_from_the_remote(torchrun_reference, stdlib_data, slurm_env, s3_server,
+                                                              s3_bucket, tmp_path):
+    """checkpoint.remote: the requeued attempt finds an empty run directory (the first attempt's
+    was on another node's disk: moved away here) and continues from the bucket on the same curve."""
+    run_dir, remote = tmp_path / "run", f"s3://{s3_bucket}/slurm"
+    config = write_config(tmp_path / "config.yaml", stdlib_data, run_dir)
+    cfg = yaml.safe_load(config.read_text())
+    cfg["checkpoint"]["remote"] = remote
+    config.write_text(yaml.safe_dump(cfg))
+    s3_env = {k: os.environ[k] for k in ("S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                                         "AWS_DEFAULT_REGION")}
+    job = sbatch({**slurm_env, **s3_env, "NPROC_PER_NODE": "2"}, tmp_path, str(REPO / "slurm" / "train.sbatch"),
+                 str(config))
+    info, log = preempt_and_requeue(slurm_env, job, run_dir, between=lambda: run_dir.rename(tmp_path / "first"))
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", (info, log[-3000:])
+    first, second = step_losses(tmp_path / "first"), step_losses(run_dir)
+    preempted_at = max(first)
+    assert sorted(second) == list(range(preempted_at + 1, STEPS + 1))  # nothing retrained, nothing skipped
+    assert {**first, **second} == pytest.approx(torchrun_reference, rel=1e-6)
+    client = boto3.client("s3", endpoint_url=s3_server)
+    assert client.get_object(Bucket=s3_bucket, Key="slurm/latest")["Body"].read() == f"step-{STEPS:07d}\n".encode()
+    assert f"uploaded {remote}/step-{preempted_at:07d}" in log
 
 
 def test_sweep_array_trains_every_config_of_runs_txt(stdlib_data, slurm_env, tmp_path):

@@ -61,6 +61,8 @@ def format_record(r: dict[str, Any]) -> str:
     if tasks:
         took = [f"{r['eval_tasks_s']:.1f} s"] if "eval_tasks_s" in r else []
         return " | ".join([head, *(f"{name} {value:.4f}" for name, value in tasks.items()), *took])
+    if "checkpoint_upload_s" in r:
+        return f"{head} | uploaded {r['checkpoint_remote']} in {r['checkpoint_upload_s']:.1f} s"
     if "checkpoint_save_s" in r:
         return f"{head} | saved {r['checkpoint']} ({r['checkpoint_gb']:.3f} GB in {r['checkpoint_save_s']:.1f} s)"
     parts = [head, f"loss {r['loss']:.4f}", f"lr {r['lr']:.2e}", f"gnorm {r['grad_norm']:.3f}",
