@@ -64,15 +64,16 @@ def _assert_same_on_all_ranks(x: torch.Tensor, group: dist.ProcessGroup) -> None
         assert torch.equal(other, x)
 
 
-def _check_parity(cfg_overrides: dict, group: dist.ProcessGroup) -> None:
-    """Forward, backward, gradient norm and three AdamW steps: TP model vs the full model."""
+def _check_parity(cfg_overrides: dict, group: dist.ProcessGroup, sequence_parallel: bool = False) -> None:
+    """Forward, backward, gradient norm and three AdamW steps: TP model (with or without sequence
+    parallelism) vs the full model."""
     from deepspeed.runtime.utils import is_model_parallel_parameter
 
     cfg = small_model_config(**SHAPE, **cfg_overrides)
     rank, tp = dist.get_rank(group), dist.get_world_size(group)
     torch.manual_seed(0)
     full = Llama(cfg)
-    model = apply_tensor_parallel(copy.deepcopy(full), group)
+    model = apply_tensor_parallel(copy.deepcopy(full), group, sequence_parallel)
     if cfg.tie_embeddings:
         assert model.layers[-1].lm_head.weight is model.layers[0].embed_tokens.weight
     full_opt = torch.optim.AdamW(full.parameters(), lr=1e-2, weight_decay=0.1)
@@ -86,6 +87,8 @@ def _check_parity(cfg_overrides: dict, group: dist.ProcessGroup) -> None:
         full_loss = lm_loss(full_logits, targets)
         logits = model(inputs)
         loss = vocab_parallel_cross_entropy(logits, targets, group)
+        residual = model.layers[0](inputs)  # the residual stream: whole, or this rank's tokens under SP
+        assert residual.shape[1] == inputs.shape[1] // (tp if sequence_parallel else 1)
         assert logits.shape[-1] == cfg.vocab_size // tp
         torch.testing.assert_close(_gather(logits, -1, group), full_logits, rtol=0, atol=1e-5)
         torch.testing.assert_close(loss, full_loss, rtol=1e-6 if step == 0 else 1e-5, atol=0)
@@ -137,16 +140,18 @@ def _check_cross_entropy(group: dist.ProcessGroup) -> None:
 
 def _tp2_suite() -> None:
     _check_cross_entropy(dist.group.WORLD)
-    _check_parity(GQA, dist.group.WORLD)  # one KV head and two query heads per rank
-    _check_parity({**GQA, "tie_embeddings": True}, dist.group.WORLD)
+    for sequence_parallel in (False, True):
+        _check_parity(GQA, dist.group.WORLD, sequence_parallel)  # one KV head and two query heads per rank
+        _check_parity({**GQA, "tie_embeddings": True}, dist.group.WORLD, sequence_parallel)
 
 
 def _tp4_suite() -> None:
-    _check_parity({"n_heads": 4, "n_kv_heads": 4}, dist.group.WORLD)
+    for sequence_parallel in (False, True):
+        _check_parity({"n_heads": 4, "n_kv_heads": 4}, dist.group.WORLD, sequence_parallel)
     # Two TP groups of 2 side by side, as under data parallelism: ranks within a group count.
     tp2 = _tp_group(2)
     _check_cross_entropy(tp2)
-    _check_parity({**GQA, "tie_embeddings": True}, tp2)
+    _check_parity({**GQA, "tie_embeddings": True}, tp2, sequence_parallel=True)
 
 
 @pytest.mark.distributed
