@@ -75,10 +75,9 @@ class DeepSpeedEngine:
         self.topology = topology
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
         self.timer = PhaseTimer(self.device)
-        self.loss_fn = lm_loss  # the pipeline engine's (its last stage gets logits)
-        if topology.tp > 1:
+        self.loss_fn = lm_loss  # the pipeline engine's (its last stage gets logits); otherwise the head
+        if topology.tp > 1:  # computes the loss chunk by chunk, vocab-parallel under tp > 1
             self.loss_fn = partial(vocab_parallel_cross_entropy, group=topology.tp_group)
-        self.loss_in_model = topology.tp == 1  # the head computes it chunk by chunk (`linear_cross_entropy`)
         stage = model if isinstance(model, Stage) else model_stage(model, topology)
         self.cfg, self.param_names = cfg, stage.param_names()
         self.pipelined = topology.pp > 1
@@ -98,8 +97,14 @@ class DeepSpeedEngine:
         if compile_enabled(cfg.train.compile, self.device):
             compile_blocks(stage.owned)
         optimizer = build_adamw(module, cfg.train)
+        ds_config = deepspeed_config(cfg, topology.dp)
+        if self.pipelined and topology.sequence_parallel:
+            # the stages pass sequence shards, different on each tp rank: send them whole (DeepSpeed
+            # would send a 1/tp slice of each and rebuild a tensor the tp ranks share)
+            ds_config["pipeline"] = {**ds_config.get("pipeline", {}), "pipe_partitioned": False,
+                                     "grad_partitioned": False}
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
-            model=module.to(self.device), optimizer=optimizer, config=deepspeed_config(cfg, topology.dp),
+            model=module.to(self.device), optimizer=optimizer, config=ds_config,
             mpu=None if self.pipelined else topology.grid,
         )
         self.model = self.engine.module
@@ -176,9 +181,7 @@ class DeepSpeedEngine:
         return StepOutput(loss=loss, grad_norm=norm, skipped=skipped)
 
     def _loss(self, tokens: torch.Tensor) -> torch.Tensor:
-        if self.loss_in_model:
-            return self.engine(tokens[:, :-1], tokens[:, 1:])
-        return self.loss_fn(self.engine(tokens[:, :-1]), tokens[:, 1:])
+        return self.engine(tokens[:, :-1], tokens[:, 1:])
 
     def mean_over_dp(self, losses: torch.Tensor, force: bool = False) -> torch.Tensor:
         """Per-step losses of this rank averaged over the data-parallel group (one collective for

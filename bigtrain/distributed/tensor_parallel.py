@@ -3,7 +3,8 @@ parallel layer, which keeps this rank's slice of the full, already initialised w
 
 The input of each column-parallel region (attention, MLP, head) is copied in once, so the
 backward all-reduces once per region rather than once per projection. The logits stay
-vocab-sharded: use `vocab_parallel_cross_entropy` instead of `lm_loss`.
+vocab-sharded: given targets the head returns the vocab-parallel loss itself; on logits use
+`vocab_parallel_cross_entropy` instead of `lm_loss`.
 
 With `sequence_parallel` (Megatron-style, `parallel.tp_sequence_parallel`) the residual stream,
 the RMSNorms and the element-wise work between regions hold t/tp tokens per rank: the embedding
@@ -35,7 +36,7 @@ def shard_layer(layer: nn.Module, group: dist.ProcessGroup, sequence_parallel: b
         for name, child in list(parent.named_children()):
             if name in TP_PLAN:
                 parallel = TP_PLAN[name]
-                extra = {} if parallel is ColumnParallelLinear else {"sequence_parallel": sequence_parallel}
+                extra = {} if issubclass(parallel, ColumnParallelLinear) else {"sequence_parallel": sequence_parallel}
                 setattr(parent, name, parallel(child, group, **extra))
             elif sequence_parallel and isinstance(child, RMSNorm):
                 reduce_grad_over_tp(child.weight, group)

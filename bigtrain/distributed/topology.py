@@ -21,7 +21,7 @@ from bigtrain import compat
 from bigtrain.config import Config
 from bigtrain.distributed import heartbeat
 from bigtrain.distributed.device import pick_device
-from bigtrain.distributed.layout import check_layout
+from bigtrain.distributed.layout import check_layout, sequence_parallel
 
 
 @dataclass(frozen=True)
@@ -74,6 +74,7 @@ class Topology:
     pp: int
     process_topology: object  # deepspeed PipeModelDataParallelTopology: rank ↔ (pipe, data, model)
     grid: object  # deepspeed PipelineParallelGrid over it: the mpu handed to deepspeed.initialize
+    sequence_parallel: bool = False  # the tp ranks also split the sequence (layout.sequence_parallel)
 
     @property
     def dp_rank(self) -> int:
@@ -113,4 +114,4 @@ def init_topology(cfg: Config) -> Topology:
     heartbeat.start(env.rank, env.world_size)
     topology = PipeModelDataParallelTopology(num_pp=cfg.parallel.pp, num_mp=cfg.parallel.tp, num_dp=dp)
     return Topology(env=env, dp=dp, tp=cfg.parallel.tp, pp=cfg.parallel.pp, process_topology=topology,
-                    grid=PipelineParallelGrid(topology))
+                    grid=PipelineParallelGrid(topology), sequence_parallel=sequence_parallel(cfg))

@@ -57,13 +57,19 @@ LAYOUTS = {
                                                      "parallel.activation_checkpointing=selective",
                                                      "parallel.activation_checkpointing_every=2"]),
     "dp2-zero2-compiled": (2, ["parallel.zero_stage=2", "train.compile=true", "data.micro_batch=4"]),
-    "tp2": (2, ["parallel.tp=2"]),
-    "tp2-compiled": (2, ["parallel.tp=2", "train.compile=true"]),
+    "tp2": (2, ["parallel.tp=2", "parallel.tp_sequence_parallel=false"]),
+    "tp2-sp": (2, ["parallel.tp=2"]),  # sequence parallelism is on by default with tp > 1
+    "tp2-sp-compiled": (2, ["parallel.tp=2", "train.compile=true"]),
     "pp2": (2, ["parallel.pp=2", "data.micro_batch=4", "train.grad_accum=2"]),
     "pp2-checkpointing-compiled": (2, ["parallel.pp=2", "data.micro_batch=4", "train.grad_accum=2",
                                        "parallel.activation_checkpointing=full", "train.compile=true"]),
-    "tp2-dp2": (4, ["parallel.tp=2", "parallel.zero_stage=1", "data.micro_batch=4"]),
-    "tp2-pp2": (4, ["parallel.tp=2", "parallel.pp=2", "data.micro_batch=2", "train.grad_accum=4"]),
+    "tp2-sp-dp2-zero1": (4, ["parallel.tp=2", "parallel.zero_stage=1", "data.micro_batch=4"]),
+    "tp2-sp-dp2-zero2-selective-checkpointing": (4, ["parallel.tp=2", "parallel.zero_stage=2", "data.micro_batch=4",
+                                                     "parallel.activation_checkpointing=selective"]),
+    "tp2-sp-dp2-zero3": (4, ["parallel.tp=2", "parallel.zero_stage=3", "data.micro_batch=4"]),
+    "tp2-pp2": (4, ["parallel.tp=2", "parallel.tp_sequence_parallel=false", "parallel.pp=2", "data.micro_batch=2",
+                    "train.grad_accum=4"]),
+    "tp2-sp-pp2": (4, ["parallel.tp=2", "parallel.pp=2", "data.micro_batch=2", "train.grad_accum=4"]),
     "pp2-dp2-zero1": (4, ["parallel.pp=2", "parallel.zero_stage=1", "data.micro_batch=2", "train.grad_accum=2"]),
 }
 

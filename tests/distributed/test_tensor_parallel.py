@@ -14,7 +14,11 @@ from bigtrain.distributed.layout import check_tensor_parallel
 from bigtrain.distributed.tensor_parallel import apply_tensor_parallel
 from bigtrain.errors import BigtrainError
 from bigtrain.model import Llama, lm_loss
-from bigtrain.model.tensor_parallel import vocab_parallel_cross_entropy
+from bigtrain.model.loss import linear_cross_entropy
+from bigtrain.model.tensor_parallel import (
+    vocab_parallel_cross_entropy,
+    vocab_parallel_linear_cross_entropy,
+)
 from tests.helpers import small_model_config
 
 SHAPE = {"vocab_size": 96, "ffn_hidden": 64}
@@ -87,6 +91,9 @@ def _check_parity(cfg_overrides: dict, group: dist.ProcessGroup, sequence_parall
         full_loss = lm_loss(full_logits, targets)
         logits = model(inputs)
         loss = vocab_parallel_cross_entropy(logits, targets, group)
+        if step % 2:  # the head's own loss, chunk by chunk (what the engine runs), on alternate steps
+            logits = logits.detach()
+            loss = model(inputs, targets)
         residual = model.layers[0](inputs)  # the residual stream: whole, or this rank's tokens under SP
         assert residual.shape[1] == inputs.shape[1] // (tp if sequence_parallel else 1)
         assert logits.shape[-1] == cfg.vocab_size // tp
@@ -138,8 +145,30 @@ def _check_cross_entropy(group: dist.ProcessGroup) -> None:
     torch.testing.assert_close(shard.grad, expected_grad, rtol=0, atol=1e-6)
 
 
+def _check_linear_cross_entropy(group: dist.ProcessGroup) -> None:
+    """The chunked vocab-parallel head + loss equals `linear_cross_entropy` on the full weight:
+    loss, the hidden states' gradient (summed over ranks, as the head's region entry does) and
+    this rank's slice of the weight's gradient, for chunks that do and do not divide the tokens."""
+    rank, tp = dist.get_rank(group), dist.get_world_size(group)
+    torch.manual_seed(0)
+    hidden = torch.randn(3, 10, 16, requires_grad=True)
+    weight = (0.5 * torch.randn(24, 16)).requires_grad_()
+    targets = torch.randint(0, 24, (3, 10))
+    expected = linear_cross_entropy(hidden, weight, targets)
+    expected_grads = torch.autograd.grad(2.5 * expected, (hidden, weight))
+    for chunk in (1, 7, None):
+        h, w = hidden.detach().clone().requires_grad_(), weight.detach().chunk(tp)[rank].clone().requires_grad_()
+        loss = vocab_parallel_linear_cross_entropy(h, w, targets, group, chunk)
+        grad_h, grad_w = torch.autograd.grad(2.5 * loss, (h, w))
+        dist.all_reduce(grad_h, group=group)
+        torch.testing.assert_close(loss, expected, rtol=1e-6, atol=0)
+        torch.testing.assert_close(grad_h, expected_grads[0], rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(grad_w, expected_grads[1].chunk(tp)[rank], rtol=1e-6, atol=1e-7)
+
+
 def _tp2_suite() -> None:
     _check_cross_entropy(dist.group.WORLD)
+    _check_linear_cross_entropy(dist.group.WORLD)
     for sequence_parallel in (False, True):
         _check_parity(GQA, dist.group.WORLD, sequence_parallel)  # one KV head and two query heads per rank
         _check_parity({**GQA, "tie_embeddings": True}, dist.group.WORLD, sequence_parallel)
@@ -151,6 +180,7 @@ def _tp4_suite() -> None:
     # Two TP groups of 2 side by side, as under data parallelism: ranks within a group count.
     tp2 = _tp_group(2)
     _check_cross_entropy(tp2)
+    _check_linear_cross_entropy(tp2)
     _check_parity({**GQA, "tie_embeddings": True}, tp2, sequence_parallel=True)
 
 
