@@ -130,11 +130,65 @@ def reduce_region_output(x: torch.Tensor, group: dist.ProcessGroup, sequence_par
     return (reduce_scatter_to_sequence_region if sequence_parallel else reduce_from_tp_region)(x, group)
 
 
+class _Regather:
+    """A sequence-parallel region's gathered input as its column-parallel matmuls keep it for the
+    backward: this rank's shard, gathered again by the first of them and dropped after the last."""
+
+    def __init__(self, group: dist.ProcessGroup):
+        self.group, self.users, self.full = group, 0, None
+
+    def gather(self, shard: torch.Tensor) -> torch.Tensor:
+        if self.full is None:
+            self.full = _all_gather_sequence(shard, self.group)
+        return self.full
+
+    def release(self) -> None:
+        self.users -= 1
+        if self.users == 0:
+            self.full = None
+
+
+class _LinearKeepingShard(torch.autograd.Function):
+    """`F.linear` of a region's gathered input that saves the input's sequence shard, not the
+    gathered tensor: Megatron's sequence-parallel linear (t/tp tokens of the input kept, not t)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, shard: torch.Tensor, regather: _Regather):
+        regather.users += 1
+        ctx.regather = regather
+        ctx.save_for_backward(weight, shard)
+        return F.linear(x, weight)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        weight, shard = ctx.saved_tensors
+        full = ctx.regather.gather(shard)
+        grad_weight = grad.flatten(0, -2).t() @ full.flatten(0, -2)
+        ctx.regather.release()
+        return grad @ weight, grad_weight, None, None
+
+
 def enter_region_on_input(module: nn.Module, group: dist.ProcessGroup, sequence_parallel: bool = False) -> None:
-    """Pass `module`'s first input through `copy_to_tp_region`, or under sequence parallelism
-    `gather_from_sequence_region` (as torchtitan's PrepareModuleInput)."""
-    enter = gather_from_sequence_region if sequence_parallel else copy_to_tp_region
-    module.register_forward_pre_hook(lambda _, args: (enter(args[0], group), *args[1:]))
+    """Pass `module`'s first input through `copy_to_tp_region` (as torchtitan's PrepareModuleInput),
+    or under sequence parallelism `gather_from_sequence_region`, with the region's column-parallel
+    linears told to keep only the shard for their backward."""
+    if not sequence_parallel:
+        module.register_forward_pre_hook(lambda _, args: (copy_to_tp_region(args[0], group), *args[1:]))
+        return
+    linears = [m for m in module.modules() if isinstance(m, ColumnParallelLinear)]
+
+    def enter(_, args):
+        kept = (args[0].detach(), _Regather(group)) if torch.is_grad_enabled() else None
+        for linear in linears:
+            linear.kept_input = kept
+        return gather_from_sequence_region(args[0], group), *args[1:]
+
+    def leave(*_):
+        for linear in linears:
+            linear.kept_input = None
+
+    module.register_forward_pre_hook(enter)
+    module.register_forward_hook(leave)
 
 
 def reduce_grad_over_tp(param: nn.Parameter, group: dist.ProcessGroup) -> None:
@@ -173,9 +227,12 @@ class ColumnParallelLinear(nn.Module):
     def __init__(self, linear: nn.Linear, group: dist.ProcessGroup):
         super().__init__()
         self.weight = _shard(linear.weight, self.split_dim, group)
+        self.kept_input: tuple[torch.Tensor, _Regather] | None = None  # set by a sequence-parallel entry
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight)
+        if self.kept_input is None:
+            return F.linear(x, self.weight)
+        return _LinearKeepingShard.apply(x, self.weight, *self.kept_input)
 
 
 class VocabParallelLMHead(ColumnParallelLinear):

@@ -167,6 +167,8 @@ def _check_linear_cross_entropy(group: dist.ProcessGroup) -> None:
 
 
 def _tp2_suite() -> None:
+    _count_block_collectives()
+    _measure_activation_memory()
     _check_cross_entropy(dist.group.WORLD)
     _check_linear_cross_entropy(dist.group.WORLD)
     for sequence_parallel in (False, True):
@@ -182,6 +184,72 @@ def _tp4_suite() -> None:
     _check_cross_entropy(tp2)
     _check_linear_cross_entropy(tp2)
     _check_parity({**GQA, "tie_embeddings": True}, tp2, sequence_parallel=True)
+
+
+def _count_block_collectives() -> None:
+    """One block's forward + backward under tp=2: all-reduces of the activations without sequence
+    parallelism; with it, all-gathers and reduce-scatters of them (the backward gathers each
+    region's input again, as only its shard was kept), and all-reduces only of the two RMSNorm
+    weights' gradients."""
+    counted: list[tuple[str, int]] = []
+    originals = {name: getattr(dist, name) for name in ("all_reduce", "all_gather_single", "reduce_scatter_single")}
+
+    def counting(name):
+        def wrapper(*args, **kwargs):
+            counted.append((name, max(a.numel() for a in args if isinstance(a, torch.Tensor))))
+            return originals[name](*args, **kwargs)
+        return wrapper
+
+    cfg = small_model_config(**SHAPE, **GQA)
+    b, t, d = 2, 8, cfg.d_model
+    for sequence_parallel in (False, True):
+        torch.manual_seed(0)
+        block = apply_tensor_parallel(Llama(cfg), dist.group.WORLD, sequence_parallel).layers[1]
+        x = torch.randn(b, t // 2 if sequence_parallel else t, d, requires_grad=True)
+        counted.clear()
+        for name in originals:
+            setattr(dist, name, counting(name))
+        try:
+            block(x).sum().backward()
+        finally:
+            for name, fn in originals.items():
+                setattr(dist, name, fn)
+        if sequence_parallel:  # each gather/scatter has the block's full [b, t, d] on one side
+            assert sorted(counted) == sorted([("all_gather_single", b * t * d)] * 6
+                                             + [("reduce_scatter_single", b * t * d)] * 4
+                                             + [("all_reduce", d)] * 2)
+        else:
+            assert counted == [("all_reduce", b * t * d)] * 4
+
+
+def saved_activation_bytes(layers, x: torch.Tensor) -> int:
+    """Bytes of the distinct tensors autograd keeps for the backward of `layers` applied to `x`,
+    parameters and buffers left out (what activation memory is)."""
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        for layer in layers:
+            x = layer(x)
+    weights = {t.untyped_storage().data_ptr() for layer in layers for t in (*layer.parameters(), *layer.buffers())}
+    return sum(n for ptr, n in storages.items() if ptr not in weights)
+
+
+def _measure_activation_memory() -> None:
+    """Sequence parallelism keeps the blocks' norms, residuals and region inputs as t/tp tokens."""
+    cfg = small_model_config(**SHAPE, **GQA)
+    saved = {}
+    for sequence_parallel in (False, True):
+        torch.manual_seed(0)
+        model = apply_tensor_parallel(Llama(cfg), dist.group.WORLD, sequence_parallel)
+        tokens = torch.randint(0, cfg.vocab_size, (2, 16))
+        saved[sequence_parallel] = saved_activation_bytes(model.layers[1:-1], model.layers[0](tokens))
+    print(f"rank {dist.get_rank()}: blocks' saved activations {saved[False]} bytes without sequence "
+          f"parallelism, {saved[True]} with it")
+    assert saved[True] < 0.75 * saved[False]
 
 
 @pytest.mark.distributed
