@@ -69,7 +69,8 @@ def plan_report(cfg: Config, gpus: int, gpu_mem_gib: float, gpus_per_node: int, 
     variants = [(name, v) for name, v in variants if layout.pp == 1 or v.zero <= 1]
     plans = [planner.memory_plan(m, seq, precision, v) for _, v in variants]
     layers = -(-m.n_layers // layout.pp)
-    no_ckpt, selective, ckpt = (planner.activation_bytes(m, seq, layout.micro_batch, layout.tp, layers, mode)
+    no_ckpt, selective, ckpt = (planner.activation_bytes(m, seq, layout.micro_batch, layout.tp, layers, mode,
+                                                         sequence_parallel=layout.sequence_parallel)
                                 for mode in ("none", "selective", "full"))
     global_batch = layout.micro_batch * layout.grad_accum * layout.dp
     width = 12

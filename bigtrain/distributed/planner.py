@@ -16,11 +16,13 @@ against real allocations on 2 ranks in tests/distributed/test_memory_plan.py:
   ZeRO keeps only the two moments (8 bytes);
 - buffers: ZeRO's gradient reduce bucket (DeepSpeed's default 5e8 elements, allocated whatever
   the model size) and, under ZeRO-3, the parameter prefetch bucket and one gathered block;
-- activations per micro-batch (bf16, flash attention, no sequence parallelism), per layer and
-  token: 2·(4h + (3h + 4·kv + 4f)/tp) bytes — norm inputs/outputs, q/k/v before and after RoPE,
-  the attention output, SwiGLU's four ffn-wide tensors — or 2h with activation checkpointing
-  (plus one block recomputed); logits 6·vocab/tp bytes per token (bf16 and the fp32 copy for
-  the loss). 1F1B keeps up to min(pp, micro-batches) micro-batches in flight on the first stage.
+- activations per micro-batch (bf16, flash attention), per layer and token:
+  2·(4h/s + (3h + 4·kv + 4f)/tp) bytes — norm inputs/outputs, q/k/v before and after RoPE,
+  the attention output, SwiGLU's four ffn-wide tensors — or 2h/s with activation checkpointing
+  (plus one block recomputed), where s = tp under tensor sequence parallelism (the norms,
+  residuals and region inputs hold t/tp tokens) and 1 otherwise; logits 6·vocab/tp bytes per
+  token (bf16 and the fp32 copy for the loss). 1F1B keeps up to min(pp, micro-batches)
+  micro-batches in flight on the first stage.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from bigtrain.distributed.layout import (
     grad_accum_for,
     layout_problem,
     max_blocks_per_stage,
+    sequence_parallel,
 )
 from bigtrain.errors import BigtrainError
 from bigtrain.model.flops import count_params, flops_per_token
@@ -61,11 +64,13 @@ class Layout:
     activation_checkpointing: bool | str = False  # false/none, true/full or selective
     checkpoint_every: int = 1
     local: bool = False  # the local engine: fp32 weights, gradients and AdamW moments, bf16 autocast
+    sequence_parallel: bool = False  # parallel.tp_sequence_parallel with tp > 1
 
     def describe(self) -> str:
         mode = checkpointing_mode(self.activation_checkpointing)
         every = f"/{self.checkpoint_every}" if self.checkpoint_every > 1 else ""
-        flags = "".join([" offload" if self.offload else "", f" act-ckpt={mode}{every}" if mode != "none" else "",
+        flags = "".join([" seq-parallel" if self.sequence_parallel else "", " offload" if self.offload else "",
+                         f" act-ckpt={mode}{every}" if mode != "none" else "",
                          " (local engine)" if self.local else ""])
         return (f"dp={self.dp} tp={self.tp} pp={self.pp} zero={self.zero} "
                 f"micro_batch={self.micro_batch} grad_accum={self.grad_accum}{flags}")
@@ -113,14 +118,17 @@ def stage_params(m: ModelConfig, tp: int, pp: int) -> int:
 
 
 def activation_bytes(m: ModelConfig, seq_len: int, micro_batch: int, tp: int, layers: int,
-                     checkpointing: bool | str = False, every: int = 1) -> float:
+                     checkpointing: bool | str = False, every: int = 1, sequence_parallel: bool = False) -> float:
     """Saved activations of one micro-batch over `layers` blocks plus the logits (bf16), with
-    activation checkpointing (none, full or selective) of every `every`-th block."""
+    activation checkpointing (none, full or selective) of every `every`-th block; under sequence
+    parallelism the d_model-wide tensors between the regions hold t/tp tokens."""
     h, kv, f = m.d_model, m.kv_heads * m.head_dim, m.ffn_dim
-    block = 2 * (4 * h + (3 * h + 4 * kv + 4 * f) / tp)
+    s = tp if sequence_parallel else 1
+    block = 2 * (4 * h / s + (3 * h + 4 * kv + 4 * f) / tp)
     mode = checkpointing_mode(checkpointing)
     checkpointed = 0 if mode == "none" else -(-layers // every)
-    kept = 2 * h if mode == "full" else 2 * (3 * h + (2 * h + 2 * kv + 2 * f) / tp)  # selective: matmul outputs
+    # selective keeps the matmul outputs: d_model-wide ones (block input, o_proj, down_proj) are sharded by s
+    kept = 2 * h / s if mode == "full" else 2 * (3 * h / s + (2 * h + 2 * kv + 2 * f) / tp)
     per_token = checkpointed * kept + (layers - checkpointed) * block + (block if checkpointed else 0)
     return micro_batch * seq_len * (per_token + 6 * m.vocab_size / tp)
 
@@ -160,7 +168,7 @@ def memory_plan(m: ModelConfig, seq_len: int, precision: str, layout: Layout) ->
         buffers += PREFETCH_BUCKET * p_bytes + block * p_bytes
     layers = max_blocks_per_stage(m.n_layers, layout.pp)
     one = activation_bytes(m, seq_len, layout.micro_batch, layout.tp, layers, layout.activation_checkpointing,
-                           layout.checkpoint_every)
+                           layout.checkpoint_every, layout.sequence_parallel)
     in_flight = min(layout.pp, layout.grad_accum) if layout.pp > 1 else 1
     offloaded = layout.offload and zero >= 1
     return MemoryPlan(params=params, grads=grads, grads_at_step=grads_at_step,
@@ -180,8 +188,11 @@ def step_time(m: ModelConfig, seq_len: int, precision: str, layout: Layout, peak
     if layout.pp > 1:
         compute *= 1 + (layout.pp - 1) / layout.grad_accum
     t = compute
-    if layout.tp > 1:  # 2 all-reduces forward, 2 backward per block, of the block's activations
-        volume = 4 * 2 * (layout.tp - 1) / layout.tp * tokens_per_gpu_row * m.d_model * p_bytes
+    if layout.tp > 1:  # 2 all-reduces forward, 2 backward per block, of the block's activations (each
+        # as much traffic as 2 all-gathers or reduce-scatters); sequence parallelism: 4 of those
+        # forward, 6 backward (each region's input is gathered again)
+        units = 10 if layout.sequence_parallel else 8
+        volume = units * (layout.tp - 1) / layout.tp * tokens_per_gpu_row * m.d_model * p_bytes
         t += volume * max_blocks_per_stage(m.n_layers, layout.pp) / INTRA_NODE_BW
     if layout.dp > 1:
         n = stage_params(m, layout.tp, layout.pp)
@@ -207,7 +218,7 @@ def config_layout(cfg: Config, gpus: int) -> Layout:
     return Layout(dp=dp, tp=p.tp, pp=p.pp, zero=p.zero_stage, micro_batch=cfg.data.micro_batch,
                   grad_accum=grad_accum_for(cfg, dp), offload=p.offload_optimizer,
                   activation_checkpointing=p.activation_checkpointing, checkpoint_every=p.activation_checkpointing_every,
-                  local=p.engine == "local" and gpus == 1)
+                  local=p.engine == "local" and gpus == 1, sequence_parallel=sequence_parallel(cfg))
 
 
 def candidate_layouts(cfg: Config, gpus: int, gpus_per_node: int) -> list[Layout]:
@@ -230,7 +241,8 @@ def candidate_layouts(cfg: Config, gpus: int, gpus_per_node: int) -> list[Layout
                     continue
                 for offload, checkpointing in itertools.product((False, True) if zero else (False,),
                                                                 (False, "selective", True)):
-                    out.append(Layout(dp, tp, pp, zero, micro_batch, per_replica // micro_batch, offload, checkpointing))
+                    out.append(Layout(dp, tp, pp, zero, micro_batch, per_replica // micro_batch, offload, checkpointing,
+                                      sequence_parallel=sequence_parallel(probe)))
     return out
 
 

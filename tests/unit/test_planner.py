@@ -8,6 +8,7 @@ from bigtrain.distributed.planner import (
     REDUCE_BUCKET,
     Layout,
     activation_bytes,
+    config_layout,
     fits,
     memory_plan,
     stage_params,
@@ -69,6 +70,23 @@ def test_activations_by_hand():
     # 1F1B: the first of 2 stages holds 2 micro-batches of its 2 layers
     plan = memory_plan(SHAPE, 32, "bf16", Layout(dp=1, pp=2, micro_batch=2, grad_accum=4))
     assert plan.activations == 2 * activation_bytes(SHAPE, 32, 2, tp=1, layers=2, checkpointing=False)
+
+
+def test_sequence_parallelism_divides_the_d_model_wide_activations_by_tp():
+    # tp=2, per token and layer: 2·(4h/2 + (3h + 4·kv + 4f)/2) = 2·(128 + 1344/2) = 1600 bytes, not 2·(256 + 672)
+    assert activation_bytes(SHAPE, 32, 2, tp=2, layers=4, sequence_parallel=True) == 2 * 32 * (4 * 1600 + 3 * 512)
+    assert activation_bytes(SHAPE, 32, 2, tp=2, layers=4) == 2 * 32 * (4 * 1856 + 3 * 512)
+    # full checkpointing keeps each block's input: t/tp tokens of it
+    assert activation_bytes(SHAPE, 32, 2, tp=2, layers=4, checkpointing=True, sequence_parallel=True) == (
+        2 * 32 * (4 * 64 + 1600 + 3 * 512))
+    on, off = (memory_plan(SHAPE, 32, "bf16", Layout(dp=1, tp=2, micro_batch=2, sequence_parallel=sp))
+               for sp in (True, False))
+    assert off.activations - on.activations == 2 * 32 * 4 * (1856 - 1600)
+    cfg = load_config("configs/7b.yaml", ["parallel.tp=2"])
+    assert config_layout(cfg, 2).sequence_parallel  # on by default with tp > 1
+    assert not config_layout(load_config("configs/7b.yaml", ["parallel.tp=2", "parallel.tp_sequence_parallel=false"]),
+                             2).sequence_parallel
+    assert "seq-parallel" in config_layout(cfg, 2).describe()
 
 
 def test_suggest_ranks_only_layouts_that_fit():
