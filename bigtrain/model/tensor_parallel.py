@@ -178,14 +178,17 @@ def enter_region_on_input(module: nn.Module, group: dist.ProcessGroup, sequence_
     linears = [m for m in module.modules() if isinstance(m, ColumnParallelLinear)]
 
     def enter(_, args):
-        kept = (args[0].detach(), _Regather(group)) if torch.is_grad_enabled() else None
-        for linear in linears:
-            linear.kept_input = kept
+        # a compiled block keeps the gathered input instead: dynamo cannot trace the shared re-gather
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            kept = args[0].detach(), _Regather(group)
+            for linear in linears:
+                linear.kept_input = kept
         return gather_from_sequence_region(args[0], group), *args[1:]
 
     def leave(*_):
-        for linear in linears:
-            linear.kept_input = None
+        if not torch.compiler.is_compiling():
+            for linear in linears:
+                linear.kept_input = None
 
     module.register_forward_pre_hook(enter)
     module.register_forward_hook(leave)

@@ -252,6 +252,33 @@ def _measure_activation_memory() -> None:
     assert saved[True] < 0.75 * saved[False]
 
 
+def _compile_sequence_parallel_block() -> None:
+    """A compiled sequence-parallel block: one graph, no graph break, the eager block's output and
+    input gradient (compiled, its column linears keep the gathered input rather than the shard)."""
+    import torch._dynamo as dynamo
+
+    torch.manual_seed(0)
+    block = apply_tensor_parallel(Llama(small_model_config(**SHAPE, **GQA)), dist.group.WORLD, True).layers[1]
+    x = torch.randn(2, 4, 32, requires_grad=True)
+    eager = block(x)
+    (eager_grad,) = torch.autograd.grad(eager.sum(), x)
+    dynamo.reset()
+    dynamo.utils.counters.clear()
+    block.compile(dynamic=False)
+    for _ in range(2):
+        out = block(x)
+        (grad,) = torch.autograd.grad(out.sum(), x)
+    assert not dynamo.utils.counters["graph_break"]
+    assert dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad, eager_grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.distributed
+def test_compiled_sequence_parallel_block_has_no_graph_break():
+    _spawn(_compile_sequence_parallel_block, 2)
+
+
 @pytest.mark.distributed
 def test_tp2_matches_full_model_with_gqa_and_tied_embeddings():
     _spawn(_tp2_suite, 2)
