@@ -30,7 +30,7 @@ from bigtrain.distributed.topology import Topology
 from bigtrain.distributed.update_gate import UpdateGate
 from bigtrain.errors import BigtrainError
 from bigtrain.model import Llama, compile_blocks, lm_loss
-from bigtrain.model.tensor_parallel import vocab_parallel_cross_entropy
+from bigtrain.model.vocab_parallel_loss import vocab_parallel_cross_entropy
 
 TAG = fmt.DEEPSPEED  # DeepSpeed's sub-directory inside a bigtrain checkpoint, and its tag
 # the phase each instruction of DeepSpeed's 1F1B schedule counts as (waiting included)

@@ -15,7 +15,7 @@ from bigtrain.distributed.tensor_parallel import apply_tensor_parallel
 from bigtrain.errors import BigtrainError
 from bigtrain.model import Llama, lm_loss
 from bigtrain.model.loss import linear_cross_entropy
-from bigtrain.model.tensor_parallel import (
+from bigtrain.model.vocab_parallel_loss import (
     vocab_parallel_cross_entropy,
     vocab_parallel_linear_cross_entropy,
 )

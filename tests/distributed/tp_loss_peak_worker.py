@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from bigtrain.model.tensor_parallel import (
+from bigtrain.model.vocab_parallel_loss import (
     vocab_parallel_cross_entropy,
     vocab_parallel_linear_cross_entropy,
 )
