@@ -3,7 +3,6 @@ micro-batch 4, forward + backward, as logits then `vocab_parallel_cross_entropy`
 chunk by chunk (`chunked`). Writes OUT/<mode>.pt (rank 0): the loss, the full gradients of the
 hidden states and of the weight, and every rank's peak RSS growth in MiB."""
 
-import resource
 import sys
 
 import torch
@@ -14,6 +13,7 @@ from bigtrain.model.vocab_parallel_loss import (
     vocab_parallel_cross_entropy,
     vocab_parallel_linear_cross_entropy,
 )
+from bigtrain.train.metrics import peak_rss_kib
 
 mode, out = sys.argv[1], sys.argv[2]
 dist.init_process_group("gloo")
@@ -25,13 +25,13 @@ full_weight = 0.02 * torch.randn(vocab, d)
 targets = torch.randint(0, vocab, (4, 2048))
 weight = full_weight.chunk(tp)[rank].clone().requires_grad_()
 del full_weight
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+before = peak_rss_kib()
 if mode == "logits":
     loss = vocab_parallel_cross_entropy(F.linear(hidden, weight), targets, dist.group.WORLD)
 else:
     loss = vocab_parallel_linear_cross_entropy(hidden, weight, targets, dist.group.WORLD)
 loss.backward()
-peak = torch.tensor([(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024])
+peak = torch.tensor([(peak_rss_kib() - before) / 1024])
 peaks = [torch.zeros(1) for _ in range(tp)]
 dist.all_gather(peaks, peak)
 dist.all_reduce(hidden.grad)  # the head's region entry sums the shards' parts

@@ -53,7 +53,8 @@ def test_recompute_cost_in_flops(reference):
 
 
 PEAK = """
-import json, resource, sys, torch
+import json, sys, torch
+from bigtrain.train.metrics import peak_rss_kib
 from bigtrain.config import ModelConfig
 from bigtrain.distributed.activation_checkpointing import apply_activation_checkpointing
 from bigtrain.model import Llama
@@ -61,9 +62,9 @@ torch.manual_seed(0)
 model = Llama(ModelConfig(vocab_size=512, d_model=256, n_layers=8, n_heads=4, n_kv_heads=2, max_seq_len=512))
 apply_activation_checkpointing(model.layers, sys.argv[1])
 tokens = torch.randint(0, 512, (16, 513))
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+before = peak_rss_kib()
 model(tokens[:, :-1], tokens[:, 1:]).backward()
-print(json.dumps({"peak_mib": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024}))
+print(json.dumps({"peak_mib": (peak_rss_kib() - before) / 1024}))
 """
 
 

@@ -152,11 +152,12 @@ def test_flat_metrics_names_each_number():
                                      "eval/python_next_line/exact_match/strict-match": 0.25}
 
 
-@pytest.mark.parametrize("layout", ["parallel.tp=2", "parallel.pp=2", "parallel.zero_stage=3"])
+@pytest.mark.parametrize("layout", ["parallel.tp=2", "parallel.pp=2", "parallel.sp=2", "parallel.zero_stage=3"])
 def test_in_loop_tasks_are_refused_for_layouts_without_a_whole_model(layout):
     with pytest.raises(BigtrainError) as err:
         check_layout(load_config(None, ["eval.tasks=[python_next_line]", "parallel.engine=deepspeed", layout]), 2)
-    assert str(err.value).startswith("eval.tasks needs a whole model on every rank: parallel.tp=1, parallel.pp=1")
+    assert str(err.value).startswith("eval.tasks needs a whole model and whole sequences on every rank: "
+                                     "parallel.tp=1, parallel.pp=1, parallel.sp=1")
     check_layout(load_config(None, [layout, "parallel.engine=deepspeed"]), 2)  # without eval.tasks: fine
     check_layout(load_config(None, ["eval.tasks=[python_next_line]", "parallel.engine=deepspeed",
                                     "parallel.zero_stage=2"]), 2)

@@ -42,20 +42,21 @@ def test_the_model_computes_its_loss_in_the_head():
 
 
 PEAK = """
-import json, resource, sys, torch
+import json, sys, torch
+from bigtrain.train.metrics import peak_rss_kib
 from bigtrain.model.loss import linear_cross_entropy, lm_loss
 torch.manual_seed(0)
 vocab, tokens, d = 32000, 4 * 2048, 64
 hidden = torch.randn(4, 2048, d, requires_grad=True)
 weight = (0.02 * torch.randn(vocab, d)).requires_grad_()
 targets = torch.randint(0, vocab, (4, 2048))
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+before = peak_rss_kib()
 if sys.argv[1] == "full":
     loss = lm_loss(hidden @ weight.t(), targets)
 else:
     loss = linear_cross_entropy(hidden, weight, targets)
 loss.backward()
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+peak = peak_rss_kib() - before
 print(json.dumps({"loss": loss.item(), "peak_mib": peak / 1024, "grad": hidden.grad.norm().item()}))
 """
 
