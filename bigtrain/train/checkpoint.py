@@ -34,7 +34,7 @@ from bigtrain.distributed.checkpoint_format import (
 from bigtrain.distributed.engine import Engine
 from bigtrain.errors import BigtrainError
 from bigtrain.model import Llama
-from bigtrain.train.object_store import is_remote
+from bigtrain.object_store import is_remote
 
 CHUNK = 16 * 2**20  # bytes read at a time for checksums
 SHARE_PREFIX = ".files-"  # each rank's checksums during a save, merged into files.json
