@@ -167,6 +167,7 @@ class ParallelConfig:
 
     engine: Literal["local", "deepspeed"] = "local"  # local: one process, no DeepSpeed (debug mode)
     tp: int = ranged(1, ge=1)  # tensor-parallel degree (Megatron-style, inside a node)
+    tp_sequence_parallel: bool = True  # with tp > 1: norms/residuals hold seq_len/tp tokens per rank
     pp: int = ranged(1, ge=1)  # pipeline stages (DeepSpeed's pipeline engine, 1F1B)
     sp: int = ranged(1, ge=1)  # sequence-parallel degree (DeepSpeed-Ulysses: each rank holds seq_len / sp tokens)
     zero_stage: Literal[0, 1, 2, 3] = 0

@@ -70,7 +70,8 @@ def plan_report(cfg: Config, gpus: int, gpu_mem_gib: float, gpus_per_node: int, 
     plans = [planner.memory_plan(m, seq, precision, v) for _, v in variants]
     layers = -(-m.n_layers // layout.pp)
     no_ckpt, selective, ckpt = (planner.activation_bytes(m, seq, layout.micro_batch, layout.tp, layers, mode,
-                                                         sp=layout.sp) for mode in ("none", "selective", "full"))
+                                                         sp=layout.sp, tp_sequence_parallel=layout.tp_sequence_parallel)
+                                for mode in ("none", "selective", "full"))
     global_batch = layout.micro_batch * layout.grad_accum * layout.dp
     width = 12
     rows = [

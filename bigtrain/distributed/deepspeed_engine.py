@@ -36,7 +36,7 @@ from bigtrain.distributed.topology import Topology
 from bigtrain.distributed.update_gate import UpdateGate
 from bigtrain.errors import BigtrainError
 from bigtrain.model import Llama, compile_blocks, lm_loss
-from bigtrain.model.tensor_parallel import vocab_parallel_cross_entropy
+from bigtrain.model.vocab_parallel_loss import vocab_parallel_cross_entropy
 
 TAG = fmt.DEEPSPEED  # DeepSpeed's sub-directory inside a bigtrain checkpoint, and its tag
 # the phase each instruction of DeepSpeed's 1F1B schedule counts as (waiting included)
@@ -81,10 +81,9 @@ class DeepSpeedEngine:
         self.topology = topology
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
         self.timer = PhaseTimer(self.device)
-        self.loss_fn = lm_loss  # the pipeline engine's (its last stage gets logits)
-        if topology.tp > 1:
+        self.loss_fn = lm_loss  # the pipeline engine's (its last stage gets logits); otherwise the head
+        if topology.tp > 1:  # computes the loss chunk by chunk, vocab-parallel under tp > 1
             self.loss_fn = partial(vocab_parallel_cross_entropy, group=topology.tp_group)
-        self.loss_in_model = topology.tp == 1  # the head computes it chunk by chunk (`linear_cross_entropy`)
         stage = model if isinstance(model, Stage) else model_stage(model, topology)
         self.cfg, self.param_names = cfg, stage.param_names()
         self.pipelined = topology.pp > 1
@@ -111,9 +110,15 @@ class DeepSpeedEngine:
         if compile_enabled(cfg.train.compile, self.device):
             compile_blocks(stage.owned)
         optimizer = build_adamw(module, cfg.train)
+        # DeepSpeed's data-parallel size counts the sp ranks (its sequence-data-parallel group)
+        ds_config = deepspeed_config(cfg, topology.dp * topology.sp)
+        if self.pipelined and topology.tp_sequence_parallel:
+            # the stages pass sequence shards, different on each tp rank: send them whole (DeepSpeed
+            # would send a 1/tp slice of each and rebuild a tensor the tp ranks share)
+            ds_config["pipeline"] = {**ds_config.get("pipeline", {}), "pipe_partitioned": False,
+                                     "grad_partitioned": False}
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
-            # DeepSpeed's data-parallel size counts the sp ranks (its sequence-data-parallel group)
-            model=module.to(self.device), optimizer=optimizer, config=deepspeed_config(cfg, topology.dp * topology.sp),
+            model=module.to(self.device), optimizer=optimizer, config=ds_config,
             mpu=None if self.pipelined else topology.grid,
         )
         self.model = self.engine.module
@@ -196,10 +201,8 @@ class DeepSpeedEngine:
         return windows if sp == 1 else sequence_slice(windows, self.topology.sp_rank, sp)
 
     def _loss(self, tokens: torch.Tensor) -> torch.Tensor:
-        if self.loss_in_model:
-            loss = self.engine(tokens[:, :-1], tokens[:, 1:])
-            return loss if self.topology.sp == 1 else self.sequence_mean(loss)
-        return self.loss_fn(self.engine(tokens[:, :-1]), tokens[:, 1:])
+        loss = self.engine(tokens[:, :-1], tokens[:, 1:])
+        return loss if self.topology.sp == 1 else self.sequence_mean(loss)
 
     def mean_over_dp(self, losses: torch.Tensor, force: bool = False) -> torch.Tensor:
         """Per-step losses of this rank averaged over the data-parallel group (one collective for

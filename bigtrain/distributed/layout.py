@@ -18,18 +18,20 @@ from bigtrain.model.tensor_parallel import (
     ColumnParallelLinear,
     RowParallelLinear,
     VocabParallelEmbedding,
+    VocabParallelLMHead,
 )
 
 # Megatron-style tensor parallelism: module name → the parallel layer that replaces it. Column-parallel
 # layers split output features (dim 0), row-parallel ones input features (dim 1), the embedding its
-# vocabulary (dim 0). Modules not named here (the RMSNorms) stay replicated.
+# vocabulary (dim 0), the head its vocabulary (dim 0, a column-parallel layer that also computes
+# the vocab-parallel loss). Modules not named here (the RMSNorms) stay replicated.
 TP_PLAN: dict[str, type] = {
     "embed_tokens": VocabParallelEmbedding,
     "q_proj": ColumnParallelLinear, "k_proj": ColumnParallelLinear, "v_proj": ColumnParallelLinear,
     "o_proj": RowParallelLinear,
     "gate_proj": ColumnParallelLinear, "up_proj": ColumnParallelLinear,
     "down_proj": RowParallelLinear,
-    "lm_head": ColumnParallelLinear,
+    "lm_head": VocabParallelLMHead,
 }
 
 
@@ -64,6 +66,12 @@ def tensor_parallel_problem(m: ModelConfig, tp: int) -> str | None:
         if size % tp:
             return f"{key}={size}{note} is not divisible by parallel.tp={tp}"
     return None
+
+
+def tp_sequence_parallel(cfg: Config) -> bool:
+    """Whether the tensor-parallel ranks also split the sequence between their regions (Megatron's
+    sequence parallelism): `parallel.tp_sequence_parallel` with tp > 1."""
+    return cfg.parallel.tp > 1 and cfg.parallel.tp_sequence_parallel
 
 
 def check_tensor_parallel(m: ModelConfig, tp: int) -> None:
@@ -115,6 +123,10 @@ def layout_problem(cfg: Config, world_size: int) -> str | None:
         return problem
     if p.sp > 1 and (problem := sequence_parallel_problem(m, cfg.data.seq_len, p.sp, p.tp)):
         return problem
+    if tp_sequence_parallel(cfg) and cfg.data.seq_len % (p.sp * p.tp):
+        split = f"parallel.tp={p.tp}" if p.sp == 1 else f"parallel.sp × parallel.tp = {p.sp * p.tp}"
+        return (f"data.seq_len={cfg.data.seq_len} is not divisible by {split}, as "
+                "parallel.tp_sequence_parallel needs (or set parallel.tp_sequence_parallel=false)")
     if m.n_layers < p.pp:
         return f"model.n_layers={m.n_layers} is fewer than parallel.pp={p.pp} pipeline stages"
     if p.pp > 1 and p.zero_stage > 1:

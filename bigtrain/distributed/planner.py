@@ -18,14 +18,16 @@ against real allocations on 2 ranks in tests/distributed/test_memory_plan.py:
 - buffers: ZeRO's gradient reduce bucket (sized by `zero_communication`, allocated whatever
   the model size; twice under ZeRO 1/2, whose `overlap_comm` double-buffers it) and, under
   ZeRO-3, the parameter prefetch bucket and one gathered block;
-- activations per micro-batch (bf16, flash attention, no sequence parallelism), per layer and
-  token: 2·(4h + (3h + 4·kv + 3f)/tp) bytes — norm inputs/outputs, q/k/v before and after RoPE,
+- activations per micro-batch (bf16, flash attention), per layer and token:
+  2·(4h/s + (3h + 4·kv + 3f)/tp) bytes — norm inputs/outputs, q/k/v before and after RoPE,
   the attention output, SwiGLU's three ffn-wide tensors (gate, up and their product; SiLU is
-  recomputed, bigtrain/model/pointwise.py) — or 2h with activation checkpointing
-  (plus one block recomputed); logits 6·vocab/tp bytes per token (bf16 and the fp32 copy for
-  the loss). 1F1B keeps up to min(pp, micro-batches) micro-batches in flight on the first stage.
-  Sequence parallelism (Ulysses) leaves each rank seq_len/sp tokens, plus per token the q, k, v
-  and attention output on the other side of the all-to-all, 2·(2h + 2·kv)/tp bytes.
+  recomputed, bigtrain/model/pointwise.py) — or 2h/s with activation checkpointing (plus one
+  block recomputed), where s = tp under tensor sequence parallelism (the norms, residuals and
+  region inputs hold t/tp tokens) and 1 otherwise; logits 6·vocab/tp bytes per token (bf16 and
+  the fp32 copy for the loss). 1F1B keeps up to min(pp, micro-batches) micro-batches in flight
+  on the first stage. Ulysses sequence parallelism (`parallel.sp`) leaves each rank seq_len/sp
+  tokens, plus per token the q, k, v and attention output on the other side of the all-to-all,
+  2·(2h + 2·kv)/tp bytes.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from bigtrain.distributed.layout import (
     grad_accum_for,
     layout_problem,
     max_blocks_per_stage,
+    tp_sequence_parallel,
 )
 from bigtrain.errors import BigtrainError
 from bigtrain.model.flops import count_params, flops_per_token
@@ -66,11 +69,13 @@ class Layout:
     activation_checkpointing: bool | str = False  # false/none, true/full or selective
     checkpoint_every: int = 1
     local: bool = False  # the local engine: fp32 weights, gradients and AdamW moments, bf16 autocast
+    tp_sequence_parallel: bool = False  # parallel.tp_sequence_parallel with tp > 1
 
     def describe(self) -> str:
         mode = checkpointing_mode(self.activation_checkpointing)
         every = f"/{self.checkpoint_every}" if self.checkpoint_every > 1 else ""
-        flags = "".join([" offload" if self.offload else "", f" act-ckpt={mode}{every}" if mode != "none" else "",
+        flags = "".join([" tp-seq-parallel" if self.tp_sequence_parallel else "", " offload" if self.offload else "",
+                         f" act-ckpt={mode}{every}" if mode != "none" else "",
                          " (local engine)" if self.local else ""])
         sp = f" sp={self.sp}" if self.sp > 1 else ""
         return (f"dp={self.dp}{sp} tp={self.tp} pp={self.pp} zero={self.zero} "
@@ -119,15 +124,19 @@ def stage_params(m: ModelConfig, tp: int, pp: int) -> int:
 
 
 def activation_bytes(m: ModelConfig, seq_len: int, micro_batch: int, tp: int, layers: int,
-                     checkpointing: bool | str = False, every: int = 1, sp: int = 1) -> float:
+                     checkpointing: bool | str = False, every: int = 1, sp: int = 1,
+                     tp_sequence_parallel: bool = False) -> float:
     """Saved activations of one micro-batch over `layers` blocks plus the logits (bf16), with
     activation checkpointing (none, full or selective) of every `every`-th block, on one of sp
-    sequence-parallel ranks."""
+    (Ulysses) sequence-parallel ranks; under tensor sequence parallelism the d_model-wide tensors
+    between the regions hold t/tp tokens."""
     h, kv, f = m.d_model, m.kv_heads * m.head_dim, m.ffn_dim
-    block = 2 * (4 * h + (3 * h + 4 * kv + 3 * f) / tp) + (2 * (2 * h + 2 * kv) / tp if sp > 1 else 0)
+    s = tp if tp_sequence_parallel else 1
+    block = 2 * (4 * h / s + (3 * h + 4 * kv + 3 * f) / tp) + (2 * (2 * h + 2 * kv) / tp if sp > 1 else 0)
     mode = checkpointing_mode(checkpointing)
     checkpointed = 0 if mode == "none" else -(-layers // every)
-    kept = 2 * h if mode == "full" else 2 * (3 * h + (2 * h + 2 * kv + 2 * f) / tp)  # selective: matmul outputs
+    # selective keeps the matmul outputs: d_model-wide ones (block input, o_proj, down_proj) are sharded by s
+    kept = 2 * h / s if mode == "full" else 2 * (3 * h / s + (2 * h + 2 * kv + 2 * f) / tp)
     per_token = checkpointed * kept + (layers - checkpointed) * block + (block if checkpointed else 0)
     return micro_batch * seq_len / sp * (per_token + 6 * m.vocab_size / tp)
 
@@ -168,7 +177,7 @@ def memory_plan(m: ModelConfig, seq_len: int, precision: str, layout: Layout) ->
         buffers += comm["stage3_prefetch_bucket_size"] * p_bytes + block * p_bytes
     layers = max_blocks_per_stage(m.n_layers, layout.pp)
     one = activation_bytes(m, seq_len, layout.micro_batch, layout.tp, layers, layout.activation_checkpointing,
-                           layout.checkpoint_every, layout.sp)
+                           layout.checkpoint_every, layout.sp, layout.tp_sequence_parallel)
     in_flight = min(layout.pp, layout.grad_accum) if layout.pp > 1 else 1
     offloaded = layout.offload and zero >= 1
     return MemoryPlan(params=params, grads=grads, grads_at_step=grads_at_step,
@@ -188,8 +197,11 @@ def step_time(m: ModelConfig, seq_len: int, precision: str, layout: Layout, peak
     if layout.pp > 1:
         compute *= 1 + (layout.pp - 1) / layout.grad_accum
     t = compute
-    if layout.tp > 1:  # 2 all-reduces forward, 2 backward per block, of the block's activations
-        volume = 4 * 2 * (layout.tp - 1) / layout.tp * tokens_per_gpu_row * m.d_model * p_bytes
+    if layout.tp > 1:  # 2 all-reduces forward, 2 backward per block, of the block's activations (each
+        # as much traffic as 2 all-gathers or reduce-scatters); sequence parallelism: 4 of those
+        # forward, 6 backward (each region's input is gathered again)
+        units = 10 if layout.tp_sequence_parallel else 8
+        volume = units * (layout.tp - 1) / layout.tp * tokens_per_gpu_row * m.d_model * p_bytes
         t += volume * max_blocks_per_stage(m.n_layers, layout.pp) / INTRA_NODE_BW
     if layout.sp > 1:  # all-to-alls of q, k, v and the attention output, forward and backward, per block
         sp, kv = layout.sp, m.kv_heads * m.head_dim
@@ -221,7 +233,7 @@ def config_layout(cfg: Config, gpus: int) -> Layout:
     return Layout(dp=dp, tp=p.tp, pp=p.pp, zero=p.zero_stage, sp=p.sp, micro_batch=cfg.data.micro_batch,
                   grad_accum=grad_accum_for(cfg, dp), offload=p.offload_optimizer,
                   activation_checkpointing=p.activation_checkpointing, checkpoint_every=p.activation_checkpointing_every,
-                  local=p.engine == "local" and gpus == 1)
+                  local=p.engine == "local" and gpus == 1, tp_sequence_parallel=tp_sequence_parallel(cfg))
 
 
 def candidate_layouts(cfg: Config, gpus: int, gpus_per_node: int) -> list[Layout]:
@@ -246,7 +258,7 @@ def candidate_layouts(cfg: Config, gpus: int, gpus_per_node: int) -> list[Layout
                 for offload, checkpointing in itertools.product((False, True) if zero else (False,),
                                                                 (False, "selective", True)):
                     out.append(Layout(dp, tp, pp, zero, sp, micro_batch, per_replica // micro_batch, offload,
-                                      checkpointing))
+                                      checkpointing, tp_sequence_parallel=tp_sequence_parallel(probe)))
     return out
 
 

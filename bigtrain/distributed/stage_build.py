@@ -59,7 +59,7 @@ class Stage:
 def model_stage(model: Llama, topology: Topology) -> Stage:
     """The stage of an already built full model, sharded in place (for a caller that holds one)."""
     if topology.tp > 1:
-        apply_tensor_parallel(model, topology.tp_group)
+        apply_tensor_parallel(model, topology.tp_group, topology.tp_sequence_parallel)
     return Stage(list(model.layers), *stage_of(model.cfg, topology))
 
 
@@ -126,7 +126,7 @@ def build_stage(cfg: ModelConfig, topology: Topology, init_file: Path | None = N
             continue
         layer = _build_layer(cfg, i, weights)
         if topology.tp > 1:
-            shard_layer(layer, topology.tp_group)
+            shard_layer(layer, topology.tp_group, topology.tp_sequence_parallel)
         if cfg.tie_embeddings and i == count - 1:  # tied needs pp=1: this rank owns the embedding
             layer.lm_head.weight = layers[0].embed_tokens.weight
         layers.append(layer)

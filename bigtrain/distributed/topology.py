@@ -23,7 +23,7 @@ from bigtrain import compat
 from bigtrain.config import Config
 from bigtrain.distributed import heartbeat
 from bigtrain.distributed.device import pick_device
-from bigtrain.distributed.layout import check_layout
+from bigtrain.distributed.layout import check_layout, tp_sequence_parallel
 
 if TYPE_CHECKING:
     from bigtrain.distributed.grid import Grid
@@ -80,6 +80,7 @@ class Topology:
     sp: int
     process_topology: object  # deepspeed PipeModelDataParallelTopology: rank ↔ (pipe, data = dp × sp, model)
     grid: Grid  # the mpu handed to deepspeed.initialize
+    tp_sequence_parallel: bool = False  # the tp ranks also split the sequence (layout.tp_sequence_parallel)
 
     @property
     def dp_rank(self) -> int:
@@ -133,4 +134,4 @@ def init_topology(cfg: Config) -> Topology:
     p = cfg.parallel
     topology = PipeModelDataParallelTopology(num_pp=p.pp, num_mp=p.tp, num_dp=dp * p.sp)
     return Topology(env=env, dp=dp, tp=p.tp, pp=p.pp, sp=p.sp, process_topology=topology,
-                    grid=Grid(topology, p.sp))
+                    grid=Grid(topology, p.sp), tp_sequence_parallel=tp_sequence_parallel(cfg))

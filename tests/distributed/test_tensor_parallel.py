@@ -14,7 +14,11 @@ from bigtrain.distributed.layout import check_tensor_parallel
 from bigtrain.distributed.tensor_parallel import apply_tensor_parallel
 from bigtrain.errors import BigtrainError
 from bigtrain.model import Llama, lm_loss
-from bigtrain.model.tensor_parallel import vocab_parallel_cross_entropy
+from bigtrain.model.loss import linear_cross_entropy
+from bigtrain.model.vocab_parallel_loss import (
+    vocab_parallel_cross_entropy,
+    vocab_parallel_linear_cross_entropy,
+)
 from tests.helpers import small_model_config
 
 SHAPE = {"vocab_size": 96, "ffn_hidden": 64}
@@ -64,15 +68,16 @@ def _assert_same_on_all_ranks(x: torch.Tensor, group: dist.ProcessGroup) -> None
         assert torch.equal(other, x)
 
 
-def _check_parity(cfg_overrides: dict, group: dist.ProcessGroup) -> None:
-    """Forward, backward, gradient norm and three AdamW steps: TP model vs the full model."""
+def _check_parity(cfg_overrides: dict, group: dist.ProcessGroup, sequence_parallel: bool = False) -> None:
+    """Forward, backward, gradient norm and three AdamW steps: TP model (with or without sequence
+    parallelism) vs the full model."""
     from deepspeed.runtime.utils import is_model_parallel_parameter
 
     cfg = small_model_config(**SHAPE, **cfg_overrides)
     rank, tp = dist.get_rank(group), dist.get_world_size(group)
     torch.manual_seed(0)
     full = Llama(cfg)
-    model = apply_tensor_parallel(copy.deepcopy(full), group)
+    model = apply_tensor_parallel(copy.deepcopy(full), group, sequence_parallel)
     if cfg.tie_embeddings:
         assert model.layers[-1].lm_head.weight is model.layers[0].embed_tokens.weight
     full_opt = torch.optim.AdamW(full.parameters(), lr=1e-2, weight_decay=0.1)
@@ -86,6 +91,11 @@ def _check_parity(cfg_overrides: dict, group: dist.ProcessGroup) -> None:
         full_loss = lm_loss(full_logits, targets)
         logits = model(inputs)
         loss = vocab_parallel_cross_entropy(logits, targets, group)
+        if step % 2:  # the head's own loss, chunk by chunk (what the engine runs), on alternate steps
+            logits = logits.detach()
+            loss = model(inputs, targets)
+        residual = model.layers[0](inputs)  # the residual stream: whole, or this rank's tokens under SP
+        assert residual.shape[1] == inputs.shape[1] // (tp if sequence_parallel else 1)
         assert logits.shape[-1] == cfg.vocab_size // tp
         torch.testing.assert_close(_gather(logits, -1, group), full_logits, rtol=0, atol=1e-5)
         torch.testing.assert_close(loss, full_loss, rtol=1e-6 if step == 0 else 1e-5, atol=0)
@@ -135,18 +145,138 @@ def _check_cross_entropy(group: dist.ProcessGroup) -> None:
     torch.testing.assert_close(shard.grad, expected_grad, rtol=0, atol=1e-6)
 
 
+def _check_linear_cross_entropy(group: dist.ProcessGroup) -> None:
+    """The chunked vocab-parallel head + loss equals `linear_cross_entropy` on the full weight:
+    loss, the hidden states' gradient (summed over ranks, as the head's region entry does) and
+    this rank's slice of the weight's gradient, for chunks that do and do not divide the tokens."""
+    rank, tp = dist.get_rank(group), dist.get_world_size(group)
+    torch.manual_seed(0)
+    hidden = torch.randn(3, 10, 16, requires_grad=True)
+    weight = (0.5 * torch.randn(24, 16)).requires_grad_()
+    targets = torch.randint(0, 24, (3, 10))
+    expected = linear_cross_entropy(hidden, weight, targets)
+    expected_grads = torch.autograd.grad(2.5 * expected, (hidden, weight))
+    for chunk in (1, 7, None):
+        h, w = hidden.detach().clone().requires_grad_(), weight.detach().chunk(tp)[rank].clone().requires_grad_()
+        loss = vocab_parallel_linear_cross_entropy(h, w, targets, group, chunk)
+        grad_h, grad_w = torch.autograd.grad(2.5 * loss, (h, w))
+        dist.all_reduce(grad_h, group=group)
+        torch.testing.assert_close(loss, expected, rtol=1e-6, atol=0)
+        torch.testing.assert_close(grad_h, expected_grads[0], rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(grad_w, expected_grads[1].chunk(tp)[rank], rtol=1e-6, atol=1e-7)
+
+
 def _tp2_suite() -> None:
+    _count_block_collectives()
+    _measure_activation_memory()
     _check_cross_entropy(dist.group.WORLD)
-    _check_parity(GQA, dist.group.WORLD)  # one KV head and two query heads per rank
-    _check_parity({**GQA, "tie_embeddings": True}, dist.group.WORLD)
+    _check_linear_cross_entropy(dist.group.WORLD)
+    for sequence_parallel in (False, True):
+        _check_parity(GQA, dist.group.WORLD, sequence_parallel)  # one KV head and two query heads per rank
+        _check_parity({**GQA, "tie_embeddings": True}, dist.group.WORLD, sequence_parallel)
 
 
 def _tp4_suite() -> None:
-    _check_parity({"n_heads": 4, "n_kv_heads": 4}, dist.group.WORLD)
+    for sequence_parallel in (False, True):
+        _check_parity({"n_heads": 4, "n_kv_heads": 4}, dist.group.WORLD, sequence_parallel)
     # Two TP groups of 2 side by side, as under data parallelism: ranks within a group count.
     tp2 = _tp_group(2)
     _check_cross_entropy(tp2)
-    _check_parity({**GQA, "tie_embeddings": True}, tp2)
+    _check_linear_cross_entropy(tp2)
+    _check_parity({**GQA, "tie_embeddings": True}, tp2, sequence_parallel=True)
+
+
+def _count_block_collectives() -> None:
+    """One block's forward + backward under tp=2: all-reduces of the activations without sequence
+    parallelism; with it, all-gathers and reduce-scatters of them (the backward gathers each
+    region's input again, as only its shard was kept), and all-reduces only of the two RMSNorm
+    weights' gradients."""
+    counted: list[tuple[str, int]] = []
+    originals = {name: getattr(dist, name) for name in ("all_reduce", "all_gather_single", "reduce_scatter_single")}
+
+    def counting(name):
+        def wrapper(*args, **kwargs):
+            counted.append((name, max(a.numel() for a in args if isinstance(a, torch.Tensor))))
+            return originals[name](*args, **kwargs)
+        return wrapper
+
+    cfg = small_model_config(**SHAPE, **GQA)
+    b, t, d = 2, 8, cfg.d_model
+    for sequence_parallel in (False, True):
+        torch.manual_seed(0)
+        block = apply_tensor_parallel(Llama(cfg), dist.group.WORLD, sequence_parallel).layers[1]
+        x = torch.randn(b, t // 2 if sequence_parallel else t, d, requires_grad=True)
+        counted.clear()
+        for name in originals:
+            setattr(dist, name, counting(name))
+        try:
+            block(x).sum().backward()
+        finally:
+            for name, fn in originals.items():
+                setattr(dist, name, fn)
+        if sequence_parallel:  # each gather/scatter has the block's full [b, t, d] on one side
+            assert sorted(counted) == sorted([("all_gather_single", b * t * d)] * 6
+                                             + [("reduce_scatter_single", b * t * d)] * 4
+                                             + [("all_reduce", d)] * 2)
+        else:
+            assert counted == [("all_reduce", b * t * d)] * 4
+
+
+def saved_activation_bytes(layers, x: torch.Tensor) -> int:
+    """Bytes of the distinct tensors autograd keeps for the backward of `layers` applied to `x`,
+    parameters and buffers left out (what activation memory is)."""
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        for layer in layers:
+            x = layer(x)
+    weights = {t.untyped_storage().data_ptr() for layer in layers for t in (*layer.parameters(), *layer.buffers())}
+    return sum(n for ptr, n in storages.items() if ptr not in weights)
+
+
+def _measure_activation_memory() -> None:
+    """Sequence parallelism keeps the blocks' norms, residuals and region inputs as t/tp tokens."""
+    cfg = small_model_config(**SHAPE, **GQA)
+    saved = {}
+    for sequence_parallel in (False, True):
+        torch.manual_seed(0)
+        model = apply_tensor_parallel(Llama(cfg), dist.group.WORLD, sequence_parallel)
+        tokens = torch.randint(0, cfg.vocab_size, (2, 16))
+        saved[sequence_parallel] = saved_activation_bytes(model.layers[1:-1], model.layers[0](tokens))
+    print(f"rank {dist.get_rank()}: blocks' saved activations {saved[False]} bytes without sequence "
+          f"parallelism, {saved[True]} with it")
+    assert saved[True] < 0.75 * saved[False]
+
+
+def _compile_sequence_parallel_block() -> None:
+    """A compiled sequence-parallel block: one graph, no graph break, the eager block's output and
+    input gradient (compiled, its column linears keep the gathered input rather than the shard)."""
+    import torch._dynamo as dynamo
+
+    torch.manual_seed(0)
+    block = apply_tensor_parallel(Llama(small_model_config(**SHAPE, **GQA)), dist.group.WORLD, True).layers[1]
+    x = torch.randn(2, 4, 32, requires_grad=True)
+    eager = block(x)
+    (eager_grad,) = torch.autograd.grad(eager.sum(), x)
+    dynamo.reset()
+    dynamo.utils.counters.clear()
+    block.compile(dynamic=False)
+    for _ in range(2):
+        out = block(x)
+        (grad,) = torch.autograd.grad(out.sum(), x)
+    assert not dynamo.utils.counters["graph_break"]
+    assert dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad, eager_grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.distributed
+def test_compiled_sequence_parallel_block_has_no_graph_break():
+    _spawn(_compile_sequence_parallel_block, 2)
 
 
 @pytest.mark.distributed

@@ -84,6 +84,21 @@ def test_problem_names_keys_a_user_can_set():
     assert layout.layout_problem(cfg, 2) == "model.vocab_size=511 is not divisible by parallel.tp=2"
 
 
+def test_sequence_parallelism_needs_a_sequence_divisible_by_tp():
+    cfg = config(tp=2)
+    cfg.data.seq_len = 255
+    assert layout.tp_sequence_parallel(cfg)
+    assert layout.layout_problem(cfg, 2) == ("data.seq_len=255 is not divisible by parallel.tp=2, as "
+                                             "parallel.tp_sequence_parallel needs (or set "
+                                             "parallel.tp_sequence_parallel=false)")
+    cfg.parallel.tp_sequence_parallel = False
+    assert not layout.tp_sequence_parallel(cfg) and layout.layout_problem(cfg, 2) is None
+    assert not layout.tp_sequence_parallel(config(tp=1))  # a property of tp > 1
+    cfg = config(tp=2, sp=2)  # with Ulysses too: each sp rank's share of the sequence splits over tp
+    cfg.data.seq_len, cfg.model.n_heads, cfg.model.n_kv_heads = 258, 8, 4
+    assert layout.layout_problem(cfg, 4).startswith("data.seq_len=258 is not divisible by parallel.sp × parallel.tp = 4")
+
+
 def test_reshard_refuses_an_impossible_layout(stdlib_data, tmp_path, capsys):
     from bigtrain.train import loop
     from tests.unit.test_train import tiny_config

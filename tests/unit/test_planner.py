@@ -96,6 +96,23 @@ def test_long_context_config_fits_only_with_sequence_parallelism():
     assert best.sp > 1 and best.dp * best.sp * best.tp * best.pp == 8
 
 
+def test_tp_sequence_parallelism_divides_the_d_model_wide_activations_by_tp():
+    # tp=2, per token and layer: 2·(4h/2 + (3h + 4·kv + 3f)/2) = 2·(128 + 1088/2) = 1344 bytes, not 2·(256 + 544)
+    assert activation_bytes(SHAPE, 32, 2, tp=2, layers=4, tp_sequence_parallel=True) == 2 * 32 * (4 * 1344 + 3 * 512)
+    assert activation_bytes(SHAPE, 32, 2, tp=2, layers=4) == 2 * 32 * (4 * 1600 + 3 * 512)
+    # full checkpointing keeps each block's input: t/tp tokens of it
+    assert activation_bytes(SHAPE, 32, 2, tp=2, layers=4, checkpointing=True, tp_sequence_parallel=True) == (
+        2 * 32 * (4 * 64 + 1344 + 3 * 512))
+    on, off = (memory_plan(SHAPE, 32, "bf16", Layout(dp=1, tp=2, micro_batch=2, tp_sequence_parallel=sp))
+               for sp in (True, False))
+    assert off.activations - on.activations == 2 * 32 * 4 * (1600 - 1344)
+    cfg = load_config("configs/7b.yaml", ["parallel.tp=2"])
+    assert config_layout(cfg, 2).tp_sequence_parallel  # on by default with tp > 1
+    assert not config_layout(load_config("configs/7b.yaml", ["parallel.tp=2", "parallel.tp_sequence_parallel=false"]),
+                             2).tp_sequence_parallel
+    assert "seq-parallel" in config_layout(cfg, 2).describe()
+
+
 def test_suggest_ranks_only_layouts_that_fit():
     cfg = load_config("configs/7b.yaml")
     ranked = suggest(cfg, gpus=16, gpu_mem_gib=40, peak_flops=989e12)
