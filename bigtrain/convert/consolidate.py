@@ -36,7 +36,7 @@ from bigtrain.distributed.checkpoint_format import (
     read_state,
 )
 from bigtrain.distributed.layout import stage_bounds, tp_join
-from bigtrain.errors import BigtrainError
+from bigtrain.errors import BigtrainError, first_line
 from bigtrain.model import Llama
 from bigtrain.train.checkpoint import load_trained_model, resolve_checkpoint, verify_files
 
@@ -69,8 +69,7 @@ def consolidate(path: str | Path, moments: bool = True) -> FullCheckpoint:
             else:
                 weights, adam, step = _read_model_parallel(checkpoint / DEEPSPEED, cfg, moments)
     except (OSError, RuntimeError, ValueError, KeyError, SafetensorError, pickle.UnpicklingError) as e:
-        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise BigtrainError(f"cannot read checkpoint {checkpoint}: {first_line}") from None
+        raise BigtrainError(f"cannot read checkpoint {checkpoint}: {first_line(e)}") from None
     expected = parameter_names(cfg)
     if sorted(weights) != sorted(expected):
         missing = sorted(set(expected) - set(weights))[:3]

@@ -13,10 +13,10 @@ import torch
 from bigtrain.config import DataConfig
 from bigtrain.data.loader import ConcatWindows, Mixture, PackedTokens, WindowLoader, Windows
 from bigtrain.data.mds import StreamingWindowLoader, fetch_meta, stream_sources
-from bigtrain.data.remote import Retry
 from bigtrain.data.shards import MANIFEST, load_manifest
 from bigtrain.data.tokenizer import TextTokenizer
 from bigtrain.errors import BigtrainError
+from bigtrain.object_store import Retry
 
 
 class TrainLoader(Protocol):

@@ -25,21 +25,20 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
 import bigtrain
 from bigtrain import compat
-from bigtrain.data import remote as store
 from bigtrain.data.loader import PackedTokens
 from bigtrain.data.prepare import TOKENIZER_FILE, prepare
-from bigtrain.data.remote import DEFAULT_RETRY, Retry
+from bigtrain.data.remote import DEFAULT_RETRY, first_object, read_bytes
 from bigtrain.data.shards import (
     MANIFEST,
     file_sha256,
-    first_line,
     load_manifest,
     read_format_json,
     write_atomic,
 )
 from bigtrain.data.sources import find_inputs
 from bigtrain.data.tokenizer import TextTokenizer
-from bigtrain.errors import BigtrainError
+from bigtrain.errors import BigtrainError, first_line
+from bigtrain.object_store import Retry, is_remote, join
 
 MDS_META = "bigtrain-mds.json"
 MDS_FORMAT = "bigtrain-mds-v1"
@@ -54,10 +53,10 @@ def _require_empty(out: Path) -> None:
 
 
 def _require_empty_remote(remote: str, retry: Retry) -> None:
-    if not store.is_remote(remote):
+    if not is_remote(remote):
         _require_empty(Path(remote))
         return
-    first = store.first_object(remote, retry)
+    first = first_object(remote, retry)
     if first == MDS_META:
         raise BigtrainError(f"{remote} already holds an MDS dataset; choose another --remote")
     if first is not None:
@@ -127,7 +126,7 @@ def write_mds(arrow_dir: Path | str, out: Path | str | None, seq_len: int,
                 try:
                     uploader.upload_file(name)
                 except Exception as e:  # noqa: BLE001 - as above
-                    raise BigtrainError(f"uploading {store.join(remote, name)} failed: "
+                    raise BigtrainError(f"uploading {join(remote, name)} failed: "
                                         f"{first_line(e)}") from e
     return meta
 
@@ -214,7 +213,7 @@ def _fetch(remote: str | None, local: Path, name: str, retry: Retry) -> Path:
     """`local/name`, read afresh from `remote/name` first when a remote is given."""
     target = local / name
     if remote is not None:
-        data = store.read_bytes(store.join(remote, name), retry)
+        data = read_bytes(join(remote, name), retry)
         local.mkdir(parents=True, exist_ok=True)
         write_atomic(target, data)
     if not target.is_file():

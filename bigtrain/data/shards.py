@@ -11,17 +11,11 @@ import numpy as np
 import pyarrow as pa
 
 from bigtrain.data.tokenizer import TextTokenizer
-from bigtrain.errors import BigtrainError
+from bigtrain.errors import BigtrainError, first_line
 
 MANIFEST = "manifest.json"
 FORMAT = "bigtrain-arrow-v1"
 TOKENS_COLUMN = "tokens"
-
-
-def first_line(error: Exception) -> str:
-    """The first line of a library's error message, for one-line `BigtrainError`s."""
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__
 
 
 def token_dtype(vocab_size: int) -> np.dtype:

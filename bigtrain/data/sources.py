@@ -14,8 +14,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from bigtrain.data.shards import first_line
-from bigtrain.errors import BigtrainError
+from bigtrain.errors import BigtrainError, first_line
 
 # File-name endings that `prepare` reads, and the format each one is.
 FORMATS = {

@@ -32,9 +32,9 @@ from bigtrain.distributed.checkpoint_format import (
     write_state,
 )
 from bigtrain.distributed.engine import Engine
-from bigtrain.errors import BigtrainError
+from bigtrain.errors import BigtrainError, first_line
 from bigtrain.model import Llama
-from bigtrain.train.object_store import is_remote
+from bigtrain.object_store import is_remote
 
 CHUNK = 16 * 2**20  # bytes read at a time for checksums
 SHARE_PREFIX = ".files-"  # each rank's checksums during a save, merged into files.json
@@ -114,7 +114,7 @@ def save_checkpoint(
         heartbeat.check_peers(e)  # a barrier failed because another rank died: say that instead
         latest = latest_checkpoint(run_dir)
         kept = f"checkpoints/latest still names {latest.name}" if latest else "no checkpoint was written"
-        raise BigtrainError(f"cannot save checkpoint {final}: {_first_line(e)}; {kept}") from None
+        raise BigtrainError(f"cannot save checkpoint {final}: {first_line(e)}; {kept}") from None
     if engine.is_main:
         write_latest(root, name)
         if keep_last:
@@ -146,12 +146,8 @@ def load_checkpoint(checkpoint: Path, engine: Engine, verify: bool = True) -> di
         if rng.exists():  # absent when resuming on more ranks than saved
             set_rng_state(safe_load.load(rng))
     except (pickle.UnpicklingError, RuntimeError, OSError, SafetensorError) as e:
-        raise BigtrainError(f"cannot load checkpoint {checkpoint}: {_first_line(e)}") from None
+        raise BigtrainError(f"cannot load checkpoint {checkpoint}: {first_line(e)}") from None
     return state
-
-
-def _first_line(e: BaseException) -> str:
-    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
 def file_crc32c(path: Path) -> str:

@@ -22,19 +22,30 @@ import shutil
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlparse
 
 from bigtrain.config import CheckpointConfig
 from bigtrain.distributed.checkpoint_format import FILES
 from bigtrain.distributed.engine import Engine
 from bigtrain.errors import BigtrainError
+from bigtrain.object_store import Retry, Store, StoreError, open_store, retrying
 from bigtrain.train.checkpoint import file_problem, write_latest
-from bigtrain.train.object_store import Store, StoreError, open_store, with_retries
 
+T = TypeVar("T")
 LATEST = "latest"
+
+
+def insist(action: Callable[[], T], retries: int, who: str = "") -> T:
+    """`action()`, tried `retries` more times after any failure, even a missing bucket (a long
+    run outlives a passing outage or expired token), 1, 2, 4 … s apart (at most 60); each retry
+    is a warning on stderr, prefixed with `who`."""
+    retry = Retry(tries=retries + 1, backoff_s=1.0, max_backoff_s=60.0, retry_permanent=True)
+    return retrying(action, retry, lambda line: print(f"bigtrain: warning: {who}{line}",
+                                                      file=sys.stderr, flush=True))
 
 
 @dataclass
@@ -62,7 +73,7 @@ class CheckpointMirror:
 
     def remote_latest(self) -> str | None:
         try:
-            text = with_retries(lambda: self.store.read_text(LATEST), f"reading {self.url}/{LATEST}", self.retries)
+            text = insist(lambda: self.store.read_text(LATEST), self.retries)
         except StoreError as e:
             raise BigtrainError(f"checkpoint.remote={self.url}: {e}") from None
         return text.strip() if text else None
@@ -81,8 +92,8 @@ class CheckpointMirror:
         try:
             for file in share:
                 key = f"{up.name}/{file}"
-                with_retries(lambda key=key, file=file: self.store.put(checkpoint / file, key),
-                             f"rank {rank}: upload of {self.url}/{key}", self.retries)
+                insist(lambda key=key, file=file: self.store.put(checkpoint / file, key), self.retries,
+                       f"rank {rank}: ")
             up.completed = True
         except Exception as e:  # noqa: BLE001 - a thread must report whatever stopped it
             up.error = str(e) or type(e).__name__
@@ -108,8 +119,7 @@ class CheckpointMirror:
         up, self.pending = self.pending, None
         if not engine.any_rank(not up.completed) and engine.is_main:
             try:
-                with_retries(lambda: self.store.write_text(LATEST, up.name + "\n"),
-                             f"writing {self.url}/{LATEST}", self.retries)
+                insist(lambda: self.store.write_text(LATEST, up.name + "\n"), self.retries)
             except StoreError as e:
                 up.error = str(e)
         if engine.any_rank(up.error is not None or not up.completed):
@@ -173,14 +183,12 @@ def download(store: Store, name: str, tmp: Path, share: tuple[int, int], retries
     `files.json`); what went wrong, or None."""
     rank, world = share
     try:
-        text = with_retries(lambda: store.read_text(f"{name}/{FILES}"), f"reading {store.url}/{name}/{FILES}",
-                            retries)
+        text = insist(lambda: store.read_text(f"{name}/{FILES}"), retries)
         if text is None:
             return f"{store.url}/{name} has no {FILES}: it is not a complete checkpoint"
         for i, file in enumerate(sorted(json.loads(text))):
             if i % world == rank:
-                with_retries(lambda file=file: store.get(f"{name}/{file}", tmp / file),
-                             f"download of {store.url}/{name}/{file}", retries)
+                insist(lambda file=file: store.get(f"{name}/{file}", tmp / file), retries)
         if rank == 0:
             (tmp / FILES).write_text(text)
     except StoreError as e:
@@ -200,15 +208,12 @@ def cached_checkpoint(url: str) -> Path:
     url = url.rstrip("/")
     store = open_store(url)
     retries = CheckpointConfig().remote_retries
-    try:
-        latest = with_retries(lambda: store.read_text(LATEST), f"reading {url}/{LATEST}", retries)
-        if latest is None:  # `url` itself is a checkpoint
-            url, name = url.rsplit("/", 1)
-            store = open_store(url)
-        else:
-            name = latest.strip()
-    except StoreError as e:
-        raise BigtrainError(f"cannot read {url}: {e}") from None
+    latest = insist(lambda: store.read_text(LATEST), retries)
+    if latest is None:  # `url` itself is a checkpoint
+        url, name = url.rsplit("/", 1)
+        store = open_store(url)
+    else:
+        name = latest.strip()
     parsed = urlparse(url)
     final = cache_root() / parsed.scheme / parsed.netloc / parsed.path.strip("/") / name
     if final.is_dir():
