@@ -49,7 +49,10 @@ class PhaseTimer:
             self.open[name] = time.perf_counter()
 
     def stop(self, name: str) -> None:
-        started = self.open.pop(name)
+        """End the interval of `name` `start` began (none open: nothing to time)."""
+        started = self.open.pop(name, None)
+        if started is None:
+            return
         if self.cuda:
             end = torch.cuda.Event(enable_timing=True)
             end.record()

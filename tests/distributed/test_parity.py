@@ -73,6 +73,7 @@ LAYOUTS = {
     "pp2-dp2-zero1": (4, ["parallel.pp=2", "parallel.zero_stage=1", "data.micro_batch=2", "train.grad_accum=2"]),
     "sp2": (2, ["parallel.sp=2"]),
     "sp2-compiled": (2, ["parallel.sp=2", "train.compile=true"]),
+    "sp2-selective-checkpointing": (2, ["parallel.sp=2", "parallel.activation_checkpointing=selective"]),
     "sp2-dp2-zero2": (4, ["parallel.sp=2", "parallel.zero_stage=2", "data.micro_batch=4"]),
     "sp2-tp2": (4, ["parallel.sp=2", "parallel.tp=2"]),
     "sp2-pp2": (4, ["parallel.sp=2", "parallel.pp=2", "data.micro_batch=4", "train.grad_accum=2"]),
