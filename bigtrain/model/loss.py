@@ -42,9 +42,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
-        grad_hidden, grad_weight = ctx.saved_tensors
-        scale = grad_loss / ctx.n
-        return (grad_hidden * scale.to(grad_hidden.dtype), (grad_weight * scale).to(ctx.weight_dtype), None, None)
+        return (*scaled_gradients(ctx, grad_loss), None, None)
+
+
+def scaled_gradients(ctx, grad_loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A chunked loss's backward: the hidden-state and weight gradients its forward computed for
+    the summed loss (`ctx.saved_tensors`), scaled to the mean over `ctx.n` tokens and `grad_loss`."""
+    grad_hidden, grad_weight = ctx.saved_tensors
+    scale = grad_loss / ctx.n
+    return grad_hidden * scale.to(grad_hidden.dtype), (grad_weight * scale).to(ctx.weight_dtype)
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from bigtrain.model.loss import CHUNK_ELEMENTS
+from bigtrain.model.loss import CHUNK_ELEMENTS, scaled_gradients
 
 
 def _softmax_shard_(x: torch.Tensor, targets: torch.Tensor, group: dist.ProcessGroup):
@@ -100,10 +100,7 @@ class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
-        grad_hidden, grad_weight = ctx.saved_tensors
-        scale = grad_loss / ctx.n
-        return (grad_hidden * scale.to(grad_hidden.dtype), (grad_weight * scale).to(ctx.weight_dtype),
-                None, None, None)
+        return (*scaled_gradients(ctx, grad_loss), None, None, None)
 
 
 def vocab_parallel_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
