@@ -112,8 +112,19 @@ def test_zero3_to_hf_and_reshard_to_one_process(worker, local_straight, tmp_path
     assert continued == pytest.approx(local_straight[N:], rel=1e-5, abs=0)
 
 
-def test_tp2_pp2_to_hf_and_reshard_to_one_process(stdlib_data, local_straight, tmp_path):
+def assert_hf_logits_match(checkpoint, one_process, hf_dir) -> None:
+    """`to-hf` of `checkpoint` gives, in transformers, the logits of its one-process reshard."""
     transformers = pytest.importorskip("transformers")
+    to_hf(checkpoint, hf_dir)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    model, _, _ = load_trained_model(one_process, torch.device("cpu"))
+    tokens = torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(tokens).logits, model(tokens), rtol=0, atol=1e-4)
+
+
+def test_tp2_pp2_to_hf_and_reshard_to_one_process(stdlib_data, local_straight, tmp_path):
+    pytest.importorskip("transformers")  # before the launch
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config(stdlib_data, tmp_path / "run")))
     torchrun(4, "-m", "bigtrain", "train", str(tmp_path / "config.yaml"), "parallel.engine=deepspeed",
              "parallel.tp=2", "parallel.pp=2", "data.micro_batch=2", "train.grad_accum=4")
@@ -124,12 +135,7 @@ def test_tp2_pp2_to_hf_and_reshard_to_one_process(stdlib_data, local_straight, t
         f"run.dir={tmp_path / 'continued'}", f"run.resume={tmp_path / 'one'}"])
     assert train(cfg, console=False).losses == pytest.approx(local_straight[N:], rel=1e-5, abs=0)
 
-    to_hf(checkpoint, tmp_path / "hf")
-    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
-    model, _, _ = load_trained_model(tmp_path / "one", torch.device("cpu"))
-    tokens = torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        torch.testing.assert_close(hf(tokens).logits, model(tokens), rtol=0, atol=1e-4)
+    assert_hf_logits_match(checkpoint, tmp_path / "one", tmp_path / "hf")
 
 
 def run_losses(run_dir) -> list[float]:
@@ -140,7 +146,7 @@ def test_sp2_checkpoint_resumes_exactly_reshards_and_converts(stdlib_data, local
     """Sequence parallelism shards no parameters: an SP=2 ZeRO-1 run follows the single-process
     curve, resumes from its checkpoint exactly, and the checkpoint reshards to one process and
     converts to Hugging Face; the single-process checkpoint resharded to SP=2 continues its curve."""
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")  # before the launch
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config(stdlib_data, tmp_path / "run")))
     sp2 = [str(tmp_path / "config.yaml"), "parallel.engine=deepspeed", "parallel.sp=2", "parallel.zero_stage=1",
            "data.micro_batch=8"]
@@ -161,12 +167,7 @@ def test_sp2_checkpoint_resumes_exactly_reshards_and_converts(stdlib_data, local
     cfg = load_config(tmp_path / "one" / "config.yaml", [
         f"run.dir={tmp_path / 'continued'}", f"run.resume={tmp_path / 'one'}"])
     assert train(cfg, console=False).losses == pytest.approx(local_straight[N:], rel=1e-5, abs=0)
-    to_hf(checkpoint, tmp_path / "hf")
-    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
-    model, _, _ = load_trained_model(tmp_path / "one", torch.device("cpu"))
-    tokens = torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        torch.testing.assert_close(hf(tokens).logits, model(tokens), rtol=0, atol=1e-4)
+    assert_hf_logits_match(checkpoint, tmp_path / "one", tmp_path / "hf")
 
 
 @pytest.mark.parametrize("case", ["local-to-dp2-zero2", "local-resumed-as-tp2", "tp2-to-pp2-zero1",

@@ -14,12 +14,8 @@ import time
 from pathlib import Path
 from statistics import median
 
-import torch
-from common import record
+from common import engine_with_optimizer_state, record
 
-from bigtrain.config import load_config
-from bigtrain.distributed.local import LocalEngine
-from bigtrain.model import Llama
 from bigtrain.train import checkpoint as ckpt
 
 
@@ -28,11 +24,7 @@ def main() -> None:
     parser.add_argument("--config", default="configs/125m.yaml")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    cfg = load_config(args.config, ["train.device=cpu", "train.precision=fp32"])
-    engine = LocalEngine(Llama(cfg.model), cfg.train)
-    for p in engine.model.parameters():  # AdamW state exists after one update: give it one
-        p.grad = torch.zeros_like(p)
-    engine.optimizer.step()
+    cfg, engine = engine_with_optimizer_state(args.config)
     saves, checksums, checked, unchecked = [], [], [], []
     with tempfile.TemporaryDirectory(dir=".") as tmp:
         for i in range(args.repeats):

@@ -18,12 +18,8 @@ from pathlib import Path
 from statistics import median
 
 import boto3
-import torch
-from common import record
+from common import engine_with_optimizer_state, record
 
-from bigtrain.config import load_config
-from bigtrain.distributed.local import LocalEngine
-from bigtrain.model import Llama
 from bigtrain.train import checkpoint as ckpt
 from bigtrain.train.mirror import CheckpointMirror
 
@@ -62,11 +58,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--remote", help="s3://BUCKET/PREFIX (default: a throw-away server of tools/s3_server.py)")
     args = parser.parse_args()
-    cfg = load_config(args.config, ["train.device=cpu", "train.precision=fp32"])
-    engine = LocalEngine(Llama(cfg.model), cfg.train)
-    for p in engine.model.parameters():  # AdamW state exists after one update: give it one
-        p.grad = torch.zeros_like(p)
-    engine.optimizer.step()
+    cfg, engine = engine_with_optimizer_state(args.config)
     with tempfile.TemporaryDirectory(dir=".") as tmp:
         server = Path(tmp) / "server"
         if args.remote is None:

@@ -145,3 +145,20 @@ def record(name: str, values: dict) -> None:
     """Print the results as one JSON line (for the table in tools/bench/README.md)."""
     print(json.dumps({"bench": name, "date": date.today().isoformat(), "machine": machine(),
                       "python": sys.version.split()[0], **values}))
+
+
+def engine_with_optimizer_state(config: str):
+    """(config, local engine on CPU in fp32) of `config`, after one zero-gradient AdamW update so
+    that the optimizer state a trained run's checkpoint holds exists."""
+    import torch
+
+    from bigtrain.config import load_config
+    from bigtrain.distributed.local import LocalEngine
+    from bigtrain.model import Llama
+
+    cfg = load_config(config, ["train.device=cpu", "train.precision=fp32"])
+    engine = LocalEngine(Llama(cfg.model), cfg.train)
+    for p in engine.model.parameters():
+        p.grad = torch.zeros_like(p)
+    engine.optimizer.step()
+    return cfg, engine
