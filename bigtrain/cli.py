@@ -133,11 +133,11 @@ def cmd_eval(args: argparse.Namespace) -> None:
 def eval_task_suite(args: argparse.Namespace):
     """The lm-eval tasks `--tasks` names, checked (and the checkpoint's tokenizer found) up front."""
     from bigtrain.eval import harness
-    from bigtrain.train.checkpoint import resolve_checkpoint
+    from bigtrain.train.checkpoint import open_checkpoint
 
     if (args.limit is not None and args.limit < 1) or (args.num_fewshot or 0) < 0 or args.batch_size < 1:
         raise BigtrainError("--limit and --batch-size must be positive and --num-fewshot at least 0")
-    harness.checkpoint_tokenizer(resolve_checkpoint(args.checkpoint))
+    harness.checkpoint_tokenizer(open_checkpoint(args.checkpoint, checksums=False))  # checksums: when loaded
     return harness.TaskSuite(args.tasks.split(","), args.num_fewshot, args.limit)
 
 

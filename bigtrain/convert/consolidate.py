@@ -38,7 +38,7 @@ from bigtrain.distributed.checkpoint_format import (
 from bigtrain.distributed.layout import stage_bounds, tp_join
 from bigtrain.errors import BigtrainError, first_line
 from bigtrain.model import Llama
-from bigtrain.train.checkpoint import load_trained_model, resolve_checkpoint, verify_files
+from bigtrain.train.checkpoint import load_trained_model, open_checkpoint, resolve_checkpoint
 
 
 @dataclass
@@ -54,8 +54,7 @@ class FullCheckpoint:
 def consolidate(path: str | Path, moments: bool = True) -> FullCheckpoint:
     """Read the checkpoint (or a run's latest) at `path` in whatever layout it was written;
     `moments=False` reads the weights alone (no AdamW state: less memory, less time)."""
-    checkpoint = resolve_checkpoint(path)
-    verify_files(checkpoint)
+    checkpoint = open_checkpoint(path)
     state = read_state(checkpoint)
     cfg = read_config(checkpoint)
     p = cfg.parallel
@@ -81,7 +80,7 @@ def consolidate(path: str | Path, moments: bool = True) -> FullCheckpoint:
 def load_full_model(path: str | Path, device: torch.device) -> tuple[Llama, Config, Path]:
     """The one-process model of a checkpoint (or a run's latest) of any layout, in eval mode:
     read directly when it holds full weights, else consolidated (weights only)."""
-    checkpoint = resolve_checkpoint(path)
+    checkpoint = resolve_checkpoint(path)  # each branch opens (checks) it
     if (checkpoint / WEIGHTS).is_file():
         model, cfg, checkpoint = load_trained_model(checkpoint, device)
         return model, cfg, checkpoint

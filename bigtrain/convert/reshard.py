@@ -25,14 +25,14 @@ from bigtrain.distributed.layout import check_layout, describe, world_size_for
 from bigtrain.distributed.optimizer import build_adamw
 from bigtrain.errors import BigtrainError
 from bigtrain.model import Llama
-from bigtrain.train.checkpoint import resolve_checkpoint, write_file_list
+from bigtrain.train.checkpoint import open_checkpoint, write_file_list
 
 
 def reshard(checkpoint: str | Path, out: str | Path, overrides: list[str], overwrite: bool = False) -> Path:
     """Write `checkpoint` laid out for its config plus `overrides` (e.g. `parallel.tp=1`) to `out`."""
     out = Path(out)
     refuse_existing(out, overwrite)
-    cfg = load_config(resolve_checkpoint(checkpoint) / fmt.CONFIG, list(overrides))
+    cfg = load_config(open_checkpoint(checkpoint, checksums=False) / fmt.CONFIG, list(overrides))  # sizes, format
     check_layout(cfg, world_size=world_size_for(cfg))
     full = consolidate(checkpoint)
     if full.moments is None:

@@ -44,14 +44,24 @@ def write_state(checkpoint: Path, state: dict[str, Any]) -> None:
     (checkpoint / STATE).write_text(json.dumps({"format_version": FORMAT_VERSION, **state}, indent=1))
 
 
+def format_problem(checkpoint: Path) -> str | None:
+    """Why this bigtrain cannot read `checkpoint`'s format (None: it can)."""
+    try:
+        version = json.loads((checkpoint / STATE).read_text()).get("format_version", 1)
+    except (OSError, ValueError) as e:
+        return f"{checkpoint} has no readable {STATE} ({e.__class__.__name__}): it is not a complete checkpoint"
+    if version != FORMAT_VERSION:
+        return (f"{checkpoint} has checkpoint format_version {version}; this bigtrain reads version "
+                f"{FORMAT_VERSION} (use the bigtrain that wrote it, or convert it there)")
+    return None
+
+
 def read_state(checkpoint: Path) -> dict[str, Any]:
     """`state.json`; a format this version of bigtrain does not know is refused in one line."""
-    state = json.loads((checkpoint / STATE).read_text())
-    version = state.get("format_version", 1)
-    if version != FORMAT_VERSION:
-        raise BigtrainError(f"{checkpoint} has checkpoint format_version {version}; this bigtrain reads "
-                            f"version {FORMAT_VERSION} (use the bigtrain that wrote it, or convert it there)")
-    return state
+    problem = format_problem(checkpoint)
+    if problem:
+        raise BigtrainError(problem)
+    return json.loads((checkpoint / STATE).read_text())
 
 
 def write_config(checkpoint: Path, config: Config) -> None:

@@ -1,7 +1,10 @@
-"""Which rank stopped answering: every rank bumps its counter in the rendezvous store (the one
-torchrun's agent or rank 0 hosts at MASTER_ADDR:MASTER_PORT) every `INTERVAL_S` seconds from a
-background thread. When a collective fails or times out, the survivors look for the counters that
-stopped moving; a rank that died or froze (`kill -9`, `SIGSTOP`, a hung host) is named in the error.
+"""Which rank stopped answering, and why: every rank bumps its counter in the rendezvous store (the
+one torchrun's agent or rank 0 hosts at MASTER_ADDR:MASTER_PORT) every `INTERVAL_S` seconds from a
+background thread, and a rank that stops on a `BigtrainError` posts its line there first
+(`report_error`). When a collective fails or times out, the survivors look for the counters that
+stopped moving; a rank that died or froze (`kill -9`, `SIGSTOP`, a hung host) is named in the
+error, with the line it posted. Under plain srun rank 0 hosts the store, so its own line is lost
+with it: the others then name the store's host.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from bigtrain.errors import BigtrainError
 
 INTERVAL_S = 1.0
 KEY = "bigtrain/heartbeat/{}"
+ERROR_KEY = "bigtrain/error/{}"
 
 _running: Heartbeat | None = None
 
@@ -52,6 +56,13 @@ class Heartbeat:
             return None
         return [r for r in range(self.world_size) if r != self.rank and before[r] == after[r]]
 
+    def posted_error(self, rank: int) -> str | None:
+        try:
+            store = _connect(timeout_s=2 * INTERVAL_S)
+            return store.get(ERROR_KEY.format(rank)).decode() if store.check([ERROR_KEY.format(rank)]) else None
+        except Exception:
+            return None
+
     def stop(self) -> None:
         self.stopped.set()
         self.thread.join()
@@ -74,14 +85,34 @@ class PeersLost(BigtrainError):
     """Another rank died or froze: the process group cannot go on (leave without cleaning it up)."""
 
 
+def report_error(message: str) -> None:
+    """Post this rank's error line for the others, before it leaves (no-op without a heartbeat)."""
+    if _running is not None:
+        try:
+            _running.store.set(ERROR_KEY.format(_running.rank), message)
+        except Exception:  # the store's host is gone too: nobody is left to read it
+            pass
+
+
 def check_peers(error: BaseException) -> None:
     """Raise `PeersLost` naming the ranks that stopped answering when one did (`error`, a failed
-    collective or what it caused, is then only the symptom); otherwise return."""
-    silent = who_stopped_answering()
-    if silent is not None:
-        symptom = re.sub(r"^\[[^\]]*\]\s*", "", (str(error).strip().splitlines() or [type(error).__name__])[0])
-        raise PeersLost(f"{silent} stopped answering ({symptom.split('. ')[0]}); "
-                        f"stopping rank {_running.rank}") from None
+    collective or what it caused, is then only the symptom), with the error line such a rank
+    posted; otherwise return."""
+    if _running is None:
+        return
+    silent = _running.silent_ranks()
+    if silent == []:
+        return
+    if silent is None:
+        who = "the rendezvous store's host (rank 0 or the launcher)"
+    else:
+        for rank in silent:
+            line = _running.posted_error(rank)
+            if line:
+                raise PeersLost(f"rank {rank}: {line}") from None
+        who = ("rank " if len(silent) == 1 else "ranks ") + ", ".join(map(str, silent))
+    symptom = re.sub(r"^\[[^\]]*\]\s*", "", (str(error).strip().splitlines() or [type(error).__name__])[0])
+    raise PeersLost(f"{who} stopped answering ({symptom.split('. ')[0]}); stopping rank {_running.rank}") from None
 
 
 def stop() -> None:
@@ -90,16 +121,3 @@ def stop() -> None:
     if _running is not None:
         _running.stop()
         _running = None
-
-
-def who_stopped_answering() -> str | None:
-    """'rank 1', 'ranks 1, 3', or 'rank 0 (it hosts the rendezvous store)'-style text naming the ranks
-    that stopped answering, or None when every rank is alive (or no heartbeat runs)."""
-    if _running is None:
-        return None
-    silent = _running.silent_ranks()
-    if silent is None:
-        return "the rendezvous store's host (rank 0 or the launcher)"
-    if not silent:
-        return None
-    return ("rank " if len(silent) == 1 else "ranks ") + ", ".join(map(str, silent))

@@ -106,14 +106,12 @@ class Topology:
         return self.grid.sp_proc_group
 
 
-def init_topology(cfg: Config) -> Topology:
-    """Check the layout, start torch.distributed and build DeepSpeed's grid of groups."""
+def init_processes(cfg: Config) -> None:
+    """Start torch.distributed over the launched processes (once) and this rank's heartbeat, so
+    that the ranks can agree on everything else (the run lock, the resume point) before any of them
+    reads the run directory."""
     env = process_env()
-    dp = check_layout(cfg, env.world_size)
     import deepspeed  # slow to import: only once the layout is known to be possible
-    from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
-
-    from bigtrain.distributed.grid import Grid
 
     backend = cfg.parallel.backend
     if backend == "auto":
@@ -131,6 +129,17 @@ def init_topology(cfg: Config) -> Topology:
             verbose=False, timeout=timeout,
         )
     heartbeat.start(env.rank, env.world_size)
+
+
+def init_topology(cfg: Config) -> Topology:
+    """Check the layout, start the processes (if not yet) and build DeepSpeed's grid of groups."""
+    env = process_env()
+    dp = check_layout(cfg, env.world_size)
+    init_processes(cfg)
+    from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+
+    from bigtrain.distributed.grid import Grid
+
     p = cfg.parallel
     topology = PipeModelDataParallelTopology(num_pp=p.pp, num_mp=p.tp, num_dp=dp * p.sp)
     return Topology(env=env, dp=dp, tp=p.tp, pp=p.pp, sp=p.sp, process_topology=topology,

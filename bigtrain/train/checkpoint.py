@@ -19,11 +19,13 @@ from safetensors import SafetensorError
 
 from bigtrain.config import Config, ModelConfig
 from bigtrain.distributed import heartbeat, safe_load
+from bigtrain.distributed.agreement import check_all
 from bigtrain.distributed.checkpoint_format import (
     FILES,
     STATE,
     TOKENIZER,
     WEIGHTS,
+    format_problem,
     load_weights,
     read_config,
     read_state,
@@ -35,6 +37,7 @@ from bigtrain.distributed.engine import Engine
 from bigtrain.errors import BigtrainError, first_line
 from bigtrain.model import Llama
 from bigtrain.object_store import is_remote
+from bigtrain.train.launcher_watch import check_launcher
 
 CHUNK = 16 * 2**20  # bytes read at a time for checksums
 SHARE_PREFIX = ".files-"  # each rank's checksums during a save, merged into files.json
@@ -107,6 +110,7 @@ def save_checkpoint(
             for file in tmp.rglob("*"):
                 _fsync(file)
             _fsync(tmp)
+            check_launcher()  # an orphaned worker commits nothing
             os.rename(tmp, final)
             _fsync(root)
     except (OSError, RuntimeError, SafetensorError) as e:  # torch.save and safetensors wrap OSErrors
@@ -116,6 +120,7 @@ def save_checkpoint(
         kept = f"checkpoints/latest still names {latest.name}" if latest else "no checkpoint was written"
         raise BigtrainError(f"cannot save checkpoint {final}: {first_line(e)}; {kept}") from None
     if engine.is_main:
+        check_launcher()
         write_latest(root, name)
         if keep_last:
             for old in sorted(root.glob("step-*"))[:-keep_last]:
@@ -136,10 +141,8 @@ def write_latest(root: Path, name: str) -> None:
 def load_checkpoint(checkpoint: Path, engine: Engine, verify: bool = True) -> dict[str, Any]:
     """Restore engine and RNG state; return the JSON state (step, tokens, loader, …). Every rank
     checks the sizes of all files and, with `verify`, the checksums of its share of them."""
-    problem = file_problem(checkpoint, share=(engine.rank, engine.world_size), checksums=verify)
-    if engine.any_rank(problem is not None):
-        raise BigtrainError(problem or f"checkpoint {checkpoint} failed its checks on another rank")
-    state = read_state(checkpoint)  # refuses an unknown format before any tensor is read
+    check_all(checkpoint_problem(checkpoint, share=(engine.rank, engine.world_size), checksums=verify))
+    state = read_state(checkpoint)  # nothing is read before every rank found the files sound
     try:
         engine.load(checkpoint)
         rng = checkpoint / rng_file(engine.rank)
@@ -206,11 +209,20 @@ def file_problem(checkpoint: Path, share: tuple[int, int] = (0, 1), checksums: b
     return None
 
 
-def verify_files(checkpoint: Path) -> None:
-    """Refuse a checkpoint with a missing, truncated or changed file, in one line."""
-    problem = file_problem(checkpoint)
+def checkpoint_problem(checkpoint: Path, share: tuple[int, int] = (0, 1), checksums: bool = True) -> str | None:
+    """Why `checkpoint` cannot be read (None: it can): a missing, truncated or changed file
+    (`file_problem`), or a format this bigtrain does not read. Every reader asks this first."""
+    return file_problem(checkpoint, share, checksums) or format_problem(checkpoint)
+
+
+def open_checkpoint(path: str | Path, checksums: bool = True) -> Path:
+    """The checkpoint at `path` (resolved as `resolve_checkpoint` does), refused in one line unless
+    `checkpoint_problem` finds nothing: the one way into a checkpoint for every reader."""
+    checkpoint = resolve_checkpoint(path)
+    problem = checkpoint_problem(checkpoint, checksums=checksums)
     if problem:
         raise BigtrainError(problem)
+    return checkpoint
 
 
 def _previous_hint(checkpoint: Path) -> str:
@@ -252,8 +264,7 @@ def _fsync(path: Path) -> None:
 
 def initial_weights_file(path: str | Path, model: ModelConfig) -> Path:
     """The checked `model.safetensors` of checkpoint `path` (or a run's latest) for `model.init_from`."""
-    checkpoint = resolve_checkpoint(path)
-    verify_files(checkpoint)
+    checkpoint = open_checkpoint(path)
     check_same_model(checkpoint, model)
     if not (checkpoint / WEIGHTS).exists():
         raise BigtrainError(f"{checkpoint} holds only tensor/pipeline-parallel shards; "
@@ -261,9 +272,9 @@ def initial_weights_file(path: str | Path, model: ModelConfig) -> Path:
     return checkpoint / WEIGHTS
 
 
-def load_initial_weights(model: Llama, path: str | Path) -> None:
-    """Load the full weights of checkpoint `path` (or a run's latest) into `model` (`model.init_from`)."""
-    checkpoint = initial_weights_file(path, model.cfg).parent
+def load_initial_weights(model: Llama, weights: Path) -> None:
+    """Load `weights` (an `initial_weights_file`) into `model` (`model.init_from`)."""
+    checkpoint = weights.parent
     try:
         load_weights(model, checkpoint)
     except (OSError, SafetensorError) as e:
@@ -272,8 +283,7 @@ def load_initial_weights(model: Llama, path: str | Path) -> None:
 
 def load_trained_model(path: str | Path, device: torch.device) -> tuple[torch.nn.Module, Config, Path]:
     """Rebuild the model of a checkpoint (or a run's latest) for evaluation or generation."""
-    checkpoint = resolve_checkpoint(path)
-    verify_files(checkpoint)
+    checkpoint = open_checkpoint(path)
     config = read_config(checkpoint)
     model = Llama(config.model)
     if not (checkpoint / WEIGHTS).exists():

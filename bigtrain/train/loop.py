@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,13 +12,13 @@ import torch
 from bigtrain.config import Config, TrainConfig, save_config
 from bigtrain.data.build import build_train_loader, build_val_data, check_remote_data
 from bigtrain.data.prefetch import Prefetcher
-from bigtrain.distributed import heartbeat
+from bigtrain.distributed import agreement, heartbeat
 from bigtrain.distributed.activation_checkpointing import apply_activation_checkpointing
 from bigtrain.distributed.device import deterministic_enabled, pick_device, resolve_precision
 from bigtrain.distributed.engine import Engine, StepOutput
 from bigtrain.distributed.layout import check_layout
 from bigtrain.distributed.local import LocalEngine
-from bigtrain.distributed.topology import init_topology, process_env
+from bigtrain.distributed.topology import init_processes, init_topology, process_env
 from bigtrain.errors import BigtrainError
 from bigtrain.eval.perplexity import EvalResult, evaluate
 from bigtrain.model import Llama, flops_per_token
@@ -28,7 +27,7 @@ from bigtrain.train.bad_steps import BadSteps
 from bigtrain.train.host_memory import reuse_freed_memory
 from bigtrain.train.metrics import SpeedMeter, directory_size, peak_flops, peak_memory_gb
 from bigtrain.train.mirror import CheckpointMirror
-from bigtrain.train.run_lock import RunLock
+from bigtrain.train.run_lock import run_lock
 from bigtrain.train.schedule import lr_at
 from bigtrain.train.signals import StopRequest
 from bigtrain.train.sinks import Sinks, build_sinks
@@ -62,12 +61,12 @@ def set_determinism(seed: int, cfg: TrainConfig) -> None:
 def find_resume_checkpoint(cfg: Config, mirror: CheckpointMirror | None = None) -> Path | None:
     """The local checkpoint to start from; refuse to start over a run that already has checkpoints,
     here or in its `mirror`. With run.resume=auto and no local checkpoint, the caller fetches the
-    mirror's latest."""
+    mirror's latest. Rank 0 decides this once for every rank (`agreement.from_main`)."""
     run_dir, resume = cfg.run.path, cfg.run.resume
     if resume == "auto":
         return ckpt.latest_checkpoint(run_dir)
     if resume:
-        return ckpt.resolve_checkpoint(resume)
+        return ckpt.open_checkpoint(resume)
     if ckpt.latest_checkpoint(run_dir) is not None:
         raise BigtrainError(
             f"{run_dir} already has checkpoints; pass run.resume=auto to continue it or choose another run.name"
@@ -80,18 +79,18 @@ def find_resume_checkpoint(cfg: Config, mirror: CheckpointMirror | None = None) 
 
 def build_engine(cfg: Config, init_from: str | None = None) -> Engine:
     """The local engine for one process, else DeepSpeed over the launched processes; the model
-    starts from the weights of checkpoint `init_from` when given."""
+    starts from the weights of checkpoint `init_from` when given (checked once, by rank 0)."""
+    init_file = agreement.from_main(lambda: ckpt.initial_weights_file(init_from, cfg.model)) if init_from else None
     if cfg.parallel.engine == "local":
         model = Llama(cfg.model)
-        if init_from:
-            ckpt.load_initial_weights(model, init_from)
+        if init_file:
+            ckpt.load_initial_weights(model, init_file)
         p = cfg.parallel
         apply_activation_checkpointing(model.layers, p.activation_checkpointing, p.activation_checkpointing_every)
         return LocalEngine(model, cfg.train)
     from bigtrain.distributed.deepspeed_engine import DeepSpeedEngine  # imports DeepSpeed: slow
     from bigtrain.distributed.stage_build import build_stage
 
-    init_file = ckpt.initial_weights_file(init_from, cfg.model) if init_from else None
     topology = init_topology(cfg)
     return DeepSpeedEngine(build_stage(cfg.model, topology, init_file), cfg, topology)  # this rank's share only
 
@@ -99,30 +98,27 @@ def build_engine(cfg: Config, init_from: str | None = None) -> Engine:
 def train(cfg: Config, console: bool = True, stop: StopRequest | None = None) -> TrainResult:
     """Train `cfg.model` on `cfg.data` with the configured engine, resuming if asked.
 
-    SIGUSR1/SIGTERM (caught by `stop`, or from this call on) make it save at the next logging step
-    and return with `preempted` set."""
+    The processes start first, then every rank waits for rank 0 to hold the run directory's lock
+    (`run.lock`, `run.wait_lock`) before anything in it is read. A signal before the loop starts
+    ends the process at once; SIGUSR1/SIGTERM during training (caught by `stop`, or from this call
+    on) make it save at the next logging step and return with `preempted` set."""
     check_layout(cfg, process_env().world_size)  # before touching data or starting processes
     resolve_precision(cfg.train.precision, pick_device(cfg.train.device), cfg.parallel.engine)  # and before any model
     check_remote_data(cfg.data)  # an unreadable bucket fails here, before processes or the model
-    with run_lock(cfg), (contextlib.nullcontext(stop) if stop else StopRequest()) as stop:
+    with (contextlib.nullcontext(stop) if stop else StopRequest()) as stop:
         try:
-            return Trainer(cfg, console, stop).run()
+            if cfg.parallel.engine == "deepspeed":
+                init_processes(cfg)
+            with run_lock(cfg.run.path, cfg.run.wait_lock, enabled=cfg.run.lock):
+                return Trainer(cfg, console, stop).run()
+        except heartbeat.PeersLost:
+            raise
+        except BigtrainError as e:  # the other ranks name this rank and its line, not a broken collective
+            heartbeat.report_error(str(e))
+            raise
         except (RuntimeError, OSError) as e:  # a collective failed or timed out: was a rank lost?
             heartbeat.check_peers(e)
             raise
-
-
-@contextlib.contextmanager
-def run_lock(cfg: Config) -> Iterator[None]:
-    """Rank 0 holds the run directory's lock for the whole run (`run.lock`, `run.wait_lock`)."""
-    if not cfg.run.lock or process_env().rank != 0:
-        yield
-        return
-    lock = RunLock(cfg.run.path).acquire(cfg.run.wait_lock)
-    try:
-        yield
-    finally:
-        lock.release()
 
 
 class Trainer:
@@ -136,7 +132,7 @@ class Trainer:
         if cfg.train.reuse_host_memory:
             reuse_freed_memory()
         self.mirror = CheckpointMirror(cfg.checkpoint) if cfg.checkpoint.remote else None
-        resume_from = find_resume_checkpoint(cfg, self.mirror)
+        resume_from = agreement.from_main(lambda: find_resume_checkpoint(cfg, self.mirror))  # one point for all
         from_remote = resume_from is None and cfg.run.resume == "auto" and self.mirror and self.mirror.reached
         self.engine = engine = build_engine(cfg, None if resume_from or from_remote else cfg.model.init_from)
         if from_remote:
@@ -180,6 +176,7 @@ class Trainer:
 
     def run(self) -> TrainResult:
         cfg = self.cfg
+        self.stop.defer()  # from here on a signal means: checkpoint at the next logging step
         first_val = self.validate() if self.step == 0 else None
         if self.step == 0:
             self.evaluate_tasks()

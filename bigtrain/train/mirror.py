@@ -29,11 +29,13 @@ from typing import Any, TypeVar
 from urllib.parse import urlparse
 
 from bigtrain.config import CheckpointConfig
+from bigtrain.distributed.agreement import check_all, from_main
 from bigtrain.distributed.checkpoint_format import FILES
 from bigtrain.distributed.engine import Engine
 from bigtrain.errors import BigtrainError
 from bigtrain.object_store import Retry, Store, StoreError, open_store, retrying
-from bigtrain.train.checkpoint import file_problem, write_latest
+from bigtrain.train.checkpoint import checkpoint_problem, write_latest
+from bigtrain.train.launcher_watch import check_launcher
 
 T = TypeVar("T")
 LATEST = "latest"
@@ -66,7 +68,7 @@ class CheckpointMirror:
     def __init__(self, cfg: CheckpointConfig):
         self.store, self.keep_last, self.retries = open_store(cfg.remote), cfg.keep_last, cfg.remote_retries
         self.url = self.store.url
-        self.reached = self.remote_latest()  # the checkpoint the remote `latest` names
+        self.reached = from_main(self.remote_latest)  # the checkpoint the remote `latest` names, read once
         self.expected: str | None = None  # the newest checkpoint handed to `upload`
         self.failure: str | None = None  # why the newest upload that ended did not reach the remote
         self.pending: Upload | None = None
@@ -118,6 +120,7 @@ class CheckpointMirror:
         record to log, or None when the checkpoint did not reach the remote (a warning says why)."""
         up, self.pending = self.pending, None
         if not engine.any_rank(not up.completed) and engine.is_main:
+            check_launcher()  # an orphaned worker commits nothing
             try:
                 insist(lambda: self.store.write_text(LATEST, up.name + "\n"), self.retries)
             except StoreError as e:
@@ -157,20 +160,20 @@ class CheckpointMirror:
         checked against its `files.json`, and point the local `latest` at it."""
         name = self.reached
         final, tmp = root / name, root / f".tmp-{name}"
-        if engine.is_main:
+
+        def make_room() -> None:
             if final.exists():
                 raise BigtrainError(f"{final} exists but checkpoints/latest does not name it; move it aside "
                                     f"to resume from {self.url}/{name}")
             root.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir()
-        engine.barrier()
+
+        from_main(make_room)  # the other ranks wait for it, or leave with its refusal
         problem = download(self.store, name, tmp, (engine.rank, engine.world_size), self.retries)
         engine.barrier()
-        problem = problem or file_problem(tmp, share=(engine.rank, engine.world_size))
-        if engine.any_rank(problem is not None):
-            raise BigtrainError(f"cannot fetch {self.url}/{name}: "
-                                f"{problem or 'the download of another rank failed'}")
+        problem = problem or checkpoint_problem(tmp, share=(engine.rank, engine.world_size))
+        check_all(problem and f"cannot fetch {self.url}/{name}: {problem}")
         if engine.is_main:
             os.rename(tmp, final)
             write_latest(root, name)
@@ -221,7 +224,7 @@ def cached_checkpoint(url: str) -> Path:
     tmp = final.with_name(f".tmp-{name}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    problem = download(store, name, tmp, (0, 1), retries) or file_problem(tmp)
+    problem = download(store, name, tmp, (0, 1), retries) or checkpoint_problem(tmp)
     if problem:
         shutil.rmtree(tmp, ignore_errors=True)
         raise BigtrainError(f"cannot fetch {url}/{name}: {problem}")

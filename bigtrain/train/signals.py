@@ -1,9 +1,11 @@
 """Preemption: SIGUSR1 or SIGTERM asks the run to checkpoint at its next logging step and stop.
 
-The handler only sets a flag, so a signal can never interrupt a step or a checkpoint half-way; a
-second signal while the checkpoint is being written is just noted. The loop agrees on the flag
-across ranks after every step, saves, and the command exits with `PREEMPTED_EXIT_CODE` so that a
-batch script can tell "saved, resubmit me" from success and from a crash.
+Before training starts (imports, the lock, resuming) there is nothing to save, so a signal ends
+the process at once with one line. Once the loop runs (`defer()`), the handler only sets a flag, so
+a signal can never interrupt a step or a checkpoint half-way; a second signal while the checkpoint
+is being written is just noted. The loop agrees on the flag across ranks at logging steps, saves,
+and the command exits with `PREEMPTED_EXIT_CODE` so that a batch script can tell "saved, resubmit
+me" from success and from a crash.
 """
 
 from __future__ import annotations
@@ -18,11 +20,17 @@ STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
 
 class StopRequest:
-    """While active (a context manager), SIGUSR1 and SIGTERM set `requested` instead of killing."""
+    """While active (a context manager), SIGUSR1 and SIGTERM end the process at once until `defer()`,
+    then set `requested` instead."""
 
     def __init__(self) -> None:
         self.received: list[str] = []
+        self.deferred = False  # True once training runs: a signal then means "save, then stop"
         self._previous: dict[int, object] = {}
+
+    def defer(self) -> None:
+        """From now on a signal asks for a checkpoint at the next logging step instead of an exit."""
+        self.deferred = True
 
     @property
     def requested(self) -> bool:
@@ -30,9 +38,11 @@ class StopRequest:
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         name = signal.Signals(signum).name
+        if not self.deferred:  # os.write, not print: a handler may run while the main thread is in a print
+            os.write(2, f"bigtrain: received {name} before training started; exiting (nothing to save)\n".encode())
+            os._exit(PREEMPTED_EXIT_CODE)
         self.received.append(name)
         note = "will checkpoint at the next logging step and stop" if len(self.received) == 1 else "already stopping"
-        # os.write, not print: a handler may run while the main thread is inside a print
         os.write(2, f"bigtrain: received {name}; {note}\n".encode())
 
     def __enter__(self) -> StopRequest:

@@ -12,7 +12,7 @@ import time
 import yaml
 
 from bigtrain.config import from_dict
-from bigtrain.train.checkpoint import latest_checkpoint, verify_files
+from bigtrain.train.checkpoint import latest_checkpoint, open_checkpoint
 from bigtrain.train.loop import train
 from tests.unit.test_checkpoint_safety import tiny_config
 
@@ -75,7 +75,7 @@ def test_kill_minus_nine_at_any_moment_loses_at_most_the_unsaved_steps(stdlib_da
         hits.append(hit and saving() if "writing" in moment else hit)
         latest = latest_checkpoint(run_dir)
         if latest is not None:
-            verify_files(latest)  # complete: every file there with the size it was written with
+            open_checkpoint(latest)  # complete: every file there with the size it was written with
             assert json.loads((latest / "state.json").read_text())["step"] % EVERY == 0
         last_logged = logged_steps(run_dir)[-1]["step"] if logged_steps(run_dir) else 0
         saved = int(latest.name[5:]) if latest else 0

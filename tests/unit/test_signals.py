@@ -95,10 +95,9 @@ def catches(pid: int, sig: signal.Signals) -> bool:
     return bool(caught >> (sig - 1) & 1)
 
 
-def test_a_signal_during_startup_stops_at_the_first_logging_step(stdlib_data, tmp_path):
-    """A preemption notice that arrives while `bigtrain train` is still importing torch is kept:
-    the run trains to its first logging step, saves and exits with 75 instead of dying without a
-    checkpoint."""
+def test_a_signal_before_training_ends_the_process_at_once(stdlib_data, tmp_path):
+    """A preemption notice that arrives while `bigtrain train` is still importing torch ends it at
+    once with one line and the preemption code: there is nothing to save yet, and nothing is written."""
     run_dir = tmp_path / "run"
     cfg = tiny_config(stdlib_data, run_dir, steps=100_000, eval_every=100_000)
     cfg.log.every = 2
@@ -113,5 +112,5 @@ def test_a_signal_during_startup_stops_at_the_first_logging_step(stdlib_data, tm
     assert "libtorch" not in open(f"/proc/{proc.pid}/maps").read()  # the handler came before torch
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == PREEMPTED_EXIT_CODE, err
-    assert ckpt.latest_checkpoint(run_dir) == run_dir / "checkpoints" / "step-0000002"
-    assert "bigtrain: received SIGUSR1; will checkpoint at the next logging step and stop" in err
+    assert err == "bigtrain: received SIGUSR1 before training started; exiting (nothing to save)\n"
+    assert not run_dir.exists()

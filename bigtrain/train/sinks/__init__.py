@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from bigtrain.config import Config
+from bigtrain.train.launcher_watch import check_launcher
 
 
 class Sink(Protocol):
@@ -27,6 +28,7 @@ class Sinks:
         self.sinks = sinks
 
     def log(self, record: dict[str, Any]) -> None:
+        check_launcher()  # an orphaned worker writes no record
         for sink in self.sinks:
             sink.log(record)
 
