@@ -4,8 +4,9 @@ uninterrupted run's bit for bit and that no two processes logged steps into metr
 
 | fault | what happens |
 |---|---|
-| a second launch on a running run's directory | refused in one line naming the holder |
-| `kill -9` of the torchrun agent alone | its workers exit within seconds; a relaunch resumes |
+| a second launch on a running run's directory | refused in one line naming the holder, on every rank, in seconds |
+| a requeued launch with `--wait-lock` while the old one still trains | every rank waits, then all resume from the one checkpoint the old run left last |
+| `kill -9` of the torchrun agent alone, just before a save | its workers exit without committing the checkpoint or a metrics line; a relaunch resumes |
 | `kill -9` of everything while a checkpoint is written | `latest` names the previous one; resume |
 | a flipped byte in the newest checkpoint | resume refused naming file and previous checkpoint |
 | the disk fills during a save | one line; `latest` unchanged, no partial directory |
@@ -42,18 +43,21 @@ def write_config(stdlib_data, directory: Path) -> Path:
 
 
 SLOW_TRAINER = """
-import sys, time
-from bigtrain.train import checkpoint, loop
-step, fsync = loop.Trainer.train_step, checkpoint._fsync
-loop.Trainer.train_step = lambda self: (time.sleep(1.0), step(self))[1]  # a second per step: time to act
+import os, sys, time
+from bigtrain.train import checkpoint, launcher_watch, loop
+step, fsync, pause = loop.Trainer.train_step, checkpoint._fsync, float(os.environ["STEP_S"])
+launcher_watch.POLL_S = float(os.environ.get("WATCH_S", launcher_watch.POLL_S))  # a late watcher thread
+loop.Trainer.train_step = lambda self: (time.sleep(pause), step(self))[1]  # seconds per step: time to act
 checkpoint._fsync = lambda path: (time.sleep(0.05), fsync(path))  # saves slow enough to be caught in
 from bigtrain.cli import main
 sys.exit(main(["train", *sys.argv[1:]]))
 """
 
 
-def launch(config_path: Path, *args: str, file_limit: int | None = None, slow: bool = False) -> subprocess.Popen:
-    """torchrun of `bigtrain train` on 2 CPU ranks, in a session of its own."""
+def launch(config_path: Path, *args: str, file_limit: int | None = None, slow: float = 0,
+           watch_s: float | None = None) -> subprocess.Popen:
+    """torchrun of `bigtrain train` on 2 CPU ranks, in a session of its own; `slow`: seconds per step,
+    `watch_s`: how often the launcher watch thread looks (with `slow`)."""
     def limit_files():
         if file_limit:
             resource.setrlimit(resource.RLIMIT_FSIZE, (file_limit, file_limit))
@@ -64,8 +68,10 @@ def launch(config_path: Path, *args: str, file_limit: int | None = None, slow: b
         trainer = [str(config_path.parent / "slow_trainer.py")]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *trainer,
            str(config_path), *args]
-    return subprocess.Popen(cmd, env=CPU_RANKS_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    proc = subprocess.Popen(cmd, env={**CPU_RANKS_ENV, "STEP_S": str(slow), **({"WATCH_S": str(watch_s)} if watch_s else {})}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             start_new_session=True, preexec_fn=limit_files)
+    proc.started = time.monotonic()
+    return proc
 
 
 def finish(proc: subprocess.Popen) -> tuple[int, str]:
@@ -127,29 +133,55 @@ def straight(stdlib_data, tmp_path_factory) -> list[float]:
 
 def test_second_launch_is_refused_while_the_first_trains(stdlib_data, tmp_path, straight):
     config_path = write_config(stdlib_data, tmp_path)
-    first = launch(config_path, slow=True)
+    first = launch(config_path, slow=3.0)
     wait_until(lambda: len(records(tmp_path / "run")) >= 1, first)
     second = launch(config_path)
+    code, err = finish(second)
+    refused = time.monotonic()
     holder = json.loads((tmp_path / "run" / ".lock").read_text())["pid"]
-    refusal = f"bigtrain: error: {tmp_path / 'run'} is in use by pid {holder} on "
-    assert any(line.startswith(refusal) for line in second.stderr), "the second launch was not refused"
-    assert first.poll() is None  # refused while the first one trains
-    assert finish(second)[0] != 0 and finish(first)[0] == 0
+    refusal = f"{tmp_path / 'run'} is in use by pid {holder} on "
+    lines = sorted(line for line in err.splitlines() if line.startswith("bigtrain: error: "))
+    assert len(lines) == 2, err
+    assert lines[0].startswith(f"bigtrain: error: {refusal}")  # rank 0
+    assert lines[1].startswith(f"bigtrain: error: rank 0: {refusal}")  # rank 1 names rank 0
+    assert "received SIGTERM" not in err  # no rank mistook torchrun's stop for a preemption
+    assert code != 0 and first.poll() is None  # refused while the first one trains
+    assert finish(first)[0] == 0
+    assert refused - second.started < 20  # 7.6 s measured; torchrun's 30 s grace period no longer runs
     check_recovered(tmp_path / "run", straight, launches=1)
 
 
-def test_killing_the_agent_alone_stops_its_workers(stdlib_data, tmp_path, straight):
+def test_a_requeued_launch_waits_for_the_lock_then_continues_the_curve(stdlib_data, tmp_path, straight):
+    """The Slurm requeue case: the second launch starts while the first still trains and saves;
+    every rank of it waits for the lock, and all resume from the checkpoint the first left last."""
     config_path = write_config(stdlib_data, tmp_path)
-    first = launch(config_path, slow=True)
-    wait_until(lambda: len(records(tmp_path / "run")) >= 3, first)
+    first = launch(config_path, "train.steps=6", slow=2.0)
+    wait_until(lambda: len(records(tmp_path / "run")) >= 1, first)
+    second = launch(config_path, "--wait-lock", "300")
+    assert finish(first)[0] == 0
+    assert finish(second)[0] == 0
+    check_recovered(tmp_path / "run", straight, launches=2)
+    assert [r["step"] for r in records(tmp_path / "run")] == list(range(1, STEPS + 1))  # the second began at 7
+
+
+def test_killing_the_agent_alone_commits_nothing_more(stdlib_data, tmp_path, straight):
+    """Even when the watch thread is late (here: it looks once an hour), a worker checks for its
+    launcher before a checkpoint becomes latest and before each metrics record."""
+    config_path = write_config(stdlib_data, tmp_path)
+    root = tmp_path / "run" / "checkpoints"
+    first = launch(config_path, slow=1.0, watch_s=3600)
+    wait_until(lambda: (root / "latest").exists() and any(root.glob(".tmp-*")), first)  # a save under way
     workers = children(first.pid)
     assert len(workers) == 2
+    latest, logged = (root / "latest").read_text(), records(tmp_path / "run")
     os.kill(first.pid, signal.SIGKILL)  # the agent only: its workers run in sessions of their own
     first.wait()
     deadline = time.monotonic() + 10
     while any(map(alive, workers)) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not any(map(alive, workers)), "the workers outlived their launcher"
+    assert (root / "latest").read_text() == latest  # the save under way never became latest
+    assert records(tmp_path / "run") == logged  # and nothing was logged after the kill
     completes(config_path, "--wait-lock", "30")
     check_recovered(tmp_path / "run", straight, launches=2)
 
@@ -157,7 +189,7 @@ def test_killing_the_agent_alone_stops_its_workers(stdlib_data, tmp_path, straig
 def test_kill_minus_nine_while_writing_a_checkpoint(stdlib_data, tmp_path, straight):
     config_path = write_config(stdlib_data, tmp_path)
     root = tmp_path / "run" / "checkpoints"
-    first = launch(config_path, slow=True)
+    first = launch(config_path, slow=1.0)
     wait_until(lambda: (root / "latest").exists() and any(root.glob(".tmp-*")), first)
     os.killpg(first.pid, signal.SIGKILL)  # the agent and both workers at once
     first.wait()

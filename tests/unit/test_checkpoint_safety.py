@@ -12,6 +12,7 @@ from bigtrain.distributed.checkpoint_format import FORMAT_VERSION
 from bigtrain.distributed.update_gate import UpdateGate
 from bigtrain.errors import BigtrainError
 from bigtrain.train import loop
+from bigtrain.train.checkpoint import file_crc32c
 from tests.helpers import poisoned
 from tests.unit.test_train import read_metrics
 from tests.unit.test_train import tiny_config as full_config
@@ -162,24 +163,45 @@ def test_state_records_the_format_version(saved_run):
     assert json.loads((saved_run[1] / "state.json").read_text())["format_version"] == FORMAT_VERSION
 
 
-@pytest.mark.parametrize("command", ["train", "to-hf"])
-def test_unknown_format_version_is_refused_in_one_line(command, saved_run, tmp_path, capsys):
+READERS = {  # every path that opens a checkpoint: a command line, or a config for `train`
+    "resume": lambda ckpt, tmp: {"run.resume": str(ckpt)},
+    "init_from": lambda ckpt, tmp: {"model.init_from": str(ckpt)},
+    "remote fetch": lambda ckpt, tmp: {"run.resume": "auto", "checkpoint.remote": str(ckpt.parent)},
+    "eval": lambda ckpt, tmp: ["eval", str(ckpt)],
+    "eval --tasks": lambda ckpt, tmp: ["eval", str(ckpt), "--tasks", "python_next_line", "--limit", "2"],
+    "generate": lambda ckpt, tmp: ["generate", str(ckpt), "--prompt", "def "],
+    "to-hf": lambda ckpt, tmp: ["convert", "to-hf", str(ckpt), str(tmp / "out")],
+    "reshard": lambda ckpt, tmp: ["convert", "reshard", str(ckpt), str(tmp / "out"), "train.lr=1e-3"],
+}
+
+
+@pytest.mark.parametrize("reader", READERS)
+def test_unknown_format_version_is_refused_in_one_line_by_every_reader(reader, saved_run, tmp_path, capsys):
     checkpoint = copy(saved_run[1], tmp_path)
     state = json.loads((checkpoint / "state.json").read_text())
     (checkpoint / "state.json").write_text(json.dumps({**state, "format_version": FORMAT_VERSION + 1}))
-    sizes = json.loads((checkpoint / "files.json").read_text())
-    sizes["state.json"] = (checkpoint / "state.json").stat().st_size
-    (checkpoint / "files.json").write_text(json.dumps(sizes))
-    expected = (f"{checkpoint} has checkpoint format_version {FORMAT_VERSION + 1}; this bigtrain reads version "
-                f"{FORMAT_VERSION}")
-    if command == "train":
+    listed = json.loads((checkpoint / "files.json").read_text())
+    listed["state.json"] = {"bytes": (checkpoint / "state.json").stat().st_size,
+                            "crc32c": file_crc32c(checkpoint / "state.json")}
+    (checkpoint / "files.json").write_text(json.dumps(listed))
+    (tmp_path / "latest").write_text("copy\n")  # tmp_path is also a remote holding this checkpoint
+    expected = f"has checkpoint format_version {FORMAT_VERSION + 1}; this bigtrain reads version {FORMAT_VERSION}"
+    use = READERS[reader](checkpoint, tmp_path)
+    if isinstance(use, dict):
+        cfg = resume_from(saved_run, checkpoint, tmp_path)
+        cfg.run.resume = None
+        for key, value in use.items():
+            section, name = key.split(".")
+            setattr(getattr(cfg, section), name, value)
         with pytest.raises(BigtrainError) as error:
-            loop.train(resume_from(saved_run, checkpoint, tmp_path), console=False)
-        assert str(error.value).startswith(expected) and "\n" not in str(error.value)
+            loop.train(cfg, console=False)
+        message = str(error.value)
+        assert not (tmp_path / "resumed" / "checkpoints" / "latest").exists()  # nothing trained or saved
     else:
-        assert main(["convert", "to-hf", str(checkpoint), str(tmp_path / "hf")]) != 0
-        assert capsys.readouterr().err.strip().startswith(f"bigtrain: error: {expected}")
-        assert not (tmp_path / "hf").exists()
+        assert main(use) != 0
+        message = capsys.readouterr().err.strip().removeprefix("bigtrain: error: ")
+        assert not (tmp_path / "out").exists()
+    assert expected in message and "\n" not in message, message
 
 
 def flip_byte(file, offset=None):
