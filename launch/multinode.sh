@@ -27,6 +27,9 @@
 #   NCCL_DEBUG=WARN              INFO prints the chosen transports (first thing to check when slow)
 #   TORCH_NCCL_ASYNC_ERROR_HANDLING=1   abort on a failed collective instead of hanging
 #   FI_PROVIDER=efa, FI_EFA_USE_DEVICE_RDMA=1   on AWS EFA (with the aws-ofi-nccl plugin)
+#
+# When a worker fails, the cause is the `bigtrain: error:` line above torchrun's own traceback and
+# "Root Cause" block (how to read that block: docs/launch.md#reading-a-failed-torchrun).
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 source "$here/common.sh"

@@ -6,6 +6,8 @@
 #
 # Without GPUs it starts NPROC_PER_NODE (default 1) CPU workers. SIGUSR1 or SIGTERM makes bigtrain
 # save a checkpoint after the current step and exit with code 75 (continue with run.resume=auto).
+# When a worker fails, the cause is the `bigtrain: error:` line above torchrun's own traceback and
+# "Root Cause" block (how to read that block: docs/launch.md#reading-a-failed-torchrun).
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 source "$here/common.sh"

@@ -4,6 +4,7 @@ environment variables and no torchrun, where nobody else would stop the survivor
 
 import json
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -26,14 +27,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(config_path, world_size=2) -> list[subprocess.Popen]:
+def launch(config_path, world_size=2, file_limits=None) -> list[subprocess.Popen]:
+    """One `bigtrain train` per rank; `file_limits`: rank → largest file it may write."""
     port = free_port()
     procs = []
     for rank in range(world_size):
         env = {**CPU_RANKS_ENV, "RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        limit = (file_limits or {}).get(rank)
         procs.append(subprocess.Popen([sys.executable, "-m", "bigtrain", "train", str(config_path)], env=env,
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                      preexec_fn=limit and (lambda: resource.setrlimit(resource.RLIMIT_FSIZE,
+                                                                                       (limit, limit)))))
     return procs
 
 
@@ -73,3 +78,21 @@ def test_survivors_stop_and_name_the_rank(fault, victim, named, stdlib_data, tmp
             if p.poll() is None:
                 p.kill()
             p.wait()
+
+
+def test_an_error_on_one_rank_is_named_by_the_others(stdlib_data, tmp_path):
+    """Rank 1 alone cannot write its share of a checkpoint (a file-size limit on that process):
+    it stops with its line, and rank 0 stops with the same line naming rank 1, not a broken
+    collective."""
+    cfg = config(stdlib_data, tmp_path / "run")
+    cfg["parallel"] = {"engine": "deepspeed", "zero_stage": 2, "timeout_minutes": TIMEOUT_MINUTES}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
+    procs = launch(tmp_path / "config.yaml", file_limits={1: 200_000})  # its optimizer shard no longer fits
+    errors = []
+    for proc in procs:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 1, err[-2000:]
+        errors.append(err.strip().splitlines()[-1])
+    line = f"cannot save checkpoint {tmp_path / 'run' / 'checkpoints' / 'step-0000003'}: "
+    assert errors[1].startswith(f"bigtrain: error: {line}") and errors[1].endswith("no checkpoint was written")
+    assert errors[0] == errors[1].replace("bigtrain: error: ", "bigtrain: error: rank 1: ")
