@@ -189,6 +189,7 @@ def cmd_convert(args: argparse.Namespace) -> None:
 
 def cmd_info(args: argparse.Namespace) -> None:
     from bigtrain.config import load_config
+    from bigtrain.distributed.layout import world_size_for
     from bigtrain.info import environment_report, model_report, plan_report
 
     if not args.config:
@@ -197,7 +198,7 @@ def cmd_info(args: argparse.Namespace) -> None:
     if (args.gpus is not None and args.gpus < 1) or args.gpu_mem <= 0 or args.gpus_per_node < 1:
         raise BigtrainError("--gpus, --gpu-mem and --gpus-per-node must be positive")
     cfg = load_config(args.config, args.overrides)
-    gpus = args.gpus or cfg.parallel.tp * cfg.parallel.pp
+    gpus = args.gpus or world_size_for(cfg)
     print(model_report(cfg))
     print(plan_report(cfg, gpus, args.gpu_mem, args.gpus_per_node, args.suggest))
 
@@ -309,7 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="environment, or a config's parameters, FLOPs/token and memory plan")
     p.add_argument("config", nargs="?")
     p.add_argument("overrides", nargs="*", metavar="key=value")
-    p.add_argument("--gpus", type=int, default=None, help="GPUs to plan for (default: parallel.tp × parallel.pp)")
+    p.add_argument("--gpus", type=int, default=None, help="GPUs to plan for (default: the config's own layout, "
+                   "tp × pp × sp × the dp its train.global_batch implies)")
     p.add_argument("--gpu-mem", type=float, default=80.0, help="memory per GPU in GiB")
     p.add_argument("--gpus-per-node", type=int, default=8)
     p.add_argument("--suggest", action="store_true", help="rank the layouts that fit by estimated step time")

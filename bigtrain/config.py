@@ -356,8 +356,8 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
         if not isinstance(value, list):
             raise BigtrainError(f"{key} must be a list, got {value!r}")
         return [_coerce(args[0], item, f"{key}[{i}]") for i, item in enumerate(value)]
-    if origin is Literal:
-        if value not in args:
+    if origin is Literal:  # by type too: 1 == True, so `in` would take 1 for True and True for 1
+        if not any(value == a and type(value) is type(a) for a in args):
             raise BigtrainError(f"{key} must be one of {', '.join(map(str, args))}, got {value!r}")
         return value
     if hint is float and isinstance(value, str):

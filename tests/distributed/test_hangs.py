@@ -2,6 +2,7 @@
 with a line naming the rank that stopped answering. Launched with plain torch.distributed
 environment variables and no torchrun, where nobody else would stop the survivors."""
 
+import functools
 import json
 import os
 import resource
@@ -37,9 +38,12 @@ def launch(config_path, world_size=2, file_limits=None) -> list[subprocess.Popen
         limit = (file_limits or {}).get(rank)
         procs.append(subprocess.Popen([sys.executable, "-m", "bigtrain", "train", str(config_path)], env=env,
                                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                                      preexec_fn=limit and (lambda: resource.setrlimit(resource.RLIMIT_FSIZE,
-                                                                                       (limit, limit)))))
+                                      preexec_fn=limit and functools.partial(limit_file_size, limit)))
     return procs
+
+
+def limit_file_size(limit: int) -> None:
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
 
 def logged_steps(run_dir) -> int:

@@ -145,6 +145,12 @@ def test_info_suggest_and_bad_layout(capsys):
     assert "bigtrain: error: --gpus, --gpu-mem and --gpus-per-node must be positive" in capsys.readouterr().err
 
 
+def test_info_plans_for_the_configs_own_layout_by_default(capsys):
+    """Without --gpus: tp × pp × sp × the dp of train.global_batch (7b-32k: sp=8, 16 replicas)."""
+    assert main(["info", "configs/7b-32k.yaml"]) == 0
+    assert "dp=16 sp=8 tp=1 pp=1 zero=3 micro_batch=1 grad_accum=1 act-ckpt=selective on 128 GPUs" in capsys.readouterr().out
+
+
 def test_info_environment(capsys, monkeypatch):
     monkeypatch.setenv("SLURM_JOB_ID", "4242")
     assert main(["info"]) == 0
