@@ -1,4 +1,5 @@
-"""The `bigtrain` command: one sub-command per job. Parsing and printing only; the work is elsewhere."""
+"""The `bigtrain` command: one sub-command per job. Parsing, printing and the process's exit (code,
+launcher watch, teardown); the work is elsewhere."""
 
 from __future__ import annotations
 

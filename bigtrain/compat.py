@@ -2,7 +2,9 @@
 
 DeepSpeed, mosaicml-streaming and lm-eval are pinned to the versions these were checked against
 (pyproject.toml); tests/unit/test_compat.py fails, naming the internal, when an upgrade removes one.
-Nothing else in bigtrain touches a private name of another library.
+Other modules reach these libraries' private names only through the functions here; the one
+exception is torch's underscore-named attention ops that selective activation checkpointing saves
+(`bigtrain/distributed/activation_checkpointing.py`), which are operator names, not internals.
 """
 
 from __future__ import annotations

@@ -185,7 +185,7 @@ class DeepSpeedEngine:
                 if i == len(micro_batches) - 1 and self.loss_is_global:  # the gate sees the step's loss
                     self._step_loss = self.mean_over_dp(loss, force=True)  # before the update
                     loss = self._step_loss
-                with self.timer.phase("optimizer"):  # at the last micro-batch: reduce and update
+                with self.timer.phase("optimizer"):  # every micro-batch; DeepSpeed reduces and updates at the last
                     self.engine.step()
         norm = torch.as_tensor(self._norm_after_update(), dtype=torch.float32)
         if self._skip is not None:

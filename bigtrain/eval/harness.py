@@ -278,7 +278,7 @@ class TaskSuite:
 
 class TrainingTasks:
     """`eval.tasks` during training: the suite, resolved when training starts, run on the model
-    the engine holds (whole on every rank: `Config.validate` refuses other layouts); each
+    the engine holds (whole on every rank: the layout check, `layout.layout_problem`, refuses other layouts); each
     data-parallel rank scores its share of the documents and rank 0 gets the metrics."""
 
     def __init__(self, cfg: EvalConfig, max_length: int, engine: Engine, tokenizer: Path):

@@ -1,4 +1,5 @@
-"""RMSNorm and SwiGLU as autograd functions that save only their inputs for backward.
+"""RMSNorm and SwiGLU as autograd functions that save little for backward: SwiGLU its two inputs,
+RMSNorm its input and the fp32 reciprocal RMS.
 
 Written with plain tensor ops, autograd would keep the fp32 copy of a bf16 input that the norm
 computes in, the fp32 normalised activations and the SiLU output, on top of the inputs. Here
