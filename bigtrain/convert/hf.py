@@ -24,7 +24,7 @@ from bigtrain.data.tokenizer import EOS_TOKEN
 from bigtrain.distributed import checkpoint_format as fmt
 from bigtrain.errors import BigtrainError
 from bigtrain.model import Llama
-from bigtrain.train.checkpoint import write_file_list
+from bigtrain.train.checkpoint_files import write_file_list
 
 BLOCK = re.compile(r"layers\.(\d+)\.(.+)")
 HF_BLOCK = re.compile(r"model\.layers\.(\d+)\.(.+)")

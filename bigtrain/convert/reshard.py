@@ -25,7 +25,8 @@ from bigtrain.distributed.layout import check_layout, describe, world_size_for
 from bigtrain.distributed.optimizer import build_adamw
 from bigtrain.errors import BigtrainError
 from bigtrain.model import Llama
-from bigtrain.train.checkpoint import open_checkpoint, write_file_list
+from bigtrain.train.checkpoint import open_checkpoint
+from bigtrain.train.checkpoint_files import write_file_list
 
 
 def reshard(checkpoint: str | Path, out: str | Path, overrides: list[str], overwrite: bool = False) -> Path:

@@ -6,14 +6,12 @@ replaced (atomically) to name it. What the directory holds is `bigtrain.distribu
 
 from __future__ import annotations
 
-import json
 import os
 import pickle
 import shutil
 from pathlib import Path
 from typing import Any
 
-import crc32c
 import torch
 from safetensors import SafetensorError
 
@@ -21,11 +19,9 @@ from bigtrain.config import Config, ModelConfig
 from bigtrain.distributed import heartbeat, safe_load
 from bigtrain.distributed.agreement import check_all
 from bigtrain.distributed.checkpoint_format import (
-    FILES,
     STATE,
     TOKENIZER,
     WEIGHTS,
-    format_problem,
     load_weights,
     read_config,
     read_state,
@@ -37,10 +33,15 @@ from bigtrain.distributed.engine import Engine
 from bigtrain.errors import BigtrainError, first_line
 from bigtrain.model import Llama
 from bigtrain.object_store import is_remote
+from bigtrain.train.checkpoint_files import (
+    checkpoint_problem,
+    fsync_path,
+    merge_checksum_shares,
+    write_checksum_share,
+    write_latest,
+)
 from bigtrain.train.launcher_watch import check_launcher
 
-CHUNK = 16 * 2**20  # bytes read at a time for checksums
-SHARE_PREFIX = ".files-"  # each rank's checksums during a save, merged into files.json
 SHAPE_KEYS = ("vocab_size", "d_model", "n_layers", "n_heads", "kv_heads", "ffn_dim", "tie_embeddings")
 
 
@@ -103,16 +104,16 @@ def save_checkpoint(
             if tokenizer is not None:
                 shutil.copyfile(tokenizer, tmp / TOKENIZER)
         engine.barrier()
-        _write_checksum_share(tmp, engine.rank, engine.world_size)  # the ranks checksum in parallel
+        write_checksum_share(tmp, engine.rank, engine.world_size)  # the ranks checksum in parallel
         engine.barrier()
         if engine.is_main:
-            _merge_checksum_shares(tmp, engine.world_size)
+            merge_checksum_shares(tmp, engine.world_size)
             for file in tmp.rglob("*"):
-                _fsync(file)
-            _fsync(tmp)
+                fsync_path(file)
+            fsync_path(tmp)
             check_launcher()  # an orphaned worker commits nothing
             os.rename(tmp, final)
-            _fsync(root)
+            fsync_path(root)
     except (OSError, RuntimeError, SafetensorError) as e:  # torch.save and safetensors wrap OSErrors
         shutil.rmtree(tmp, ignore_errors=True)
         heartbeat.check_peers(e)  # a barrier failed because another rank died: say that instead
@@ -127,15 +128,6 @@ def save_checkpoint(
                 shutil.rmtree(old)
     engine.barrier()
     return final
-
-
-def write_latest(root: Path, name: str) -> None:
-    """Point `root/latest` at checkpoint `name` (atomically: written aside, fsync'd, renamed)."""
-    pointer_tmp = root / ".latest.tmp"
-    pointer_tmp.write_text(name + "\n")
-    _fsync(pointer_tmp)
-    os.replace(pointer_tmp, root / "latest")
-    _fsync(root)
 
 
 def load_checkpoint(checkpoint: Path, engine: Engine, verify: bool = True) -> dict[str, Any]:
@@ -153,68 +145,6 @@ def load_checkpoint(checkpoint: Path, engine: Engine, verify: bool = True) -> di
     return state
 
 
-def file_crc32c(path: Path) -> str:
-    value = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            value = crc32c.crc32c(chunk, value=value)
-    return f"{value:08x}"
-
-
-def _listed_files(checkpoint: Path) -> list[Path]:
-    return [f for f in sorted(checkpoint.rglob("*")) if f.is_file() and f.name != FILES
-            and not f.name.startswith(SHARE_PREFIX)]
-
-
-def _write_checksum_share(checkpoint: Path, rank: int, world: int) -> None:
-    files = _listed_files(checkpoint)[rank::world]
-    listed = {str(f.relative_to(checkpoint)): {"bytes": f.stat().st_size, "crc32c": file_crc32c(f)} for f in files}
-    (checkpoint / f"{SHARE_PREFIX}{rank}.json").write_text(json.dumps(listed))
-
-
-def _merge_checksum_shares(checkpoint: Path, world: int) -> None:
-    listed: dict[str, Any] = {}
-    for rank in range(world):
-        share = checkpoint / f"{SHARE_PREFIX}{rank}.json"
-        listed.update(json.loads(share.read_text()))
-        share.unlink()
-    (checkpoint / FILES).write_text(json.dumps(dict(sorted(listed.items())), indent=0))
-
-
-def write_file_list(checkpoint: Path) -> None:
-    """Record every file's size and crc32c in `files.json` (written last, before the directory is
-    renamed), computed by this one process."""
-    _write_checksum_share(checkpoint, 0, 1)
-    _merge_checksum_shares(checkpoint, 1)
-
-
-def file_problem(checkpoint: Path, share: tuple[int, int] = (0, 1), checksums: bool = True) -> str | None:
-    """What is wrong with the files of `checkpoint` against `files.json` (None: nothing): a missing
-    or truncated file (every file), a changed byte (the crc32c of files `share` = (rank, world) holds)."""
-    if not (checkpoint / FILES).is_file():
-        return None  # written before checkpoints listed their files
-    listed = json.loads((checkpoint / FILES).read_text())
-    rank, world = share
-    for i, (name, entry) in enumerate(listed.items()):
-        size, crc = (entry, None) if isinstance(entry, int) else (entry["bytes"], entry["crc32c"])
-        file = checkpoint / name
-        if not file.is_file():
-            return f"checkpoint {checkpoint} is incomplete: {name} is missing"
-        if file.stat().st_size != size:
-            return (f"checkpoint {checkpoint} is damaged: {name} has {file.stat().st_size} bytes, {size} were "
-                    f"written{_previous_hint(checkpoint)}")
-        if checksums and crc is not None and i % world == rank and file_crc32c(file) != crc:
-            return (f"checkpoint {checkpoint} is damaged: {name} does not match the crc32c it was written with"
-                    f"{_previous_hint(checkpoint)}")
-    return None
-
-
-def checkpoint_problem(checkpoint: Path, share: tuple[int, int] = (0, 1), checksums: bool = True) -> str | None:
-    """Why `checkpoint` cannot be read (None: it can): a missing, truncated or changed file
-    (`file_problem`), or a format this bigtrain does not read. Every reader asks this first."""
-    return file_problem(checkpoint, share, checksums) or format_problem(checkpoint)
-
-
 def open_checkpoint(path: str | Path, checksums: bool = True) -> Path:
     """The checkpoint at `path` (resolved as `resolve_checkpoint` does), refused in one line unless
     `checkpoint_problem` finds nothing: the one way into a checkpoint for every reader."""
@@ -223,11 +153,6 @@ def open_checkpoint(path: str | Path, checksums: bool = True) -> Path:
     if problem:
         raise BigtrainError(problem)
     return checkpoint
-
-
-def _previous_hint(checkpoint: Path) -> str:
-    older = [c for c in sorted(checkpoint.parent.glob("step-*")) if c.name < checkpoint.name and (c / STATE).is_file()]
-    return f"; the previous checkpoint is {older[-1]}: resume with run.resume={older[-1]}" if older else ""
 
 
 def check_same_model(checkpoint: Path, model: ModelConfig) -> None:
@@ -252,14 +177,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["cpu"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def initial_weights_file(path: str | Path, model: ModelConfig) -> Path:

@@ -34,7 +34,7 @@ from bigtrain.distributed.checkpoint_format import FILES
 from bigtrain.distributed.engine import Engine
 from bigtrain.errors import BigtrainError
 from bigtrain.object_store import Retry, Store, StoreError, open_store, retrying
-from bigtrain.train.checkpoint import checkpoint_problem, write_latest
+from bigtrain.train.checkpoint_files import checkpoint_problem, write_latest
 from bigtrain.train.launcher_watch import check_launcher
 
 T = TypeVar("T")

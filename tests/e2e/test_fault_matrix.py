@@ -45,10 +45,10 @@ def write_config(stdlib_data, directory: Path) -> Path:
 SLOW_TRAINER = """
 import os, sys, time
 from bigtrain.train import checkpoint, launcher_watch, loop
-step, fsync, pause = loop.Trainer.train_step, checkpoint._fsync, float(os.environ["STEP_S"])
+step, fsync, pause = loop.Trainer.train_step, checkpoint.fsync_path, float(os.environ["STEP_S"])
 launcher_watch.POLL_S = float(os.environ.get("WATCH_S", launcher_watch.POLL_S))  # a late watcher thread
 loop.Trainer.train_step = lambda self: (time.sleep(pause), step(self))[1]  # seconds per step: time to act
-checkpoint._fsync = lambda path: (time.sleep(0.05), fsync(path))  # saves slow enough to be caught in
+checkpoint.fsync_path = lambda path: (time.sleep(0.05), fsync(path))  # saves slow enough to be caught in
 from bigtrain.cli import main
 sys.exit(main(["train", *sys.argv[1:]]))
 """

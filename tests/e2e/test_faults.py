@@ -22,8 +22,8 @@ STEPS, EVERY = 12, 3
 TRAINER = """
 import sys, time
 import bigtrain.train.checkpoint as checkpoint
-fsync = checkpoint._fsync
-checkpoint._fsync = lambda path: (time.sleep(0.03), fsync(path))
+fsync = checkpoint.fsync_path
+checkpoint.fsync_path = lambda path: (time.sleep(0.03), fsync(path))
 from bigtrain.cli import main
 sys.exit(main(["train", *sys.argv[1:]]))
 """

@@ -13,7 +13,7 @@ import pytest
 
 from bigtrain.errors import BigtrainError
 from bigtrain.train import loop
-from bigtrain.train.checkpoint import file_crc32c
+from bigtrain.train.checkpoint_files import file_crc32c
 from tests.unit.test_checkpoint_safety import tiny_config
 from tests.unit.test_train import read_metrics
 

@@ -80,3 +80,52 @@ def test_imports_point_down(path):
 def test_the_rule_catches_upward_edges(source, target):
     assert edge_problem(source, target)
 
+
+
+def module_name(path: Path) -> str:
+    return ".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts).removesuffix(".__init__")
+
+
+def import_graph() -> dict[str, set[str]]:
+    """module → the bigtrain modules it imports (a name imported from a package is the package)."""
+    names = {module_name(p) for p in modules()}
+    graph = {}
+    for path in modules():
+        targets = set()
+        for target, _ in bigtrain_imports(path):
+            while target and target not in names:
+                target = target.rpartition(".")[0]
+            targets.add(target)
+        graph[module_name(path)] = targets - {module_name(path), ""}
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Each import cycle as the modules on it (depth-first search, one cycle per back edge)."""
+    found, state, stack = [], {}, []
+
+    def visit(node: str) -> None:
+        state[node] = "open"
+        stack.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == "open":
+                found.append(stack[stack.index(nxt):] + [nxt])
+            elif nxt not in state:
+                visit(nxt)
+        stack.pop()
+        state[node] = "done"
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node)
+    return found
+
+
+def test_no_import_cycles_anywhere():
+    """Inside a package or across, lazy imports included (`train.checkpoint` ↔ `train.mirror` was one)."""
+    assert not cycles(import_graph()), "\n".join(" → ".join(c) for c in cycles(import_graph()))
+
+
+def test_the_cycle_search_finds_cycles():
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c", "a"]]
+    assert cycles({"a": {"b"}, "b": set()}) == []

@@ -17,6 +17,7 @@ from statistics import median
 from common import engine_with_optimizer_state, record
 
 from bigtrain.train import checkpoint as ckpt
+from bigtrain.train import checkpoint_files
 
 
 def main() -> None:
@@ -33,11 +34,11 @@ def main() -> None:
             path = ckpt.save_checkpoint(run_dir, 1, engine, {"tokens": 0}, cfg, None)
             saves.append(time.perf_counter() - started)
             started = time.perf_counter()
-            ckpt.write_file_list(path)  # the checksum pass a save makes, alone
+            checkpoint_files.write_file_list(path)  # the checksum pass a save makes, alone
             checksums.append(time.perf_counter() - started)
             for verify, times in ((True, checked), (False, unchecked)):
                 started = time.perf_counter()
-                assert ckpt.file_problem(path, checksums=verify) is None
+                assert checkpoint_files.file_problem(path, checksums=verify) is None
                 times.append(time.perf_counter() - started)
             size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
             shutil.rmtree(run_dir)
