@@ -78,7 +78,7 @@ def cmd_data_to_mds(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int | None:
-    from bigtrain.train.launcher_watch import watch_launcher
+    from bigtrain.distributed.launcher_watch import watch_launcher
     from bigtrain.train.signals import PREEMPTED_EXIT_CODE, StopRequest
 
     watch_launcher()
@@ -116,7 +116,7 @@ def cmd_train(args: argparse.Namespace) -> int | None:
 
 def cmd_eval(args: argparse.Namespace) -> None:
     from bigtrain.convert.consolidate import load_full_model
-    from bigtrain.distributed.device import pick_device
+    from bigtrain.engine.device import pick_device
 
     suite = eval_task_suite(args) if args.tasks else None  # bad tasks are refused before any weight is read
     model, cfg, checkpoint = load_full_model(args.checkpoint, pick_device(args.device))
@@ -133,8 +133,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 def eval_task_suite(args: argparse.Namespace):
     """The lm-eval tasks `--tasks` names, checked (and the checkpoint's tokenizer found) up front."""
+    from bigtrain.checkpoint.io import open_checkpoint
     from bigtrain.eval import harness
-    from bigtrain.train.checkpoint import open_checkpoint
 
     if (args.limit is not None and args.limit < 1) or (args.num_fewshot or 0) < 0 or args.batch_size < 1:
         raise BigtrainError("--limit and --batch-size must be positive and --num-fewshot at least 0")
@@ -145,7 +145,7 @@ def eval_task_suite(args: argparse.Namespace):
 def eval_perplexity(args: argparse.Namespace, model, cfg, checkpoint: Path) -> None:
     from bigtrain.config import TrainConfig
     from bigtrain.data.build import build_val_data
-    from bigtrain.distributed.local import LocalEngine
+    from bigtrain.engine.local import LocalEngine
     from bigtrain.eval.perplexity import evaluate
 
     if args.data:
@@ -165,7 +165,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
     from bigtrain.convert.consolidate import load_full_model
     from bigtrain.data.tokenizer import TextTokenizer
-    from bigtrain.distributed.device import pick_device
+    from bigtrain.engine.device import pick_device
     from bigtrain.eval.generate import generate
 
     model, cfg, checkpoint = load_full_model(args.checkpoint, pick_device(args.device))
@@ -190,8 +190,8 @@ def cmd_convert(args: argparse.Namespace) -> None:
 
 def cmd_info(args: argparse.Namespace) -> None:
     from bigtrain.config import load_config
-    from bigtrain.distributed.layout import world_size_for
     from bigtrain.info import environment_report, model_report, plan_report
+    from bigtrain.parallel.layout import world_size_for
 
     if not args.config:
         print(environment_report())

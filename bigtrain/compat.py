@@ -4,7 +4,7 @@ DeepSpeed, mosaicml-streaming and lm-eval are pinned to the versions these were 
 (pyproject.toml); tests/unit/test_compat.py fails, naming the internal, when an upgrade removes one.
 Other modules reach these libraries' private names only through the functions here; the one
 exception is torch's underscore-named attention ops that selective activation checkpointing saves
-(`bigtrain/distributed/activation_checkpointing.py`), which are operator names, not internals.
+(`bigtrain/parallel/activation_checkpointing.py`), which are operator names, not internals.
 """
 
 from __future__ import annotations
@@ -22,6 +22,14 @@ import torch
 def wrap_pipeline_instructions(engine: Any, wrap: Callable[[type, Callable], Callable]) -> None:
     """Replace each 1F1B instruction's handler `run` of the pipeline `engine` by `wrap(kind, run)`."""
     engine._INSTRUCTION_MAP = {kind: wrap(kind, run) for kind, run in engine._INSTRUCTION_MAP.items()}
+
+
+def partition_layers(weights: list[int], parts: int) -> list[int]:
+    """DeepSpeed's balanced cut of a layer list (public, but DeepSpeed's: kept here so that the
+    layout math needs no DeepSpeed import of its own); `PipelineModule` cuts with the same function."""
+    from deepspeed.runtime.utils import partition_balanced
+
+    return partition_balanced(weights=weights, num_parts=parts)
 
 
 def pipeline_stage_layers(module: Any) -> tuple[int, int]:

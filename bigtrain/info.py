@@ -9,8 +9,8 @@ from importlib.metadata import PackageNotFoundError, version
 import torch
 
 from bigtrain.config import Config
-from bigtrain.distributed import planner
 from bigtrain.model import Llama, count_params, flops_per_token
+from bigtrain.parallel import planner
 
 PACKAGES = ("bigtrain", "torch", "deepspeed", "accelerate", "mosaicml-streaming", "wandb", "pyarrow",
             "tokenizers", "transformers")

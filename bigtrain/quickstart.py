@@ -15,17 +15,17 @@ from pathlib import Path
 
 import torch
 
+from bigtrain.checkpoint.io import load_trained_model
 from bigtrain.config import Config, TrainConfig
 from bigtrain.data.corpus import write_default_corpus
 from bigtrain.data.prepare import iter_documents, prepare
 from bigtrain.data.shards import MANIFEST
 from bigtrain.data.tokenizer import TextTokenizer
-from bigtrain.distributed.device import pick_device
-from bigtrain.distributed.local import LocalEngine
+from bigtrain.engine.device import pick_device
+from bigtrain.engine.local import LocalEngine
 from bigtrain.errors import BigtrainError
 from bigtrain.eval.generate import generate
 from bigtrain.model import Llama
-from bigtrain.train.checkpoint import load_trained_model
 from bigtrain.train.loop import TrainResult, set_determinism, train
 
 PROMPTS = ["def ", "import os\n", "class Request:\n    def __init__(self"]

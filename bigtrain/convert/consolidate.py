@@ -21,10 +21,8 @@ import torch
 from safetensors import SafetensorError
 
 from bigtrain import compat
-from bigtrain.config import Config
-from bigtrain.convert.progress import status, track
-from bigtrain.distributed import safe_load
-from bigtrain.distributed.checkpoint_format import (
+from bigtrain.checkpoint import safe_load
+from bigtrain.checkpoint.format import (
     DEEPSPEED,
     MOMENTS,
     OPTIMIZER,
@@ -35,10 +33,12 @@ from bigtrain.distributed.checkpoint_format import (
     read_config,
     read_state,
 )
-from bigtrain.distributed.layout import stage_bounds, tp_join
+from bigtrain.checkpoint.io import load_trained_model, open_checkpoint, resolve_checkpoint
+from bigtrain.config import Config
+from bigtrain.convert.progress import status, track
 from bigtrain.errors import BigtrainError, first_line
 from bigtrain.model import Llama
-from bigtrain.train.checkpoint import load_trained_model, open_checkpoint, resolve_checkpoint
+from bigtrain.parallel.layout import stage_bounds, tp_join
 
 
 @dataclass

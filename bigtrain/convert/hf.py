@@ -16,15 +16,15 @@ from typing import Any
 import safetensors.torch
 import torch
 
+from bigtrain.checkpoint import format as fmt
+from bigtrain.checkpoint.files import write_file_list
 from bigtrain.config import Config, DataConfig, ModelConfig, from_dict, load_config
 from bigtrain.convert.consolidate import consolidate
 from bigtrain.convert.output import output_dir, refuse_existing
 from bigtrain.convert.progress import status, track
 from bigtrain.data.tokenizer import EOS_TOKEN
-from bigtrain.distributed import checkpoint_format as fmt
 from bigtrain.errors import BigtrainError
 from bigtrain.model import Llama
-from bigtrain.train.checkpoint_files import write_file_list
 
 BLOCK = re.compile(r"layers\.(\d+)\.(.+)")
 HF_BLOCK = re.compile(r"model\.layers\.(\d+)\.(.+)")

@@ -5,7 +5,7 @@ layout had never changed.
 Every target is written in one interchange format, the single-process layout (`model.safetensors`
 + `optimizer.pt`: full weights, per-parameter moments, AdamW's step) with the target's
 `config.yaml`. The local engine loads it as its own; a DeepSpeed engine of any ZeRO stage, tensor
-and pipeline split slices and partitions it at resume (`bigtrain.distributed.full_state`), and its
+and pipeline split slices and partitions it at resume (`bigtrain.engine.deepspeed.full_state`), and its
 next save is in DeepSpeed's own format again.
 """
 
@@ -16,17 +16,17 @@ from pathlib import Path
 
 import torch
 
+from bigtrain.checkpoint import format as fmt
+from bigtrain.checkpoint.files import write_file_list
+from bigtrain.checkpoint.io import open_checkpoint
 from bigtrain.config import load_config
 from bigtrain.convert.consolidate import consolidate
 from bigtrain.convert.output import output_dir, refuse_existing
 from bigtrain.convert.progress import status
-from bigtrain.distributed import checkpoint_format as fmt
-from bigtrain.distributed.layout import check_layout, describe, world_size_for
-from bigtrain.distributed.optimizer import build_adamw
+from bigtrain.engine.optimizer import build_adamw
 from bigtrain.errors import BigtrainError
 from bigtrain.model import Llama
-from bigtrain.train.checkpoint import open_checkpoint
-from bigtrain.train.checkpoint_files import write_file_list
+from bigtrain.parallel.layout import check_layout, describe, world_size_for
 
 
 def reshard(checkpoint: str | Path, out: str | Path, overrides: list[str], overwrite: bool = False) -> Path:

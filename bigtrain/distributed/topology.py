@@ -1,11 +1,7 @@
-"""Process topology: this process's rank and its process groups in the pp × dp × sp × tp grid.
-
-Ranks come from torchrun (`RANK`, `WORLD_SIZE`, `LOCAL_RANK`), Slurm (`SLURM_PROCID`,
-`SLURM_NTASKS`, `SLURM_LOCALID`) or a lone process. The groups are DeepSpeed's own
-`PipelineParallelGrid` over a `PipeModelDataParallelTopology` (tp varies fastest, so a tensor-parallel
-group sits inside a node, then sp). Its data axis holds dp × sp ranks: the sequence-parallel ranks of
-a replica take part in ZeRO's partitioning and gradient reduction, as DeepSpeed's
-sequence-data-parallel group does. The grid is the `mpu` handed to DeepSpeed.
+"""The processes of a run: this process's rank from torchrun (`RANK`, `WORLD_SIZE`, `LOCAL_RANK`),
+Slurm (`SLURM_PROCID`, `SLURM_NTASKS`, `SLURM_LOCALID`) or a lone process, the rendezvous
+variables, and the default process group. How the ranks are laid out in the pp × dp × sp × tp
+grid is the engine's (`bigtrain/engine/deepspeed/grid.py`).
 """
 
 from __future__ import annotations
@@ -14,7 +10,6 @@ import os
 import re
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -22,11 +17,6 @@ import torch.distributed as dist
 from bigtrain import compat
 from bigtrain.config import Config
 from bigtrain.distributed import heartbeat
-from bigtrain.distributed.device import pick_device
-from bigtrain.distributed.layout import check_layout, tp_sequence_parallel
-
-if TYPE_CHECKING:
-    from bigtrain.distributed.grid import Grid
 
 
 @dataclass(frozen=True)
@@ -69,78 +59,20 @@ def export_rendezvous_env() -> None:
     env.setdefault("MASTER_PORT", "29500")
 
 
-@dataclass
-class Topology:
-    """Where this process sits in the pp × dp × sp × tp grid, with its process groups."""
-
-    env: ProcessEnv
-    dp: int
-    tp: int
-    pp: int
-    sp: int
-    process_topology: object  # deepspeed PipeModelDataParallelTopology: rank ↔ (pipe, data = dp × sp, model)
-    grid: Grid  # the mpu handed to deepspeed.initialize
-    tp_sequence_parallel: bool = False  # the tp ranks also split the sequence (layout.tp_sequence_parallel)
-
-    @property
-    def dp_rank(self) -> int:
-        """This rank's replica: which windows it reads."""
-        return self.grid.replica_rank
-
-    @property
-    def sp_rank(self) -> int:
-        """Which 1/sp of each window's tokens this rank holds."""
-        return self.grid.sp_rank
-
-    @property
-    def tp_group(self) -> dist.ProcessGroup:
-        return self.grid.get_slice_parallel_group()
-
-    @property
-    def dp_group(self) -> dist.ProcessGroup:
-        """The ranks that hold the same tokens of different windows."""
-        return self.grid.replica_group
-
-    @property
-    def sp_group(self) -> dist.ProcessGroup:
-        return self.grid.sp_proc_group
-
-
 def init_processes(cfg: Config) -> None:
     """Start torch.distributed over the launched processes (once) and this rank's heartbeat, so
     that the ranks can agree on everything else (the run lock, the resume point) before any of them
-    reads the run directory."""
+    reads the run directory. DeepSpeed later takes over this process group as it is."""
     env = process_env()
-    import deepspeed  # slow to import: only once the layout is known to be possible
-
-    backend = cfg.parallel.backend
-    if backend == "auto":
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-    pick_device(cfg.train.device)  # refuses train.device=cuda when no GPU is visible
-    if torch.cuda.is_available():  # a task may see all of its node's GPUs or only its own
+    cuda = cfg.train.device != "cpu" and torch.cuda.is_available()
+    backend = cfg.parallel.backend if cfg.parallel.backend != "auto" else "nccl" if cuda else "gloo"
+    if cuda:  # a task may see all of its node's GPUs or only its own
         torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
     export_rendezvous_env()
     os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")  # NCCL: a timed-out collective ends the process
     timeout = timedelta(minutes=cfg.parallel.timeout_minutes)
     compat.set_default_group_timeout(timeout)
     if not dist.is_initialized():
-        deepspeed.init_distributed(
-            dist_backend=backend, auto_mpi_discovery=False, rank=env.rank, world_size=env.world_size,
-            verbose=False, timeout=timeout,
-        )
+        dist.init_process_group(backend, init_method="env://", rank=env.rank, world_size=env.world_size,
+                                timeout=timeout)
     heartbeat.start(env.rank, env.world_size)
-
-
-def init_topology(cfg: Config) -> Topology:
-    """Check the layout, start the processes (if not yet) and build DeepSpeed's grid of groups."""
-    env = process_env()
-    dp = check_layout(cfg, env.world_size)
-    init_processes(cfg)
-    from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
-
-    from bigtrain.distributed.grid import Grid
-
-    p = cfg.parallel
-    topology = PipeModelDataParallelTopology(num_pp=p.pp, num_mp=p.tp, num_dp=dp * p.sp)
-    return Topology(env=env, dp=dp, tp=p.tp, pp=p.pp, sp=p.sp, process_topology=topology,
-                    grid=Grid(topology, p.sp), tp_sequence_parallel=tp_sequence_parallel(cfg))

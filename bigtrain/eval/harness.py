@@ -26,10 +26,10 @@ import torch.distributed as dist
 from lm_eval.api.model import TemplateLM
 from torch import nn
 
+from bigtrain.checkpoint.format import TOKENIZER
 from bigtrain.config import EvalConfig
 from bigtrain.data.tokenizer import TextTokenizer
-from bigtrain.distributed.checkpoint_format import TOKENIZER
-from bigtrain.distributed.engine import Engine
+from bigtrain.engine.contract import Engine
 from bigtrain.errors import BigtrainError
 from bigtrain.eval.generate import filter_logits
 from bigtrain.eval.tasks import manager_for, offline_by_default, resolve

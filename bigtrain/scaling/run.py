@@ -9,9 +9,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import bigtrain
+from bigtrain.checkpoint import io as ckpt
 from bigtrain.errors import BigtrainError
 from bigtrain.scaling.plan import Plan, PlannedRun
-from bigtrain.train import checkpoint as ckpt
 
 REPO_ROOT = Path(bigtrain.__file__).resolve().parent.parent
 

@@ -14,10 +14,10 @@ from typing import Any
 
 import torch
 
+from bigtrain.checkpoint.io import latest_checkpoint
 from bigtrain.config import TrainConfig
-from bigtrain.distributed.update_gate import UpdateGate
+from bigtrain.engine.update_gate import UpdateGate
 from bigtrain.errors import BigtrainError
-from bigtrain.train.checkpoint import latest_checkpoint
 
 
 class BadSteps:

@@ -9,24 +9,24 @@ from pathlib import Path
 
 import torch
 
+from bigtrain.checkpoint import io as ckpt
+from bigtrain.checkpoint.mirror import CheckpointMirror
 from bigtrain.config import Config, TrainConfig, save_config
 from bigtrain.data.build import build_train_loader, build_val_data, check_remote_data
 from bigtrain.data.prefetch import Prefetcher
 from bigtrain.distributed import agreement, heartbeat
-from bigtrain.distributed.activation_checkpointing import apply_activation_checkpointing
-from bigtrain.distributed.device import deterministic_enabled, pick_device, resolve_precision
-from bigtrain.distributed.engine import Engine, StepOutput
-from bigtrain.distributed.layout import check_layout
-from bigtrain.distributed.local import LocalEngine
-from bigtrain.distributed.topology import init_processes, init_topology, process_env
+from bigtrain.distributed.topology import init_processes, process_env
+from bigtrain.engine.contract import Engine, StepOutput
+from bigtrain.engine.device import deterministic_enabled, pick_device, resolve_precision
+from bigtrain.engine.local import LocalEngine
 from bigtrain.errors import BigtrainError
 from bigtrain.eval.perplexity import EvalResult, evaluate
 from bigtrain.model import Llama, flops_per_token
-from bigtrain.train import checkpoint as ckpt
+from bigtrain.parallel.activation_checkpointing import apply_activation_checkpointing
+from bigtrain.parallel.layout import check_layout
 from bigtrain.train.bad_steps import BadSteps
 from bigtrain.train.host_memory import reuse_freed_memory
 from bigtrain.train.metrics import SpeedMeter, directory_size, peak_flops, peak_memory_gb
-from bigtrain.train.mirror import CheckpointMirror
 from bigtrain.train.run_lock import run_lock
 from bigtrain.train.schedule import lr_at
 from bigtrain.train.signals import StopRequest
@@ -88,8 +88,9 @@ def build_engine(cfg: Config, init_from: str | None = None) -> Engine:
         p = cfg.parallel
         apply_activation_checkpointing(model.layers, p.activation_checkpointing, p.activation_checkpointing_every)
         return LocalEngine(model, cfg.train)
-    from bigtrain.distributed.deepspeed_engine import DeepSpeedEngine  # imports DeepSpeed: slow
-    from bigtrain.distributed.stage_build import build_stage
+    from bigtrain.engine.deepspeed.engine import DeepSpeedEngine  # imports DeepSpeed: slow
+    from bigtrain.engine.deepspeed.grid import init_topology
+    from bigtrain.engine.deepspeed.stages import build_stage
 
     topology = init_topology(cfg)
     return DeepSpeedEngine(build_stage(cfg.model, topology, init_file), cfg, topology)  # this rank's share only

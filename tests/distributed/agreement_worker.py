@@ -14,10 +14,11 @@ import signal
 import sys
 from pathlib import Path
 
+from bigtrain.checkpoint import io as ckpt
+from bigtrain.checkpoint import mirror
 from bigtrain.config import load_config
 from bigtrain.errors import BigtrainError
-from bigtrain.train import checkpoint as ckpt
-from bigtrain.train import loop, mirror
+from bigtrain.train import loop
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository, for tests.helpers
 from tests.helpers import poisoned  # noqa: E402

@@ -11,13 +11,13 @@ import torch
 import torch.distributed as dist
 
 from bigtrain.config import ModelConfig
-from bigtrain.distributed.sequence_parallel import (
+from bigtrain.distributed.timing import PhaseTimer
+from bigtrain.model import Llama
+from bigtrain.parallel.deepspeed_ulysses import (
     apply_sequence_parallel,
     sequence_mean,
     sequence_slice,
 )
-from bigtrain.distributed.timing import PhaseTimer
-from bigtrain.model import Llama
 
 SEQ = 8192
 

@@ -17,11 +17,12 @@ import torch
 from torch import nn
 
 from bigtrain.config import load_config
-from bigtrain.distributed import stage_build
-from bigtrain.distributed.deepspeed_engine import DeepSpeedEngine
-from bigtrain.distributed.topology import init_topology
-from bigtrain.model import Llama, count_params, tensor_parallel
+from bigtrain.engine.deepspeed import stages as stage_build
+from bigtrain.engine.deepspeed.engine import DeepSpeedEngine
+from bigtrain.engine.deepspeed.grid import init_topology
+from bigtrain.model import Llama, count_params
 from bigtrain.model.llama import make_layer
+from bigtrain.parallel import tensor_parallel_layers
 
 cfg = load_config(sys.argv[1], sys.argv[3:])
 topology = init_topology(cfg)
@@ -43,7 +44,7 @@ def probed(fn):
 
 
 stage_build.make_layer = probed(stage_build.make_layer)
-tensor_parallel._shard = probed(tensor_parallel._shard)
+tensor_parallel_layers._shard = probed(tensor_parallel_layers._shard)
 
 
 def measured_build(build):

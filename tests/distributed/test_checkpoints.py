@@ -11,12 +11,12 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from bigtrain.checkpoint.format import MOMENTS
+from bigtrain.checkpoint.io import load_trained_model
 from bigtrain.config import from_dict, load_config
 from bigtrain.convert.consolidate import consolidate
 from bigtrain.convert.hf import to_hf
 from bigtrain.convert.reshard import reshard
-from bigtrain.distributed.checkpoint_format import MOMENTS
-from bigtrain.train.checkpoint import load_trained_model
 from bigtrain.train.loop import train
 from tests.helpers import torchrun
 

@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from bigtrain.config import from_dict
-from bigtrain.distributed.planner import Layout, memory_plan
+from bigtrain.parallel.planner import Layout, memory_plan
 from tests.helpers import torchrun
 
 pytestmark = pytest.mark.distributed

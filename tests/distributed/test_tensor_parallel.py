@@ -10,12 +10,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from bigtrain.distributed.layout import check_tensor_parallel
-from bigtrain.distributed.tensor_parallel import apply_tensor_parallel
 from bigtrain.errors import BigtrainError
 from bigtrain.model import Llama, lm_loss
 from bigtrain.model.loss import linear_cross_entropy
-from bigtrain.model.vocab_parallel_loss import (
+from bigtrain.parallel.layout import check_tensor_parallel
+from bigtrain.parallel.tensor_parallel import apply_tensor_parallel
+from bigtrain.parallel.vocab_parallel_loss import (
     vocab_parallel_cross_entropy,
     vocab_parallel_linear_cross_entropy,
 )

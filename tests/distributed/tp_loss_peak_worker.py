@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from bigtrain.model.vocab_parallel_loss import (
+from bigtrain.parallel.vocab_parallel_loss import (
     vocab_parallel_cross_entropy,
     vocab_parallel_linear_cross_entropy,
 )

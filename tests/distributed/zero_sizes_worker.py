@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 
 from bigtrain.config import load_config
-from bigtrain.distributed.deepspeed_engine import DeepSpeedEngine
-from bigtrain.distributed.topology import init_topology
+from bigtrain.engine.deepspeed.engine import DeepSpeedEngine
+from bigtrain.engine.deepspeed.grid import init_topology
 from bigtrain.model import Llama, count_params
 
 cfg = load_config(sys.argv[1], sys.argv[3:])

@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
+from bigtrain.checkpoint.files import write_file_list
 from bigtrain.eval.tasks import shipped_tasks
-from bigtrain.train.checkpoint_files import write_file_list
 from bigtrain.train.loop import train
 from tests.e2e.test_cli import one_line_error
 from tests.unit.test_train import tiny_config

@@ -11,8 +11,8 @@ import time
 
 import yaml
 
+from bigtrain.checkpoint.io import latest_checkpoint, open_checkpoint
 from bigtrain.config import from_dict
-from bigtrain.train.checkpoint import latest_checkpoint, open_checkpoint
 from bigtrain.train.loop import train
 from tests.unit.test_checkpoint_safety import tiny_config
 
@@ -21,7 +21,7 @@ STEPS, EVERY = 12, 3
 # in the middle of writing a checkpoint.
 TRAINER = """
 import sys, time
-import bigtrain.train.checkpoint as checkpoint
+import bigtrain.checkpoint.io as checkpoint
 fsync = checkpoint.fsync_path
 checkpoint.fsync_path = lambda path: (time.sleep(0.03), fsync(path))
 from bigtrain.cli import main

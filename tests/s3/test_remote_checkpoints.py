@@ -11,9 +11,9 @@ from pathlib import Path
 import boto3
 import pytest
 
+from bigtrain.checkpoint.files import file_crc32c
 from bigtrain.errors import BigtrainError
 from bigtrain.train import loop
-from bigtrain.train.checkpoint_files import file_crc32c
 from tests.unit.test_checkpoint_safety import tiny_config
 from tests.unit.test_train import read_metrics
 

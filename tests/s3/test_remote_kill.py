@@ -12,8 +12,8 @@ import time
 import boto3
 import yaml
 
+from bigtrain.checkpoint.mirror import cached_checkpoint
 from bigtrain.train import loop
-from bigtrain.train.mirror import cached_checkpoint
 from tests.unit.test_checkpoint_safety import tiny_config
 
 # ~11 M parameters: each checkpoint is ~130 MB (weights and AdamW moments), so an upload spans steps

@@ -10,9 +10,9 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from bigtrain.config import load_config
-from bigtrain.distributed import planner
-from bigtrain.distributed.activation_checkpointing import apply_activation_checkpointing
 from bigtrain.model import Llama
+from bigtrain.parallel import planner
+from bigtrain.parallel.activation_checkpointing import apply_activation_checkpointing
 from tests.helpers import PEAK_ENV, small_model_config
 
 MODES = [("none", 1), ("full", 1), ("full", 2), ("selective", 1), ("selective", 3)]
@@ -56,7 +56,7 @@ PEAK = """
 import json, sys, torch
 from bigtrain.train.metrics import peak_rss_kib
 from bigtrain.config import ModelConfig
-from bigtrain.distributed.activation_checkpointing import apply_activation_checkpointing
+from bigtrain.parallel.activation_checkpointing import apply_activation_checkpointing
 from bigtrain.model import Llama
 torch.manual_seed(0)
 model = Llama(ModelConfig(vocab_size=512, d_model=256, n_layers=8, n_heads=4, n_kv_heads=2, max_seq_len=512))

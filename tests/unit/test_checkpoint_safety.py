@@ -7,12 +7,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from bigtrain.checkpoint.files import file_crc32c
+from bigtrain.checkpoint.format import FORMAT_VERSION
 from bigtrain.cli import main
-from bigtrain.distributed.checkpoint_format import FORMAT_VERSION
-from bigtrain.distributed.update_gate import UpdateGate
+from bigtrain.engine.update_gate import UpdateGate
 from bigtrain.errors import BigtrainError
 from bigtrain.train import loop
-from bigtrain.train.checkpoint_files import file_crc32c
 from tests.helpers import poisoned
 from tests.unit.test_train import read_metrics
 from tests.unit.test_train import tiny_config as full_config
@@ -234,7 +234,7 @@ def test_a_flipped_byte_is_refused_naming_the_file_and_the_previous_checkpoint(v
 
 
 def test_files_json_holds_sizes_and_crc32c(saved_run):
-    from bigtrain.train.checkpoint_files import file_crc32c
+    from bigtrain.checkpoint.files import file_crc32c
 
     listed = json.loads((saved_run[1] / "files.json").read_text())
     assert {"model.safetensors", "optimizer.pt", "rng-0.pt", "state.json", "config.yaml"} <= set(listed)

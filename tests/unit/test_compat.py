@@ -41,6 +41,10 @@ def test_pipeline_engine_instruction_map():
     assert engine._INSTRUCTION_MAP[schedule.ForwardPass] == (schedule.ForwardPass, instructions[schedule.ForwardPass])
 
 
+def test_partition_layers_is_deepspeeds_cut():
+    assert compat.partition_layers([0, 1, 1, 1, 1, 0], 2) == [0, 3, 6]  # embedding + 2 blocks | 2 blocks + head
+
+
 def test_pipeline_module_stage_range():
     from deepspeed.runtime.pipe.module import PipelineModule
 

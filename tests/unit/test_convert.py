@@ -6,10 +6,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from bigtrain.checkpoint.io import load_trained_model
 from bigtrain.cli import main
 from bigtrain.data.tokenizer import TextTokenizer
 from bigtrain.train import loop
-from bigtrain.train.checkpoint import load_trained_model
 from tests.unit.test_checkpoint_safety import tiny_config
 
 transformers = pytest.importorskip("transformers")

@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from bigtrain.config import from_dict
-from bigtrain.distributed import device as device_policy
-from bigtrain.distributed.device import resolve_precision
+from bigtrain.engine import device as device_policy
+from bigtrain.engine.device import resolve_precision
 from bigtrain.errors import BigtrainError
 from bigtrain.model import Llama
 from tests.helpers import small_model_config
@@ -72,7 +72,7 @@ def test_float8_swaps_exactly_the_block_linears_and_keeps_checkpoint_names():
     pytest.importorskip("torchao")
     from torchao.float8.float8_linear import Float8Linear
 
-    from bigtrain.distributed.float8 import apply_float8
+    from bigtrain.parallel.float8 import apply_float8
 
     torch.manual_seed(0)
     model = Llama(small_model_config(d_model=64, n_heads=4, n_kv_heads=2, tie_embeddings=False))

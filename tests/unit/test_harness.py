@@ -10,12 +10,12 @@ import torch
 
 from bigtrain.config import load_config
 from bigtrain.data.tokenizer import TextTokenizer
-from bigtrain.distributed.layout import check_layout
 from bigtrain.errors import BigtrainError
 from bigtrain.eval import tasks
 from bigtrain.eval.generate import generate
 from bigtrain.eval.harness import BigtrainLM, TaskSuite, flat_metrics
 from bigtrain.model import Llama
+from bigtrain.parallel.layout import check_layout
 from tests.helpers import small_model_config
 
 MAX_LEN = 24

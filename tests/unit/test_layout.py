@@ -8,8 +8,8 @@ import torch
 
 from bigtrain.cli import main
 from bigtrain.config import from_dict
-from bigtrain.distributed import layout, planner
 from bigtrain.model import Llama
+from bigtrain.parallel import layout, planner
 from tests.helpers import small_model_config
 
 

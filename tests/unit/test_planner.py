@@ -6,7 +6,8 @@ import pytest
 
 from bigtrain.cli import main
 from bigtrain.config import ModelConfig, load_config
-from bigtrain.distributed.planner import (
+from bigtrain.model import count_params
+from bigtrain.parallel.planner import (
     Layout,
     activation_bytes,
     config_layout,
@@ -15,7 +16,6 @@ from bigtrain.distributed.planner import (
     stage_params,
     suggest,
 )
-from bigtrain.model import count_params
 
 # 4 layers, d=64, 4 heads, 2 kv heads (head_dim 16), ffn 256, vocab 512, untied
 SHAPE = ModelConfig(vocab_size=512, d_model=64, n_layers=4, n_heads=4, n_kv_heads=2, ffn_hidden=256, max_seq_len=32)

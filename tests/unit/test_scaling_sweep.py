@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 import yaml
 
+from bigtrain.checkpoint import io as ckpt
 from bigtrain.cli import main
 from bigtrain.config import load_config
 from bigtrain.model.flops import count_params
 from bigtrain.scaling import run as sweep_run
 from bigtrain.scaling.plan import plan_sweep
-from bigtrain.train import checkpoint as ckpt
 
 BASE = {
     "model": {"vocab_size": 512, "d_model": 32, "n_layers": 1, "n_heads": 2, "n_kv_heads": 1, "max_seq_len": 32},

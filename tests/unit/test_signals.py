@@ -10,7 +10,7 @@ import time
 
 import yaml
 
-from bigtrain.train import checkpoint as ckpt
+from bigtrain.checkpoint import io as ckpt
 from bigtrain.train import loop
 from bigtrain.train.loop import train
 from bigtrain.train.signals import PREEMPTED_EXIT_CODE

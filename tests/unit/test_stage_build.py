@@ -9,7 +9,7 @@ import safetensors.torch
 import torch
 
 from bigtrain.config import ModelConfig
-from bigtrain.distributed.stage_build import build_stage
+from bigtrain.engine.deepspeed.stages import build_stage
 from bigtrain.errors import BigtrainError
 from bigtrain.model import Llama
 

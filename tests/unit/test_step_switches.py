@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from bigtrain.config import TrainConfig
-from bigtrain.distributed.local import LocalEngine
+from bigtrain.engine.local import LocalEngine
 from bigtrain.model import Llama
 from tests.helpers import small_model_config
 

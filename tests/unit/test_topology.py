@@ -4,16 +4,17 @@ from pathlib import Path
 import pytest
 
 from bigtrain.config import from_dict, load_config
-from bigtrain.distributed.deepspeed_config import deepspeed_config, merge, zero_communication
-from bigtrain.distributed.layout import check_layout
 from bigtrain.distributed.topology import (
     ProcessEnv,
     export_rendezvous_env,
     first_host,
     process_env,
 )
+from bigtrain.engine.deepspeed.config import deepspeed_config, merge
 from bigtrain.errors import BigtrainError
 from bigtrain.model import count_params
+from bigtrain.parallel.layout import check_layout
+from bigtrain.parallel.planner import zero_communication
 
 
 def config(**parallel):

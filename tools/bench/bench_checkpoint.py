@@ -16,8 +16,8 @@ from statistics import median
 
 from common import engine_with_optimizer_state, record
 
-from bigtrain.train import checkpoint as ckpt
-from bigtrain.train import checkpoint_files
+from bigtrain.checkpoint import files as checkpoint_files
+from bigtrain.checkpoint import io as ckpt
 
 
 def main() -> None:

@@ -31,7 +31,7 @@ import torch
 from common import measure
 
 from bigtrain.config import load_config
-from bigtrain.distributed import planner
+from bigtrain.parallel import planner
 
 HERE = Path(__file__).resolve().parent
 CONFIGS = HERE.parents[1] / "configs"

@@ -20,8 +20,8 @@ from statistics import median
 import boto3
 from common import engine_with_optimizer_state, record
 
-from bigtrain.train import checkpoint as ckpt
-from bigtrain.train.mirror import CheckpointMirror
+from bigtrain.checkpoint import io as ckpt
+from bigtrain.checkpoint.mirror import CheckpointMirror
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import s3_server  # noqa: E402  (tools/s3_server.py)

@@ -33,9 +33,9 @@ import torch
 from common import load_average, record
 
 from bigtrain.config import Config, ModelConfig, load_config
-from bigtrain.distributed.device import autocast_for
-from bigtrain.distributed.local import LocalEngine
-from bigtrain.distributed.optimizer import build_adamw
+from bigtrain.engine.device import autocast_for
+from bigtrain.engine.local import LocalEngine
+from bigtrain.engine.optimizer import build_adamw
 from bigtrain.model import Llama, count_params, flops_per_token
 from bigtrain.train.host_memory import reuse_freed_memory
 from bigtrain.train.loop import set_determinism
@@ -108,8 +108,8 @@ class BigtrainSide:
         if cfg.parallel.engine == "local":
             self.engine = LocalEngine(model, cfg.train)
         else:
-            from bigtrain.distributed.deepspeed_engine import DeepSpeedEngine
-            from bigtrain.distributed.topology import init_topology
+            from bigtrain.engine.deepspeed.engine import DeepSpeedEngine
+            from bigtrain.engine.deepspeed.grid import init_topology
 
             self.engine = DeepSpeedEngine(model, cfg, init_topology(cfg))
 

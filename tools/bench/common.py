@@ -153,7 +153,7 @@ def engine_with_optimizer_state(config: str):
     import torch
 
     from bigtrain.config import load_config
-    from bigtrain.distributed.local import LocalEngine
+    from bigtrain.engine.local import LocalEngine
     from bigtrain.model import Llama
 
     cfg = load_config(config, ["train.device=cpu", "train.precision=fp32"])

@@ -21,7 +21,7 @@ import torch
 from bigtrain.config import load_config
 from bigtrain.data.corpus import write_default_corpus
 from bigtrain.data.prepare import iter_documents
-from bigtrain.distributed.local import LocalEngine
+from bigtrain.engine.local import LocalEngine
 from bigtrain.model import Llama
 from bigtrain.train.schedule import lr_at
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from bigtrain.config import Config
-from bigtrain.train.launcher_watch import check_launcher
+from bigtrain.distributed.launcher_watch import check_launcher
 
 
 class Sink(Protocol):

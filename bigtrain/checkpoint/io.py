@@ -1,7 +1,7 @@
 """Checkpoints of a run: a directory `checkpoints/step-NNNNNNN/` that is either complete or absent.
 
 It is written under a temporary name, fsync'd and renamed; only then is `checkpoints/latest`
-replaced (atomically) to name it. What the directory holds is `bigtrain.distributed.checkpoint_format`.
+replaced (atomically) to name it. What the directory holds is `bigtrain.checkpoint.format`.
 """
 
 from __future__ import annotations
@@ -10,15 +10,20 @@ import os
 import pickle
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from safetensors import SafetensorError
 
-from bigtrain.config import Config, ModelConfig
-from bigtrain.distributed import heartbeat, safe_load
-from bigtrain.distributed.agreement import check_all
-from bigtrain.distributed.checkpoint_format import (
+from bigtrain.checkpoint import safe_load
+from bigtrain.checkpoint.files import (
+    checkpoint_problem,
+    fsync_path,
+    merge_checksum_shares,
+    write_checksum_share,
+    write_latest,
+)
+from bigtrain.checkpoint.format import (
     STATE,
     TOKENIZER,
     WEIGHTS,
@@ -29,18 +34,22 @@ from bigtrain.distributed.checkpoint_format import (
     write_config,
     write_state,
 )
-from bigtrain.distributed.engine import Engine
+from bigtrain.config import Config, ModelConfig
+from bigtrain.distributed import heartbeat
+from bigtrain.distributed.agreement import check_all
+from bigtrain.distributed.communicator import Communicator
+from bigtrain.distributed.launcher_watch import check_launcher
 from bigtrain.errors import BigtrainError, first_line
 from bigtrain.model import Llama
 from bigtrain.object_store import is_remote
-from bigtrain.train.checkpoint_files import (
-    checkpoint_problem,
-    fsync_path,
-    merge_checksum_shares,
-    write_checksum_share,
-    write_latest,
-)
-from bigtrain.train.launcher_watch import check_launcher
+
+
+class Checkpointable(Communicator, Protocol):
+    """What saving and loading a checkpoint asks of an engine: its ranks, and its own files."""
+
+    def save(self, directory: Path) -> None: ...
+    def load(self, directory: Path) -> None: ...
+
 
 SHAPE_KEYS = ("vocab_size", "d_model", "n_layers", "n_heads", "kv_heads", "ffn_dim", "tie_embeddings")
 
@@ -62,7 +71,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
     checkpoint), or the URL of a remote checkpoint or remote root (s3://, gs://: fetched into the
     local cache and verified once)."""
     if is_remote(path):
-        from bigtrain.train.mirror import cached_checkpoint  # mirror builds on this module
+        from bigtrain.checkpoint.mirror import cached_checkpoint  # mirror builds on this module
 
         return cached_checkpoint(str(path))
     path = Path(path)
@@ -79,7 +88,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def save_checkpoint(
-    run_dir: Path, step: int, engine: Engine, state: dict[str, Any], config: Config,
+    run_dir: Path, step: int, engine: Checkpointable, state: dict[str, Any], config: Config,
     tokenizer: Path | None, keep_last: int | None = None,
 ) -> Path:
     """Write checkpoint `step` atomically, point `latest` at it, then prune the oldest. A save that
@@ -130,7 +139,7 @@ def save_checkpoint(
     return final
 
 
-def load_checkpoint(checkpoint: Path, engine: Engine, verify: bool = True) -> dict[str, Any]:
+def load_checkpoint(checkpoint: Path, engine: Checkpointable, verify: bool = True) -> dict[str, Any]:
     """Restore engine and RNG state; return the JSON state (step, tokens, loader, …). Every rank
     checks the sizes of all files and, with `verify`, the checksums of its share of them."""
     check_all(checkpoint_problem(checkpoint, share=(engine.rank, engine.world_size), checksums=verify))

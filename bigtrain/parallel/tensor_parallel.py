@@ -17,9 +17,9 @@ from __future__ import annotations
 import torch.distributed as dist
 from torch import nn
 
-from bigtrain.distributed.layout import TP_PLAN, check_tensor_parallel
 from bigtrain.model.llama import Block, Head, Llama, RMSNorm
-from bigtrain.model.tensor_parallel import (
+from bigtrain.parallel.layout import TP_PLAN, check_tensor_parallel
+from bigtrain.parallel.tensor_parallel_layers import (
     ColumnParallelLinear,
     enter_region_on_input,
     reduce_grad_over_tp,

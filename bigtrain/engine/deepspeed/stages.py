@@ -20,11 +20,11 @@ from safetensors import SafetensorError
 from torch import nn
 
 from bigtrain.config import ModelConfig
-from bigtrain.distributed.layout import check_tensor_parallel, stage_bounds
-from bigtrain.distributed.tensor_parallel import apply_tensor_parallel, shard_layer
-from bigtrain.distributed.topology import Topology
+from bigtrain.engine.deepspeed.grid import Topology
 from bigtrain.errors import BigtrainError
 from bigtrain.model.llama import Llama, init_parameter, make_layer
+from bigtrain.parallel.layout import check_tensor_parallel, stage_bounds
+from bigtrain.parallel.tensor_parallel import apply_tensor_parallel, shard_layer
 
 
 def stage_of(cfg: ModelConfig, topology: Topology) -> tuple[int, int]:

@@ -8,35 +8,11 @@ from typing import Any
 
 import torch
 
-from bigtrain.config import Config, ModelConfig
-from bigtrain.distributed.device import resolve_precision
-from bigtrain.distributed.layout import global_batch
+from bigtrain.config import Config
+from bigtrain.engine.device import resolve_precision
 from bigtrain.errors import BigtrainError
-from bigtrain.model import count_params
-
-MIN_GRAD_BUCKET = 40_000_000  # Megatron-LM's gradient bucket: max(4e7, 1e6·dp) elements
-MAX_LIVE_PARAMETERS = 1_000_000_000  # DeepSpeed's default stage3_max_live_parameters
-
-
-def zero_communication(m: ModelConfig, zero_stage: int, dp: int, tp: int = 1) -> dict[str, Any]:
-    """ZeRO's overlap and bucket sizes (elements) for this model shape (docs/distributed.md).
-
-    ZeRO 1/2 reduce gradients in buckets of Megatron-LM's size, max(4e7, 1e6·dp), but never
-    larger than the model. ZeRO-3 reduces in d² buckets and keeps parameters under 10·d (the
-    norm weights) whole, as Hugging Face's DeepSpeed "auto" values do, prefetches one block
-    ahead (FSDP's unit in torchtitan) and keeps at least that block and the one computing live.
-    """
-    if zero_stage == 0:
-        return {}
-    d2 = m.d_model ** 2
-    if zero_stage < 3:
-        bucket = min(count_params(m).total, max(MIN_GRAD_BUCKET, 1_000_000 * dp))
-        return {"overlap_comm": True, "reduce_bucket_size": bucket, "allgather_bucket_size": bucket}
-    block = count_params(m).blocks // m.n_layers // tp
-    live = max(MAX_LIVE_PARAMETERS, 2 * block)
-    return {"overlap_comm": True, "reduce_bucket_size": d2, "stage3_prefetch_bucket_size": block,
-            "stage3_param_persistence_threshold": 10 * m.d_model, "stage3_max_live_parameters": live,
-            "stage3_max_reuse_distance": live}
+from bigtrain.parallel.layout import global_batch
+from bigtrain.parallel.planner import zero_communication
 
 
 def deepspeed_config(cfg: Config, dp: int) -> dict[str, Any]:

@@ -10,20 +10,20 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from bigtrain.checkpoint import format as fmt
 from bigtrain.config import TrainConfig
-from bigtrain.distributed import checkpoint_format as fmt
-from bigtrain.distributed.device import (
+from bigtrain.distributed.timing import PhaseTimer
+from bigtrain.engine.contract import StepOutput
+from bigtrain.engine.device import (
     autocast_for,
     compile_enabled,
     pick_device,
     resolve_precision,
 )
-from bigtrain.distributed.engine import StepOutput
-from bigtrain.distributed.float8 import apply_float8
-from bigtrain.distributed.optimizer import build_adamw
-from bigtrain.distributed.timing import PhaseTimer
-from bigtrain.distributed.update_gate import UpdateGate
+from bigtrain.engine.optimizer import build_adamw
+from bigtrain.engine.update_gate import UpdateGate
 from bigtrain.model import compile_blocks
+from bigtrain.parallel.float8 import apply_float8
 
 
 class LocalEngine:

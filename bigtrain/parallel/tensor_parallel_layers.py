@@ -3,9 +3,9 @@
 Each layer is built from the plain layer it replaces and keeps this rank's slice of its weight
 along `split_dim`: column-parallel linears split output features (so each rank owns whole heads),
 row-parallel ones input features (their outputs are all-reduced), the embedding its vocabulary.
-Which module becomes which layer is `bigtrain.distributed.layout.TP_PLAN`; swapping them in is
-`bigtrain.distributed.tensor_parallel.apply_tensor_parallel`; the head's loss is
-`bigtrain.model.vocab_parallel_loss`. Under sequence parallelism (Korthikanti et al. 2022) the
+Which module becomes which layer is `bigtrain.parallel.layout.TP_PLAN`; swapping them in is
+`bigtrain.parallel.tensor_parallel.apply_tensor_parallel`; the head's loss is
+`bigtrain.parallel.vocab_parallel_loss`. Under sequence parallelism (Korthikanti et al. 2022) the
 row-parallel outputs are reduce-scattered to sequence shards [b, t/tp, d] instead of all-reduced,
 and each column-parallel region gathers its input. The model has no dropout and the shards are
 sliced from the full, already initialised weights, so no per-rank RNG tracker is needed.
@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bigtrain import compat
-from bigtrain.model.vocab_parallel_loss import vocab_parallel_linear_cross_entropy
+from bigtrain.parallel.vocab_parallel_loss import vocab_parallel_linear_cross_entropy
 
 
 class _CopyToRegion(torch.autograd.Function):

@@ -10,7 +10,7 @@
     optimizer.pt        torch AdamW `state_dict()` whose parameter indices follow `parameter_names`
     deepspeed/          DeepSpeed's own sharded engine state (DeepSpeed runs only)
 
-The engines write the tensors; `bigtrain.train.checkpoint` makes the directory atomic. Tensors load
+The engines write the tensors; `bigtrain.checkpoint.io` makes the directory atomic. Tensors load
 with `weights_only=True` and metadata is JSON, so reading a checkpoint never runs pickled code.
 """
 
@@ -24,11 +24,11 @@ import safetensors.torch
 import torch
 from torch import nn
 
+from bigtrain.checkpoint import safe_load
 from bigtrain.config import Config, load_config, save_config
-from bigtrain.distributed import safe_load
-from bigtrain.distributed.optimizer import param_groups
 from bigtrain.errors import BigtrainError
 from bigtrain.model import Llama
+from bigtrain.model.param_groups import param_groups
 
 FORMAT_VERSION = 1  # state.json of checkpoints written before versions were recorded counts as 1
 STATE, CONFIG, TOKENIZER, FILES = "state.json", "config.yaml", "tokenizer.json", "files.json"

@@ -19,10 +19,10 @@ import torch.distributed as dist
 from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
 from bigtrain import compat
+from bigtrain.checkpoint import format as fmt
 from bigtrain.config import Config
-from bigtrain.distributed import checkpoint_format as fmt
-from bigtrain.distributed.layout import tp_slice
 from bigtrain.errors import BigtrainError
+from bigtrain.parallel.layout import tp_slice
 
 
 def load_full_state(engine: deepspeed.DeepSpeedEngine, adamw: torch.optim.Optimizer, names: dict[int, str],

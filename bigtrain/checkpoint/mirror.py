@@ -28,14 +28,14 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlparse
 
+from bigtrain.checkpoint.files import checkpoint_problem, write_latest
+from bigtrain.checkpoint.format import FILES
 from bigtrain.config import CheckpointConfig
 from bigtrain.distributed.agreement import check_all, from_main
-from bigtrain.distributed.checkpoint_format import FILES
-from bigtrain.distributed.engine import Engine
+from bigtrain.distributed.communicator import Communicator
+from bigtrain.distributed.launcher_watch import check_launcher
 from bigtrain.errors import BigtrainError
 from bigtrain.object_store import Retry, Store, StoreError, open_store, retrying
-from bigtrain.train.checkpoint_files import checkpoint_problem, write_latest
-from bigtrain.train.launcher_watch import check_launcher
 
 T = TypeVar("T")
 LATEST = "latest"
@@ -80,7 +80,7 @@ class CheckpointMirror:
             raise BigtrainError(f"checkpoint.remote={self.url}: {e}") from None
         return text.strip() if text else None
 
-    def upload(self, checkpoint: Path, engine: Engine) -> None:
+    def upload(self, checkpoint: Path, engine: Communicator) -> None:
         """Start uploading this rank's share of `checkpoint` (complete locally) in a thread."""
         listed = sorted(json.loads((checkpoint / FILES).read_text()))
         share = listed[engine.rank::engine.world_size] + ([FILES] if engine.is_main else [])
@@ -102,20 +102,20 @@ class CheckpointMirror:
         finally:
             up.seconds = time.perf_counter() - up.started
 
-    def poll(self, engine: Engine) -> dict[str, Any] | None:
+    def poll(self, engine: Communicator) -> dict[str, Any] | None:
         """At a step where the ranks meet anyway: finish the upload in flight if every rank is done."""
         if self.pending is None or engine.any_rank(self.pending.thread.is_alive()):
             return None
         return self._finish(engine)
 
-    def wait(self, engine: Engine) -> dict[str, Any] | None:
+    def wait(self, engine: Communicator) -> dict[str, Any] | None:
         """Wait for the upload in flight (before the next save, at the end) and finish it."""
         if self.pending is None:
             return None
         self.pending.thread.join()
         return self._finish(engine)
 
-    def _finish(self, engine: Engine) -> dict[str, Any] | None:
+    def _finish(self, engine: Communicator) -> dict[str, Any] | None:
         """Rank 0 writes the remote `latest` once every rank's files arrived, then prunes; the
         record to log, or None when the checkpoint did not reach the remote (a warning says why)."""
         up, self.pending = self.pending, None
@@ -155,7 +155,7 @@ class CheckpointMirror:
                 f"the final checkpoint {self.expected} did not reach {self.url} ({self.failure}); it is complete "
                 f"locally; the remote latest names {self.reached or 'nothing'}")
 
-    def fetch(self, root: Path, engine: Engine) -> Path:
+    def fetch(self, root: Path, engine: Communicator) -> Path:
         """Download the checkpoint the remote `latest` names into `root` (the run's `checkpoints/`),
         checked against its `files.json`, and point the local `latest` at it."""
         name = self.reached

@@ -16,27 +16,27 @@ from deepspeed.runtime.pipe import schedule
 from deepspeed.runtime.utils import clip_grad_norm_
 
 from bigtrain import compat
+from bigtrain.checkpoint import format as fmt
+from bigtrain.checkpoint import safe_load
 from bigtrain.config import Config
-from bigtrain.distributed import checkpoint_format as fmt
-from bigtrain.distributed import safe_load
-from bigtrain.distributed.activation_checkpointing import apply_activation_checkpointing
-from bigtrain.distributed.deepspeed_config import deepspeed_config
-from bigtrain.distributed.device import compile_enabled
-from bigtrain.distributed.engine import StepOutput
-from bigtrain.distributed.full_state import load_full_state
-from bigtrain.distributed.optimizer import build_adamw
-from bigtrain.distributed.sequence_parallel import (
+from bigtrain.distributed.timing import PhaseTimer
+from bigtrain.engine.contract import StepOutput
+from bigtrain.engine.deepspeed.config import deepspeed_config
+from bigtrain.engine.deepspeed.full_state import load_full_state
+from bigtrain.engine.deepspeed.grid import Topology
+from bigtrain.engine.deepspeed.stages import Stage, model_stage
+from bigtrain.engine.device import compile_enabled
+from bigtrain.engine.optimizer import build_adamw
+from bigtrain.engine.update_gate import UpdateGate
+from bigtrain.errors import BigtrainError
+from bigtrain.model import Llama, compile_blocks, lm_loss
+from bigtrain.parallel.activation_checkpointing import apply_activation_checkpointing
+from bigtrain.parallel.deepspeed_ulysses import (
     apply_sequence_parallel,
     sequence_mean,
     sequence_slice,
 )
-from bigtrain.distributed.stage_build import Stage, model_stage
-from bigtrain.distributed.timing import PhaseTimer
-from bigtrain.distributed.topology import Topology
-from bigtrain.distributed.update_gate import UpdateGate
-from bigtrain.errors import BigtrainError
-from bigtrain.model import Llama, compile_blocks, lm_loss
-from bigtrain.model.vocab_parallel_loss import vocab_parallel_cross_entropy
+from bigtrain.parallel.vocab_parallel_loss import vocab_parallel_cross_entropy
 
 TAG = fmt.DEEPSPEED  # DeepSpeed's sub-directory inside a bigtrain checkpoint, and its tag
 # the phase each instruction of DeepSpeed's 1F1B schedule counts as (waiting included)

@@ -34,19 +34,19 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, replace
+from typing import Any
 
 from bigtrain.config import Config, ModelConfig
-from bigtrain.distributed.activation_checkpointing import checkpointing_mode
-from bigtrain.distributed.deepspeed_config import zero_communication
-from bigtrain.distributed.layout import (
+from bigtrain.errors import BigtrainError
+from bigtrain.model.flops import count_params, flops_per_token
+from bigtrain.parallel.activation_checkpointing import checkpointing_mode
+from bigtrain.parallel.layout import (
     check_layout,
     grad_accum_for,
     layout_problem,
     max_blocks_per_stage,
     tp_sequence_parallel,
 )
-from bigtrain.errors import BigtrainError
-from bigtrain.model.flops import count_params, flops_per_token
 
 # step-time model: matmuls at this fraction of peak, links at these effective bandwidths (bytes/s)
 COMPUTE_EFFICIENCY = 0.5
@@ -54,6 +54,30 @@ INTRA_NODE_BW = 300e9  # NVLink, per GPU, for tensor parallelism
 INTER_NODE_BW = 25e9  # 200 Gb/s per GPU, for data-parallel reductions across nodes
 PCIE_BW = 25e9  # optimizer offload traffic
 FIT_FRACTION = 0.92  # of --gpu-mem usable by the allocator (CUDA context, fragmentation)
+MIN_GRAD_BUCKET = 40_000_000  # Megatron-LM's gradient bucket: max(4e7, 1e6·dp) elements
+MAX_LIVE_PARAMETERS = 1_000_000_000  # DeepSpeed's default stage3_max_live_parameters
+
+
+def zero_communication(m: ModelConfig, zero_stage: int, dp: int, tp: int = 1) -> dict[str, Any]:
+    """ZeRO's overlap and bucket sizes (elements) for this model shape (docs/distributed.md): the
+    DeepSpeed config uses them and the memory plan counts them.
+
+    ZeRO 1/2 reduce gradients in buckets of Megatron-LM's size, max(4e7, 1e6·dp), but never
+    larger than the model. ZeRO-3 reduces in d² buckets and keeps parameters under 10·d (the
+    norm weights) whole, as Hugging Face's DeepSpeed "auto" values do, prefetches one block
+    ahead (FSDP's unit in torchtitan) and keeps at least that block and the one computing live.
+    """
+    if zero_stage == 0:
+        return {}
+    d2 = m.d_model ** 2
+    if zero_stage < 3:
+        bucket = min(count_params(m).total, max(MIN_GRAD_BUCKET, 1_000_000 * dp))
+        return {"overlap_comm": True, "reduce_bucket_size": bucket, "allgather_bucket_size": bucket}
+    block = count_params(m).blocks // m.n_layers // tp
+    live = max(MAX_LIVE_PARAMETERS, 2 * block)
+    return {"overlap_comm": True, "reduce_bucket_size": d2, "stage3_prefetch_bucket_size": block,
+            "stage3_param_persistence_threshold": 10 * m.d_model, "stage3_max_live_parameters": live,
+            "stage3_max_reuse_distance": live}
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from typing import Any
 
 import crc32c
 
-from bigtrain.distributed.checkpoint_format import FILES, STATE, format_problem
+from bigtrain.checkpoint.format import FILES, STATE, format_problem
 
 CHUNK = 16 * 2**20  # bytes read at a time for checksums
 SHARE_PREFIX = ".files-"  # each rank's checksums during a save, merged into files.json

@@ -12,9 +12,10 @@ import itertools
 
 import torch
 
+from bigtrain import compat
 from bigtrain.config import Config, ModelConfig
 from bigtrain.errors import BigtrainError
-from bigtrain.model.tensor_parallel import (
+from bigtrain.parallel.tensor_parallel_layers import (
     ColumnParallelLinear,
     RowParallelLinear,
     VocabParallelEmbedding,
@@ -97,9 +98,7 @@ def stage_bounds(n_layers: int, pp: int) -> list[int]:
     `PipelineModule(partition_method="type:Block")` cuts the list embedding, n blocks, head."""
     if pp == 1:
         return [0, n_layers + 2]
-    from deepspeed.runtime.utils import partition_balanced
-
-    return partition_balanced(weights=[0] + [1] * n_layers + [0], num_parts=pp)
+    return compat.partition_layers([0] + [1] * n_layers + [0], pp)
 
 
 def max_blocks_per_stage(n_layers: int, pp: int) -> int:

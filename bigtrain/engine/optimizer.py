@@ -6,18 +6,9 @@ import torch
 from torch import nn
 
 from bigtrain.config import TrainConfig
+from bigtrain.model.param_groups import param_groups
 
 ADAMW_KERNELS = {"fused": {"fused": True}, "foreach": {"foreach": True}, "for-loop": {"foreach": False}}
-
-
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: matrices decay, vectors (norm weights) do not. Their order is the order of
-    `optimizer.pt` (see `bigtrain.distributed.checkpoint_format.parameter_names`)."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def build_adamw(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:

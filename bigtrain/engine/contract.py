@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Protocol
 
 import torch
 
+from bigtrain.checkpoint.io import Checkpointable
 from bigtrain.distributed.timing import PhaseTimer
-from bigtrain.distributed.update_gate import UpdateGate
+from bigtrain.engine.update_gate import UpdateGate
 
 
 @dataclass
@@ -20,12 +20,12 @@ class StepOutput:
     skipped: torch.Tensor  # True when the update was not applied (see `UpdateGate`)
 
 
-class Engine(Protocol):
-    rank: int
-    world_size: int
+class Engine(Checkpointable, Protocol):
+    """Steps, evaluates, reports step times and reduces over data parallelism; saving, loading and
+    the rank collectives are `Checkpointable`'s."""
+
     dp_rank: int
     dp_size: int
-    is_main: bool  # rank 0: logs, writes the run directory
     device: torch.device
     model: torch.nn.Module  # this rank's module (DeepSpeed's: the wrapped one)
     timer: PhaseTimer
@@ -36,9 +36,5 @@ class Engine(Protocol):
     def train_step(self, micro_batches: list[torch.Tensor], lr: float) -> StepOutput: ...
     def eval_loss(self, tokens: torch.Tensor) -> torch.Tensor: ...
     def step_times(self) -> dict[str, float]: ...
-    def any_rank(self, flag: bool) -> bool: ...
     def mean_over_dp(self, losses: torch.Tensor) -> torch.Tensor: ...
     def sum_across_dp(self, tensor: torch.Tensor) -> torch.Tensor: ...
-    def barrier(self) -> None: ...
-    def save(self, directory: Path) -> None: ...
-    def load(self, directory: Path) -> None: ...

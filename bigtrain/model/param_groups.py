@@ -1,0 +1,16 @@
+"""Which parameters AdamW decays: one rule, shared by the optimizer every engine builds and by the
+checkpoint format, which indexes `optimizer.pt` in this order."""
+
+from __future__ import annotations
+
+from torch import nn
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: matrices decay, vectors (norm weights) do not. Their order is the order of
+    `optimizer.pt` (`bigtrain.checkpoint.format.parameter_names`)."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
