@@ -34,6 +34,7 @@ from bigtrain.checkpoint.format import (
     write_config,
     write_state,
 )
+from bigtrain.checkpoint.mirror import cached_checkpoint
 from bigtrain.config import Config, ModelConfig
 from bigtrain.distributed import heartbeat
 from bigtrain.distributed.agreement import check_all
@@ -71,8 +72,6 @@ def resolve_checkpoint(path: str | Path) -> Path:
     checkpoint), or the URL of a remote checkpoint or remote root (s3://, gs://: fetched into the
     local cache and verified once)."""
     if is_remote(path):
-        from bigtrain.checkpoint.mirror import cached_checkpoint  # mirror builds on this module
-
         return cached_checkpoint(str(path))
     path = Path(path)
     if not path.exists():

@@ -66,7 +66,7 @@ def find_resume_checkpoint(cfg: Config, mirror: CheckpointMirror | None = None) 
     if resume == "auto":
         return ckpt.latest_checkpoint(run_dir)
     if resume:
-        return ckpt.open_checkpoint(resume)
+        return ckpt.resolve_checkpoint(resume)  # checked by every rank as it loads
     if ckpt.latest_checkpoint(run_dir) is not None:
         raise BigtrainError(
             f"{run_dir} already has checkpoints; pass run.resume=auto to continue it or choose another run.name"
