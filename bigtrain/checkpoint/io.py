@@ -123,8 +123,11 @@ def save_checkpoint(
             os.rename(tmp, final)
             fsync_path(root)
     except (OSError, RuntimeError, SafetensorError) as e:  # torch.save and safetensors wrap OSErrors
-        shutil.rmtree(tmp, ignore_errors=True)
-        heartbeat.check_peers(e)  # a barrier failed because another rank died: say that instead
+        try:
+            heartbeat.check_peers(e)  # a barrier failed because another rank died or stopped: say that
+        finally:  # rank 0 alone, once the others had time to stop: a rank never pulls the directory
+            if engine.is_main:  # from under another that is still writing its share
+                shutil.rmtree(tmp, ignore_errors=True)
         latest = latest_checkpoint(run_dir)
         kept = f"checkpoints/latest still names {latest.name}" if latest else "no checkpoint was written"
         raise BigtrainError(f"cannot save checkpoint {final}: {first_line(e)}; {kept}") from None

@@ -6,6 +6,7 @@ uninterrupted run's bit for bit and that no two processes logged steps into metr
 |---|---|
 | a second launch on a running run's directory | refused in one line naming the holder, on every rank, in seconds |
 | a requeued launch with `--wait-lock` while the old one still trains | every rank waits, then all resume from the one checkpoint the old run left last |
+| SIGTERM to a launch still waiting for the lock | every rank exits at once with one line; the running job goes on |
 | `kill -9` of the torchrun agent alone, just before a save | its workers exit without committing the checkpoint or a metrics line; a relaunch resumes |
 | `kill -9` of everything while a checkpoint is written | `latest` names the previous one; resume |
 | a flipped byte in the newest checkpoint | resume refused naming file and previous checkpoint |
@@ -164,6 +165,25 @@ def test_a_requeued_launch_waits_for_the_lock_then_continues_the_curve(stdlib_da
     assert finish(second)[0] == 0
     check_recovered(tmp_path / "run", straight, launches=2)
     assert [r["step"] for r in records(tmp_path / "run")] == list(range(1, STEPS + 1))  # the second began at 7
+
+
+def test_a_signal_while_waiting_for_the_lock_ends_the_launch_at_once(stdlib_data, tmp_path, straight):
+    """SIGTERM to a launch whose ranks still wait for the lock: every rank leaves at once with one
+    line and the preemption code (there is nothing to save), and the running job is untouched."""
+    config_path = write_config(stdlib_data, tmp_path)
+    first = launch(config_path, slow=3.0)
+    wait_until(lambda: len(records(tmp_path / "run")) >= 1, first)
+    second = launch(config_path, "--wait-lock", "300")
+    wait_until(lambda: len(children(second.pid)) == 2, second)
+    time.sleep(5)  # the workers are through their imports and poll rank 0's verdict
+    os.kill(second.pid, signal.SIGTERM)  # torchrun passes it on to its workers
+    signalled = time.monotonic()
+    code, err = finish(second)
+    assert time.monotonic() - signalled < 10
+    assert err.count("received SIGTERM before training started; exiting (nothing to save)") == 2, err
+    assert code != 0 and first.poll() is None
+    assert finish(first)[0] == 0
+    check_recovered(tmp_path / "run", straight, launches=1)
 
 
 def test_killing_the_agent_alone_commits_nothing_more(stdlib_data, tmp_path, straight):
