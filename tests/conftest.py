@@ -1,8 +1,23 @@
 import os
+from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("WANDB_MODE", "offline")
+TIERS = ("unit", "distributed", "s3", "e2e", "slurm")  # run in this order: a broken build fails early
+
+
+def tier(item: pytest.Item) -> str:
+    folder = Path(str(item.fspath)).relative_to(Path(__file__).parent).parts[0]
+    return folder if folder in TIERS else "unit"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark every test with its folder's tier (`pytest -m unit` runs the fast tier alone) and run
+    the tiers in `TIERS` order (a stable sort: a module's tests stay together)."""
+    for item in items:
+        item.add_marker(getattr(pytest.mark, tier(item)))
+    items.sort(key=lambda item: TIERS.index(tier(item)))
 
 
 @pytest.fixture(scope="session")

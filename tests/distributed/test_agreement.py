@@ -12,8 +12,6 @@ import yaml
 from tests.distributed.test_checkpoints import config
 from tests.helpers import torchrun
 
-pytestmark = pytest.mark.distributed
-
 
 @pytest.fixture(scope="module")
 def ranks(stdlib_data, tmp_path_factory):

@@ -20,7 +20,6 @@ from bigtrain.convert.reshard import reshard
 from bigtrain.train.loop import train
 from tests.helpers import torchrun
 
-pytestmark = pytest.mark.distributed
 N = 3  # steps before and after the checkpoint
 
 

@@ -13,7 +13,6 @@ from bigtrain.train.loop import train
 from tests.distributed.test_parity import base_config
 from tests.helpers import torchrun
 
-pytestmark = pytest.mark.distributed
 STEPS, LOG_EVERY = 8, 4
 
 

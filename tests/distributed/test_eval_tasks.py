@@ -5,14 +5,12 @@ of its single-process reshard."""
 
 import json
 
-import pytest
 import yaml
 
 from bigtrain.cli import main
 from bigtrain.convert.reshard import reshard
 from tests.helpers import torchrun
 
-pytestmark = pytest.mark.distributed
 LIMIT, KEY = 30, "eval/python_next_line/acc"
 
 

@@ -18,7 +18,6 @@ import yaml
 from tests.distributed.test_checkpoints import config
 from tests.helpers import CPU_RANKS_ENV
 
-pytestmark = pytest.mark.distributed
 TIMEOUT_MINUTES = 0.25
 
 

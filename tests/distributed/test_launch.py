@@ -16,7 +16,6 @@ from bigtrain.config import from_dict
 from bigtrain.train.loop import train
 from tests.helpers import small_model_config
 
-pytestmark = pytest.mark.distributed
 REPO = Path(__file__).resolve().parents[2]
 STEPS, GLOBAL_BATCH = 20, 8
 

@@ -10,7 +10,6 @@ from bigtrain.config import from_dict
 from bigtrain.parallel.planner import Layout, memory_plan
 from tests.helpers import torchrun
 
-pytestmark = pytest.mark.distributed
 MODEL = {"vocab_size": 512, "d_model": 64, "n_layers": 4, "n_heads": 4, "n_kv_heads": 2, "max_seq_len": 32}
 
 

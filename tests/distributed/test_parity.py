@@ -14,7 +14,6 @@ from bigtrain.config import from_dict
 from bigtrain.train.loop import train
 from tests.helpers import torchrun
 
-pytestmark = pytest.mark.distributed
 STEPS, GLOBAL_BATCH = 5, 8
 
 

@@ -8,7 +8,6 @@ import pytest
 
 from tests.helpers import torchrun
 
-pytestmark = pytest.mark.distributed
 WORKER = os.path.join(os.path.dirname(__file__), "sp_memory_worker.py")
 
 

@@ -9,7 +9,6 @@ import yaml
 
 from tests.helpers import torchrun
 
-pytestmark = pytest.mark.distributed
 MODEL = {"vocab_size": 512, "d_model": 64, "n_layers": 4, "n_heads": 4, "n_kv_heads": 2, "max_seq_len": 32}
 
 

@@ -6,13 +6,10 @@ import os
 import subprocess
 import sys
 
-import pytest
 import torch
 
 from bigtrain.model.loss import linear_cross_entropy
 from tests.helpers import PEAK_ENV
-
-pytestmark = pytest.mark.distributed
 
 
 def test_chunked_vocab_parallel_loss_matches_tp1_and_peaks_lower(tmp_path):

@@ -20,7 +20,6 @@ from tests.helpers import small_model_config
 
 from .conftest import REPO, StartWatch, finished, job_info, sbatch, srun, wait_for
 
-pytestmark = pytest.mark.slurm
 STEPS = 300  # a few seconds of tiny steps: long enough to preempt mid-run
 
 
