@@ -1,6 +1,6 @@
 """The files of a checkpoint directory: their sizes and crc32c in `files.json` (written by every
 rank for its share during a save), the checks every reader makes against it, the `latest` pointer,
-and fsync. Both the checkpoints of a run (`checkpoint.py`) and its object-store mirror use these.
+and fsync. Both the checkpoints of a run (`io.py`) and its object-store mirror use these.
 """
 
 from __future__ import annotations

@@ -80,10 +80,10 @@ results["ending"] = run("ending", "train.steps=6", "log.every=2")
 undo()
 
 undo_poison = on_rank1(loop, "build_engine", lambda build: poisoned(build, {2}))
-undo_count = loop.Trainer.run
-loop.Trainer.run = counting(loop.Trainer.run)
+original_run = loop.Trainer.run
+loop.Trainer.run = counting(original_run)
 results["skip"] = {**run("skip", "train.steps=4"), "skipped": skipped[-1]}
 undo_poison()
-loop.Trainer.run = undo_count
+loop.Trainer.run = original_run
 
 (out / f"results-{rank}.json").write_text(json.dumps(results))
