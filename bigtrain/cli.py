@@ -83,22 +83,11 @@ def cmd_train(args: argparse.Namespace) -> int | None:
 
     watch_launcher()
     with StopRequest() as stop:  # before the slow imports: a preemption notice then is kept too
-        import torch.distributed as dist
-
         from bigtrain.config import load_config
-        from bigtrain.distributed import heartbeat
-        from bigtrain.distributed.heartbeat import PeersLost
         from bigtrain.train.loop import train
 
         overrides = [*args.overrides, *([f"run.wait_lock={args.wait_lock}"] if args.wait_lock is not None else [])]
-        try:
-            result = train(load_config(args.config, overrides), stop=stop)
-        except PeersLost as e:  # the process group is broken: leave without waiting on it
-            print(f"bigtrain: error: {e}", file=sys.stderr, flush=True)
-            os._exit(1)
-    heartbeat.stop()
-    if dist.is_initialized():
-        dist.destroy_process_group()  # stop the backend's threads before interpreter exit
+        result = train(load_config(args.config, overrides), stop=stop)
     if result.preempted:
         if result.is_main:
             print(f"preempted at step {result.step}: saved {result.checkpoint}; exiting with "

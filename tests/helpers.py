@@ -24,8 +24,8 @@ def poisoned(build_engine, steps, factor=float("nan")):
     """`build_engine` whose model's logits are scaled by `factor` in the given (1-based) training steps."""
     calls = 0
 
-    def build_poisoned(cfg, init_from=None):
-        engine = build_engine(cfg, init_from)
+    def build_poisoned(*args, **kwargs):
+        engine = build_engine(*args, **kwargs)
 
         def hook(module, args, output):
             nonlocal calls

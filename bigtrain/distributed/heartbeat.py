@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 import threading
 import time
 from datetime import timedelta
+from typing import NoReturn
 
 import torch.distributed as dist
 
@@ -113,6 +115,13 @@ def check_peers(error: BaseException) -> None:
         who = ("rank " if len(silent) == 1 else "ranks ") + ", ".join(map(str, silent))
     symptom = re.sub(r"^\[[^\]]*\]\s*", "", (str(error).strip().splitlines() or [type(error).__name__])[0])
     raise PeersLost(f"{who} stopped answering ({symptom.split('. ')[0]}); stopping rank {_running.rank}") from None
+
+
+def leave(error: PeersLost) -> NoReturn:
+    """End this process at once with `error`'s line: the process group is broken, and waiting on
+    it (its teardown, an exit handler's collective) could hang."""
+    print(f"bigtrain: error: {error}", file=sys.stderr, flush=True)
+    os._exit(1)
 
 
 def stop() -> None:

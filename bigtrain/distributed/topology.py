@@ -6,6 +6,7 @@ grid is the engine's (`bigtrain/engine/deepspeed/grid.py`).
 
 from __future__ import annotations
 
+import atexit
 import os
 import re
 from dataclasses import dataclass
@@ -60,9 +61,10 @@ def export_rendezvous_env() -> None:
 
 
 def init_processes(cfg: Config) -> None:
-    """Start torch.distributed over the launched processes (once) and this rank's heartbeat, so
-    that the ranks can agree on everything else (the run lock, the resume point) before any of them
-    reads the run directory. DeepSpeed later takes over this process group as it is."""
+    """Start torch.distributed over the launched processes (once; it ends at interpreter exit) and
+    this rank's heartbeat, so that the ranks can agree on everything else (the run lock, the resume
+    point) before any of them reads the run directory. DeepSpeed later takes over this process
+    group as it is."""
     env = process_env()
     cuda = cfg.train.device != "cpu" and torch.cuda.is_available()
     backend = cfg.parallel.backend if cfg.parallel.backend != "auto" else "nccl" if cuda else "gloo"
@@ -75,4 +77,13 @@ def init_processes(cfg: Config) -> None:
     if not dist.is_initialized():
         dist.init_process_group(backend, init_method="env://", rank=env.rank, world_size=env.world_size,
                                 timeout=timeout)
+        atexit.register(end_processes)
     heartbeat.start(env.rank, env.world_size)
+
+
+def end_processes() -> None:
+    """Stop the heartbeat and the process group's backend threads (at interpreter exit, so that a
+    process may run several trainings in one process group)."""
+    heartbeat.stop()
+    if dist.is_initialized():
+        dist.destroy_process_group()

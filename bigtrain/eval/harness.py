@@ -29,6 +29,7 @@ from torch import nn
 from bigtrain.checkpoint.format import TOKENIZER
 from bigtrain.config import EvalConfig
 from bigtrain.data.tokenizer import TextTokenizer
+from bigtrain.distributed.communicator import Communicator
 from bigtrain.engine.contract import Engine
 from bigtrain.errors import BigtrainError
 from bigtrain.eval.generate import filter_logits
@@ -281,11 +282,11 @@ class TrainingTasks:
     the engine holds (whole on every rank: the layout check, `layout.layout_problem`, refuses other layouts); each
     data-parallel rank scores its share of the documents and rank 0 gets the metrics."""
 
-    def __init__(self, cfg: EvalConfig, max_length: int, engine: Engine, tokenizer: Path):
+    def __init__(self, cfg: EvalConfig, max_length: int, engine: Engine, comm: Communicator, tokenizer: Path):
         self.suite = TaskSuite(cfg.tasks, cfg.num_fewshot, cfg.limit, bootstrap_iters=0, progress=False)
         self.lm = BigtrainLM(engine.model, TextTokenizer.load(tokenizer), max_length, cfg.batch_size,
                              autocast=getattr(engine, "autocast", contextlib.nullcontext),
-                             rank=engine.dp_rank, world_size=engine.dp_size, progress=False)
+                             rank=comm.dp_rank, world_size=comm.dp_size, progress=False)
 
     def run(self) -> dict[str, float] | None:
         """`eval/<task>/<metric>` values and the seconds it took (`eval_tasks_s`) on rank 0, None

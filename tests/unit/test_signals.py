@@ -22,8 +22,8 @@ def signalling_engine(monkeypatch, at_step: int):
     SIGTERM and SIGUSR1 again while the checkpoint is being written."""
     build = loop.build_engine
 
-    def build_engine(cfg, init_from=None):
-        engine = build(cfg, init_from)
+    def build_engine(*args, **kwargs):
+        engine = build(*args, **kwargs)
         train_step, save, calls = engine.train_step, engine.save, []
 
         def step(*args):
