@@ -45,8 +45,8 @@ from bigtrain.model import Llama
 from bigtrain.object_store import is_remote
 
 
-class Checkpointable(Communicator, Protocol):
-    """What saving and loading a checkpoint asks of an engine: its ranks, and its own files."""
+class Checkpointable(Protocol):
+    """What saving and loading a checkpoint asks of an engine: its own files (every rank its part)."""
 
     def save(self, directory: Path) -> None: ...
     def load(self, directory: Path) -> None: ...
@@ -87,7 +87,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def save_checkpoint(
-    run_dir: Path, step: int, engine: Checkpointable, state: dict[str, Any], config: Config,
+    run_dir: Path, step: int, engine: Checkpointable, comm: Communicator, state: dict[str, Any], config: Config,
     tokenizer: Path | None, keep_last: int | None = None,
 ) -> Path:
     """Write checkpoint `step` atomically, point `latest` at it, then prune the oldest. A save that
@@ -98,24 +98,24 @@ def save_checkpoint(
     if final.exists():
         raise BigtrainError(f"refusing to overwrite existing checkpoint {final}")
     try:
-        if engine.is_main:
+        if comm.is_main:
             root.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(tmp, ignore_errors=True)  # a leftover of a crashed save of this same step
             tmp.mkdir()
-        engine.barrier()
+        comm.barrier()
         engine.save(tmp)  # every rank writes its own part
-        torch.save(rng_state(), tmp / rng_file(engine.rank))
-        engine.barrier()
-        if engine.is_main:
+        torch.save(rng_state(), tmp / rng_file(comm.rank))
+        comm.barrier()
+        if comm.is_main:
             write_state(tmp, {"step": step, **state})
             write_config(tmp, config)
             if tokenizer is not None:
                 shutil.copyfile(tokenizer, tmp / TOKENIZER)
-        engine.barrier()
-        write_checksum_share(tmp, engine.rank, engine.world_size)  # the ranks checksum in parallel
-        engine.barrier()
-        if engine.is_main:
-            merge_checksum_shares(tmp, engine.world_size)
+        comm.barrier()
+        write_checksum_share(tmp, comm.rank, comm.world_size)  # the ranks checksum in parallel
+        comm.barrier()
+        if comm.is_main:
+            merge_checksum_shares(tmp, comm.world_size)
             for file in tmp.rglob("*"):
                 fsync_path(file)
             fsync_path(tmp)
@@ -126,29 +126,29 @@ def save_checkpoint(
         try:
             heartbeat.check_peers(e)  # a barrier failed because another rank died or stopped: say that
         finally:  # rank 0 alone, once the others had time to stop: a rank never pulls the directory
-            if engine.is_main:  # from under another that is still writing its share
+            if comm.is_main:  # from under another that is still writing its share
                 shutil.rmtree(tmp, ignore_errors=True)
         latest = latest_checkpoint(run_dir)
         kept = f"checkpoints/latest still names {latest.name}" if latest else "no checkpoint was written"
         raise BigtrainError(f"cannot save checkpoint {final}: {first_line(e)}; {kept}") from None
-    if engine.is_main:
+    if comm.is_main:
         check_launcher()
         write_latest(root, name)
         if keep_last:
             for old in sorted(root.glob("step-*"))[:-keep_last]:
                 shutil.rmtree(old)
-    engine.barrier()
+    comm.barrier()
     return final
 
 
-def load_checkpoint(checkpoint: Path, engine: Checkpointable, verify: bool = True) -> dict[str, Any]:
+def load_checkpoint(checkpoint: Path, engine: Checkpointable, comm: Communicator, verify: bool = True) -> dict[str, Any]:
     """Restore engine and RNG state; return the JSON state (step, tokens, loader, …). Every rank
     checks the sizes of all files and, with `verify`, the checksums of its share of them."""
-    check_all(checkpoint_problem(checkpoint, share=(engine.rank, engine.world_size), checksums=verify))
+    check_all(checkpoint_problem(checkpoint, share=(comm.rank, comm.world_size), checksums=verify))
     state = read_state(checkpoint)  # nothing is read before every rank found the files sound
     try:
         engine.load(checkpoint)
-        rng = checkpoint / rng_file(engine.rank)
+        rng = checkpoint / rng_file(comm.rank)
         if rng.exists():  # absent when resuming on more ranks than saved
             set_rng_state(safe_load.load(rng))
     except (pickle.UnpicklingError, RuntimeError, OSError, SafetensorError) as e:

@@ -80,12 +80,12 @@ class CheckpointMirror:
             raise BigtrainError(f"checkpoint.remote={self.url}: {e}") from None
         return text.strip() if text else None
 
-    def upload(self, checkpoint: Path, engine: Communicator) -> None:
+    def upload(self, checkpoint: Path, comm: Communicator) -> None:
         """Start uploading this rank's share of `checkpoint` (complete locally) in a thread."""
         listed = sorted(json.loads((checkpoint / FILES).read_text()))
-        share = listed[engine.rank::engine.world_size] + ([FILES] if engine.is_main else [])
+        share = listed[comm.rank::comm.world_size] + ([FILES] if comm.is_main else [])
         up = self.pending = Upload(checkpoint.name)
-        up.thread = threading.Thread(target=self._upload, args=(up, checkpoint, share, engine.rank),
+        up.thread = threading.Thread(target=self._upload, args=(up, checkpoint, share, comm.rank),
                                      name=f"upload-{checkpoint.name}", daemon=True)
         self.expected = checkpoint.name
         up.thread.start()
@@ -102,38 +102,38 @@ class CheckpointMirror:
         finally:
             up.seconds = time.perf_counter() - up.started
 
-    def poll(self, engine: Communicator) -> dict[str, Any] | None:
+    def poll(self, comm: Communicator) -> dict[str, Any] | None:
         """At a step where the ranks meet anyway: finish the upload in flight if every rank is done."""
-        if self.pending is None or engine.any_rank(self.pending.thread.is_alive()):
+        if self.pending is None or comm.any_rank(self.pending.thread.is_alive()):
             return None
-        return self._finish(engine)
+        return self._finish(comm)
 
-    def wait(self, engine: Communicator) -> dict[str, Any] | None:
+    def wait(self, comm: Communicator) -> dict[str, Any] | None:
         """Wait for the upload in flight (before the next save, at the end) and finish it."""
         if self.pending is None:
             return None
         self.pending.thread.join()
-        return self._finish(engine)
+        return self._finish(comm)
 
-    def _finish(self, engine: Communicator) -> dict[str, Any] | None:
+    def _finish(self, comm: Communicator) -> dict[str, Any] | None:
         """Rank 0 writes the remote `latest` once every rank's files arrived, then prunes; the
         record to log, or None when the checkpoint did not reach the remote (a warning says why)."""
         up, self.pending = self.pending, None
-        if not engine.any_rank(not up.completed) and engine.is_main:
+        if not comm.any_rank(not up.completed) and comm.is_main:
             check_launcher()  # an orphaned worker commits nothing
             try:
                 insist(lambda: self.store.write_text(LATEST, up.name + "\n"), self.retries)
             except StoreError as e:
                 up.error = str(e)
-        if engine.any_rank(up.error is not None or not up.completed):
+        if comm.any_rank(up.error is not None or not up.completed):
             self.failure = up.error or "the upload of another rank failed"
-            if engine.is_main:
+            if comm.is_main:
                 print(f"bigtrain: warning: checkpoint {up.name} did not reach {self.url} ({self.failure}); "
                       f"the remote latest names {self.reached or 'nothing'}; training goes on", file=sys.stderr,
                       flush=True)
             return None
         self.reached, self.failure = up.name, None
-        if engine.is_main:
+        if comm.is_main:
             self._prune(up.name)
         return {"checkpoint_remote": f"{self.url}/{up.name}", "checkpoint_upload_s": up.seconds}
 
@@ -155,7 +155,7 @@ class CheckpointMirror:
                 f"the final checkpoint {self.expected} did not reach {self.url} ({self.failure}); it is complete "
                 f"locally; the remote latest names {self.reached or 'nothing'}")
 
-    def fetch(self, root: Path, engine: Communicator) -> Path:
+    def fetch(self, root: Path, comm: Communicator) -> Path:
         """Download the checkpoint the remote `latest` names into `root` (the run's `checkpoints/`),
         checked against its `files.json`, and point the local `latest` at it."""
         name = self.reached
@@ -170,14 +170,14 @@ class CheckpointMirror:
             tmp.mkdir()
 
         from_main(make_room)  # the other ranks wait for it, or leave with its refusal
-        problem = download(self.store, name, tmp, (engine.rank, engine.world_size), self.retries)
-        engine.barrier()
-        problem = problem or checkpoint_problem(tmp, share=(engine.rank, engine.world_size))
+        problem = download(self.store, name, tmp, (comm.rank, comm.world_size), self.retries)
+        comm.barrier()
+        problem = problem or checkpoint_problem(tmp, share=(comm.rank, comm.world_size))
         check_all(problem and f"cannot fetch {self.url}/{name}: {problem}")
-        if engine.is_main:
+        if comm.is_main:
             os.rename(tmp, final)
             write_latest(root, name)
-        engine.barrier()
+        comm.barrier()
         return final
 
 

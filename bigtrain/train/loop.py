@@ -189,7 +189,7 @@ class Trainer:
 
     def _resume(self, checkpoint: Path) -> None:
         ckpt.check_same_model(checkpoint, self.cfg.model)
-        state = ckpt.load_checkpoint(checkpoint, self.engine, verify=self.cfg.checkpoint.verify)
+        state = ckpt.load_checkpoint(checkpoint, self.engine, self.comm, verify=self.cfg.checkpoint.verify)
         self.loader.load_state_dict(state["loader"])
         self.step, self.tokens = state["step"], state["tokens"]
         for callback in self.callbacks:
@@ -283,7 +283,7 @@ class Trainer:
         state = {"tokens": self.tokens, "loader": self.loader.state_dict()}
         for callback in self.callbacks:
             state.update(callback.state_dict())
-        path = ckpt.save_checkpoint(self.run_dir, self.step, self.engine, state, self.cfg, self.tokenizer_path,
+        path = ckpt.save_checkpoint(self.run_dir, self.step, self.engine, self.comm, state, self.cfg, self.tokenizer_path,
                                     self.cfg.checkpoint.keep_last)
         if self.comm.is_main:
             self.log({"step": self.step, "checkpoint": path.name, "checkpoint_save_s": time.perf_counter() - saving,

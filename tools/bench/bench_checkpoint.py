@@ -18,6 +18,7 @@ from common import engine_with_optimizer_state, record
 
 from bigtrain.checkpoint import files as checkpoint_files
 from bigtrain.checkpoint import io as ckpt
+from bigtrain.distributed.communicator import LoneProcess
 
 
 def main() -> None:
@@ -31,7 +32,7 @@ def main() -> None:
         for i in range(args.repeats):
             run_dir = Path(tmp) / f"run{i}"
             started = time.perf_counter()
-            path = ckpt.save_checkpoint(run_dir, 1, engine, {"tokens": 0}, cfg, None)
+            path = ckpt.save_checkpoint(run_dir, 1, engine, LoneProcess(), {"tokens": 0}, cfg, None)
             saves.append(time.perf_counter() - started)
             started = time.perf_counter()
             checkpoint_files.write_file_list(path)  # the checksum pass a save makes, alone

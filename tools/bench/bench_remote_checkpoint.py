@@ -22,6 +22,7 @@ from common import engine_with_optimizer_state, record
 
 from bigtrain.checkpoint import io as ckpt
 from bigtrain.checkpoint.mirror import CheckpointMirror
+from bigtrain.distributed.communicator import LoneProcess
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import s3_server  # noqa: E402  (tools/s3_server.py)
@@ -35,15 +36,15 @@ def measure(cfg, engine, tmp: Path, repeats: int) -> dict[str, float]:
             cfg.checkpoint.remote = f"{cfg.checkpoint.remote.rsplit('/', 1)[0]}/{run_dir.name}"
             mirror = CheckpointMirror(cfg.checkpoint)
             started = time.perf_counter()
-            path = ckpt.save_checkpoint(run_dir, 1, engine, {"tokens": 0}, cfg, None)
+            path = ckpt.save_checkpoint(run_dir, 1, engine, LoneProcess(), {"tokens": 0}, cfg, None)
             saved = time.perf_counter()
-            mirror.upload(path, engine)
+            mirror.upload(path, LoneProcess())
             if background:
                 stalls.append(time.perf_counter() - started)
                 saves.append(saved - started)
-                uploads.append(mirror.wait(engine)["checkpoint_upload_s"])
+                uploads.append(mirror.wait(LoneProcess())["checkpoint_upload_s"])
             else:
-                assert mirror.wait(engine) is not None
+                assert mirror.wait(LoneProcess()) is not None
                 blocking.append(time.perf_counter() - started)
     size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
     return {"checkpoint_mb": round(size / 2**20, 1), "save_s": round(median(saves), 3),
