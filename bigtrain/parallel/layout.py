@@ -9,6 +9,7 @@ filter, checkpoint consolidation and `convert reshard`. Errors name keys a user 
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass
 
 import torch
 
@@ -22,25 +23,54 @@ from bigtrain.parallel.tensor_parallel_layers import (
     VocabParallelLMHead,
 )
 
-# Megatron-style tensor parallelism: module name → the parallel layer that replaces it. Column-parallel
+
+@dataclass(frozen=True)
+class Split:
+    """Swap the module for `layer`, which keeps this rank's slice of its weight along
+    `layer.split_dim`; `sequence_out`: under sequence parallelism its output is reduce-scattered
+    to sequence shards (row-parallel layers and the embedding)."""
+
+    layer: type
+    sequence_out: bool = False
+
+
+@dataclass(frozen=True)
+class EnterRegion:
+    """The module's input enters a column-parallel region: copied in once (under sequence
+    parallelism: gathered from the sequence shards), whatever the region's projections."""
+
+
+@dataclass(frozen=True)
+class Replicate:
+    """The module's parameters stay whole on every rank; under sequence parallelism each rank
+    applies them to its own tokens, so their gradients are summed over the group (the RMSNorms)."""
+
+
+# Megatron-style tensor parallelism as data: module name → what happens to it, in order. Column-parallel
 # layers split output features (dim 0), row-parallel ones input features (dim 1), the embedding its
 # vocabulary (dim 0), the head its vocabulary (dim 0, a column-parallel layer that also computes
-# the vocab-parallel loss). Modules not named here (the RMSNorms) stay replicated.
-TP_PLAN: dict[str, type] = {
-    "embed_tokens": VocabParallelEmbedding,
-    "q_proj": ColumnParallelLinear, "k_proj": ColumnParallelLinear, "v_proj": ColumnParallelLinear,
-    "o_proj": RowParallelLinear,
-    "gate_proj": ColumnParallelLinear, "up_proj": ColumnParallelLinear,
-    "down_proj": RowParallelLinear,
-    "lm_head": VocabParallelLMHead,
+# the vocab-parallel loss). Every parameter of the model belongs to a module named here (a test checks).
+TP_PLAN: dict[str, tuple[Split | EnterRegion | Replicate, ...]] = {
+    "embed_tokens": (Split(VocabParallelEmbedding, sequence_out=True),),
+    "input_layernorm": (Replicate(),),
+    "self_attn": (EnterRegion(),),
+    "q_proj": (Split(ColumnParallelLinear),), "k_proj": (Split(ColumnParallelLinear),),
+    "v_proj": (Split(ColumnParallelLinear),),
+    "o_proj": (Split(RowParallelLinear, sequence_out=True),),
+    "post_attention_layernorm": (Replicate(),),
+    "mlp": (EnterRegion(),),
+    "gate_proj": (Split(ColumnParallelLinear),), "up_proj": (Split(ColumnParallelLinear),),
+    "down_proj": (Split(RowParallelLinear, sequence_out=True),),
+    "norm": (Replicate(),),
+    "lm_head": (Split(VocabParallelLMHead), EnterRegion()),
 }
 
 
 def tp_split_dim(param_name: str) -> int | None:
     """The dimension tensor parallelism splits parameter `param_name` along (None: replicated)."""
     module = param_name.split(".")[-2] if "." in param_name else ""
-    layer = TP_PLAN.get(module)
-    return None if layer is None else layer.split_dim
+    splits = [entry.layer.split_dim for entry in TP_PLAN.get(module, ()) if isinstance(entry, Split)]
+    return splits[0] if splits else None
 
 
 def tp_slice(full: torch.Tensor, param_name: str, tp: int, tp_rank: int) -> torch.Tensor:
