@@ -71,8 +71,8 @@ share = sum({id(p): p.numel() for layer in stage.owned for p in layer.parameters
 engine = DeepSpeedEngine(stage, cfg, topology, UpdateGate(None), timer)  # PipelineModule must accept the stage as built
 engine_params = list(engine.model.parameters())
 del stage
-_, full_then_shard_peak = measured_build(
-    lambda: stage_build.parallelize_stage(stage_build.owned_layers(Llama(cfg.model), topology), cfg, topology, timer))
+_, full_then_shard_peak = measured_build(  # sampled once the full model exists, before its share is taken
+    lambda: stage_build.parallelize_stage(stage_build.owned_layers(probed(Llama)(cfg.model), topology), cfg, topology, timer))
 
 with torch.device("meta"):
     layer_sizes = [sum(p.numel() for p in make_layer(cfg.model, i).parameters()) for i in range(cfg.model.n_layers + 2)]
