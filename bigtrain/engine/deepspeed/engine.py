@@ -1,6 +1,6 @@
-"""The DeepSpeed engine: ZeRO 0-3 over the data-parallel group, tensor parallelism inside each
-stage, Ulysses sequence parallelism when `parallel.sp > 1`, and DeepSpeed's pipeline engine (1F1B)
-when `parallel.pp > 1`."""
+"""The DeepSpeed engine: ZeRO 0-3 over the data-parallel group and DeepSpeed's pipeline engine
+(1F1B) when `parallel.pp > 1`, around the stage `parallelize` made ready (tensor and Ulysses
+sequence parallelism included); its changes to DeepSpeed are `patches.py`'s."""
 
 from __future__ import annotations
 
