@@ -19,6 +19,13 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def rank_device(name: str) -> torch.device:
+    """`train.device` for one of a run's processes: on CUDA, the GPU this rank was given (its
+    current device); `cpu` stays the CPU on a host with GPUs."""
+    device = pick_device(name)
+    return torch.device("cuda", torch.cuda.current_device()) if device.type == "cuda" else device
+
+
 FP8_CAPABILITY = (8, 9)  # float8 tensor cores: Ada (8.9) and Hopper (9.0) onwards
 
 

@@ -11,19 +11,23 @@ import torch
 from torch import nn
 
 from bigtrain.checkpoint import format as fmt
-from bigtrain.config import TrainConfig
+from bigtrain.config import Config, ParallelConfig, TrainConfig
 from bigtrain.distributed.timing import PhaseTimer
 from bigtrain.engine.contract import StepOutput
-from bigtrain.engine.device import (
-    autocast_for,
-    compile_enabled,
-    pick_device,
-    resolve_precision,
-)
+from bigtrain.engine.device import autocast_for, compile_enabled, pick_device, resolve_precision
 from bigtrain.engine.optimizer import build_adamw
 from bigtrain.engine.update_gate import UpdateGate
-from bigtrain.model import compile_blocks
-from bigtrain.parallel.float8 import apply_float8
+from bigtrain.model import Llama
+from bigtrain.parallel.parallelize import parallelize
+
+
+def parallelize_local(model: Llama, train: TrainConfig, parallel: ParallelConfig | None = None) -> Llama:
+    """`parallelize` a whole model for the local engine (tp = sp = 1): float8 linears when
+    `train.precision` resolves to fp8 on this device, activation checkpointing, compile."""
+    device = pick_device(train.device)
+    cfg = Config(model=model.cfg, train=train, parallel=parallel or ParallelConfig())
+    fp8 = resolve_precision(train.precision, device, "local") == "fp8"
+    return Llama(model.cfg, parallelize(model.layers, cfg, fp8=fp8, compile=compile_enabled(train.compile, device)))
 
 
 class LocalEngine:
@@ -32,18 +36,16 @@ class LocalEngine:
     rank, world_size, dp_rank, dp_size, is_main = 0, 1, 0, 1, True
     overflow_steps, loss_scale = 0, None  # no fp16 loss scaling here
 
-    def __init__(self, model: nn.Module, cfg: TrainConfig):
+    def __init__(self, model: nn.Module, cfg: TrainConfig, gate: UpdateGate):
+        """`model` is whole and already parallelized (`parallelize`: fp8, checkpointing, compile);
+        `gate` decides which updates to skip."""
         self.device = pick_device(cfg.device)
         self.timer = PhaseTimer(self.device)
         self.model = model.to(self.device)
-        if resolve_precision(cfg.precision, self.device, "local") == "fp8":
-            apply_float8(self.model.layers)  # before compiling, as torchtitan orders them
-        if compile_enabled(cfg.compile, self.device):
-            compile_blocks(self.model.layers)
         self.autocast = lambda: autocast_for(self.device, cfg.precision)
         self.grad_clip = cfg.grad_clip
         self.optimizer = build_adamw(self.model, cfg)
-        self.gate = UpdateGate(cfg.spike_factor)
+        self.gate = gate
 
     def train_step(self, micro_batches: list[torch.Tensor], lr: float) -> StepOutput:
         """Accumulate gradients over `micro_batches` ([b, seq+1] tokens each), then update once."""

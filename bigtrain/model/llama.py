@@ -150,11 +150,16 @@ class Head(nn.Module):
         return self.lm_head(x) if targets is None else self.lm_head(x, targets)
 
 
-def make_layer(cfg: ModelConfig, index: int) -> nn.Module:
-    """Layer `index` of the list (0: embedding, 1..n_layers: blocks, n_layers + 1: head), freshly built."""
+def layer_type(cfg: ModelConfig, index: int) -> type[nn.Module]:
+    """The class of layer `index` of the list (0: embedding, 1..n_layers: blocks, n_layers + 1: head)."""
     if index == 0:
-        return Embedding(cfg)
-    return Block(cfg) if index <= cfg.n_layers else Head(cfg)
+        return Embedding
+    return Block if index <= cfg.n_layers else Head
+
+
+def make_layer(cfg: ModelConfig, index: int) -> nn.Module:
+    """Layer `index` of the list, freshly built."""
+    return layer_type(cfg, index)(cfg)
 
 
 def init_parameter(cfg: ModelConfig, name: str, p: torch.Tensor) -> None:

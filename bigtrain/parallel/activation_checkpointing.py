@@ -37,13 +37,13 @@ def _keep_matmuls(ctx, op, *args, **kwargs) -> CheckpointPolicy:
     return CheckpointPolicy.MUST_SAVE if op in KEEP else CheckpointPolicy.PREFER_RECOMPUTE
 
 
-def apply_activation_checkpointing(layers: list, setting: bool | str, every: int = 1) -> None:
+def apply_activation_checkpointing(layers: list, setting: bool | str, every: int = 1, first: int = 0) -> None:
     """Wrap in place the forward of every `every`-th block (the first, then every k-th after it)
-    of the model's layer list (or a pipeline stage's, whose other entries are never built)."""
+    of the model's layer list, or of the part of it from layer `first` on (a pipeline stage's)."""
     mode = checkpointing_mode(setting)
     if mode == "none":
         return
     context = {} if mode == "full" else {"context_fn": partial(create_selective_checkpoint_contexts, _keep_matmuls)}
-    for i, layer in enumerate(layers):  # block k is layer k + 1
+    for i, layer in enumerate(layers, first):  # block k is layer k + 1
         if isinstance(layer, Block) and (i - 1) % every == 0:
             layer.forward = partial(checkpoint, layer.forward, use_reentrant=False, **context)

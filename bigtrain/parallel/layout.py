@@ -9,12 +9,14 @@ filter, checkpoint consolidation and `convert reshard`. Errors name keys a user 
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass, replace
 
 import torch
 
 from bigtrain import compat
 from bigtrain.config import Config, ModelConfig
 from bigtrain.errors import BigtrainError
+from bigtrain.parallel.activation_checkpointing import checkpointing_mode
 from bigtrain.parallel.tensor_parallel_layers import (
     ColumnParallelLinear,
     RowParallelLinear,
@@ -22,25 +24,54 @@ from bigtrain.parallel.tensor_parallel_layers import (
     VocabParallelLMHead,
 )
 
-# Megatron-style tensor parallelism: module name → the parallel layer that replaces it. Column-parallel
+
+@dataclass(frozen=True)
+class Split:
+    """Swap the module for `layer`, which keeps this rank's slice of its weight along
+    `layer.split_dim`; `sequence_out`: under sequence parallelism its output is reduce-scattered
+    to sequence shards (row-parallel layers and the embedding)."""
+
+    layer: type
+    sequence_out: bool = False
+
+
+@dataclass(frozen=True)
+class EnterRegion:
+    """The module's input enters a column-parallel region: copied in once (under sequence
+    parallelism: gathered from the sequence shards), whatever the region's projections."""
+
+
+@dataclass(frozen=True)
+class Replicate:
+    """The module's parameters stay whole on every rank; under sequence parallelism each rank
+    applies them to its own tokens, so their gradients are summed over the group (the RMSNorms)."""
+
+
+# Megatron-style tensor parallelism as data: module name → what happens to it, in order. Column-parallel
 # layers split output features (dim 0), row-parallel ones input features (dim 1), the embedding its
 # vocabulary (dim 0), the head its vocabulary (dim 0, a column-parallel layer that also computes
-# the vocab-parallel loss). Modules not named here (the RMSNorms) stay replicated.
-TP_PLAN: dict[str, type] = {
-    "embed_tokens": VocabParallelEmbedding,
-    "q_proj": ColumnParallelLinear, "k_proj": ColumnParallelLinear, "v_proj": ColumnParallelLinear,
-    "o_proj": RowParallelLinear,
-    "gate_proj": ColumnParallelLinear, "up_proj": ColumnParallelLinear,
-    "down_proj": RowParallelLinear,
-    "lm_head": VocabParallelLMHead,
+# the vocab-parallel loss). Every parameter of the model belongs to a module named here (a test checks).
+TP_PLAN: dict[str, tuple[Split | EnterRegion | Replicate, ...]] = {
+    "embed_tokens": (Split(VocabParallelEmbedding, sequence_out=True),),
+    "input_layernorm": (Replicate(),),
+    "self_attn": (EnterRegion(),),
+    "q_proj": (Split(ColumnParallelLinear),), "k_proj": (Split(ColumnParallelLinear),),
+    "v_proj": (Split(ColumnParallelLinear),),
+    "o_proj": (Split(RowParallelLinear, sequence_out=True),),
+    "post_attention_layernorm": (Replicate(),),
+    "mlp": (EnterRegion(),),
+    "gate_proj": (Split(ColumnParallelLinear),), "up_proj": (Split(ColumnParallelLinear),),
+    "down_proj": (Split(RowParallelLinear, sequence_out=True),),
+    "norm": (Replicate(),),
+    "lm_head": (Split(VocabParallelLMHead), EnterRegion()),
 }
 
 
 def tp_split_dim(param_name: str) -> int | None:
     """The dimension tensor parallelism splits parameter `param_name` along (None: replicated)."""
     module = param_name.split(".")[-2] if "." in param_name else ""
-    layer = TP_PLAN.get(module)
-    return None if layer is None else layer.split_dim
+    splits = [entry.layer.split_dim for entry in TP_PLAN.get(module, ()) if isinstance(entry, Split)]
+    return splits[0] if splits else None
 
 
 def tp_slice(full: torch.Tensor, param_name: str, tp: int, tp_rank: int) -> torch.Tensor:
@@ -53,6 +84,35 @@ def tp_join(param_name: str, parts: list[torch.Tensor]) -> torch.Tensor:
     """The full tensor of `param_name` from its tensor-parallel parts, in rank order."""
     dim = tp_split_dim(param_name)
     return parts[0] if dim is None or len(parts) == 1 else torch.cat(parts, dim=dim)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A resolved layout of a run over its GPUs: what `config_layout` reads from a config and
+    checks, what the planner enumerates (each candidate passes `layout_problem`) and plans."""
+
+    dp: int
+    tp: int = 1
+    pp: int = 1
+    zero: int = 0
+    sp: int = 1
+    micro_batch: int = 1
+    grad_accum: int = 1
+    offload: bool = False
+    activation_checkpointing: bool | str = False  # false/none, true/full or selective
+    checkpoint_every: int = 1
+    local: bool = False  # the local engine: fp32 weights, gradients and AdamW moments, bf16 autocast
+    tp_sequence_parallel: bool = False  # parallel.tp_sequence_parallel with tp > 1
+
+    def describe(self) -> str:
+        mode = checkpointing_mode(self.activation_checkpointing)
+        every = f"/{self.checkpoint_every}" if self.checkpoint_every > 1 else ""
+        flags = "".join([" tp-seq-parallel" if self.tp_sequence_parallel else "", " offload" if self.offload else "",
+                         f" act-ckpt={mode}{every}" if mode != "none" else "",
+                         " (local engine)" if self.local else ""])
+        sp = f" sp={self.sp}" if self.sp > 1 else ""
+        return (f"dp={self.dp}{sp} tp={self.tp} pp={self.pp} zero={self.zero} "
+                f"micro_batch={self.micro_batch} grad_accum={self.grad_accum}{flags}")
 
 
 def tensor_parallel_problem(m: ModelConfig, tp: int) -> str | None:
@@ -186,3 +246,15 @@ def describe(cfg: Config) -> str:
     if p.engine == "local":
         return "the local engine"
     return f"DeepSpeed ZeRO-{p.zero_stage}, tp={p.tp}, pp={p.pp}" + (f", sp={p.sp}" if p.sp > 1 else "")
+
+
+def config_layout(cfg: Config, gpus: int) -> Layout:
+    """The layout `cfg` asks for on `gpus` GPUs; `train.global_batch`, when set, fixes grad_accum.
+    A local-engine config on more than one GPU is planned as DeepSpeed."""
+    p, t = cfg.parallel, cfg.train
+    probe = replace(cfg, parallel=replace(p, engine="deepspeed"), train=replace(t, global_batch=None))
+    dp = check_layout(probe, gpus)
+    return Layout(dp=dp, tp=p.tp, pp=p.pp, zero=p.zero_stage, sp=p.sp, micro_batch=cfg.data.micro_batch,
+                  grad_accum=grad_accum_for(cfg, dp), offload=p.offload_optimizer,
+                  activation_checkpointing=p.activation_checkpointing, checkpoint_every=p.activation_checkpointing_every,
+                  local=p.engine == "local" and gpus == 1, tp_sequence_parallel=tp_sequence_parallel(cfg))

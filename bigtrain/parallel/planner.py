@@ -41,8 +41,8 @@ from bigtrain.errors import BigtrainError
 from bigtrain.model.flops import count_params, flops_per_token
 from bigtrain.parallel.activation_checkpointing import checkpointing_mode
 from bigtrain.parallel.layout import (
-    check_layout,
-    grad_accum_for,
+    Layout,
+    config_layout,
     layout_problem,
     max_blocks_per_stage,
     tp_sequence_parallel,
@@ -78,32 +78,6 @@ def zero_communication(m: ModelConfig, zero_stage: int, dp: int, tp: int = 1) ->
     return {"overlap_comm": True, "reduce_bucket_size": d2, "stage3_prefetch_bucket_size": block,
             "stage3_param_persistence_threshold": 10 * m.d_model, "stage3_max_live_parameters": live,
             "stage3_max_reuse_distance": live}
-
-
-@dataclass(frozen=True)
-class Layout:
-    dp: int
-    tp: int = 1
-    pp: int = 1
-    zero: int = 0
-    sp: int = 1
-    micro_batch: int = 1
-    grad_accum: int = 1
-    offload: bool = False
-    activation_checkpointing: bool | str = False  # false/none, true/full or selective
-    checkpoint_every: int = 1
-    local: bool = False  # the local engine: fp32 weights, gradients and AdamW moments, bf16 autocast
-    tp_sequence_parallel: bool = False  # parallel.tp_sequence_parallel with tp > 1
-
-    def describe(self) -> str:
-        mode = checkpointing_mode(self.activation_checkpointing)
-        every = f"/{self.checkpoint_every}" if self.checkpoint_every > 1 else ""
-        flags = "".join([" tp-seq-parallel" if self.tp_sequence_parallel else "", " offload" if self.offload else "",
-                         f" act-ckpt={mode}{every}" if mode != "none" else "",
-                         " (local engine)" if self.local else ""])
-        sp = f" sp={self.sp}" if self.sp > 1 else ""
-        return (f"dp={self.dp}{sp} tp={self.tp} pp={self.pp} zero={self.zero} "
-                f"micro_batch={self.micro_batch} grad_accum={self.grad_accum}{flags}")
 
 
 @dataclass(frozen=True)
@@ -246,18 +220,6 @@ def step_time(m: ModelConfig, seq_len: int, precision: str, layout: Layout, peak
 
 def fits(plan: MemoryPlan, gpu_mem_gib: float) -> bool:
     return plan.total <= FIT_FRACTION * gpu_mem_gib * 2**30
-
-
-def config_layout(cfg: Config, gpus: int) -> Layout:
-    """The layout `cfg` asks for on `gpus` GPUs; `train.global_batch`, when set, fixes grad_accum.
-    A local-engine config on more than one GPU is planned as DeepSpeed."""
-    p, t = cfg.parallel, cfg.train
-    probe = replace(cfg, parallel=replace(p, engine="deepspeed"), train=replace(t, global_batch=None))
-    dp = check_layout(probe, gpus)
-    return Layout(dp=dp, tp=p.tp, pp=p.pp, zero=p.zero_stage, sp=p.sp, micro_batch=cfg.data.micro_batch,
-                  grad_accum=grad_accum_for(cfg, dp), offload=p.offload_optimizer,
-                  activation_checkpointing=p.activation_checkpointing, checkpoint_every=p.activation_checkpointing_every,
-                  local=p.engine == "local" and gpus == 1, tp_sequence_parallel=tp_sequence_parallel(cfg))
 
 
 def candidate_layouts(cfg: Config, gpus: int, gpus_per_node: int) -> list[Layout]:

@@ -14,47 +14,51 @@ it, and the RMSNorm weights' gradients (each rank saw its own tokens) are summed
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch.distributed as dist
 from torch import nn
 
-from bigtrain.model.llama import Block, Head, Llama, RMSNorm
-from bigtrain.parallel.layout import TP_PLAN, check_tensor_parallel
-from bigtrain.parallel.tensor_parallel_layers import (
-    ColumnParallelLinear,
-    enter_region_on_input,
-    reduce_grad_over_tp,
-)
+from bigtrain.model.llama import Llama
+from bigtrain.parallel.layout import TP_PLAN, EnterRegion, Replicate, Split, check_tensor_parallel
+from bigtrain.parallel.tensor_parallel_layers import enter_region_on_input, reduce_grad_over_tp
+
+
+def _planned(layer: nn.Module, kind: type) -> list[tuple[nn.Module, str, nn.Module, object]]:
+    """(parent, name, module, entry) of every module in `layer` whose plan holds an entry of `kind`."""
+    return [(parent, name, child, entry) for parent in layer.modules() for name, child in parent.named_children()
+            for entry in TP_PLAN.get(name, ()) if isinstance(entry, kind)]
 
 
 def shard_layer(layer: nn.Module, group: dist.ProcessGroup, sequence_parallel: bool = False) -> nn.Module:
-    """Shard one layer of the list (embedding, block or head) in place across `group`; returns it.
+    """Shard one layer of the list (embedding, block or head) in place across `group` as `TP_PLAN`
+    says; returns it. Swaps come first, so a region's entry sees the parallel layers it holds.
 
     A head whose weight is tied to the embedding gets a sharded copy here: re-tie it to the
-    sharded embedding afterwards (as `apply_tensor_parallel` does).
+    sharded embedding afterwards (`tie_head`).
     """
-    for parent in list(layer.modules()):
-        for name, child in list(parent.named_children()):
-            if name in TP_PLAN:
-                parallel = TP_PLAN[name]
-                extra = {} if issubclass(parallel, ColumnParallelLinear) else {"sequence_parallel": sequence_parallel}
-                setattr(parent, name, parallel(child, group, **extra))
-            elif sequence_parallel and isinstance(child, RMSNorm):
-                reduce_grad_over_tp(child.weight, group)
-    if isinstance(layer, Block):
-        enter_region_on_input(layer.self_attn, group, sequence_parallel)
-        enter_region_on_input(layer.mlp, group, sequence_parallel)
-    elif isinstance(layer, Head):
-        enter_region_on_input(layer.lm_head, group, sequence_parallel)
+    for parent, name, child, split in _planned(layer, Split):
+        extra = {"sequence_parallel": sequence_parallel} if split.sequence_out else {}
+        setattr(parent, name, split.layer(child, group, **extra))
+    for _, _, child, _ in _planned(layer, EnterRegion):
+        enter_region_on_input(child, group, sequence_parallel)
+    if sequence_parallel:
+        for _, _, child, _ in _planned(layer, Replicate):
+            for p in child.parameters():
+                reduce_grad_over_tp(p, group)
     return layer
+
+
+def tie_head(layers: Sequence[nn.Module]) -> None:
+    """Make the head's weight the embedding's (in a whole model's list: tied embeddings need pp = 1)."""
+    layers[-1].lm_head.weight = layers[0].embed_tokens.weight
 
 
 def apply_tensor_parallel(model: Llama, group: dist.ProcessGroup, sequence_parallel: bool = False) -> Llama:
     """Shard `model` in place across `group` by slicing its full weights; returns the model."""
     check_tensor_parallel(model.cfg, dist.get_world_size(group))
-    embedding, head = model.layers[0], model.layers[-1]
-    tied = head.lm_head.weight is embedding.embed_tokens.weight
     for layer in model.layers:
         shard_layer(layer, group, sequence_parallel)
-    if tied:
-        head.lm_head.weight = embedding.embed_tokens.weight
+    if model.cfg.tie_embeddings:
+        tie_head(model.layers)
     return model

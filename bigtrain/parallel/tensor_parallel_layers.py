@@ -4,7 +4,7 @@ Each layer is built from the plain layer it replaces and keeps this rank's slice
 along `split_dim`: column-parallel linears split output features (so each rank owns whole heads),
 row-parallel ones input features (their outputs are all-reduced), the embedding its vocabulary.
 Which module becomes which layer is `bigtrain.parallel.layout.TP_PLAN`; swapping them in is
-`bigtrain.parallel.tensor_parallel.apply_tensor_parallel`; the head's loss is
+`bigtrain.parallel.tensor_parallel.shard_layer`; the head's loss is
 `bigtrain.parallel.vocab_parallel_loss`. Under sequence parallelism (Korthikanti et al. 2022) the
 row-parallel outputs are reduce-scattered to sequence shards [b, t/tp, d] instead of all-reduced,
 and each column-parallel region gathers its input. The model has no dropout and the shards are

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -16,15 +17,20 @@ from bigtrain.config import Config, TrainConfig, save_config
 from bigtrain.data.build import build_train_loader, check_remote_data
 from bigtrain.data.prefetch import Prefetcher
 from bigtrain.distributed import agreement, heartbeat
+from bigtrain.distributed.timing import PhaseTimer
 from bigtrain.distributed.topology import init_processes, process_env
 from bigtrain.engine.contract import Engine, StepOutput
-from bigtrain.engine.device import deterministic_enabled, pick_device, resolve_precision
-from bigtrain.engine.local import LocalEngine
+from bigtrain.engine.device import (
+    deterministic_enabled,
+    pick_device,
+    rank_device,
+    resolve_precision,
+)
+from bigtrain.engine.local import LocalEngine, parallelize_local
 from bigtrain.engine.update_gate import UpdateGate
 from bigtrain.errors import BigtrainError
 from bigtrain.eval.perplexity import EvalResult
 from bigtrain.model import Llama, flops_per_token
-from bigtrain.parallel.activation_checkpointing import apply_activation_checkpointing
 from bigtrain.parallel.layout import check_layout
 from bigtrain.train.callbacks import Callback
 from bigtrain.train.callbacks.bad_steps import BadSteps
@@ -85,25 +91,24 @@ def find_resume_checkpoint(cfg: Config, mirror: CheckpointMirror | None = None) 
 
 def build_engine(cfg: Config, gate: UpdateGate, init_from: str | None = None) -> Engine:
     """The local engine for one process, else DeepSpeed over the launched processes; the model
-    starts from the weights of checkpoint `init_from` when given (checked once, by rank 0)."""
+    starts from the weights of checkpoint `init_from` when given (checked once, by rank 0).
+    Build this rank's share, `parallelize` it, then the engine wraps it."""
     init_file = agreement.from_main(lambda: ckpt.initial_weights_file(init_from, cfg.model)) if init_from else None
     if cfg.parallel.engine == "local":
         model = Llama(cfg.model)
         if init_file:
             ckpt.load_initial_weights(model, init_file)
-        p = cfg.parallel
-        apply_activation_checkpointing(model.layers, p.activation_checkpointing, p.activation_checkpointing_every)
-        engine = LocalEngine(model, cfg.train)
-        engine.gate = gate
-        return engine
+        return LocalEngine(parallelize_local(model, cfg.train, cfg.parallel), cfg.train, gate)
+    if pick_device(cfg.train.device).type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed picks its accelerator when first imported
     from bigtrain.engine.deepspeed.engine import DeepSpeedEngine  # imports DeepSpeed: slow
     from bigtrain.engine.deepspeed.grid import init_topology
-    from bigtrain.engine.deepspeed.stages import build_stage
+    from bigtrain.engine.deepspeed.stages import build_layers, parallelize_stage
 
     topology = init_topology(cfg)
-    engine = DeepSpeedEngine(build_stage(cfg.model, topology, init_file), cfg, topology)  # this rank's share only
-    engine.gate = gate
-    return engine
+    timer = PhaseTimer(rank_device(cfg.train.device))  # sequence parallelism and the engine share it
+    layers = build_layers(cfg.model, topology, init_file)  # this rank's share only, one layer at a time
+    return DeepSpeedEngine(parallelize_stage(layers, cfg, topology, timer), cfg, topology, gate, timer)
 
 
 def train(cfg: Config, console: bool = True, stop: StopRequest | None = None,

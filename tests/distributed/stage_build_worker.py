@@ -17,15 +17,18 @@ import torch
 from torch import nn
 
 from bigtrain.config import load_config
+from bigtrain.distributed.timing import PhaseTimer
 from bigtrain.engine.deepspeed import stages as stage_build
 from bigtrain.engine.deepspeed.engine import DeepSpeedEngine
 from bigtrain.engine.deepspeed.grid import init_topology
+from bigtrain.engine.update_gate import UpdateGate
 from bigtrain.model import Llama, count_params
 from bigtrain.model.llama import make_layer
 from bigtrain.parallel import tensor_parallel_layers
 
 cfg = load_config(sys.argv[1], sys.argv[3:])
 topology = init_topology(cfg)
+timer = PhaseTimer(torch.device("cpu"))
 peak = 0
 
 
@@ -56,14 +59,20 @@ def measured_build(build):
     return stage, max(peak, live_parameter_elements()) - before
 
 
+def build_stage(init_file=None):
+    """This rank's stage as `build_engine` makes it: built layer by layer, parallelized as each arrives."""
+    return stage_build.parallelize_stage(stage_build.build_layers(cfg.model, topology, init_file), cfg, topology, timer)
+
+
 # the stage builder; then, for contrast, the full model built first and sharded afterwards
-stage, stage_peak = measured_build(lambda: stage_build.build_stage(cfg.model, topology))
+stage, stage_peak = measured_build(build_stage)
 rng_after_stage = torch.get_rng_state()
 share = sum({id(p): p.numel() for layer in stage.owned for p in layer.parameters()}.values())
-engine = DeepSpeedEngine(stage, cfg, topology)  # PipelineModule must accept the stage as built
+engine = DeepSpeedEngine(stage, cfg, topology, UpdateGate(None), timer)  # PipelineModule must accept the stage as built
 engine_params = list(engine.model.parameters())
 del stage
-_, full_then_shard_peak = measured_build(lambda: stage_build.model_stage(Llama(cfg.model), topology))
+_, full_then_shard_peak = measured_build(  # sampled once the full model exists, before its share is taken
+    lambda: stage_build.parallelize_stage(stage_build.owned_layers(probed(Llama)(cfg.model), topology), cfg, topology, timer))
 
 with torch.device("meta"):
     layer_sizes = [sum(p.numel() for p in make_layer(cfg.model, i).parameters()) for i in range(cfg.model.n_layers + 2)]
@@ -89,7 +98,7 @@ torch.manual_seed(cfg.run.seed + 1)
 saved = Llama(cfg.model)
 init_file = Path(sys.argv[2], f"init{topology.env.rank}.safetensors")
 safetensors.torch.save_model(saved, str(init_file))
-loaded = stage_build.build_stage(cfg.model, topology, init_file)
+loaded = build_stage(init_file)
 loaded_params = list({id(p): p for layer in loaded.owned for p in layer.parameters()}.values())
 report = {
     "peak": stage_peak, "full_then_shard_peak": full_then_shard_peak, "share": share,

@@ -1,4 +1,4 @@
-"""The stage builder on one process: the whole model, bit for bit `Llama(cfg)`; `init_from` files
+"""The stage builder on one process, then `parallelize`: the whole model, bit for bit `Llama(cfg)`; `init_from` files
 that do not match the model are refused in one line."""
 
 import dataclasses
@@ -8,20 +8,26 @@ import pytest
 import safetensors.torch
 import torch
 
-from bigtrain.config import ModelConfig
-from bigtrain.engine.deepspeed.stages import build_stage
+from bigtrain.config import Config, ModelConfig
+from bigtrain.engine.deepspeed.stages import build_layers
 from bigtrain.errors import BigtrainError
 from bigtrain.model import Llama
+from bigtrain.parallel.parallelize import parallelize
 
 CFG = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=16)
 ONE_RANK = SimpleNamespace(tp=1, pp=1, grid=SimpleNamespace(get_stage_id=lambda: 0))  # no process group needed
+
+
+def build_stage(cfg: ModelConfig, topology, init_file=None) -> list:
+    """The layers as the DeepSpeed path builds and parallelizes them (tp = 1: parallelize ties the head)."""
+    return parallelize(build_layers(cfg, topology, init_file), Config(model=cfg), fp8=False, compile=False)
 
 
 @pytest.mark.parametrize("tied", [False, True])
 def test_one_stage_is_the_model_bit_for_bit(tied):
     cfg = dataclasses.replace(CFG, tie_embeddings=tied)
     torch.manual_seed(7)
-    built = Llama(cfg, build_stage(cfg, ONE_RANK).layers)
+    built = Llama(cfg, build_stage(cfg, ONE_RANK))
     after_build = torch.get_rng_state()
     torch.manual_seed(7)
     reference = Llama(cfg)

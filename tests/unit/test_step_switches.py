@@ -4,14 +4,16 @@ import pytest
 import torch
 
 from bigtrain.config import TrainConfig
-from bigtrain.engine.local import LocalEngine
+from bigtrain.engine.local import LocalEngine, parallelize_local
+from bigtrain.engine.update_gate import UpdateGate
 from bigtrain.model import Llama
 from tests.helpers import small_model_config
 
 
 def run(steps: int = 3, **switches) -> tuple[LocalEngine, list[float]]:
     torch.manual_seed(0)
-    engine = LocalEngine(Llama(small_model_config()), TrainConfig(device="cpu", lr=1e-2, **switches))
+    train = TrainConfig(device="cpu", lr=1e-2, **switches)
+    engine = LocalEngine(parallelize_local(Llama(small_model_config()), train), train, UpdateGate(train.spike_factor))
     batch = torch.randint(0, 97, (4, 17), generator=torch.Generator().manual_seed(1))
     return engine, [engine.train_step([batch], 1e-2).loss.item() for _ in range(steps)]
 

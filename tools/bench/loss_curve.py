@@ -21,7 +21,8 @@ import torch
 from bigtrain.config import load_config
 from bigtrain.data.corpus import write_default_corpus
 from bigtrain.data.prepare import iter_documents
-from bigtrain.engine.local import LocalEngine
+from bigtrain.engine.local import LocalEngine, parallelize_local
+from bigtrain.engine.update_gate import UpdateGate
 from bigtrain.model import Llama
 from bigtrain.train.schedule import lr_at
 
@@ -64,7 +65,7 @@ def main() -> None:
                                           f"data.seq_len={args.seq_len}", f"train.device={args.device}"])
     batches = byte_batches(args.steps, args.micro_batch, args.seq_len)
     torch.manual_seed(cfg.run.seed)
-    engine = LocalEngine(Llama(cfg.model), cfg.train)
+    engine = LocalEngine(parallelize_local(Llama(cfg.model), cfg.train), cfg.train, UpdateGate(cfg.train.spike_factor))
     losses, started = [], None
     for step in range(args.steps):
         if step == TIMED_FROM:

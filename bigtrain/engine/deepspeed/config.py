@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from bigtrain.config import Config
-from bigtrain.engine.device import resolve_precision
+from bigtrain.engine.device import pick_device, resolve_precision
 from bigtrain.errors import BigtrainError
 from bigtrain.parallel.layout import global_batch
 from bigtrain.parallel.planner import zero_communication
@@ -18,8 +18,7 @@ from bigtrain.parallel.planner import zero_communication
 def deepspeed_config(cfg: Config, dp: int) -> dict[str, Any]:
     """ZeRO stage, batch sizes, clipping and precision; `parallel.deepspeed_overrides` merged last."""
     p, t = cfg.parallel, cfg.train
-    precision = resolve_precision(t.precision, torch.device("cuda" if torch.cuda.is_available() else "cpu"),
-                                  "deepspeed")
+    precision = resolve_precision(t.precision, pick_device(t.device), "deepspeed")
     zero: dict[str, Any] = {"stage": p.zero_stage}
     if p.zero_stage > 0:
         zero.update({"contiguous_gradients": True, "reduce_scatter": True})

@@ -1,6 +1,6 @@
-"""The DeepSpeed engine: ZeRO 0-3 over the data-parallel group, tensor parallelism inside each
-stage, Ulysses sequence parallelism when `parallel.sp > 1`, and DeepSpeed's pipeline engine (1F1B)
-when `parallel.pp > 1`."""
+"""The DeepSpeed engine: ZeRO 0-3 over the data-parallel group and DeepSpeed's pipeline engine
+(1F1B) when `parallel.pp > 1`, around the stage `parallelize` made ready (tensor and Ulysses
+sequence parallelism included); its changes to DeepSpeed are `patches.py`'s."""
 
 from __future__ import annotations
 
@@ -11,8 +11,6 @@ import deepspeed
 import safetensors.torch
 import torch
 import torch.distributed as dist
-from deepspeed.pipe import PipelineModule
-from deepspeed.runtime.pipe import schedule
 from deepspeed.runtime.utils import clip_grad_norm_
 
 from bigtrain import compat
@@ -24,99 +22,54 @@ from bigtrain.engine.contract import StepOutput
 from bigtrain.engine.deepspeed.config import deepspeed_config
 from bigtrain.engine.deepspeed.full_state import load_full_state
 from bigtrain.engine.deepspeed.grid import Topology
-from bigtrain.engine.deepspeed.stages import Stage, model_stage
-from bigtrain.engine.device import compile_enabled
+from bigtrain.engine.deepspeed.patches import (
+    gate_optimizer_step,
+    mark_for_grad_norm,
+    pipeline_module,
+    record_grad_norm,
+    send_whole_activations,
+    time_pipeline_instructions,
+)
+from bigtrain.engine.deepspeed.stages import Stage
+from bigtrain.engine.device import rank_device
 from bigtrain.engine.optimizer import build_adamw
 from bigtrain.engine.update_gate import UpdateGate
 from bigtrain.errors import BigtrainError
-from bigtrain.model import Llama, compile_blocks, lm_loss
-from bigtrain.parallel.activation_checkpointing import apply_activation_checkpointing
-from bigtrain.parallel.deepspeed_ulysses import (
-    apply_sequence_parallel,
-    sequence_mean,
-    sequence_slice,
-)
+from bigtrain.model import Llama, lm_loss
+from bigtrain.parallel.deepspeed_ulysses import sequence_mean, sequence_slice
 from bigtrain.parallel.vocab_parallel_loss import vocab_parallel_cross_entropy
 
 TAG = fmt.DEEPSPEED  # DeepSpeed's sub-directory inside a bigtrain checkpoint, and its tag
-# the phase each instruction of DeepSpeed's 1F1B schedule counts as (waiting included)
-PIPE_PHASES = {
-    schedule.LoadMicroBatch: "load", schedule.ForwardPass: "forward", schedule.BackwardPass: "backward",
-    schedule.SendActivation: "pipe_comm", schedule.RecvActivation: "pipe_comm", schedule.SendGrad: "pipe_comm",
-    schedule.RecvGrad: "pipe_comm", schedule.ReduceGrads: "optimizer", schedule.ReduceTiedGrads: "optimizer",
-    schedule.OptimizerStep: "optimizer",
-}
-
-
-def time_pipeline_instructions(engine: deepspeed.PipelineEngine, timer: PhaseTimer) -> None:
-    """Time every instruction the pipeline engine executes under its phase (DeepSpeed's own
-    `wall_clock_breakdown` timers trip over each other in the pipeline engine's backward)."""
-    def timed(run, phase):
-        def wrapper(self, *args, **kwargs):
-            with timer.phase(phase):
-                return run(self, *args, **kwargs)
-        return wrapper
-
-    compat.wrap_pipeline_instructions(engine, lambda kind, run: timed(run, PIPE_PHASES[kind]))
-
-
-def mark_for_grad_norm(stage: torch.nn.Module, tp_rank: int) -> None:
-    """Make DeepSpeed's global gradient norm count every pipeline stage's parameters.
-
-    DeepSpeed counts a parameter when it is model-parallel or this rank is rank 0 of the
-    (pipe × tensor) group, which would drop all replicated parameters of later stages. Marking
-    them on tensor-parallel rank 0 of each stage counts each exactly once.
-    """
-    if tp_rank == 0:
-        for p in stage.parameters():
-            if not getattr(p, "tensor_model_parallel", False):
-                compat.count_once_in_grad_norm(p)
 
 
 class DeepSpeedEngine:
     """Wraps `deepspeed.initialize` behind the same `train_step` / `save` / `load` as the local engine."""
 
-    def __init__(self, model: Stage | Llama, cfg: Config, topology: Topology):
-        """`model` is this rank's share (`build_stage`), or a full model this rank then shards."""
-        self.topology = topology
-        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-        self.timer = PhaseTimer(self.device)
+    def __init__(self, stage: Stage, cfg: Config, topology: Topology, gate: UpdateGate, timer: PhaseTimer):
+        """`stage` is this rank's share, already parallelized (`parallelize`, with `timer` for
+        sequence parallelism); `gate` decides which updates to skip."""
+        self.topology, self.timer, self.gate = topology, timer, gate
+        self.device = rank_device(cfg.train.device)
         self.loss_fn = lm_loss  # the pipeline engine's (its last stage gets logits); otherwise the head
         if topology.tp > 1:  # computes the loss chunk by chunk, vocab-parallel under tp > 1
             self.loss_fn = partial(vocab_parallel_cross_entropy, group=topology.tp_group)
-        stage = model if isinstance(model, Stage) else model_stage(model, topology)
         self.cfg, self.param_names = cfg, stage.param_names()
         self.pipelined = topology.pp > 1
         if topology.sp > 1:
-            apply_sequence_parallel(stage.owned, topology.sp_group, self.timer)
             grads_summed = not (self.pipelined and cfg.parallel.zero_stage == 0)
             self.sequence_mean = partial(sequence_mean, group=topology.sp_group, grads_summed=grads_summed)
             token_loss = self.loss_fn
             self.loss_fn = lambda logits, targets: self.sequence_mean(token_loss(logits, targets))
-        checkpointing = cfg.parallel.activation_checkpointing, cfg.parallel.activation_checkpointing_every
         if self.pipelined:
-            apply_activation_checkpointing(stage.layers, *checkpointing)
-            module = PipelineModule(
-                layers=stage.layers, loss_fn=self.loss_fn, topology=topology.process_topology,
-                partition_method="type:Block",
-            )
-            compat.use_pipeline_grid(module, topology.grid)  # its mpu: with our sequence-parallel groups
-            if compat.pipeline_stage_layers(module) != (stage.start, stage.stop):
-                raise RuntimeError(f"DeepSpeed gave this stage layers {compat.pipeline_stage_layers(module)}, "
-                                   f"not the {stage.start}..{stage.stop} built for it")
+            module = pipeline_module(stage.layers, self.loss_fn, topology.process_topology, topology.grid,
+                                     (stage.start, stage.stop))
         else:
             module = Llama(cfg.model, stage.layers)
-            apply_activation_checkpointing(module.layers, *checkpointing)
-        if compile_enabled(cfg.train.compile, self.device):
-            compile_blocks(stage.owned)
         optimizer = build_adamw(module, cfg.train)
         # DeepSpeed's data-parallel size counts the sp ranks (its sequence-data-parallel group)
         ds_config = deepspeed_config(cfg, topology.dp * topology.sp)
         if self.pipelined and topology.tp_sequence_parallel:
-            # the stages pass sequence shards, different on each tp rank: send them whole (DeepSpeed
-            # would send a 1/tp slice of each and rebuild a tensor the tp ranks share)
-            ds_config["pipeline"] = {**ds_config.get("pipeline", {}), "pipe_partitioned": False,
-                                     "grad_partitioned": False}
+            ds_config = send_whole_activations(ds_config)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=module.to(self.device), optimizer=optimizer, config=ds_config,
             mpu=None if self.pipelined else topology.grid,
@@ -126,33 +79,26 @@ class DeepSpeedEngine:
             mark_for_grad_norm(self.model, topology.grid.get_slice_parallel_rank())
             time_pipeline_instructions(self.engine, self.timer)
         self._grad_norm: torch.Tensor | None = None
-
-        def clip_and_record() -> None:  # ZeRO 0 clips without keeping the norm; keep it
-
-            self._grad_norm = clip_grad_norm_(self.model.parameters(), self.engine.gradient_clipping(), mpu=self.engine.mpu)
-
-        compat.replace_fp32_clipping(self.engine, clip_and_record)
+        record_grad_norm(self.engine, self._record_grad_norm)
         if self.pipelined and cfg.train.spike_factor:
             raise BigtrainError("train.spike_factor needs parallel.pp=1 (the pipeline engine updates before the loss is known)")
         # the step's loss is averaged over the data-parallel group at once only where something needs
         # it before the update (the spike gate); otherwise `mean_over_dp` does it at logging time
         self.loss_is_global = self.pipelined or bool(cfg.train.spike_factor)
-        self.gate, self._step_loss, self._skip = UpdateGate(cfg.train.spike_factor), None, None
-        self._client_optimizer, client_step = optimizer, optimizer.step
-        fused = bool(optimizer.defaults.get("fused"))
-
-        def gated_step(*args, **kwargs) -> None:  # DeepSpeed calls it on its fp32 (ZeRO) partitions
-            if self._skip is None:  # decide once per step: ZeRO-3 calls step once per sub-group
-                self._skip = self.gate.skip(self._step_loss, self._norm_before_update()).to(self.device)
-            if fused:  # fused AdamW skips on the device: no host sync
-                optimizer.found_inf = self._skip.float()
-                client_step(*args, **kwargs)
-            elif not self._skip:
-                client_step(*args, **kwargs)
-
-        optimizer.step = gated_step
+        self._step_loss, self._skip = None, None
+        self._client_optimizer = optimizer
+        gate_optimizer_step(optimizer, self._skip_update)
         self.rank, self.world_size = topology.env.rank, topology.env.world_size
         self.dp_rank, self.dp_size, self.is_main = topology.dp_rank, topology.dp, topology.env.rank == 0
+
+    def _record_grad_norm(self, norm: torch.Tensor) -> None:
+        self._grad_norm = norm
+
+    def _skip_update(self) -> torch.Tensor:
+        """The gate's decision for this step, made once (ZeRO-3 steps once per sub-group)."""
+        if self._skip is None:
+            self._skip = self.gate.skip(self._step_loss, self._norm_before_update()).to(self.device)
+        return self._skip
 
     def barrier(self) -> None:
         dist.barrier()

@@ -1,15 +1,17 @@
-"""Build only this rank's share of the model: its pipeline stage's layers, tensor-sharded.
+"""Build only this rank's share of the model: its pipeline stage's layers, one at a time.
 
-The weights are bit for bit `Llama(cfg)`'s, sliced. `Llama` first constructs every layer (each
-module's constructor draws its default init from the global RNG), then draws `init_parameter`
-over all parameters in order. This replays that stream one layer at a time: pass 1 constructs and
-drops every layer (the constructors' draws); pass 2 constructs each layer again with the RNG
-state restored around it, draws its init, loads its `init_from` weights, shards it and keeps it
-only where this stage owns it. A rank so never holds more than its share plus one full layer.
+The weights are bit for bit `Llama(cfg)`'s. `Llama` first constructs every layer (each module's
+constructor draws its default init from the global RNG), then draws `init_parameter` over all
+parameters in order. This replays that stream one layer at a time: pass 1 constructs and drops
+every layer (the constructors' draws); pass 2 constructs each layer again with the RNG state
+restored around it, draws its init, loads its `init_from` weights and hands it on only where this
+stage owns it. `parallelize` shards each layer as it arrives, so a rank never holds more than its
+share plus one full layer.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,12 +21,14 @@ from deepspeed.pipe import LayerSpec
 from safetensors import SafetensorError
 from torch import nn
 
-from bigtrain.config import ModelConfig
+from bigtrain.config import Config, ModelConfig
+from bigtrain.distributed.timing import PhaseTimer
 from bigtrain.engine.deepspeed.grid import Topology
+from bigtrain.engine.device import compile_enabled, rank_device, resolve_precision
 from bigtrain.errors import BigtrainError
-from bigtrain.model.llama import Llama, init_parameter, make_layer
+from bigtrain.model.llama import Llama, init_parameter, layer_type, make_layer
 from bigtrain.parallel.layout import check_tensor_parallel, stage_bounds
-from bigtrain.parallel.tensor_parallel import apply_tensor_parallel, shard_layer
+from bigtrain.parallel.parallelize import parallelize
 
 
 def stage_of(cfg: ModelConfig, topology: Topology) -> tuple[int, int]:
@@ -37,11 +41,18 @@ def stage_of(cfg: ModelConfig, topology: Topology) -> tuple[int, int]:
 @dataclass
 class Stage:
     """The model's layer list as this rank holds it, the form `PipelineModule` takes: built layers
-    in [start, stop), elsewhere `LayerSpec`s never built (or, from `model_stage`, unused layers)."""
+    in [start, stop), elsewhere `LayerSpec`s never built."""
 
     layers: list[nn.Module | LayerSpec]
     start: int
     stop: int
+
+    @classmethod
+    def of(cls, owned: list[nn.Module], cfg: ModelConfig, topology: Topology) -> Stage:
+        """The stage whose built layers are `owned` (this rank's, in order)."""
+        start, stop = stage_of(cfg, topology)
+        specs = [LayerSpec(layer_type(cfg, i), cfg) for i in range(cfg.n_layers + 2)]
+        return cls(specs[:start] + owned + specs[stop:], start, stop)
 
     @property
     def owned(self) -> list[nn.Module]:
@@ -56,11 +67,22 @@ class Stage:
         return names
 
 
-def model_stage(model: Llama, topology: Topology) -> Stage:
-    """The stage of an already built full model, sharded in place (for a caller that holds one)."""
-    if topology.tp > 1:
-        apply_tensor_parallel(model, topology.tp_group, topology.tp_sequence_parallel)
-    return Stage(list(model.layers), *stage_of(model.cfg, topology))
+def parallelize_stage(layers: Iterable[nn.Module], cfg: Config, topology: Topology, timer: PhaseTimer) -> Stage:
+    """`parallelize` this rank's layers, each as it arrives, over the topology's groups (`timer`
+    clocks sequence parallelism's all-to-alls): the stage the DeepSpeed engine wraps."""
+    device = rank_device(cfg.train.device)
+    start, _ = stage_of(cfg.model, topology)
+    owned = parallelize(layers, cfg, fp8=resolve_precision(cfg.train.precision, device, "deepspeed") == "fp8",
+                        compile=compile_enabled(cfg.train.compile, device),
+                        tp_group=topology.tp_group if topology.tp > 1 else None,
+                        sp_group=topology.sp_group if topology.sp > 1 else None, timer=timer, first=start)
+    return Stage.of(owned, cfg.model, topology)
+
+
+def owned_layers(model: Llama, topology: Topology) -> list[nn.Module]:
+    """This rank's layers of an already built full model (for a caller that holds one)."""
+    start, stop = stage_of(model.cfg, topology)
+    return list(model.layers[start:stop])
 
 
 class _InitialWeights:
@@ -109,9 +131,10 @@ def _build_layer(cfg: ModelConfig, i: int, weights: _InitialWeights | None) -> n
     return layer
 
 
-def build_stage(cfg: ModelConfig, topology: Topology, init_file: Path | None = None) -> Stage:
-    """This rank's layers, initialised (or loaded from `init_file`, a checked `model.safetensors`)
-    exactly as `Llama(cfg)` then `apply_tensor_parallel` would leave them."""
+def build_layers(cfg: ModelConfig, topology: Topology, init_file: Path | None = None) -> Iterator[nn.Module]:
+    """This rank's layers, full and initialised (or loaded from `init_file`, a checked
+    `model.safetensors`) exactly as `Llama(cfg)` would leave them, each built only when the
+    previous one has been taken. A tied head comes with its own weight: `parallelize` ties it."""
     if topology.tp > 1:
         check_tensor_parallel(cfg, topology.tp)
     count = cfg.n_layers + 2
@@ -119,17 +142,10 @@ def build_stage(cfg: ModelConfig, topology: Topology, init_file: Path | None = N
     for i in range(count):  # pass 1: the constructors' draws, all made before any initialisation
         make_layer(cfg, i)
     weights = _InitialWeights(init_file) if init_file else None
-    layers: list[nn.Module | LayerSpec] = []
     for i in range(count):  # pass 2: each layer's init draws, in `named_parameters()` order
-        if not start <= i < stop:  # drawn (and loaded: checked), then dropped at once
-            layers.append(LayerSpec(type(_build_layer(cfg, i, weights)), cfg))
-            continue
-        layer = _build_layer(cfg, i, weights)
-        if topology.tp > 1:
-            shard_layer(layer, topology.tp_group, topology.tp_sequence_parallel)
-        if cfg.tie_embeddings and i == count - 1:  # tied needs pp=1: this rank owns the embedding
-            layer.lm_head.weight = layers[0].embed_tokens.weight
-        layers.append(layer)
+        if start <= i < stop:
+            yield _build_layer(cfg, i, weights)
+        else:
+            _build_layer(cfg, i, weights)  # drawn (and loaded: checked), then dropped at once
     if weights:
         weights.check_all_used()
-    return Stage(layers, start, stop)
