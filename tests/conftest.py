@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("WANDB_MODE", "offline")
-TIERS = ("unit", "distributed", "s3", "e2e", "slurm")  # run in this order: a broken build fails early
+TIERS = ("unit", "single_process", "distributed", "s3", "e2e", "slurm")  # run in this order: a broken build fails early
 
 
 def tier(item: pytest.Item) -> str:

@@ -1,10 +1,17 @@
-"""Small shared builders for tests."""
+"""Small shared builders for tests: every test's run configs, environments and process helpers.
+Test modules import these from here, never from one another."""
 
+import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
-from bigtrain.config import ModelConfig
+import torch
+import yaml
+
+from bigtrain.config import Config, ModelConfig, from_dict
+from bigtrain.data.tokenizer import TextTokenizer
 
 CPU_RANKS_ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
 # for peak-RSS measurements: every large block mmap'd and returned at free, so the peak RSS of a
@@ -44,3 +51,137 @@ def small_model_config(**overrides) -> ModelConfig:
     """A 2-layer model with grouped-query attention that runs in milliseconds."""
     shape = {"vocab_size": 97, "d_model": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "max_seq_len": 16}
     return ModelConfig(**{**shape, **overrides})
+
+
+def tiny_config(data, run_dir, *, validate: bool = True, verify_checksums: bool = True, **train) -> Config:
+    """A 60-step single-process run of a 2-layer model on `data` (train_dir, val_dir): seed 7,
+    8 × 64 tokens a step, validation at steps 0, 30 and 60, logs every 10 steps. `train` overrides
+    keys of the train section; `validate=False` leaves validation out and `verify_checksums=False`
+    skips the shards' checksums (tests where only the steps matter)."""
+    train_dir, val_dir = data
+    cfg = from_dict({
+        "run": {"name": "t", "dir": str(run_dir), "seed": 7},
+        "model": {"vocab_size": 512, "d_model": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "max_seq_len": 64},
+        "data": {"path": str(train_dir), "val_path": str(val_dir), "seq_len": 64, "micro_batch": 8},
+        "train": {"steps": 60, "lr": 3e-3, "warmup_steps": 5, "eval_every": 30, "eval_batches": 4,
+                  "device": "cpu", **train},
+        "checkpoint": {"every": 1000},
+        "log": {"every": 10},
+    })
+    if not validate:
+        cfg.data.val_path = None
+    cfg.data.verify_checksums = verify_checksums
+    return cfg
+
+
+def ranks_config(data, run_dir, n: int = 3) -> dict:
+    """A 2·`n`-step run for 2 ranks (global batch 8, 4 × 32 tokens a micro-batch), a checkpoint
+    every `n` steps and a log line every step; a plain dict, to be written as YAML for a launch."""
+    return {
+        "run": {"name": "ckpt", "dir": str(run_dir), "seed": 5},
+        "model": {"vocab_size": 512, "d_model": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "max_seq_len": 32},
+        "data": {"path": str(data[0]), "val_path": str(data[1]), "seq_len": 32, "micro_batch": 4},
+        "train": {"steps": 2 * n, "lr": 3e-3, "warmup_steps": 1, "grad_clip": 1.0, "device": "cpu",
+                  "eval_every": 1000, "eval_batches": 1, "global_batch": 8},
+        "checkpoint": {"every": n},
+        "log": {"every": 1},
+    }
+
+
+def parity_config(data, run_dir, steps: int = 5, global_batch: int = 8) -> dict:
+    """The single-process reference run that every parallel layout must reproduce: a 4-layer model,
+    `global_batch` windows of 32 tokens in one micro-batch, validation before and after."""
+    return {
+        "run": {"name": "parity", "dir": str(run_dir), "seed": 11},
+        "model": {"vocab_size": 512, "d_model": 64, "n_layers": 4, "n_heads": 8, "n_kv_heads": 4, "max_seq_len": 32},
+        "data": {"path": str(data[0]), "val_path": str(data[1]), "seq_len": 32, "micro_batch": global_batch},
+        "train": {"steps": steps, "lr": 3e-3, "warmup_steps": 1, "grad_clip": 1.0, "device": "cpu",
+                  "eval_every": 1000, "eval_batches": 2, "global_batch": global_batch},
+        "checkpoint": {"every": 1000},
+        "log": {"every": 1},
+    }
+
+
+SWEEP_BASE = {
+    "model": {"vocab_size": 512, "d_model": 32, "n_layers": 1, "n_heads": 2, "n_kv_heads": 1, "max_seq_len": 32},
+    "data": {"seq_len": 32, "micro_batch": 4},
+    "train": {"lr": 3e-3, "warmup_steps": 2, "eval_batches": 2, "device": "cpu"},
+    "checkpoint": {"every": 1000},
+    "log": {"every": 2},
+}
+SWEEP_SHAPES = [{"name": "small", "model.d_model": 16}, {"name": "large", "model.d_model": 48, "model.n_layers": 2}]
+
+
+def write_sweep(tmp_path: Path, data=None, **spec) -> Path:
+    """An isoFLOP sweep file (budgets 1e9 and 3e9, `SWEEP_SHAPES`) over `SWEEP_BASE` in `tmp_path`,
+    with the keys of `spec` replaced (None leaves a key out); `data` (train_dir, val_dir) if given."""
+    base = json.loads(json.dumps(SWEEP_BASE))
+    if data:
+        base["data"].update(path=str(data[0]), val_path=str(data[1]))
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    spec = {"name": "t", "kind": "isoflop", "base": "base.yaml", "out": str(tmp_path / "sweep"),
+            "budgets": [1e9, 3e9], "shapes": SWEEP_SHAPES, "warmup_fraction": 0.1, **spec}
+    spec = {k: v for k, v in spec.items() if v is not None}  # None: leave the key out
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def run_main(capsys, *args) -> tuple[int, str, str]:
+    """`bigtrain ARGS` in this process: (exit code, stdout, stderr)."""
+    from bigtrain.cli import main
+
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def read_metrics(run_dir) -> list[dict]:
+    """Every record of a run's metrics.jsonl."""
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def one_line_error(proc: subprocess.CompletedProcess, *fragments: str) -> None:
+    """A command that failed with one `bigtrain: error:` line holding every fragment, no traceback."""
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("bigtrain: error: "), proc.stderr
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def random_hf_llama(path, tie=False, **extra):
+    """A randomly initialised LlamaForCausalLM with grouped-query attention, saved by transformers."""
+    import transformers
+
+    torch.manual_seed(3)
+    config = transformers.LlamaConfig(
+        vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, rope_theta=50000.0, rms_norm_eps=1e-6,
+        tie_word_embeddings=tie, **extra)
+    model = transformers.LlamaForCausalLM(config).eval()
+    model.save_pretrained(path)
+    return model
+
+
+# inputs for `prepare`: a text file, JSON lines (two empty documents), many short documents, and a
+# JSONL file with bad lines among good ones
+JSONL_TEXTS = ["first line doc", "", "second\nmultiline doc é", "third ✓", ""]
+TXT_TEXT = "a whole text file\nis one document.\n" * 5
+DOCS = [f"document {i}: " + "lorem ipsum dolor sit amet " * (i % 9 + 1) for i in range(120)]
+BAD_JSONL = b'{"text": "good one"}\n{"text": "cut off\n[1, 2]\n{"body": "no text"}\n{"text": "good two"}\n'
+
+
+def raw_corpus(tmp_path: Path) -> tuple[Path, Path, TextTokenizer]:
+    """Inputs in sorted order: a.txt, empty.txt, sub/b.jsonl (2 empty docs + 1 blank line)."""
+    root = tmp_path / "raw"
+    (root / "sub").mkdir(parents=True)
+    (root / "a.txt").write_text(TXT_TEXT)
+    (root / "empty.txt").write_text("")
+    lines = [json.dumps({"text": t, "id": i}) for i, t in enumerate(JSONL_TEXTS)]
+    (root / "sub" / "b.jsonl").write_text("\n".join(lines[:2] + [""] + lines[2:]) + "\n")
+    (root / "ignored.csv").write_text("not,an,input\n")
+    tok = TextTokenizer.train([TXT_TEXT, *JSONL_TEXTS, *DOCS], vocab_size=300)
+    tok.save(tmp_path / "tok.json")
+    return root, tmp_path / "tok.json", tok

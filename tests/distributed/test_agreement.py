@@ -9,14 +9,13 @@ import os
 import pytest
 import yaml
 
-from tests.distributed.test_checkpoints import config
-from tests.helpers import torchrun
+from tests.helpers import ranks_config, torchrun
 
 
 @pytest.fixture(scope="module")
 def ranks(stdlib_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("agreement")
-    (out / "config.yaml").write_text(yaml.safe_dump(config(stdlib_data, out / "unused")))
+    (out / "config.yaml").write_text(yaml.safe_dump(ranks_config(stdlib_data, out / "unused")))
     torchrun(2, os.path.join(os.path.dirname(__file__), "agreement_worker.py"), str(out / "config.yaml"), str(out))
     return [json.loads((out / f"results-{rank}.json").read_text()) for rank in (0, 1)]
 

@@ -18,28 +18,16 @@ from bigtrain.convert.consolidate import consolidate
 from bigtrain.convert.hf import to_hf
 from bigtrain.convert.reshard import reshard
 from bigtrain.train.loop import train
-from tests.helpers import torchrun
+from tests.helpers import ranks_config, torchrun
 
 N = 3  # steps before and after the checkpoint
-
-
-def config(data, run_dir) -> dict:
-    return {
-        "run": {"name": "ckpt", "dir": str(run_dir), "seed": 5},
-        "model": {"vocab_size": 512, "d_model": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "max_seq_len": 32},
-        "data": {"path": str(data[0]), "val_path": str(data[1]), "seq_len": 32, "micro_batch": 4},
-        "train": {"steps": 2 * N, "lr": 3e-3, "warmup_steps": 1, "grad_clip": 1.0, "device": "cpu",
-                  "eval_every": 1000, "eval_batches": 1, "global_batch": 8},
-        "checkpoint": {"every": N},
-        "log": {"every": 1},
-    }
 
 
 @pytest.fixture(scope="module")
 def worker(stdlib_data, tmp_path_factory):
     """One 2-rank launch running every DeepSpeed scenario of checkpoint_worker.py."""
     out = tmp_path_factory.mktemp("ds")
-    (out / "config.yaml").write_text(yaml.safe_dump(config(stdlib_data, out / "unused")))
+    (out / "config.yaml").write_text(yaml.safe_dump(ranks_config(stdlib_data, out / "unused", N)))
     torchrun(2, os.path.join(os.path.dirname(__file__), "checkpoint_worker.py"), str(out / "config.yaml"), str(out))
     return out, json.loads((out / "results.json").read_text())
 
@@ -47,7 +35,7 @@ def worker(stdlib_data, tmp_path_factory):
 @pytest.fixture(scope="module")
 def local_run(stdlib_data, tmp_path_factory):
     """The single-process run of 2N steps that every layout must continue (checkpoint at N)."""
-    cfg = from_dict(config(stdlib_data, tmp_path_factory.mktemp("local")))
+    cfg = from_dict(ranks_config(stdlib_data, tmp_path_factory.mktemp("local"), N))
     cfg.data.micro_batch = 8
     return train(cfg, console=False)
 
@@ -61,7 +49,7 @@ def local_straight(local_run):
 def resumed_elsewhere(stdlib_data, local_run, tmp_path_factory):
     """One 2-rank launch of reshard_worker.py: checkpoints resumed under other layouts."""
     out = tmp_path_factory.mktemp("reshard")
-    (out / "config.yaml").write_text(yaml.safe_dump(config(stdlib_data, out / "unused")))
+    (out / "config.yaml").write_text(yaml.safe_dump(ranks_config(stdlib_data, out / "unused", N)))
     torchrun(2, os.path.join(os.path.dirname(__file__), "reshard_worker.py"), str(out / "config.yaml"), str(out),
              str(local_run.run_dir / "checkpoints" / f"step-{N:07d}"))
     return out, json.loads((out / "results.json").read_text())
@@ -124,7 +112,7 @@ def assert_hf_logits_match(checkpoint, one_process, hf_dir) -> None:
 
 def test_tp2_pp2_to_hf_and_reshard_to_one_process(stdlib_data, local_straight, tmp_path):
     pytest.importorskip("transformers")  # before the launch
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config(stdlib_data, tmp_path / "run")))
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(ranks_config(stdlib_data, tmp_path / "run", N)))
     torchrun(4, "-m", "bigtrain", "train", str(tmp_path / "config.yaml"), "parallel.engine=deepspeed",
              "parallel.tp=2", "parallel.pp=2", "data.micro_batch=2", "train.grad_accum=4")
     checkpoint = tmp_path / "run" / "checkpoints" / f"step-{N:07d}"
@@ -146,7 +134,7 @@ def test_sp2_checkpoint_resumes_exactly_reshards_and_converts(stdlib_data, local
     curve, resumes from its checkpoint exactly, and the checkpoint reshards to one process and
     converts to Hugging Face; the single-process checkpoint resharded to SP=2 continues its curve."""
     pytest.importorskip("transformers")  # before the launch
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config(stdlib_data, tmp_path / "run")))
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(ranks_config(stdlib_data, tmp_path / "run", N)))
     sp2 = [str(tmp_path / "config.yaml"), "parallel.engine=deepspeed", "parallel.sp=2", "parallel.zero_stage=1",
            "data.micro_batch=8"]
     torchrun(2, "-m", "bigtrain", "train", *sp2)

@@ -10,14 +10,13 @@ import yaml
 
 from bigtrain.config import from_dict
 from bigtrain.train.loop import train
-from tests.distributed.test_parity import base_config
-from tests.helpers import torchrun
+from tests.helpers import parity_config, torchrun
 
 STEPS, LOG_EVERY = 8, 4
 
 
 def test_no_collectives_of_the_loop_between_logging_steps(stdlib_data, tmp_path):
-    cfg = base_config(stdlib_data, tmp_path / "local")
+    cfg = parity_config(stdlib_data, tmp_path / "local")
     cfg["train"].update(steps=STEPS, eval_every=1000)
     cfg["log"]["every"] = LOG_EVERY
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))

@@ -15,8 +15,7 @@ import time
 import pytest
 import yaml
 
-from tests.distributed.test_checkpoints import config
-from tests.helpers import CPU_RANKS_ENV
+from tests.helpers import CPU_RANKS_ENV, ranks_config
 
 TIMEOUT_MINUTES = 0.25
 
@@ -56,7 +55,7 @@ def logged_steps(run_dir) -> int:
     ("kill", 0, "the rendezvous store's host (rank 0 or the launcher) stopped answering"),
 ])
 def test_survivors_stop_and_name_the_rank(fault, victim, named, stdlib_data, tmp_path):
-    cfg = config(stdlib_data, tmp_path / "run")
+    cfg = ranks_config(stdlib_data, tmp_path / "run")
     cfg["train"]["steps"] = 10_000
     cfg["parallel"] = {"engine": "deepspeed", "zero_stage": 2, "timeout_minutes": TIMEOUT_MINUTES}
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
@@ -87,7 +86,7 @@ def test_an_error_on_one_rank_is_named_by_the_others(stdlib_data, tmp_path):
     """Rank 1 alone cannot write its share of a checkpoint (a file-size limit on that process):
     it stops with its line, and rank 0 stops with the same line naming rank 1, not a broken
     collective."""
-    cfg = config(stdlib_data, tmp_path / "run")
+    cfg = ranks_config(stdlib_data, tmp_path / "run")
     cfg["parallel"] = {"engine": "deepspeed", "zero_stage": 2, "timeout_minutes": TIMEOUT_MINUTES}
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
     procs = launch(tmp_path / "config.yaml", file_limits={1: 200_000})  # its optimizer shard no longer fits

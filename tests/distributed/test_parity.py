@@ -12,21 +12,9 @@ from safetensors.torch import load_file
 
 from bigtrain.config import from_dict
 from bigtrain.train.loop import train
-from tests.helpers import torchrun
+from tests.helpers import parity_config, torchrun
 
 STEPS, GLOBAL_BATCH = 5, 8
-
-
-def base_config(data, run_dir) -> dict:
-    return {
-        "run": {"name": "parity", "dir": str(run_dir), "seed": 11},
-        "model": {"vocab_size": 512, "d_model": 64, "n_layers": 4, "n_heads": 8, "n_kv_heads": 4, "max_seq_len": 32},
-        "data": {"path": str(data[0]), "val_path": str(data[1]), "seq_len": 32, "micro_batch": GLOBAL_BATCH},
-        "train": {"steps": STEPS, "lr": 3e-3, "warmup_steps": 1, "grad_clip": 1.0, "device": "cpu",
-                  "eval_every": 1000, "eval_batches": 2, "global_batch": GLOBAL_BATCH},
-        "checkpoint": {"every": 1000},
-        "log": {"every": 1},
-    }
 
 
 def curve(run_dir) -> tuple[list[float], list[float], list[float]]:
@@ -39,7 +27,7 @@ def curve(run_dir) -> tuple[list[float], list[float], list[float]]:
 @pytest.fixture(scope="module")
 def reference(stdlib_data, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("local")
-    result = train(from_dict(base_config(stdlib_data, run_dir)), console=False)
+    result = train(from_dict(parity_config(stdlib_data, run_dir, STEPS, GLOBAL_BATCH)), console=False)
     return (*curve(run_dir), load_file(result.checkpoint / "model.safetensors"))
 
 
@@ -85,7 +73,7 @@ def test_layout_matches_single_process(layout, reference, stdlib_data, tmp_path)
     import yaml
 
     config_path = tmp_path / "config.yaml"
-    config_path.write_text(yaml.safe_dump(base_config(stdlib_data, tmp_path / "run")))
+    config_path.write_text(yaml.safe_dump(parity_config(stdlib_data, tmp_path / "run", STEPS, GLOBAL_BATCH)))
     torchrun(nproc, "-m", "bigtrain", "train", str(config_path), "parallel.engine=deepspeed", *overrides)
     losses, norms, val = curve(tmp_path / "run")
     ref_losses, ref_norms, ref_val, ref_weights = reference

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import one_line_error
+
 CONFIGS = Path(__file__).parents[2] / "configs"
 
 
@@ -81,15 +83,6 @@ def test_info_counts_7b_without_allocating():
     assert "FLOPs/token" in proc.stdout
 
 
-def one_line_error(proc, *fragments):
-    assert proc.returncode != 0
-    assert "Traceback" not in proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("bigtrain: error: "), proc.stderr
-    for fragment in fragments:
-        assert fragment in lines[0]
-
-
 def test_bad_input_gives_one_clear_line(tmp_path, quickstart_run):
     out, _ = quickstart_run
     one_line_error(bigtrain("train", tmp_path / "missing.yaml"), "config file not found", "missing.yaml")
@@ -121,3 +114,21 @@ def test_existing_data_and_checkpoints_are_never_overwritten(quickstart_run):
     one_line_error(bigtrain("train", out / "run" / "config.yaml", "run.resume=null"), "already has checkpoints", "run.resume=auto")
     one_line_error(bigtrain("quickstart", "--out", out, "--minutes", 0.1), "already holds a quickstart run")
     assert sorted(p.name for p in (out / "run" / "checkpoints").iterdir()) == checkpoints
+
+
+def test_cli_reports_an_out_of_range_value_in_one_line():
+    proc = subprocess.run([sys.executable, "-m", "bigtrain", "train", str(CONFIGS / "tiny.yaml"), "train.lr=-1"],
+                          capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == ["bigtrain: error: train.lr=-1.0 must be > 0"]
+
+
+def test_cli_refuses_fp8_on_cpu_in_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "bigtrain", "train", str(CONFIGS / "tiny.yaml"), "train.precision=fp8",
+                           "train.device=cpu", f"run.dir={tmp_path / 'run'}", f"data.path={tmp_path / 'nodata'}"],
+                          capture_output=True, text=True, timeout=300)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode != 0 and len(lines) == 1, proc.stderr
+    assert lines[0].startswith("bigtrain: error: train.precision=fp8 needs a CUDA GPU of compute capability >= 8.9")
+    assert not (tmp_path / "run").exists()

@@ -11,8 +11,7 @@ import pytest
 from bigtrain.checkpoint.files import write_file_list
 from bigtrain.eval.tasks import shipped_tasks
 from bigtrain.train.loop import train
-from tests.e2e.test_cli import one_line_error
-from tests.unit.test_train import tiny_config
+from tests.helpers import one_line_error, tiny_config
 
 
 def bigtrain(*args):

@@ -26,15 +26,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.distributed.test_checkpoints import config
-from tests.helpers import CPU_RANKS_ENV
+from tests.helpers import CPU_RANKS_ENV, ranks_config
 
 pytestmark = pytest.mark.distributed
 STEPS, EVERY = 8, 2
 
 
 def write_config(stdlib_data, directory: Path) -> Path:
-    cfg = config(stdlib_data, directory / "run")
+    cfg = ranks_config(stdlib_data, directory / "run")
     cfg["train"]["steps"], cfg["checkpoint"]["every"] = STEPS, EVERY
     cfg["train"]["schedule"] = "constant"  # a launch with train.steps=4 then trains the first 4 steps exactly
     cfg["run"]["resume"] = "auto"

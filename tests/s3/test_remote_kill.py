@@ -14,7 +14,7 @@ import yaml
 
 from bigtrain.checkpoint.mirror import cached_checkpoint
 from bigtrain.train import loop
-from tests.unit.test_checkpoint_safety import tiny_config
+from tests.helpers import tiny_config
 
 # ~11 M parameters: each checkpoint is ~130 MB (weights and AdamW moments), so an upload spans steps
 MODEL = {"vocab_size": 512, "d_model": 384, "n_layers": 6, "n_heads": 6, "n_kv_heads": 2, "ffn_hidden": 1024,
@@ -35,7 +35,7 @@ def losses(run_dir) -> dict[int, float]:
 def test_kill_during_an_upload_leaves_a_complete_remote_latest(stdlib_data, s3_server, s3_bucket, tmp_path,
                                                                monkeypatch):
     remote = f"s3://{s3_bucket}/run"
-    cfg = tiny_config(stdlib_data, tmp_path / "killed", steps=40, eval_every=1000)
+    cfg = tiny_config(stdlib_data, tmp_path / "killed", validate=False, verify_checksums=False, steps=40, eval_every=1000)
     cfg.model = type(cfg.model)(**MODEL)
     cfg.data.micro_batch, cfg.checkpoint.every, cfg.checkpoint.remote, cfg.log.every = 2, 2, remote, 1
     cfg.run.resume, cfg.train.schedule = "auto", "constant"  # constant: the resumed job may stop earlier

@@ -11,14 +11,14 @@ import boto3
 import pytest
 import yaml
 
-from tests.distributed.test_checkpoints import config
+from tests.helpers import ranks_config
 
 pytestmark = pytest.mark.distributed
 
 
 def run(stdlib_data, tmp_path, name, steps, remote=None) -> dict[int, float]:
     """A 2-rank `bigtrain train` of `steps` steps in run directory `name`; its logged losses."""
-    cfg = config(stdlib_data, tmp_path / name)
+    cfg = ranks_config(stdlib_data, tmp_path / name)
     cfg["train"].update(steps=steps, schedule="constant")  # the same curve whatever train.steps is
     cfg["checkpoint"].update(every=2, remote=remote)
     cfg["run"]["resume"] = "auto"

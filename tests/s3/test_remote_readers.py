@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from bigtrain.cli import main
 from bigtrain.train import loop
-from tests.unit.test_train import tiny_config
+from tests.helpers import tiny_config
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ from bigtrain.cli import main
 from bigtrain.config import SourceConfig
 from bigtrain.data.mds import MDS_META, write_mds
 from bigtrain.train.loop import train
-from tests.unit.test_train import tiny_config
+from tests.helpers import tiny_config
 
 SEQ_LEN = 64
 SHARD_BYTES = 1 << 16  # a dozen shards for the 1.5 MB test corpus

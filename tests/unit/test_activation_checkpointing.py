@@ -1,19 +1,14 @@
 """Activation checkpointing (`full`, `selective`, every k-th block) changes memory and recompute,
-never the numbers: same loss and gradients; peak memory (RSS) and FLOPs measured against none."""
-
-import json
-import subprocess
-import sys
+never the numbers: same loss and gradients; FLOPs measured against none (peak memory:
+tests/single_process/test_peak_memory.py)."""
 
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from bigtrain.config import load_config
 from bigtrain.model import Llama
-from bigtrain.parallel import planner
 from bigtrain.parallel.activation_checkpointing import apply_activation_checkpointing
-from tests.helpers import PEAK_ENV, small_model_config
+from tests.helpers import small_model_config
 
 MODES = [("none", 1), ("full", 1), ("full", 2), ("selective", 1), ("selective", 3)]
 
@@ -50,35 +45,3 @@ def test_recompute_cost_in_flops(reference):
     assert half - none == pytest.approx((full - none) / 2, rel=0.01)  # every 2nd block of 4
     block_forward = full - none  # a second forward of every block
     assert 0.2 < block_forward / none < 1 / 3  # blocks are most of the 3 passes; the head is not recomputed
-
-
-PEAK = """
-import json, sys, torch
-from bigtrain.train.metrics import peak_rss_kib
-from bigtrain.config import ModelConfig
-from bigtrain.parallel.activation_checkpointing import apply_activation_checkpointing
-from bigtrain.model import Llama
-torch.manual_seed(0)
-model = Llama(ModelConfig(vocab_size=512, d_model=256, n_layers=8, n_heads=4, n_kv_heads=2, max_seq_len=512))
-apply_activation_checkpointing(model.layers, sys.argv[1])
-tokens = torch.randint(0, 512, (16, 513))
-before = peak_rss_kib()
-model(tokens[:, :-1], tokens[:, 1:]).backward()
-print(json.dumps({"peak_mib": (peak_rss_kib() - before) / 1024}))
-"""
-
-
-def test_peak_memory_none_selective_full():
-    def peak(mode):
-        out = subprocess.run([sys.executable, "-c", PEAK, mode], capture_output=True, text=True, check=True,
-                             env=PEAK_ENV)
-        return json.loads(out.stdout)["peak_mib"]
-
-    none, selective, full = peak("none"), peak("selective"), peak("full")
-    assert full < selective < none
-    assert full < none / 2  # only block inputs (and one block at a time) stay in memory: measured 0.38
-    # the planner's estimate (bf16) scales the same way: full < selective < none
-    m = load_config(None, ["model.d_model=256", "model.n_layers=8", "model.vocab_size=512"]).model
-    none_p, selective_p, full_p = (planner.activation_bytes(m, 512, 16, 1, 8, mode)
-                                   for mode in ("none", "selective", "full"))
-    assert full_p < selective_p < none_p

@@ -1,17 +1,13 @@
 """The chunked linear + cross-entropy: the same loss and gradients as logits + `lm_loss`, at a
 fraction of the memory (measured as peak RSS of forward+backward at vocabulary 32k, seq 2048,
-micro-batch 4)."""
-
-import json
-import subprocess
-import sys
+micro-batch 4, in tests/single_process/test_peak_memory.py)."""
 
 import pytest
 import torch
 
 from bigtrain.model import Llama
 from bigtrain.model.loss import linear_cross_entropy, lm_loss
-from tests.helpers import PEAK_ENV, small_model_config
+from tests.helpers import small_model_config
 
 
 @pytest.mark.parametrize("chunk", [1, 7, 64, None])
@@ -39,36 +35,3 @@ def test_the_model_computes_its_loss_in_the_head():
     torch.testing.assert_close(fused, full, rtol=1e-6, atol=0)
     for a, b in zip(fused_grads, full_grads, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
-
-
-PEAK = """
-import json, sys, torch
-from bigtrain.train.metrics import peak_rss_kib
-from bigtrain.model.loss import linear_cross_entropy, lm_loss
-torch.manual_seed(0)
-vocab, tokens, d = 32000, 4 * 2048, 64
-hidden = torch.randn(4, 2048, d, requires_grad=True)
-weight = (0.02 * torch.randn(vocab, d)).requires_grad_()
-targets = torch.randint(0, vocab, (4, 2048))
-before = peak_rss_kib()
-if sys.argv[1] == "full":
-    loss = lm_loss(hidden @ weight.t(), targets)
-else:
-    loss = linear_cross_entropy(hidden, weight, targets)
-loss.backward()
-peak = peak_rss_kib() - before
-print(json.dumps({"loss": loss.item(), "peak_mib": peak / 1024, "grad": hidden.grad.norm().item()}))
-"""
-
-
-def test_the_head_and_loss_peak_several_times_lower():
-    def measure(kind):
-        out = subprocess.run([sys.executable, "-c", PEAK, kind], capture_output=True, text=True, check=True,
-                             env=PEAK_ENV)
-        return json.loads(out.stdout)
-
-    full, chunked = measure("full"), measure("chunked")
-    assert chunked["loss"] == pytest.approx(full["loss"], rel=1e-6)
-    assert chunked["grad"] == pytest.approx(full["grad"], rel=1e-5)
-    assert full["peak_mib"] > 1500  # [8192, 32000] fp32 logits are 1,000 MiB, and their gradient as much again
-    assert chunked["peak_mib"] < full["peak_mib"] / 4

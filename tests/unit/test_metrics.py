@@ -56,7 +56,7 @@ def test_phase_timer_accumulates_and_resets():
         with timer.phase("forward"):
             time.sleep(0.02)
     times = timer.read()
-    assert times.keys() == {"forward"} and times["forward"] == pytest.approx(0.04, abs=0.03)
+    assert times.keys() == {"forward"} and times["forward"] >= 0.04  # both sleeps, however slow the machine
     assert timer.read() == {}
 
 

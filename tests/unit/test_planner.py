@@ -1,6 +1,7 @@
 """The memory/layout planner against hand computations, and `bigtrain info`."""
 
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -18,6 +19,7 @@ from bigtrain.parallel.planner import (
 )
 
 # 4 layers, d=64, 4 heads, 2 kv heads (head_dim 16), ffn 256, vocab 512, untied
+CONFIGS = Path(__file__).parents[2] / "configs"
 SHAPE = ModelConfig(vocab_size=512, d_model=64, n_layers=4, n_heads=4, n_kv_heads=2, ffn_hidden=256, max_seq_len=32)
 # per block: q, o 64·64; k, v 64·32; SwiGLU 3·64·256; 2 norms of 64 → 8192 + 4096 + 49152 + 128 = 61,568
 BLOCK, N = 61_568, 512 * 64 + 4 * 61_568 + 64 + 512 * 64  # embedding + blocks + final norm + head
@@ -87,7 +89,7 @@ def test_sequence_parallel_activations_by_hand():
 def test_long_context_config_fits_only_with_sequence_parallelism():
     """configs/7b-32k.yaml on 8 × 80 GiB: its own layout needs sp (without it, 123 GiB per GPU),
     and --suggest ranks sequence-parallel layouts first."""
-    cfg = load_config("configs/7b-32k.yaml")
+    cfg = load_config(CONFIGS / "7b-32k.yaml")
     seq = cfg.data.seq_len
     layout = config_layout(cfg, 8)
     assert layout.sp == 8 and fits(memory_plan(cfg.model, seq, "bf16", layout), 80)
@@ -106,15 +108,15 @@ def test_tp_sequence_parallelism_divides_the_d_model_wide_activations_by_tp():
     on, off = (memory_plan(SHAPE, 32, "bf16", Layout(dp=1, tp=2, micro_batch=2, tp_sequence_parallel=sp))
                for sp in (True, False))
     assert off.activations - on.activations == 2 * 32 * 4 * (1600 - 1344)
-    cfg = load_config("configs/7b.yaml", ["parallel.tp=2"])
+    cfg = load_config(CONFIGS / "7b.yaml", ["parallel.tp=2"])
     assert config_layout(cfg, 2).tp_sequence_parallel  # on by default with tp > 1
-    assert not config_layout(load_config("configs/7b.yaml", ["parallel.tp=2", "parallel.tp_sequence_parallel=false"]),
+    assert not config_layout(load_config(CONFIGS / "7b.yaml", ["parallel.tp=2", "parallel.tp_sequence_parallel=false"]),
                              2).tp_sequence_parallel
     assert "seq-parallel" in config_layout(cfg, 2).describe()
 
 
 def test_suggest_ranks_only_layouts_that_fit():
-    cfg = load_config("configs/7b.yaml")
+    cfg = load_config(CONFIGS / "7b.yaml")
     ranked = suggest(cfg, gpus=16, gpu_mem_gib=40, peak_flops=989e12)
     times = [t for _, _, t in ranked]
     assert times == sorted(times) and len(ranked) == 10
@@ -124,7 +126,7 @@ def test_suggest_ranks_only_layouts_that_fit():
 
 
 def test_info_prints_the_plan_and_flags_what_does_not_fit(capsys):
-    assert main(["info", "configs/7b.yaml", "--gpus", "8", "--gpu-mem", "40"]) == 0
+    assert main(["info", str(CONFIGS / "7b.yaml"), "--gpus", "8", "--gpu-mem", "40"]) == 0
     out = capsys.readouterr().out
     assert "non-embedding 6,607,343,616" in out and "FLOPs/token  4.608e+10" in out
     rows = {line.split()[0]: line.split()[1:] for line in out.splitlines() if line.strip()}
@@ -137,17 +139,17 @@ def test_info_prints_the_plan_and_flags_what_does_not_fit(capsys):
 
 
 def test_info_suggest_and_bad_layout(capsys):
-    assert main(["info", "configs/1b.yaml", "--gpus", "8", "--suggest"]) == 0
+    assert main(["info", str(CONFIGS / "1b.yaml"), "--gpus", "8", "--suggest"]) == 0
     assert " 1. dp=" in capsys.readouterr().out
-    assert main(["info", "configs/1b.yaml", "parallel.tp=3", "--gpus", "6"]) == 1
+    assert main(["info", str(CONFIGS / "1b.yaml"), "parallel.tp=3", "--gpus", "6"]) == 1
     assert "bigtrain: error: model.n_heads=32 is not divisible by parallel.tp=3" in capsys.readouterr().err
-    assert main(["info", "configs/1b.yaml", "--gpus", "0"]) == 1
+    assert main(["info", str(CONFIGS / "1b.yaml"), "--gpus", "0"]) == 1
     assert "bigtrain: error: --gpus, --gpu-mem and --gpus-per-node must be positive" in capsys.readouterr().err
 
 
 def test_info_plans_for_the_configs_own_layout_by_default(capsys):
     """Without --gpus: tp × pp × sp × the dp of train.global_batch (7b-32k: sp=8, 16 replicas)."""
-    assert main(["info", "configs/7b-32k.yaml"]) == 0
+    assert main(["info", str(CONFIGS / "7b-32k.yaml")]) == 0
     assert "dp=16 sp=8 tp=1 pp=1 zero=3 micro_batch=1 grad_accum=1 act-ckpt=selective on 128 GPUs" in capsys.readouterr().out
 
 

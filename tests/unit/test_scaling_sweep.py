@@ -1,49 +1,17 @@
-"""`bigtrain sweep plan|run|status|collect`: plans checked by numbers, real local runs, Slurm's command."""
+"""`bigtrain sweep plan|run|status|collect`: plans checked by numbers, refusals, Slurm's command."""
 
-import copy
 import csv
-import json
 import os
 import stat
-from pathlib import Path
 
 import pytest
-import yaml
 
-from bigtrain.checkpoint import io as ckpt
-from bigtrain.cli import main
 from bigtrain.config import load_config
 from bigtrain.model.flops import count_params
 from bigtrain.scaling import run as sweep_run
 from bigtrain.scaling.plan import plan_sweep
-
-BASE = {
-    "model": {"vocab_size": 512, "d_model": 32, "n_layers": 1, "n_heads": 2, "n_kv_heads": 1, "max_seq_len": 32},
-    "data": {"seq_len": 32, "micro_batch": 4},
-    "train": {"lr": 3e-3, "warmup_steps": 2, "eval_batches": 2, "device": "cpu"},
-    "checkpoint": {"every": 1000},
-    "log": {"every": 2},
-}
-SHAPES = [{"name": "small", "model.d_model": 16}, {"name": "large", "model.d_model": 48, "model.n_layers": 2}]
-
-
-def write_sweep(tmp_path: Path, data=None, **spec) -> Path:
-    base = json.loads(json.dumps(BASE))
-    if data:
-        base["data"].update(path=str(data[0]), val_path=str(data[1]))
-    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
-    spec = {"name": "t", "kind": "isoflop", "base": "base.yaml", "out": str(tmp_path / "sweep"),
-            "budgets": [1e9, 3e9], "shapes": SHAPES, "warmup_fraction": 0.1, **spec}
-    spec = {k: v for k, v in spec.items() if v is not None}  # None: leave the key out
-    path = tmp_path / "sweep.yaml"
-    path.write_text(yaml.safe_dump(spec, sort_keys=False))
-    return path
-
-
-def run(capsys, *args) -> tuple[int, str, str]:
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
+from tests.helpers import run_main as run
+from tests.helpers import write_sweep
 
 
 def test_isoflop_plan_derives_tokens_steps_and_flops(tmp_path, capsys):
@@ -138,59 +106,6 @@ def test_slurm_submits_one_throttled_array(tmp_path, capsys, monkeypatch):
     assert code == 0 and out.strip().endswith("Submitted batch job 42")
     assert ["sbatch", *(tmp_path / "args").read_text().split()] == sweep_run.slurm_command(plan, 3)
     assert run(capsys, "sweep", "run", path, "--throttle", 3)[0] == 1  # throttle needs --slurm
-
-
-def test_local_sweep_runs_resumes_skips_and_collects(tmp_path, capsys, stdlib_data):
-    path = write_sweep(tmp_path, stdlib_data, budgets=[1e9], shapes=SHAPES + [{"name": "mid", "model.d_model": 32}])
-    plan = plan_sweep(path)
-    interrupted = copy.deepcopy(plan.runs[0].config)  # out of time at its first (logging) step
-    interrupted.train.max_minutes, interrupted.log.every = 0.0, 1
-    from bigtrain.train.loop import train
-
-    train(interrupted, console=False)
-    capsys.readouterr()
-
-    code, out, err = run(capsys, "sweep", "run", path)
-    assert code == 0, err
-    assert "C1e09-small: resuming from step 1 (44 steps)" in out and "C1e09-large: starting (10 steps)" in out
-    for r in plan.runs:
-        assert ckpt.read_state(ckpt.latest_checkpoint(r.config.run.path))["step"] == r.config.train.steps
-
-    metrics = {r.name: (r.config.run.path / "metrics.jsonl").read_text() for r in plan.runs}
-    code, out, _ = run(capsys, "sweep", "run", path)  # everything is finished: nothing trains
-    assert code == 0 and out.count("finished, skipped") == 3 and "trained 0 runs" in out
-    assert metrics == {r.name: (r.config.run.path / "metrics.jsonl").read_text() for r in plan.runs}
-
-    code, out, _ = run(capsys, "sweep", "status", path)
-    assert "3/3 runs finished" in out and out.count("done") == 3
-
-    code, out, _ = run(capsys, "sweep", "collect", path)
-    assert code == 0 and "wrote 3 runs" in out
-    rows = {r["run"]: r for r in csv.DictReader(open(tmp_path / "sweep" / "results.csv"))}
-    small = plan.runs[0]
-    records = [json.loads(x) for x in metrics[small.name].splitlines()]
-    train_records = {r["step"]: r for r in records if "loss" in r}
-    last_tenth = [r["loss"] for s, r in train_records.items() if s > 0.9 * 44]
-    assert float(rows[small.name]["loss"]) == pytest.approx(sum(last_tenth) / len(last_tenth))
-    assert float(rows[small.name]["val_loss"]) == [r for r in records if "val_loss" in r][-1]["val_loss"]
-    assert int(rows[small.name]["tokens"]) == train_records[44]["tokens"] == 44 * 4 * 32
-    assert float(rows[small.name]["wall_s"]) > 0 and float(rows[small.name]["tokens_per_s"]) > 0
-    # the fit reads the collected CSV (3 points of one budget are too few for five parameters)
-    code, _, err = run(capsys, "scaling", "fit", tmp_path / "sweep" / "results.csv")
-    assert code == 1 and "3 points cannot determine the 5 parameters" in err
-
-
-def test_grid_collect_plots_loss_against_the_first_key(tmp_path, capsys, stdlib_data):
-    path = write_sweep(tmp_path, stdlib_data, kind="grid", budgets=None, shapes=None, warmup_fraction=None,
-                       grid={"train.lr": [1e-4, 1e-2]}, overrides={"train.steps": 6})
-    assert run(capsys, "sweep", "collect", path)[0] == 1  # nothing has run yet
-    assert run(capsys, "sweep", "run", path)[0] == 0
-    code, out, _ = run(capsys, "sweep", "collect", path)
-    assert code == 0
-    rows = list(csv.DictReader(open(tmp_path / "sweep" / "results.csv")))
-    assert [float(r["train.lr"]) for r in rows] == [1e-4, 1e-2]
-    assert float(rows[1]["val_loss"]) < float(rows[0]["val_loss"])  # 6 steps at 1e-4 barely move
-    assert (tmp_path / "sweep" / "grid.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_shapes_under_one_step_are_skipped_with_a_warning(tmp_path, capsys):

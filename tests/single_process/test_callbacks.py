@@ -4,7 +4,7 @@ import json
 
 from bigtrain.train.callbacks import Callback
 from bigtrain.train.loop import train
-from tests.unit.test_train import tiny_config
+from tests.helpers import tiny_config
 
 
 class Counter(Callback):

@@ -7,23 +7,7 @@ from safetensors.torch import load_file
 from bigtrain.config import from_dict
 from bigtrain.errors import BigtrainError
 from bigtrain.train.loop import train
-
-
-def tiny_config(data, run_dir, **train_overrides):
-    train_dir, val_dir = data
-    return from_dict({
-        "run": {"name": "t", "dir": str(run_dir), "seed": 7},
-        "model": {"vocab_size": 512, "d_model": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "max_seq_len": 64},
-        "data": {"path": str(train_dir), "val_path": str(val_dir), "seq_len": 64, "micro_batch": 8},
-        "train": {"steps": 60, "lr": 3e-3, "warmup_steps": 5, "eval_every": 30, "eval_batches": 4,
-                  "device": "cpu", **train_overrides},
-        "checkpoint": {"every": 1000},
-        "log": {"every": 10},
-    })
-
-
-def read_metrics(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+from tests.helpers import read_metrics, tiny_config
 
 
 def test_loss_decreases_and_run_directory_is_complete(stdlib_data, tmp_path):
@@ -142,3 +126,14 @@ def test_run_seed_decides_the_initial_weights_and_the_losses(stdlib_data, tmp_pa
     assert (again.first_val.loss, again.losses) == (first.first_val.loss, first.losses)  # a seed repeats its run
     assert other.first_val.loss != first.first_val.loss  # validated before any step: other initial weights
     assert other.losses[0] != first.losses[0] and other.losses[-1] != first.losses[-1]
+
+
+def test_training_refuses_fp8_on_cpu_before_building_a_model(tmp_path, monkeypatch):
+    from bigtrain.train import loop
+
+    monkeypatch.setattr(loop, "Llama", lambda *a: pytest.fail("a model was built"))
+    monkeypatch.setattr(loop, "build_train_loader", lambda *a, **k: pytest.fail("data was read"))
+    cfg = from_dict({"run": {"dir": str(tmp_path)}, "data": {"path": str(tmp_path / "none")},
+                     "train": {"precision": "fp8", "device": "cpu"}})
+    with pytest.raises(BigtrainError, match="train.precision=fp8 needs a CUDA GPU"):
+        loop.train(cfg, console=False)

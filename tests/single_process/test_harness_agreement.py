@@ -12,7 +12,7 @@ from bigtrain.cli import main
 from bigtrain.convert.consolidate import load_full_model
 from bigtrain.eval.harness import BigtrainLM, TaskSuite, checkpoint_tokenizer
 from bigtrain.train import loop
-from tests.unit.test_checkpoint_safety import tiny_config
+from tests.helpers import tiny_config
 
 pytest.importorskip("transformers")
 LIMIT = 100  # documents of the shipped task (400 log-likelihood requests)
@@ -31,7 +31,7 @@ def both(stdlib_data, tmp_path_factory):
     from lm_eval.models.huggingface import HFLM
 
     tmp = tmp_path_factory.mktemp("agree")
-    cfg = tiny_config(stdlib_data, tmp / "run", steps=150, eval_every=1000)
+    cfg = tiny_config(stdlib_data, tmp / "run", validate=False, verify_checksums=False, steps=150, eval_every=1000)
     cfg.model.max_seq_len = cfg.data.seq_len = 128  # the longest documents are cut from the left
     checkpoint = loop.train(cfg, console=False).checkpoint
     assert main(["convert", "to-hf", str(checkpoint), str(tmp / "hf")]) == 0
