@@ -8,33 +8,30 @@ from typing import Protocol
 import torch
 
 from bigtrain.checkpoint.io import Checkpointable
+from bigtrain.distributed.communicator import Communicator
 from bigtrain.distributed.timing import PhaseTimer
-from bigtrain.engine.update_gate import UpdateGate
 
 
 @dataclass
 class StepOutput:
     loss: torch.Tensor  # mean loss over the step's micro-batches (a device tensor: no host sync); this
-    # rank's until the engine's `mean_over_dp` averages it over the data-parallel group
+    # rank's, to be averaged over the data-parallel group, unless the engine's `loss_is_global`
     grad_norm: torch.Tensor  # total gradient norm before clipping
     skipped: torch.Tensor  # True when the update was not applied (see `UpdateGate`)
+    overflow_steps: int = 0  # fp16: updates the loss scaler skipped so far
+    loss_scale: float | None = None  # fp16: the current dynamic loss scale
 
 
 class Engine(Checkpointable, Protocol):
-    """Steps, evaluates, reports step times and reduces over data parallelism; saving, loading and
-    the rank collectives are `Checkpointable`'s."""
+    """Steps, evaluates, saves and loads (`Checkpointable`) this rank's share of the model; who the
+    rank is and the collectives over ranks are its `comm`'s."""
 
-    dp_rank: int
-    dp_size: int
     device: torch.device
     model: torch.nn.Module  # this rank's module (DeepSpeed's: the wrapped one)
-    timer: PhaseTimer
-    gate: UpdateGate
-    overflow_steps: int
-    loss_scale: float | None
+    timer: PhaseTimer  # step phases; the loop times its data fetch on it too
+    comm: Communicator
+    loss_is_global: bool  # `StepOutput.loss` is already averaged over the data-parallel group
 
     def train_step(self, micro_batches: list[torch.Tensor], lr: float) -> StepOutput: ...
     def eval_loss(self, tokens: torch.Tensor) -> torch.Tensor: ...
-    def step_times(self) -> dict[str, float]: ...
-    def mean_over_dp(self, losses: torch.Tensor) -> torch.Tensor: ...
-    def sum_across_dp(self, tensor: torch.Tensor) -> torch.Tensor: ...
+    def step_times(self) -> dict[str, float]: ...  # seconds per phase since the last call

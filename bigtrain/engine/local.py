@@ -12,6 +12,7 @@ from torch import nn
 
 from bigtrain.checkpoint import format as fmt
 from bigtrain.config import Config, ParallelConfig, TrainConfig
+from bigtrain.distributed.communicator import LoneProcess
 from bigtrain.distributed.timing import PhaseTimer
 from bigtrain.engine.contract import StepOutput
 from bigtrain.engine.device import autocast_for, compile_enabled, pick_device, resolve_precision
@@ -33,8 +34,8 @@ def parallelize_local(model: Llama, train: TrainConfig, parallel: ParallelConfig
 class LocalEngine:
     """Runs forward, backward and AdamW for one optimiser step over a list of micro-batches."""
 
-    rank, world_size, dp_rank, dp_size, is_main = 0, 1, 0, 1, True
-    overflow_steps, loss_scale = 0, None  # no fp16 loss scaling here
+    comm = LoneProcess()
+    loss_is_global = True  # one process holds every loss
 
     def __init__(self, model: nn.Module, cfg: TrainConfig, gate: UpdateGate):
         """`model` is whole and already parallelized (`parallelize`: fp8, checkpointing, compile);
@@ -76,18 +77,6 @@ class LocalEngine:
     def step_times(self) -> dict[str, float]:
         """Seconds per phase since the last call (call at logging time: it waits for the device)."""
         return self.timer.read()
-
-    def barrier(self) -> None:
-        """Nothing to wait for: there is one process."""
-
-    def any_rank(self, flag: bool) -> bool:
-        return flag
-
-    def sum_across_dp(self, tensor: torch.Tensor) -> torch.Tensor:
-        return tensor
-
-    def mean_over_dp(self, losses: torch.Tensor) -> torch.Tensor:
-        return losses
 
     @torch.no_grad()
     def eval_loss(self, tokens: torch.Tensor) -> torch.Tensor:

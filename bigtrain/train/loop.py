@@ -167,7 +167,7 @@ class Trainer:
         resume_from = agreement.from_main(lambda: find_resume_checkpoint(cfg, remote))  # one point for all
         from_remote = resume_from is None and cfg.run.resume == "auto" and remote and remote.reached
         self.engine = engine = build_engine(cfg, self.bad.gate, None if resume_from or from_remote else cfg.model.init_from)
-        self.comm = engine
+        self.comm = engine.comm
         if self.mirror and cfg.run.resume == "auto":
             resume_from = self.mirror.resume_from(self, resume_from)
         self.loader = build_train_loader(cfg.data, cfg.data.micro_batch, cfg.train.grad_accum, dp_rank=self.comm.dp_rank,
@@ -265,14 +265,15 @@ class Trainer:
         """One training record (the losses reach the host only here), then the callbacks that act on it."""
         window_s = time.perf_counter() - self.window_start
         engine = self.engine
-        self.losses += self.comm.mean_over_dp(torch.stack(self.window_losses)).tolist()
+        losses = torch.stack(self.window_losses)  # one collective for the whole window
+        self.losses += (losses if engine.loss_is_global else self.comm.mean_over_dp(losses)).tolist()
         self.window_losses = []
         record = {
             "step": self.step, "loss": self.losses[-1], "lr": lr_at(self.step - 1, self.cfg.train),
             "grad_norm": float(out.grad_norm), "tokens": self.tokens,
             **self.speed.measure(self.window_steps, window_s, engine.step_times()),
             "peak_mem_gb": peak_memory_gb(engine.device),
-            "fp16_overflow_steps": engine.overflow_steps, "loss_scale": engine.loss_scale,
+            "fp16_overflow_steps": out.overflow_steps, "loss_scale": out.loss_scale,
         }
         for callback in self.callbacks:
             record.update(callback.metrics(self))

@@ -17,6 +17,7 @@ from bigtrain import compat
 from bigtrain.checkpoint import format as fmt
 from bigtrain.checkpoint import safe_load
 from bigtrain.config import Config
+from bigtrain.distributed.communicator import ProcessGroups
 from bigtrain.distributed.timing import PhaseTimer
 from bigtrain.engine.contract import StepOutput
 from bigtrain.engine.deepspeed.config import deepspeed_config
@@ -83,13 +84,12 @@ class DeepSpeedEngine:
         if self.pipelined and cfg.train.spike_factor:
             raise BigtrainError("train.spike_factor needs parallel.pp=1 (the pipeline engine updates before the loss is known)")
         # the step's loss is averaged over the data-parallel group at once only where something needs
-        # it before the update (the spike gate); otherwise `mean_over_dp` does it at logging time
+        # it before the update (the spike gate); otherwise the loop does it at logging time
         self.loss_is_global = self.pipelined or bool(cfg.train.spike_factor)
         self._step_loss, self._skip = None, None
         self._client_optimizer = optimizer
         gate_optimizer_step(optimizer, self._skip_update)
-        self.rank, self.world_size = topology.env.rank, topology.env.world_size
-        self.dp_rank, self.dp_size, self.is_main = topology.dp_rank, topology.dp, topology.env.rank == 0
+        self.comm = ProcessGroups(topology.dp_group, topology.dp_rank, topology.dp, self.device)
 
     def _record_grad_norm(self, norm: torch.Tensor) -> None:
         self._grad_norm = norm
@@ -100,18 +100,8 @@ class DeepSpeedEngine:
             self._skip = self.gate.skip(self._step_loss, self._norm_before_update()).to(self.device)
         return self._skip
 
-    def barrier(self) -> None:
-        dist.barrier()
-
-    def any_rank(self, flag: bool) -> bool:
-        """True on every rank if `flag` is true on any (so all ranks take the same branch)."""
-        value = torch.tensor(float(flag), device=self.device)  # NCCL reduces only GPU tensors
-        dist.all_reduce(value, op=dist.ReduceOp.MAX)
-        return bool(value)
-
     def train_step(self, micro_batches: list[torch.Tensor], lr: float) -> StepOutput:
-        """One optimiser step; the returned loss is this rank's (`mean_over_dp` averages it) unless
-        `loss_is_global`. No collective of bigtrain's own runs here without the spike gate."""
+        """One optimiser step; the returned loss is this rank's unless `loss_is_global`. No collective of bigtrain's own runs here without the spike gate."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self._grad_norm, self._step_loss, self._skip = None, None, None
@@ -129,7 +119,7 @@ class DeepSpeedEngine:
                     self.engine.backward(micro_loss)
                 loss += micro_loss.detach().float() / len(micro_batches)
                 if i == len(micro_batches) - 1 and self.loss_is_global:  # the gate sees the step's loss
-                    self._step_loss = self.mean_over_dp(loss, force=True)  # before the update
+                    self._step_loss = self.comm.mean_over_dp(loss)  # before the update
                     loss = self._step_loss
                 with self.timer.phase("optimizer"):  # every micro-batch; DeepSpeed reduces and updates at the last
                     self.engine.step()
@@ -139,7 +129,8 @@ class DeepSpeedEngine:
         else:  # DeepSpeed skipped it: ZeRO on a non-finite norm (a bad step), fp16 on overflow (its
             # loss scaler's business, counted in `fp16_overflow_steps`)
             skipped = ~torch.isfinite(norm) & (not self.engine.fp16_enabled())
-        return StepOutput(loss=loss, grad_norm=norm, skipped=skipped)
+        return StepOutput(loss=loss, grad_norm=norm, skipped=skipped, overflow_steps=self.engine.skipped_steps,
+                          loss_scale=self._loss_scale())
 
     def _my_tokens(self, windows: torch.Tensor) -> torch.Tensor:
         """This rank's share of the windows' tokens (all of them without sequence parallelism)."""
@@ -149,15 +140,6 @@ class DeepSpeedEngine:
     def _loss(self, tokens: torch.Tensor) -> torch.Tensor:
         loss = self.engine(tokens[:, :-1], tokens[:, 1:])
         return loss if self.topology.sp == 1 else self.sequence_mean(loss)
-
-    def mean_over_dp(self, losses: torch.Tensor, force: bool = False) -> torch.Tensor:
-        """Per-step losses of this rank averaged over the data-parallel group (one collective for
-        all of them); losses that already are (`loss_is_global`) come back as they are."""
-        if self.loss_is_global and not force:
-            return losses
-        total = losses.detach().float().clone()
-        dist.all_reduce(total, group=self.topology.dp_group)
-        return total / self.topology.dp
 
     def _norm_before_update(self) -> torch.Tensor | float:
         wrapper = self.engine.optimizer  # ZeRO and the bf16/fp16 optimizers measure it before stepping
@@ -173,13 +155,7 @@ class DeepSpeedEngine:
             norm = self._grad_norm if self._grad_norm is not None else float("nan")
         return norm
 
-    @property
-    def overflow_steps(self) -> int:
-        """Optimizer steps DeepSpeed skipped because fp16 gradients overflowed."""
-        return self.engine.skipped_steps
-
-    @property
-    def loss_scale(self) -> float | None:
+    def _loss_scale(self) -> float | None:
         """The current dynamic fp16 loss scale (None without fp16)."""
         if not self.engine.fp16_enabled():
             return None
@@ -191,17 +167,11 @@ class DeepSpeedEngine:
         times = self.timer.read()
         if not self.pipelined:
             return times
-        gathered: list = [None] * self.world_size
+        gathered: list = [None] * self.comm.world_size
         dist.all_gather_object(gathered, (self.engine.stage_id, times))
         for stage, stage_times in dict(reversed(gathered)).items():  # the first rank of each stage
             times.update({f"stage{stage}_{phase}": t for phase, t in stage_times.items() if phase != "data"})
         return times
-
-    def sum_across_dp(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Sum a CPU tensor over the data-parallel group."""
-        on_device = tensor.to(self.device)
-        dist.all_reduce(on_device, group=self.topology.dp_group)
-        return on_device.cpu()
 
     @torch.no_grad()
     def eval_loss(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -221,7 +191,7 @@ class DeepSpeedEngine:
         if self.topology.tp == 1 and self.topology.pp == 1:
             params = list(self.model.parameters())
             with deepspeed.zero.GatheredParameters(params, enabled=self.engine.zero_optimization_stage() == 3):
-                if self.is_main:
+                if self.comm.is_main:
                     state = {name: p.detach().float().cpu().clone() for name, p in self.model.named_parameters()}
                     safetensors.torch.save_file(state, str(directory / fmt.WEIGHTS))
 
