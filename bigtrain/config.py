@@ -148,8 +148,6 @@ class TrainConfig:
     grad_clip: float | None = ranged(1.0, gt=0)  # None: no clipping
     grad_accum: int = ranged(1, ge=1)
     global_batch: int | None = ranged(None, ge=1)  # windows per step; must equal micro_batch × grad_accum × dp
-    eval_every: int = ranged(200, ge=1)
-    eval_batches: int = ranged(20, ge=1)  # validation covers eval_batches × global batch windows
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16", "fp8"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU; fp8: torchao
     deterministic: Literal["auto", True, False] = "auto"  # auto: on for CPU, off for CUDA
@@ -215,6 +213,8 @@ class EvalConfig:
     bigtrain, or of lm-eval's registry), task YAMLs or directories of them; every data-parallel
     rank scores a share of the documents."""
 
+    val_every: int = ranged(200, ge=1)  # steps between validation losses (also before the first step and at the end)
+    val_batches: int = ranged(20, ge=1)  # validation covers val_batches × global batch windows
     tasks: list[str] = field(default_factory=list)  # empty: no task evaluation
     every: int = ranged(1000, ge=1)  # steps between evaluations (also before the first step and at the end)
     limit: int | None = ranged(None, ge=1)  # documents per task; None: all
@@ -296,9 +296,15 @@ def read_yaml_mapping(path: str | Path, kind: str, holds: str) -> dict[str, Any]
     return raw
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
-    """Read a YAML config (or start from defaults), apply `a.b=value` overrides, validate."""
+MOVED_KEYS = {"train.eval_every": "eval.val_every", "train.eval_batches": "eval.val_batches"}  # old → new
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = (), saved: bool = False) -> Config:
+    """Read a YAML config (or start from defaults), apply `a.b=value` overrides, validate. A
+    `saved` config is one bigtrain wrote (a checkpoint's): keys that moved since move along."""
     raw = read_yaml_mapping(path, "config file", "config sections") if path is not None else {}
+    if saved:
+        _move_keys(raw)
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
@@ -309,6 +315,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
 
 def from_dict(raw: dict[str, Any]) -> Config:
     return _build(Config, raw, "").validate()
+
+
+def _move_keys(raw: dict[str, Any]) -> None:
+    for old, new in MOVED_KEYS.items():
+        (old_section, old_key), (new_section, new_key) = old.split("."), new.split(".")
+        section = raw.get(old_section)
+        if isinstance(section, dict) and old_key in section:
+            raw.setdefault(new_section, {}).setdefault(new_key, section.pop(old_key))
 
 
 def save_config(config: Config, path: Path) -> None:
@@ -331,6 +345,8 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     for key in raw:
+        if f"{prefix}{key}" in MOVED_KEYS:
+            raise BigtrainError(f"config key {prefix}{key} is now {MOVED_KEYS[prefix + key]}")
         if key not in names:
             near = difflib.get_close_matches(str(key), names, n=1)
             hint = f"; did you mean {prefix}{near[0]}?" if near else f"; valid keys: {', '.join(names)}"

@@ -92,7 +92,7 @@ def quickstart(out: Path, minutes: float = 5.0, corpus_mb: float | None = None,
         plan = f"{steps} steps"
     cfg.train.steps = steps
     cfg.train.warmup_steps = max(1, min(cfg.train.warmup_steps, steps // 10))
-    cfg.train.eval_every, cfg.train.eval_batches = max(1, steps // 4), 8
+    cfg.eval.val_every, cfg.eval.val_batches = max(1, steps // 4), 8
     cfg.checkpoint.every, cfg.log.every = steps, max(1, min(10, steps // 50))
     cfg.eval.tasks, cfg.eval.every, cfg.eval.limit = [TASK], steps, TASK_LIMIT
     cfg.validate()

@@ -53,20 +53,21 @@ def small_model_config(**overrides) -> ModelConfig:
     return ModelConfig(**{**shape, **overrides})
 
 
-def tiny_config(data, run_dir, *, validate: bool = True, verify_checksums: bool = True, **train) -> Config:
+def tiny_config(data, run_dir, *, val_every: int = 30, validate: bool = True, verify_checksums: bool = True,
+                **train) -> Config:
     """A 60-step single-process run of a 2-layer model on `data` (train_dir, val_dir): seed 7,
-    8 × 64 tokens a step, validation at steps 0, 30 and 60, logs every 10 steps. `train` overrides
-    keys of the train section; `validate=False` leaves validation out and `verify_checksums=False`
-    skips the shards' checksums (tests where only the steps matter)."""
+    8 × 64 tokens a step, validation at step 0, every `val_every` steps and at the end, logs every
+    10 steps. `train` overrides keys of the train section; `validate=False` leaves validation out
+    and `verify_checksums=False` skips the shards' checksums (tests where only the steps matter)."""
     train_dir, val_dir = data
     cfg = from_dict({
         "run": {"name": "t", "dir": str(run_dir), "seed": 7},
         "model": {"vocab_size": 512, "d_model": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "max_seq_len": 64},
         "data": {"path": str(train_dir), "val_path": str(val_dir), "seq_len": 64, "micro_batch": 8},
-        "train": {"steps": 60, "lr": 3e-3, "warmup_steps": 5, "eval_every": 30, "eval_batches": 4,
-                  "device": "cpu", **train},
+        "train": {"steps": 60, "lr": 3e-3, "warmup_steps": 5, "device": "cpu", **train},
         "checkpoint": {"every": 1000},
         "log": {"every": 10},
+        "eval": {"val_every": val_every, "val_batches": 4},
     })
     if not validate:
         cfg.data.val_path = None
@@ -81,10 +82,10 @@ def ranks_config(data, run_dir, n: int = 3) -> dict:
         "run": {"name": "ckpt", "dir": str(run_dir), "seed": 5},
         "model": {"vocab_size": 512, "d_model": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "max_seq_len": 32},
         "data": {"path": str(data[0]), "val_path": str(data[1]), "seq_len": 32, "micro_batch": 4},
-        "train": {"steps": 2 * n, "lr": 3e-3, "warmup_steps": 1, "grad_clip": 1.0, "device": "cpu",
-                  "eval_every": 1000, "eval_batches": 1, "global_batch": 8},
+        "train": {"steps": 2 * n, "lr": 3e-3, "warmup_steps": 1, "grad_clip": 1.0, "device": "cpu", "global_batch": 8},
         "checkpoint": {"every": n},
         "log": {"every": 1},
+        "eval": {"val_every": 1000, "val_batches": 1},
     }
 
 
@@ -96,18 +97,20 @@ def parity_config(data, run_dir, steps: int = 5, global_batch: int = 8) -> dict:
         "model": {"vocab_size": 512, "d_model": 64, "n_layers": 4, "n_heads": 8, "n_kv_heads": 4, "max_seq_len": 32},
         "data": {"path": str(data[0]), "val_path": str(data[1]), "seq_len": 32, "micro_batch": global_batch},
         "train": {"steps": steps, "lr": 3e-3, "warmup_steps": 1, "grad_clip": 1.0, "device": "cpu",
-                  "eval_every": 1000, "eval_batches": 2, "global_batch": global_batch},
+                  "global_batch": global_batch},
         "checkpoint": {"every": 1000},
         "log": {"every": 1},
+        "eval": {"val_every": 1000, "val_batches": 2},
     }
 
 
 SWEEP_BASE = {
     "model": {"vocab_size": 512, "d_model": 32, "n_layers": 1, "n_heads": 2, "n_kv_heads": 1, "max_seq_len": 32},
     "data": {"seq_len": 32, "micro_batch": 4},
-    "train": {"lr": 3e-3, "warmup_steps": 2, "eval_batches": 2, "device": "cpu"},
+    "train": {"lr": 3e-3, "warmup_steps": 2, "device": "cpu"},
     "checkpoint": {"every": 1000},
     "log": {"every": 2},
+    "eval": {"val_batches": 2},
 }
 SWEEP_SHAPES = [{"name": "small", "model.d_model": 16}, {"name": "large", "model.d_model": 48, "model.n_layers": 2}]
 

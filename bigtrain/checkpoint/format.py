@@ -69,7 +69,8 @@ def write_config(checkpoint: Path, config: Config) -> None:
 
 
 def read_config(checkpoint: Path) -> Config:
-    return load_config(checkpoint / CONFIG)
+    """The run's config as the checkpoint saved it (keys renamed since then read under their new names)."""
+    return load_config(checkpoint / CONFIG, saved=True)
 
 
 def parameter_names(cfg: Config) -> list[str]:

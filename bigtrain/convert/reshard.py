@@ -33,7 +33,7 @@ def reshard(checkpoint: str | Path, out: str | Path, overrides: list[str], overw
     """Write `checkpoint` laid out for its config plus `overrides` (e.g. `parallel.tp=1`) to `out`."""
     out = Path(out)
     refuse_existing(out, overwrite)
-    cfg = load_config(open_checkpoint(checkpoint, checksums=False) / fmt.CONFIG, list(overrides))  # sizes, format
+    cfg = load_config(open_checkpoint(checkpoint, checksums=False) / fmt.CONFIG, list(overrides), saved=True)  # sizes, format
     check_layout(cfg, world_size=world_size_for(cfg))
     full = consolidate(checkpoint)
     if full.moments is None:

@@ -152,7 +152,7 @@ def build_train_loader(
 
 
 def build_val_data(data_cfg: DataConfig, seq_len: int) -> Windows | None:
-    """Validation windows in a fixed order (for `eval_batches`), or None when none is configured.
+    """Validation windows in a fixed order (for `eval.val_batches`), or None when none is configured.
 
     From `data.val_path`, or the last `data.val_fraction` of every training dataset (whole
     documents, never seen in training).

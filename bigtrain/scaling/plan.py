@@ -6,7 +6,7 @@ A sweep file is YAML over a base config::
     kind: isoflop                 # or: grid
     base: ../tiny.yaml            # relative to the sweep file
     out: runs/sweeps/cpu-isoflop  # the plan directory (default runs/sweeps/<name>)
-    overrides: {train.eval_batches: 8}        # dotted keys applied to every run
+    overrides: {eval.val_batches: 8}        # dotted keys applied to every run
     # isoflop: every budget C (FLOPs) × every shape; tokens D = C / 6N, steps = D / tokens per step
     budgets: [1.0e+13, 3.0e+13]
     shapes: [{model.d_model: 64, model.n_layers: 2}, {name: wide, model.d_model: 128}]

@@ -19,11 +19,10 @@ def config(data, run_dir) -> dict:
         "run": {"name": "tasks", "dir": str(run_dir), "seed": 5},
         "model": {"vocab_size": 512, "d_model": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "max_seq_len": 64},
         "data": {"path": str(data[0]), "val_path": str(data[1]), "seq_len": 64, "micro_batch": 4},
-        "train": {"steps": 20, "lr": 3e-3, "warmup_steps": 2, "device": "cpu", "eval_every": 1000, "eval_batches": 1,
-                  "global_batch": 8},
+        "train": {"steps": 20, "lr": 3e-3, "warmup_steps": 2, "device": "cpu", "global_batch": 8},
         "checkpoint": {"every": 20},
         "log": {"every": 10},
-        "eval": {"limit": LIMIT, "every": 20},
+        "eval": {"limit": LIMIT, "every": 20, "val_every": 1000, "val_batches": 1},
     }
 
 

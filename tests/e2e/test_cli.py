@@ -66,7 +66,7 @@ def test_eval_generate_and_resume_from_the_cli(quickstart_run, tmp_path):
 
     step = int((run_dir / "checkpoints" / "latest").read_text().strip().split("-")[1])
     proc = bigtrain("train", run_dir / "config.yaml", "run.resume=auto", f"train.steps={step + 3}",
-                    "train.max_minutes=null", "log.every=1", "train.eval_every=1000")
+                    "train.max_minutes=null", "log.every=1", "eval.val_every=1000")
     assert proc.returncode == 0, proc.stderr
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step-{step + 3:07d}"
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -21,7 +21,7 @@ def bigtrain(*args):
 @pytest.fixture(scope="module")
 def run_dir(stdlib_data, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("eval_cli") / "run"
-    train(tiny_config(stdlib_data, run_dir, steps=4, eval_every=1000), console=False)
+    train(tiny_config(stdlib_data, run_dir, steps=4, val_every=1000), console=False)
     return run_dir
 
 

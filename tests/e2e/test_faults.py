@@ -45,7 +45,7 @@ def wait_for(condition, proc, timeout=120.0) -> bool:
 
 
 def test_kill_minus_nine_at_any_moment_loses_at_most_the_unsaved_steps(stdlib_data, tmp_path):
-    cfg = tiny_config(stdlib_data, tmp_path / "run", validate=False, verify_checksums=False, steps=STEPS, eval_every=1000)
+    cfg = tiny_config(stdlib_data, tmp_path / "run", validate=False, verify_checksums=False, steps=STEPS, val_every=1000)
     cfg.checkpoint.every, cfg.log.every, cfg.run.resume = EVERY, 1, "auto"
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
     run_dir, root = tmp_path / "run", tmp_path / "run" / "checkpoints"

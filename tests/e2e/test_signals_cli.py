@@ -15,7 +15,7 @@ from tests.helpers import tiny_config
 
 def test_cli_exits_with_the_preemption_code(stdlib_data, tmp_path):
     run_dir = tmp_path / "run"
-    cfg = tiny_config(stdlib_data, run_dir, steps=100_000, eval_every=100_000)
+    cfg = tiny_config(stdlib_data, run_dir, steps=100_000, val_every=100_000)
     cfg.log.every = 1
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
     proc = subprocess.Popen([sys.executable, "-m", "bigtrain", "train", str(tmp_path / "config.yaml")],
@@ -45,7 +45,7 @@ def test_a_signal_before_training_ends_the_process_at_once(stdlib_data, tmp_path
     """A preemption notice that arrives while `bigtrain train` is still importing torch ends it at
     once with one line and the preemption code: there is nothing to save yet, and nothing is written."""
     run_dir = tmp_path / "run"
-    cfg = tiny_config(stdlib_data, run_dir, steps=100_000, eval_every=100_000)
+    cfg = tiny_config(stdlib_data, run_dir, steps=100_000, val_every=100_000)
     cfg.log.every = 2
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
     proc = subprocess.Popen([sys.executable, "-m", "bigtrain", "train", str(tmp_path / "config.yaml")],

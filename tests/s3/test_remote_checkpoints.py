@@ -20,7 +20,7 @@ STEPS = 8
 
 
 def config(stdlib_data, run_dir, remote, steps=STEPS, every=4, **checkpoint):
-    cfg = tiny_config(stdlib_data, run_dir, validate=False, verify_checksums=False, steps=steps, eval_every=1000, schedule="constant")  # any train.steps
+    cfg = tiny_config(stdlib_data, run_dir, validate=False, verify_checksums=False, steps=steps, val_every=1000, schedule="constant")  # any train.steps
     cfg.checkpoint.every, cfg.checkpoint.remote, cfg.log.every = every, remote, 2
     for key, value in checkpoint.items():
         setattr(cfg.checkpoint, key, value)
@@ -60,7 +60,7 @@ def remote_names(remote):
 @pytest.fixture(scope="module")
 def straight(stdlib_data, tmp_path_factory):
     """The losses of an uninterrupted run of 2 × STEPS steps."""
-    cfg = tiny_config(stdlib_data, tmp_path_factory.mktemp("straight") / "run", validate=False, verify_checksums=False, steps=2 * STEPS, eval_every=1000,
+    cfg = tiny_config(stdlib_data, tmp_path_factory.mktemp("straight") / "run", validate=False, verify_checksums=False, steps=2 * STEPS, val_every=1000,
                       schedule="constant")
     return loop.train(cfg, console=False).losses
 

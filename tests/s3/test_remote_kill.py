@@ -35,7 +35,7 @@ def losses(run_dir) -> dict[int, float]:
 def test_kill_during_an_upload_leaves_a_complete_remote_latest(stdlib_data, s3_server, s3_bucket, tmp_path,
                                                                monkeypatch):
     remote = f"s3://{s3_bucket}/run"
-    cfg = tiny_config(stdlib_data, tmp_path / "killed", validate=False, verify_checksums=False, steps=40, eval_every=1000)
+    cfg = tiny_config(stdlib_data, tmp_path / "killed", validate=False, verify_checksums=False, steps=40, val_every=1000)
     cfg.model = type(cfg.model)(**MODEL)
     cfg.data.micro_batch, cfg.checkpoint.every, cfg.checkpoint.remote, cfg.log.every = 2, 2, remote, 1
     cfg.run.resume, cfg.train.schedule = "auto", "constant"  # constant: the resumed job may stop earlier

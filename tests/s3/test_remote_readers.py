@@ -17,7 +17,7 @@ from tests.helpers import tiny_config
 def remote_run(stdlib_data, s3_bucket, tmp_path, monkeypatch):
     """A 2-step run mirrored to s3://<bucket>/r (checkpoints at steps 1 and 2); the cache in tmp_path."""
     monkeypatch.setenv("BIGTRAIN_CACHE", str(tmp_path / "cache"))
-    cfg = tiny_config(stdlib_data, tmp_path / "run", steps=2, eval_every=1000)
+    cfg = tiny_config(stdlib_data, tmp_path / "run", steps=2, val_every=1000)
     cfg.checkpoint.every, cfg.checkpoint.remote = 1, f"s3://{s3_bucket}/r"
     loop.train(cfg, console=False)
     return cfg.checkpoint.remote, tmp_path / "run" / "checkpoints"

@@ -116,7 +116,7 @@ def test_prepare_format_mds_checks_the_remote_first_and_uploads(stdlib_data, s3_
 
 
 def _streaming_config(data, run_dir: Path, cache: Path, steps: int, every: int, remote=None, sources=()):
-    cfg = tiny_config(data, run_dir, steps=steps, eval_every=1000)
+    cfg = tiny_config(data, run_dir, steps=steps, val_every=1000)
     cfg.data.backend, cfg.data.local, cfg.data.remote = "streaming", str(cache), remote
     cfg.data.sources = [SourceConfig(remote=r, weight=w) for r, w in sources]
     cfg.checkpoint.every = every

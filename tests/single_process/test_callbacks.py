@@ -39,12 +39,12 @@ class Counter(Callback):
 def test_a_callbacks_hooks_cadence_and_state_survive_a_resume(stdlib_data, tmp_path):
     run = tmp_path / "run"
     first = Counter()
-    train(tiny_config(stdlib_data, run, steps=4, eval_every=1000), console=False, callbacks=[first])
+    train(tiny_config(stdlib_data, run, steps=4, val_every=1000), console=False, callbacks=[first])
     assert first.events == [("start", 0), ("logged", 4), ("saved", "step-0000004"), ("end", 4)]
     assert json.loads((run / "checkpoints" / "step-0000004" / "state.json").read_text())["counter_steps"] == 4
 
     second = Counter()
-    cfg = tiny_config(stdlib_data, run, steps=6, eval_every=1000)
+    cfg = tiny_config(stdlib_data, run, steps=6, val_every=1000)
     cfg.run.resume, cfg.log.every = "auto", 1
     train(cfg, console=False, callbacks=[second])
     assert second.steps == 6  # 4 restored from the checkpoint, 2 counted here

@@ -29,14 +29,14 @@ class Evil:
 def saved_run(stdlib_data, tmp_path_factory):
     """A 4-step local run with checkpoints at steps 2 and 4."""
     run_dir = tmp_path_factory.mktemp("saved") / "run"
-    cfg = tiny_config(stdlib_data, run_dir, **STEPS_ONLY, steps=4, eval_every=1000)
+    cfg = tiny_config(stdlib_data, run_dir, **STEPS_ONLY, steps=4, val_every=1000)
     cfg.checkpoint.every = 2
     loop.train(cfg, console=False)
     return cfg, run_dir / "checkpoints" / "step-0000002"
 
 
 def resume_from(saved_run, checkpoint, tmp_path):
-    cfg = tiny_config((saved_run[0].data.path, None), tmp_path / "resumed", **STEPS_ONLY, steps=4, eval_every=1000)
+    cfg = tiny_config((saved_run[0].data.path, None), tmp_path / "resumed", **STEPS_ONLY, steps=4, val_every=1000)
     cfg.run.resume = str(checkpoint)
     return cfg
 
@@ -99,7 +99,7 @@ def poison(monkeypatch, steps, factor=float("nan")):
 
 def test_nan_steps_are_skipped_and_counted(stdlib_data, tmp_path, monkeypatch):
     poison(monkeypatch, {3, 4})
-    cfg = tiny_config(stdlib_data, tmp_path / "run", **STEPS_ONLY, steps=6, eval_every=1000)
+    cfg = tiny_config(stdlib_data, tmp_path / "run", **STEPS_ONLY, steps=6, val_every=1000)
     cfg.log.every, cfg.checkpoint.every = 1, 1
     result = loop.train(cfg, console=False)
     steps = [r for r in read_metrics(tmp_path / "run") if "loss" in r]
@@ -117,7 +117,7 @@ def test_nan_steps_are_skipped_and_counted(stdlib_data, tmp_path, monkeypatch):
 @pytest.mark.parametrize("policy", ["skip", "stop"])
 def test_too_many_bad_steps_stop_with_the_last_good_checkpoint(policy, stdlib_data, tmp_path, monkeypatch):
     poison(monkeypatch, set(range(4, 100)), factor=float("inf"))
-    cfg = tiny_config(stdlib_data, tmp_path / "run", **STEPS_ONLY, steps=12, eval_every=1000, nonfinite=policy, max_bad_steps=3)
+    cfg = tiny_config(stdlib_data, tmp_path / "run", **STEPS_ONLY, steps=12, val_every=1000, nonfinite=policy, max_bad_steps=3)
     cfg.log.every, cfg.checkpoint.every = 1, 3
     last_step = 6 if policy == "skip" else 4
     expected = (f"{last_step - 3} bad step\\(s\\) in a row up to step {last_step} .*stopped; the last good checkpoint "
@@ -129,7 +129,7 @@ def test_too_many_bad_steps_stop_with_the_last_good_checkpoint(policy, stdlib_da
 
 def test_loss_spike_is_skipped(stdlib_data, tmp_path, monkeypatch):
     poison(monkeypatch, {5}, factor=30.0)  # finite, but a far larger loss
-    cfg = tiny_config(stdlib_data, tmp_path / "run", **STEPS_ONLY, steps=6, eval_every=1000, spike_factor=2.0)
+    cfg = tiny_config(stdlib_data, tmp_path / "run", **STEPS_ONLY, steps=6, val_every=1000, spike_factor=2.0)
     cfg.log.every = 1
     loop.train(cfg, console=False)
     steps = [r for r in read_metrics(tmp_path / "run") if "loss" in r]
@@ -197,7 +197,7 @@ def test_a_flipped_byte_is_refused_naming_the_file_and_the_previous_checkpoint(v
     shutil.copytree(run_dir, tmp_path / "run")
     newest = tmp_path / "run" / "checkpoints" / "step-0000004"
     flip_byte(newest / victim)
-    cfg = tiny_config((saved_run[0].data.path, None), tmp_path / "run", **STEPS_ONLY, steps=6, eval_every=1000)
+    cfg = tiny_config((saved_run[0].data.path, None), tmp_path / "run", **STEPS_ONLY, steps=6, val_every=1000)
     cfg.run.resume = "auto"
     previous = tmp_path / "run" / "checkpoints" / "step-0000002"
     expected = (f"checkpoint {newest} is damaged: {victim} does not match the crc32c it was written with; "
@@ -236,10 +236,10 @@ def test_a_save_that_runs_out_of_space_ends_the_run_and_keeps_latest(stdlib_data
 
     import yaml
 
-    cfg = tiny_config(stdlib_data, tmp_path / "run", **STEPS_ONLY, steps=4, eval_every=1000)
+    cfg = tiny_config(stdlib_data, tmp_path / "run", **STEPS_ONLY, steps=4, val_every=1000)
     cfg.checkpoint.every, cfg.log.every, cfg.run.resume = 2, 1, "auto"
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
-    straight = loop.train(tiny_config(stdlib_data, tmp_path / "straight", **STEPS_ONLY, steps=4, eval_every=1000), console=False)
+    straight = loop.train(tiny_config(stdlib_data, tmp_path / "straight", **STEPS_ONLY, steps=4, val_every=1000), console=False)
 
     def run(limit, *extra):
         return subprocess.run([sys.executable, "-c", FULL_DISK_TRAINER, str(limit), str(tmp_path / "config.yaml"),

@@ -29,7 +29,7 @@ def test_from_hf_matches_and_trains_with_init_from(stdlib_data, tmp_path):
 
     # continued pretraining starts from these weights: with an lr too small to move an fp32 weight
     # (|w| ~ 1e-2 has an ulp of ~1e-9) they come out unchanged
-    train = tiny_config(stdlib_data, tmp_path / "run", validate=False, verify_checksums=False, steps=2, eval_every=1000, lr=1e-30, warmup_steps=0)
+    train = tiny_config(stdlib_data, tmp_path / "run", validate=False, verify_checksums=False, steps=2, val_every=1000, lr=1e-30, warmup_steps=0)
     train.model = cfg.model
     train.model.init_from = str(tmp_path / "bt")
     result = loop.train(train, console=False)
@@ -41,7 +41,7 @@ def test_from_hf_matches_and_trains_with_init_from(stdlib_data, tmp_path):
 
 
 def test_to_hf_of_a_local_checkpoint_loads_in_transformers(stdlib_data, tmp_path):
-    cfg = tiny_config(stdlib_data, tmp_path / "run", validate=False, verify_checksums=False, steps=2, eval_every=1000)
+    cfg = tiny_config(stdlib_data, tmp_path / "run", validate=False, verify_checksums=False, steps=2, val_every=1000)
     cfg.model.tie_embeddings = True
     checkpoint = loop.train(cfg, console=False).checkpoint
     out = tmp_path / "hf"
@@ -64,7 +64,7 @@ def test_to_hf_of_a_local_checkpoint_loads_in_transformers(stdlib_data, tmp_path
 
 
 def test_reshard_refuses_an_impossible_layout(stdlib_data, tmp_path, capsys):
-    cfg = tiny_config(stdlib_data, tmp_path / "run", steps=1, eval_every=1000)
+    cfg = tiny_config(stdlib_data, tmp_path / "run", steps=1, val_every=1000)
     result = loop.train(cfg, console=False)
     code = main(["convert", "reshard", str(result.checkpoint), str(tmp_path / "out"),
                  "parallel.engine=deepspeed", "parallel.tp=3"])

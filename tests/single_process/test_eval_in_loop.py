@@ -25,10 +25,10 @@ def run(stdlib_data, tmp_path_factory):
         "run": {"name": "tasks", "dir": str(run_dir), "seed": 7},
         "model": {"vocab_size": 512, "d_model": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "max_seq_len": 256},
         "data": {"path": str(stdlib_data[0]), "val_path": str(stdlib_data[1]), "seq_len": 128, "micro_batch": 16},
-        "train": {"steps": STEPS, "lr": 3e-3, "warmup_steps": 10, "eval_every": 1000, "eval_batches": 2, "device": "cpu"},
+        "train": {"steps": STEPS, "lr": 3e-3, "warmup_steps": 10, "device": "cpu"},
         "checkpoint": {"every": STEPS},
         "log": {"every": 100, "wandb": {"mode": "offline", "project": "tasks-test"}},
-        "eval": {"tasks": ["python_next_line"], "every": EVERY, "limit": LIMIT},
+        "eval": {"tasks": ["python_next_line"], "every": EVERY, "limit": LIMIT, "val_every": 1000, "val_batches": 2},
     })
     result = train(cfg, console=False)
     return result, run_dir

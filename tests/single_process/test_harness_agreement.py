@@ -31,7 +31,7 @@ def both(stdlib_data, tmp_path_factory):
     from lm_eval.models.huggingface import HFLM
 
     tmp = tmp_path_factory.mktemp("agree")
-    cfg = tiny_config(stdlib_data, tmp / "run", validate=False, verify_checksums=False, steps=150, eval_every=1000)
+    cfg = tiny_config(stdlib_data, tmp / "run", validate=False, verify_checksums=False, steps=150, val_every=1000)
     cfg.model.max_seq_len = cfg.data.seq_len = 128  # the longest documents are cut from the left
     checkpoint = loop.train(cfg, console=False).checkpoint
     assert main(["convert", "to-hf", str(checkpoint), str(tmp / "hf")]) == 0

@@ -45,7 +45,7 @@ def test_freed_blocks_are_reused_instead_of_faulted_in_again():
 @pytest.mark.skipif(sys.platform != "linux", reason="glibc's allocator")
 def test_training_reuses_freed_memory_unless_switched_off(stdlib_data, tmp_path):
     def after_training(name, **switches) -> int:
-        cfg = tiny_config(stdlib_data, tmp_path / name, validate=False, verify_checksums=False, steps=1, eval_every=1000, **switches)
+        cfg = tiny_config(stdlib_data, tmp_path / name, validate=False, verify_checksums=False, steps=1, val_every=1000, **switches)
         return page_faults("train", json.dumps(cfg.to_dict()))
 
     assert after_training("default") <= 2 * PAGES  # on by default

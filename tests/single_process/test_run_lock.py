@@ -69,7 +69,7 @@ def test_wait_lock_waits_for_the_holder(tmp_path):
 
 
 def test_train_refuses_a_locked_run_directory_and_changes_nothing(stdlib_data, tmp_path, capsys):
-    cfg = tiny_config(stdlib_data, tmp_path / "run", validate=False, verify_checksums=False, steps=2, eval_every=1000)
+    cfg = tiny_config(stdlib_data, tmp_path / "run", validate=False, verify_checksums=False, steps=2, val_every=1000)
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
     holder = hold(tmp_path / "run", 600)
     try:

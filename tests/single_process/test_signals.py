@@ -38,9 +38,9 @@ def signalling_engine(monkeypatch, at_step: int):
 
 
 def test_signal_saves_at_the_next_logging_step_and_resume_is_exact(stdlib_data, tmp_path, monkeypatch):
-    straight = train(tiny_config(stdlib_data, tmp_path / "straight", steps=6, eval_every=1000), console=False)
+    straight = train(tiny_config(stdlib_data, tmp_path / "straight", steps=6, val_every=1000), console=False)
 
-    cfg = tiny_config(stdlib_data, tmp_path / "run", steps=6, eval_every=1000)
+    cfg = tiny_config(stdlib_data, tmp_path / "run", steps=6, val_every=1000)
     cfg.log.every = 2  # the signal comes during step 3: it is honoured at step 4
     handlers = {s: signal.getsignal(s) for s in (signal.SIGUSR1, signal.SIGTERM)}
     with monkeypatch.context() as patch:

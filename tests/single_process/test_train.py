@@ -38,14 +38,14 @@ def test_grad_accumulation_matches_larger_micro_batch(stdlib_data, tmp_path):
 
 
 def test_resume_is_bitwise_identical(stdlib_data, tmp_path):
-    straight = train(tiny_config(stdlib_data, tmp_path / "straight", steps=12, eval_every=1000), console=False)
+    straight = train(tiny_config(stdlib_data, tmp_path / "straight", steps=12, val_every=1000), console=False)
 
-    first = tiny_config(stdlib_data, tmp_path / "resumed", steps=12, eval_every=1000)
+    first = tiny_config(stdlib_data, tmp_path / "resumed", steps=12, val_every=1000)
     first.checkpoint.every = 6
     head = train(first, console=False)  # runs all 12 steps, saving at 6 and 12
     assert head.losses == straight.losses
     # now resume from step 6 in a fresh run directory that only holds the step-6 checkpoint
-    second = tiny_config(stdlib_data, tmp_path / "second", steps=12, eval_every=1000)
+    second = tiny_config(stdlib_data, tmp_path / "second", steps=12, val_every=1000)
     second.run.resume = str(tmp_path / "resumed" / "checkpoints" / "step-0000006")
     tail = train(second, console=False)
     assert tail.losses == straight.losses[6:]  # bitwise: same floats
@@ -55,7 +55,7 @@ def test_resume_is_bitwise_identical(stdlib_data, tmp_path):
 
 
 def test_resume_auto_continues_and_refuses_to_restart(stdlib_data, tmp_path):
-    cfg = tiny_config(stdlib_data, tmp_path / "run", steps=6, eval_every=1000)
+    cfg = tiny_config(stdlib_data, tmp_path / "run", steps=6, val_every=1000)
     train(cfg, console=False)
     cfg.train.steps = 10
     with pytest.raises(BigtrainError, match="already has checkpoints; pass run.resume=auto"):
@@ -79,7 +79,7 @@ def test_streaming_backend_trains_and_resumes_exactly(stdlib_data, tmp_path):
     write_mds(stdlib_data[0], tmp_path / "bucket", 64)  # a directory standing in for s3://
 
     def streaming_config(name, **overrides):
-        cfg = tiny_config(stdlib_data, tmp_path / name, steps=8, eval_every=1000, **overrides)
+        cfg = tiny_config(stdlib_data, tmp_path / name, steps=8, val_every=1000, **overrides)
         cfg.data.backend, cfg.data.remote, cfg.data.local = "streaming", str(tmp_path / "bucket"), str(tmp_path / f"cache-{name}")
         cfg.checkpoint.every = 4
         return cfg
@@ -99,7 +99,7 @@ def test_streaming_mixture_trains_and_resumes_exactly(stdlib_data, tmp_path):
         write_mds(prepared, tmp_path / f"bucket{k}", 64)
 
     def mixture_config(name):
-        cfg = tiny_config(stdlib_data, tmp_path / name, steps=4, eval_every=1000)
+        cfg = tiny_config(stdlib_data, tmp_path / name, steps=4, val_every=1000)
         cfg.data.backend, cfg.data.local = "streaming", str(tmp_path / f"cache-{name}")
         cfg.data.sources = [SourceConfig(remote=str(tmp_path / f"bucket{k}"), weight=w) for k, w in ((0, 3.0), (1, 1.0))]
         cfg.checkpoint.every = 2
@@ -118,7 +118,7 @@ def test_streaming_mixture_trains_and_resumes_exactly(stdlib_data, tmp_path):
 
 def test_run_seed_decides_the_initial_weights_and_the_losses(stdlib_data, tmp_path):
     def run(name, seed):
-        cfg = tiny_config(stdlib_data, tmp_path / name, steps=3, eval_every=1000)
+        cfg = tiny_config(stdlib_data, tmp_path / name, steps=3, val_every=1000)
         cfg.run.seed = seed
         return train(cfg, console=False)
 

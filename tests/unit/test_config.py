@@ -186,3 +186,19 @@ def test_bounds_and_unset_optional_keys_are_accepted():
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_config_loads(path):
     assert load_config(path).run.name == path.stem
+
+
+@pytest.mark.parametrize("old, new", [("train.eval_every", "eval.val_every"), ("train.eval_batches", "eval.val_batches")])
+def test_a_moved_key_names_its_new_place(tmp_path, old, new):
+    with pytest.raises(BigtrainError, match=rf"^config key {old} is now {new}$"):
+        load_config(None, [f"{old}=5"])
+    section, key = old.split(".")
+    (tmp_path / "c.yaml").write_text(f"{section}:\n  {key}: 5\n")
+    with pytest.raises(BigtrainError, match=rf"^config key {old} is now {new}$"):
+        load_config(tmp_path / "c.yaml")
+
+
+def test_a_checkpoints_config_written_before_a_move_still_loads(tmp_path):
+    (tmp_path / "config.yaml").write_text("train:\n  steps: 9\n  eval_every: 7\n  eval_batches: 3\n")
+    cfg = load_config(tmp_path / "config.yaml", saved=True)
+    assert (cfg.train.steps, cfg.eval.val_every, cfg.eval.val_batches) == (9, 7, 3)

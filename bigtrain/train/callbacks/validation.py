@@ -1,5 +1,5 @@
 """Validation loss and perplexity on the held-out windows (`data.val`): before the first step,
-every `train.eval_every` steps and at the end; data-parallel ranks share the windows."""
+every `eval.val_every` steps and at the end; data-parallel ranks share the windows."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ class Validation(Callback):
             self.first = self.last = self.validate(run)
 
     def after_step(self, run: Run, ending: str | None) -> None:
-        if run.step % run.cfg.train.eval_every == 0 or ending in ("done", "out_of_time"):
+        if run.step % run.cfg.eval.val_every == 0 or ending in ("done", "out_of_time"):
             self.last = self.validate(run)
 
     def validate(self, run: Run) -> EvalResult | None:
@@ -30,6 +30,6 @@ class Validation(Callback):
             return None
         cfg, engine, comm = run.cfg, run.engine, run.comm
         result = evaluate(engine.eval_loss, self.data, cfg.data.micro_batch,
-                          cfg.train.eval_batches * run.global_batch, comm.dp_rank, comm.dp_size, comm.sum_across_dp)
+                          cfg.eval.val_batches * run.global_batch, comm.dp_rank, comm.dp_size, comm.sum_across_dp)
         run.log({"step": run.step, "tokens": run.tokens, "val_loss": result.loss, "val_perplexity": result.perplexity})
         return result
