@@ -120,9 +120,9 @@ def train(cfg: Config, console: bool = True, stop: StopRequest | None = None,
     before anything in it is read. A signal before the loop starts ends the process at once;
     SIGUSR1/SIGTERM during training (caught by `stop`, or from this call on) make it save at the
     next logging step and return with `preempted` set. `callbacks` run after the built-in ones
-    (`bigtrain/train/callbacks/`), their state saved in and restored from checkpoints.
-    When another rank dies or freezes the
-    process group is broken: this process prints one line naming it and exits (status 1) at once."""
+    (`bigtrain/train/callbacks/`), their state saved in and restored from checkpoints. When another
+    rank dies or freezes, the process group is broken: this process prints one line naming that
+    rank and exits (status 1) at once."""
     check_layout(cfg, process_env().world_size)  # before touching data or starting processes
     resolve_precision(cfg.train.precision, pick_device(cfg.train.device), cfg.parallel.engine)  # and before any model
     check_remote_data(cfg.data)  # an unreadable bucket fails here, before processes or the model
