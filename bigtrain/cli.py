@@ -134,8 +134,7 @@ def eval_task_suite(args: argparse.Namespace):
 def eval_perplexity(args: argparse.Namespace, model, cfg, checkpoint: Path) -> None:
     from bigtrain.config import TrainConfig
     from bigtrain.data.build import build_val_data
-    from bigtrain.engine.local import LocalEngine, parallelize_local
-    from bigtrain.engine.update_gate import UpdateGate
+    from bigtrain.engine.local import local_engine
     from bigtrain.eval.perplexity import evaluate
 
     if args.data:
@@ -144,8 +143,7 @@ def eval_perplexity(args: argparse.Namespace, model, cfg, checkpoint: Path) -> N
     if data is None:
         raise BigtrainError(f"{checkpoint} was trained without validation data; pass --data DIR")
     data_dir = args.data or cfg.data.val_path or f"the held-out {cfg.data.val_fraction:g} of the training data"
-    train = TrainConfig(device=args.device)
-    engine = LocalEngine(parallelize_local(model, train), train, UpdateGate(train.spike_factor))
+    engine = local_engine(model, TrainConfig(device=args.device))
     max_windows = None if args.max_batches is None else args.max_batches * cfg.data.micro_batch
     result = evaluate(engine.eval_loss, data, cfg.data.micro_batch, max_windows)
     print(f"{checkpoint}: loss {result.loss:.4f}, perplexity {result.perplexity:.3f} over {result.tokens:,} tokens of {data_dir}")

@@ -22,8 +22,7 @@ from bigtrain.data.prepare import iter_documents, prepare
 from bigtrain.data.shards import MANIFEST
 from bigtrain.data.tokenizer import TextTokenizer
 from bigtrain.engine.device import pick_device
-from bigtrain.engine.local import LocalEngine, parallelize_local
-from bigtrain.engine.update_gate import UpdateGate
+from bigtrain.engine.local import local_engine
 from bigtrain.errors import BigtrainError
 from bigtrain.eval.generate import generate
 from bigtrain.model import Llama
@@ -59,8 +58,7 @@ def prepare_default_data(data_dir: Path, vocab_size: int, corpus_mb: float | Non
 def seconds_per_step(cfg: Config, warmup: int = 2, timed: int = 3) -> float:
     """Time optimiser steps of the configured model on random tokens, after a warm-up."""
     set_determinism(0, cfg.train)
-    train = TrainConfig(device=cfg.train.device)
-    engine = LocalEngine(parallelize_local(Llama(cfg.model), train), train, UpdateGate(train.spike_factor))
+    engine = local_engine(Llama(cfg.model), TrainConfig(device=cfg.train.device))
     batch = torch.randint(0, cfg.model.vocab_size, (cfg.data.micro_batch, cfg.data.seq_len + 1))
     for _ in range(warmup):
         engine.train_step([batch] * cfg.train.grad_accum, 1e-4)

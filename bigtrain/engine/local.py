@@ -22,13 +22,16 @@ from bigtrain.model import Llama
 from bigtrain.parallel.parallelize import parallelize
 
 
-def parallelize_local(model: Llama, train: TrainConfig, parallel: ParallelConfig | None = None) -> Llama:
-    """`parallelize` a whole model for the local engine (tp = sp = 1): float8 linears when
-    `train.precision` resolves to fp8 on this device, activation checkpointing, compile."""
+def local_engine(model: Llama, train: TrainConfig, parallel: ParallelConfig | None = None,
+                 gate: UpdateGate | None = None) -> LocalEngine:
+    """`parallelize` a whole model (tp = sp = 1: float8 linears when `train.precision` resolves to
+    fp8 on this device, activation checkpointing, compile), then wrap it; `gate` defaults to one
+    of `train.spike_factor`."""
     device = pick_device(train.device)
     cfg = Config(model=model.cfg, train=train, parallel=parallel or ParallelConfig())
     fp8 = resolve_precision(train.precision, device, "local") == "fp8"
-    return Llama(model.cfg, parallelize(model.layers, cfg, fp8=fp8, compile=compile_enabled(train.compile, device)))
+    layers = parallelize(model.layers, cfg, fp8=fp8, compile=compile_enabled(train.compile, device))
+    return LocalEngine(Llama(model.cfg, layers), train, gate or UpdateGate(train.spike_factor))
 
 
 class LocalEngine:

@@ -17,16 +17,14 @@ from bigtrain.config import Config, TrainConfig, save_config
 from bigtrain.data.build import build_train_loader, check_remote_data
 from bigtrain.data.prefetch import Prefetcher
 from bigtrain.distributed import agreement, heartbeat
-from bigtrain.distributed.timing import PhaseTimer
 from bigtrain.distributed.topology import init_processes, process_env
 from bigtrain.engine.contract import Engine, StepOutput
 from bigtrain.engine.device import (
     deterministic_enabled,
     pick_device,
-    rank_device,
     resolve_precision,
 )
-from bigtrain.engine.local import LocalEngine, parallelize_local
+from bigtrain.engine.local import local_engine
 from bigtrain.engine.update_gate import UpdateGate
 from bigtrain.errors import BigtrainError
 from bigtrain.eval.perplexity import EvalResult
@@ -98,17 +96,16 @@ def build_engine(cfg: Config, gate: UpdateGate, init_from: str | None = None) ->
         model = Llama(cfg.model)
         if init_file:
             ckpt.load_initial_weights(model, init_file)
-        return LocalEngine(parallelize_local(model, cfg.train, cfg.parallel), cfg.train, gate)
+        return local_engine(model, cfg.train, cfg.parallel, gate)
     if pick_device(cfg.train.device).type == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed picks its accelerator when first imported
-    from bigtrain.engine.deepspeed.engine import DeepSpeedEngine  # imports DeepSpeed: slow
+    from bigtrain.engine.deepspeed.engine import deepspeed_engine  # imports DeepSpeed: slow
     from bigtrain.engine.deepspeed.grid import init_topology
-    from bigtrain.engine.deepspeed.stages import build_layers, parallelize_stage
+    from bigtrain.engine.deepspeed.stages import build_layers
 
     topology = init_topology(cfg)
-    timer = PhaseTimer(rank_device(cfg.train.device))  # sequence parallelism and the engine share it
     layers = build_layers(cfg.model, topology, init_file)  # this rank's share only, one layer at a time
-    return DeepSpeedEngine(parallelize_stage(layers, cfg, topology, timer), cfg, topology, gate, timer)
+    return deepspeed_engine(layers, cfg, topology, gate)
 
 
 def train(cfg: Config, console: bool = True, stop: StopRequest | None = None,

@@ -13,18 +13,15 @@ from pathlib import Path
 import torch
 
 from bigtrain.config import load_config
-from bigtrain.distributed.timing import PhaseTimer
-from bigtrain.engine.deepspeed.engine import DeepSpeedEngine
+from bigtrain.engine.deepspeed.engine import deepspeed_engine
 from bigtrain.engine.deepspeed.grid import init_topology
-from bigtrain.engine.deepspeed.stages import owned_layers, parallelize_stage
+from bigtrain.engine.deepspeed.stages import owned_layers
 from bigtrain.engine.update_gate import UpdateGate
 from bigtrain.model import Llama, count_params
 
 cfg = load_config(sys.argv[1], sys.argv[3:])
 topology = init_topology(cfg)
-timer = PhaseTimer(torch.device("cpu"))
-stage = parallelize_stage(owned_layers(Llama(cfg.model), topology), cfg, topology, timer)
-engine = DeepSpeedEngine(stage, cfg, topology, UpdateGate(cfg.train.spike_factor), timer)
+engine = deepspeed_engine(owned_layers(Llama(cfg.model), topology), cfg, topology, UpdateGate(cfg.train.spike_factor))
 zero = engine.engine.optimizer
 params = list(engine.model.parameters())
 fp32_partitions = list(getattr(zero, "single_partition_of_fp32_groups", getattr(zero, "fp32_partitioned_groups_flat", [])))

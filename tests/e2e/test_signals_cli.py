@@ -13,13 +13,19 @@ from bigtrain.train.signals import PREEMPTED_EXIT_CODE
 from tests.helpers import tiny_config
 
 
-def test_cli_exits_with_the_preemption_code(stdlib_data, tmp_path):
+def start_training(stdlib_data, tmp_path, log_every: int) -> tuple[subprocess.Popen, object]:
+    """`bigtrain train` of an endless tiny run, started: (the process, its run directory)."""
     run_dir = tmp_path / "run"
     cfg = tiny_config(stdlib_data, run_dir, steps=100_000, val_every=100_000)
-    cfg.log.every = 1
+    cfg.log.every = log_every
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
     proc = subprocess.Popen([sys.executable, "-m", "bigtrain", "train", str(tmp_path / "config.yaml")],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return proc, run_dir
+
+
+def test_cli_exits_with_the_preemption_code(stdlib_data, tmp_path):
+    proc, run_dir = start_training(stdlib_data, tmp_path, log_every=1)
     metrics, deadline = run_dir / "metrics.jsonl", time.monotonic() + 120
     while not (metrics.exists() and metrics.read_text().count("\n") >= 2):
         assert proc.poll() is None and time.monotonic() < deadline
@@ -44,12 +50,7 @@ def catches(pid: int, sig: signal.Signals) -> bool:
 def test_a_signal_before_training_ends_the_process_at_once(stdlib_data, tmp_path):
     """A preemption notice that arrives while `bigtrain train` is still importing torch ends it at
     once with one line and the preemption code: there is nothing to save yet, and nothing is written."""
-    run_dir = tmp_path / "run"
-    cfg = tiny_config(stdlib_data, run_dir, steps=100_000, val_every=100_000)
-    cfg.log.every = 2
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
-    proc = subprocess.Popen([sys.executable, "-m", "bigtrain", "train", str(tmp_path / "config.yaml")],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc, run_dir = start_training(stdlib_data, tmp_path, log_every=2)
     deadline = time.monotonic() + 60
     while not catches(proc.pid, signal.SIGUSR1):
         assert proc.poll() is None and time.monotonic() < deadline

@@ -4,8 +4,7 @@ import pytest
 import torch
 
 from bigtrain.config import TrainConfig
-from bigtrain.engine.local import LocalEngine, parallelize_local
-from bigtrain.engine.update_gate import UpdateGate
+from bigtrain.engine.local import LocalEngine, local_engine
 from bigtrain.model import Llama
 from tests.helpers import small_model_config
 
@@ -13,7 +12,7 @@ from tests.helpers import small_model_config
 def run(steps: int = 3, **switches) -> tuple[LocalEngine, list[float]]:
     torch.manual_seed(0)
     train = TrainConfig(device="cpu", lr=1e-2, **switches)
-    engine = LocalEngine(parallelize_local(Llama(small_model_config()), train), train, UpdateGate(train.spike_factor))
+    engine = local_engine(Llama(small_model_config()), train)
     batch = torch.randint(0, 97, (4, 17), generator=torch.Generator().manual_seed(1))
     return engine, [engine.train_step([batch], 1e-2).loss.item() for _ in range(steps)]
 

@@ -33,9 +33,8 @@ import torch
 from common import load_average, record
 
 from bigtrain.config import Config, ModelConfig, load_config
-from bigtrain.distributed.timing import PhaseTimer
-from bigtrain.engine.device import autocast_for, rank_device
-from bigtrain.engine.local import LocalEngine, parallelize_local
+from bigtrain.engine.device import autocast_for
+from bigtrain.engine.local import local_engine
 from bigtrain.engine.optimizer import build_adamw
 from bigtrain.engine.update_gate import UpdateGate
 from bigtrain.model import Llama, count_params, flops_per_token
@@ -107,18 +106,15 @@ class BigtrainSide:
     def __init__(self, cfg: Config, state: dict[str, torch.Tensor]):
         model = Llama(cfg.model)
         model.load_state_dict(state)
-        gate = UpdateGate(cfg.train.spike_factor)
         if cfg.parallel.engine == "local":
-            self.engine = LocalEngine(parallelize_local(model, cfg.train), cfg.train, gate)
+            self.engine = local_engine(model, cfg.train)
         else:
-            from bigtrain.engine.deepspeed.engine import DeepSpeedEngine
+            from bigtrain.engine.deepspeed.engine import deepspeed_engine
             from bigtrain.engine.deepspeed.grid import init_topology
-            from bigtrain.engine.deepspeed.stages import owned_layers, parallelize_stage
+            from bigtrain.engine.deepspeed.stages import owned_layers
 
             topology = init_topology(cfg)
-            timer = PhaseTimer(rank_device(cfg.train.device))
-            stage = parallelize_stage(owned_layers(model, topology), cfg, topology, timer)
-            self.engine = DeepSpeedEngine(stage, cfg, topology, gate, timer)
+            self.engine = deepspeed_engine(owned_layers(model, topology), cfg, topology, UpdateGate(cfg.train.spike_factor))
 
     def train_step(self, micro_batches: list[torch.Tensor], lr: float) -> torch.Tensor:
         return self.engine.train_step(micro_batches, lr).loss

@@ -153,12 +153,11 @@ def engine_with_optimizer_state(config: str):
     import torch
 
     from bigtrain.config import load_config
-    from bigtrain.engine.local import LocalEngine, parallelize_local
-    from bigtrain.engine.update_gate import UpdateGate
+    from bigtrain.engine.local import local_engine
     from bigtrain.model import Llama
 
     cfg = load_config(config, ["train.device=cpu", "train.precision=fp32"])
-    engine = LocalEngine(parallelize_local(Llama(cfg.model), cfg.train), cfg.train, UpdateGate(cfg.train.spike_factor))
+    engine = local_engine(Llama(cfg.model), cfg.train)
     for p in engine.model.parameters():
         p.grad = torch.zeros_like(p)
     engine.optimizer.step()

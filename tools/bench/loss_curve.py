@@ -21,8 +21,7 @@ import torch
 from bigtrain.config import load_config
 from bigtrain.data.corpus import write_default_corpus
 from bigtrain.data.prepare import iter_documents
-from bigtrain.engine.local import LocalEngine, parallelize_local
-from bigtrain.engine.update_gate import UpdateGate
+from bigtrain.engine.local import local_engine
 from bigtrain.model import Llama
 from bigtrain.train.schedule import lr_at
 
@@ -65,7 +64,7 @@ def main() -> None:
                                           f"data.seq_len={args.seq_len}", f"train.device={args.device}"])
     batches = byte_batches(args.steps, args.micro_batch, args.seq_len)
     torch.manual_seed(cfg.run.seed)
-    engine = LocalEngine(parallelize_local(Llama(cfg.model), cfg.train), cfg.train, UpdateGate(cfg.train.spike_factor))
+    engine = local_engine(Llama(cfg.model), cfg.train)
     losses, started = [], None
     for step in range(args.steps):
         if step == TIMED_FROM:

@@ -4,6 +4,7 @@ sequence parallelism included); its changes to DeepSpeed are `patches.py`'s."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from functools import partial
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import safetensors.torch
 import torch
 import torch.distributed as dist
 from deepspeed.runtime.utils import clip_grad_norm_
+from torch import nn
 
 from bigtrain import compat
 from bigtrain.checkpoint import format as fmt
@@ -31,7 +33,7 @@ from bigtrain.engine.deepspeed.patches import (
     send_whole_activations,
     time_pipeline_instructions,
 )
-from bigtrain.engine.deepspeed.stages import Stage
+from bigtrain.engine.deepspeed.stages import Stage, parallelize_stage
 from bigtrain.engine.device import rank_device
 from bigtrain.engine.optimizer import build_adamw
 from bigtrain.engine.update_gate import UpdateGate
@@ -41,6 +43,12 @@ from bigtrain.parallel.deepspeed_ulysses import sequence_mean, sequence_slice
 from bigtrain.parallel.vocab_parallel_loss import vocab_parallel_cross_entropy
 
 TAG = fmt.DEEPSPEED  # DeepSpeed's sub-directory inside a bigtrain checkpoint, and its tag
+
+
+def deepspeed_engine(layers: Iterable[nn.Module], cfg: Config, topology: Topology, gate: UpdateGate) -> DeepSpeedEngine:
+    """`parallelize` this rank's layers, each as it arrives, then wrap them."""
+    timer = PhaseTimer(rank_device(cfg.train.device))  # sequence parallelism and the engine share it
+    return DeepSpeedEngine(parallelize_stage(layers, cfg, topology, timer), cfg, topology, gate, timer)
 
 
 class DeepSpeedEngine:
