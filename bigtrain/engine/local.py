@@ -16,6 +16,7 @@ from bigtrain.distributed.communicator import LoneProcess
 from bigtrain.distributed.timing import PhaseTimer
 from bigtrain.engine.contract import StepOutput
 from bigtrain.engine.device import autocast_for, compile_enabled, pick_device, resolve_precision
+from bigtrain.engine.materialize import Materializer
 from bigtrain.engine.optimizer import build_adamw
 from bigtrain.engine.update_gate import UpdateGate
 from bigtrain.model import Llama
@@ -23,14 +24,15 @@ from bigtrain.parallel.parallelize import parallelize
 
 
 def local_engine(model: Llama, train: TrainConfig, parallel: ParallelConfig | None = None,
-                 gate: UpdateGate | None = None) -> LocalEngine:
+                 gate: UpdateGate | None = None, materialize: Materializer | None = None) -> LocalEngine:
     """`parallelize` a whole model (tp = sp = 1: float8 linears when `train.precision` resolves to
     fp8 on this device, activation checkpointing, compile), then wrap it; `gate` defaults to one
-    of `train.spike_factor`."""
+    of `train.spike_factor`. A model on the meta device gets its values from `materialize`."""
     device = pick_device(train.device)
     cfg = Config(model=model.cfg, train=train, parallel=parallel or ParallelConfig())
     fp8 = resolve_precision(train.precision, device, "local") == "fp8"
-    layers = parallelize(model.layers, cfg, fp8=fp8, compile=compile_enabled(train.compile, device))
+    layers = parallelize(model.layers, cfg, fp8=fp8, compile=compile_enabled(train.compile, device),
+                         materialize=materialize)
     return LocalEngine(Llama(model.cfg, layers), train, gate or UpdateGate(train.spike_factor))
 
 
@@ -42,7 +44,8 @@ class LocalEngine:
 
     def __init__(self, model: nn.Module, cfg: TrainConfig, gate: UpdateGate):
         """`model` is whole and already parallelized (`parallelize`: fp8, checkpointing, compile);
-        `gate` decides which updates to skip."""
+        `gate` decides which updates to skip. A model built elsewhere is moved to the device (a
+        built one is there already)."""
         self.device = pick_device(cfg.device)
         self.timer = PhaseTimer(self.device)
         self.model = model.to(self.device)

@@ -7,8 +7,9 @@ DeepSpeed ZeRO, or cut into pipeline stages. No parallelism lives in this file. 
 
 from __future__ import annotations
 
+import hashlib
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -100,7 +101,8 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block; carries its own RoPE tables so it stands alone in a pipeline stage."""
+    """Pre-norm transformer block. It carries RoPE tables so that it stands alone; in a model (or
+    pipeline stage) every block holds the same pair (`share_rope_tables`, the `Materializer`)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -162,39 +164,77 @@ def make_layer(cfg: ModelConfig, index: int) -> nn.Module:
     return layer_type(cfg, index)(cfg)
 
 
-def init_parameter(cfg: ModelConfig, name: str, p: torch.Tensor) -> None:
-    """Normal(0, init_std) for matrices; residual outputs scaled by 1/sqrt(2·n_layers) (GPT-2)."""
-    std = cfg.init_std
-    if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
-        nn.init.ones_(p)
-    elif name.endswith(("o_proj.weight", "down_proj.weight")):
-        nn.init.normal_(p, std=std / math.sqrt(2 * cfg.n_layers))
-    else:
-        nn.init.normal_(p, std=std)
+def meta_layer(cfg: ModelConfig, index: int) -> nn.Module:
+    """Layer `index` on the meta device: its structure and shapes, no memory."""
+    with torch.device("meta"):
+        return make_layer(cfg, index)
+
+
+def parameter_seed(seed: int, name: str) -> int:
+    """The seed of parameter `name` (its name in the one-process model) in a run of seed `seed`."""
+    return int.from_bytes(hashlib.sha256(f"{seed}/{name}".encode()).digest()[:8], "little") >> 1
+
+
+def initial_value(cfg: ModelConfig, name: str, shape: Iterable[int], seed: int) -> torch.Tensor:
+    """The initial fp32 value (on the CPU) of parameter `name` of the one-process model: ones for
+    norms; Normal(0, init_std) for matrices, residual outputs scaled by 1/sqrt(2·n_layers) (GPT-2).
+    Drawn from its own generator seeded by (run seed, name), so it does not depend on which
+    parameters a rank builds, or in which order."""
+    if name.endswith("norm.weight"):
+        return torch.ones(tuple(shape))
+    std = cfg.init_std / math.sqrt(2 * cfg.n_layers) if name.endswith(("o_proj.weight", "down_proj.weight")) else cfg.init_std
+    generator = torch.Generator().manual_seed(parameter_seed(seed, name))
+    return torch.empty(tuple(shape)).normal_(0.0, std, generator=generator)
+
+
+def materialize(module: nn.Module, value: Callable[[str, nn.Parameter], torch.Tensor], device: torch.device,
+                prefix: str = "") -> None:
+    """Replace each meta parameter of `module` in place by `value(name, p)` on `device` (name
+    prefixed by `prefix`), keeping the attributes the meta parameter carried; others stay as they are."""
+    for name, p in list(module.named_parameters(prefix=prefix, remove_duplicate=False)):
+        if not p.is_meta:
+            continue
+        owner = module.get_submodule(name[len(prefix):].lstrip(".").rpartition(".")[0])
+        real = nn.Parameter(value(name, p).to(device), requires_grad=p.requires_grad)
+        real.__dict__.update(p.__dict__)
+        setattr(owner, name.rpartition(".")[2], real)
+
+
+def share_rope_tables(layers: Iterable[nn.Module], cfg: ModelConfig, device: torch.device) -> None:
+    """Give every block among `layers` the same pair of RoPE tables (one per process, not per block)."""
+    cos, sin = rope_tables(cfg.max_seq_len, cfg.head_dim, cfg.rope_theta, device=device)
+    for layer in layers:
+        if isinstance(layer, Block):
+            layer.cos, layer.sin = cos, sin
 
 
 class Llama(nn.Module):
     """The decoder as `layers = [Embedding, Block × n_layers, Head]`, applied in order.
 
     Given `layers` (already built and initialised, as a distributed stage holds them), it only
-    wraps them; otherwise it builds and initialises the full model.
+    wraps them. Otherwise it builds the full model on the meta device, then each parameter in
+    place on `device` (default: torch's default device) from its `initial_value` under `seed` (the
+    run seed; None: one drawn from torch's global RNG); on the meta device it stays a skeleton.
     """
 
-    def __init__(self, cfg: ModelConfig, layers: list[nn.Module] | None = None):
+    def __init__(self, cfg: ModelConfig, layers: list[nn.Module] | None = None, *, seed: int | None = None,
+                 device: torch.device | str | None = None):
         super().__init__()
         self.cfg = cfg
         if layers is not None:
             self.layers = nn.ModuleList(layers)
             return
-        self.layers = nn.ModuleList([make_layer(cfg, i) for i in range(cfg.n_layers + 2)])
-        if cfg.tie_embeddings:
-            self.layers[-1].lm_head.weight = self.layers[0].embed_tokens.weight
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        """`init_parameter` on every parameter in `named_parameters()` order (one global RNG stream)."""
-        for name, p in self.named_parameters():
-            init_parameter(self.cfg, name, p)
+        device = torch.device(device) if device is not None else torch.get_default_device()
+        self.layers = nn.ModuleList([meta_layer(cfg, i) for i in range(cfg.n_layers + 2)])
+        real = device.type != "meta"
+        seed = int(torch.randint(2**62, ())) if seed is None and real else seed
+        for i, layer in enumerate(self.layers):
+            if cfg.tie_embeddings and i == cfg.n_layers + 1:
+                layer.lm_head.weight = self.layers[0].embed_tokens.weight
+            if real:
+                materialize(layer, lambda name, p: initial_value(cfg, name, p.shape, seed), device, f"layers.{i}")
+        if real:
+            share_rope_tables(self.layers, cfg, device)
 
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [b, t, vocab]; given `targets` [b, t], the mean next-token loss instead."""

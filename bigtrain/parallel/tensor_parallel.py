@@ -32,14 +32,24 @@ def _planned(layer: nn.Module, kind: type) -> list[tuple[nn.Module, str, nn.Modu
 
 def shard_layer(layer: nn.Module, group: dist.ProcessGroup, sequence_parallel: bool = False) -> nn.Module:
     """Shard one layer of the list (embedding, block or head) in place across `group` as `TP_PLAN`
-    says; returns it. Swaps come first, so a region's entry sees the parallel layers it holds.
+    says; returns it. A head whose weight is tied to the embedding gets a sharded copy here:
+    re-tie it to the sharded embedding afterwards (`tie_head`)."""
+    return connect_layer(split_layer(layer, group, sequence_parallel), group, sequence_parallel)
 
-    A head whose weight is tied to the embedding gets a sharded copy here: re-tie it to the
-    sharded embedding afterwards (`tie_head`).
-    """
+
+def split_layer(layer: nn.Module, group: dist.ProcessGroup, sequence_parallel: bool = False) -> nn.Module:
+    """The first half of `shard_layer`: swap in the parallel layers, each keeping its rank's slice
+    of the weight (on the meta device: the slice's shape, to be materialised before `connect_layer`)."""
     for parent, name, child, split in _planned(layer, Split):
         extra = {"sequence_parallel": sequence_parallel} if split.sequence_out else {}
         setattr(parent, name, split.layer(child, group, **extra))
+    return layer
+
+
+def connect_layer(layer: nn.Module, group: dist.ProcessGroup, sequence_parallel: bool = False) -> nn.Module:
+    """The second half of `shard_layer`, on materialised parameters: each region's entry (it sees
+    the parallel layers it holds) and, under sequence parallelism, the replicated weights'
+    gradient sums."""
     for _, _, child, _ in _planned(layer, EnterRegion):
         enter_region_on_input(child, group, sequence_parallel)
     if sequence_parallel:

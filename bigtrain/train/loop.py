@@ -22,9 +22,11 @@ from bigtrain.engine.contract import Engine, StepOutput
 from bigtrain.engine.device import (
     deterministic_enabled,
     pick_device,
+    rank_device,
     resolve_precision,
 )
 from bigtrain.engine.local import local_engine
+from bigtrain.engine.materialize import Materializer
 from bigtrain.engine.update_gate import UpdateGate
 from bigtrain.errors import BigtrainError
 from bigtrain.eval.perplexity import EvalResult
@@ -90,22 +92,22 @@ def find_resume_checkpoint(cfg: Config, mirror: CheckpointMirror | None = None) 
 def build_engine(cfg: Config, gate: UpdateGate, init_from: str | None = None) -> Engine:
     """The local engine for one process, else DeepSpeed over the launched processes; the model
     starts from the weights of checkpoint `init_from` when given (checked once, by rank 0).
-    Build this rank's share, `parallelize` it, then the engine wraps it."""
+    This rank's layers are built on the meta device; `parallelize` cuts and materialises each
+    (seeded by `run.seed` and the parameter's name), then the engine wraps them."""
     init_file = agreement.from_main(lambda: ckpt.initial_weights_file(init_from, cfg.model)) if init_from else None
     if cfg.parallel.engine == "local":
-        model = Llama(cfg.model)
-        if init_file:
-            ckpt.load_initial_weights(model, init_file)
-        return local_engine(model, cfg.train, cfg.parallel, gate)
+        materialize = Materializer(cfg.model, pick_device(cfg.train.device), cfg.run.seed, init_file)
+        return local_engine(Llama(cfg.model, device="meta"), cfg.train, cfg.parallel, gate, materialize)
     if pick_device(cfg.train.device).type == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed picks its accelerator when first imported
     from bigtrain.engine.deepspeed.engine import deepspeed_engine  # imports DeepSpeed: slow
     from bigtrain.engine.deepspeed.grid import init_topology
-    from bigtrain.engine.deepspeed.stages import build_layers
+    from bigtrain.engine.deepspeed.stages import stage_layers
 
     topology = init_topology(cfg)
-    layers = build_layers(cfg.model, topology, init_file)  # this rank's share only, one layer at a time
-    return deepspeed_engine(layers, cfg, topology, gate)
+    materialize = Materializer(cfg.model, rank_device(cfg.train.device), cfg.run.seed, init_file,
+                               topology.tp_group if topology.tp > 1 else None)
+    return deepspeed_engine(stage_layers(cfg.model, topology), cfg, topology, gate, materialize)
 
 
 def train(cfg: Config, console: bool = True, stop: StopRequest | None = None,

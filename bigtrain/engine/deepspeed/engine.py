@@ -24,7 +24,7 @@ from bigtrain.distributed.timing import PhaseTimer
 from bigtrain.engine.contract import StepOutput
 from bigtrain.engine.deepspeed.config import deepspeed_config
 from bigtrain.engine.deepspeed.full_state import load_full_state
-from bigtrain.engine.deepspeed.grid import Topology
+from bigtrain.engine.deepspeed.grid import Grid, Topology
 from bigtrain.engine.deepspeed.patches import (
     gate_optimizer_step,
     mark_for_grad_norm,
@@ -35,6 +35,7 @@ from bigtrain.engine.deepspeed.patches import (
 )
 from bigtrain.engine.deepspeed.stages import Stage, parallelize_stage
 from bigtrain.engine.device import rank_device
+from bigtrain.engine.materialize import Materializer
 from bigtrain.engine.optimizer import build_adamw
 from bigtrain.engine.update_gate import UpdateGate
 from bigtrain.errors import BigtrainError
@@ -45,18 +46,32 @@ from bigtrain.parallel.vocab_parallel_loss import vocab_parallel_cross_entropy
 TAG = fmt.DEEPSPEED  # DeepSpeed's sub-directory inside a bigtrain checkpoint, and its tag
 
 
-def deepspeed_engine(layers: Iterable[nn.Module], cfg: Config, topology: Topology, gate: UpdateGate) -> DeepSpeedEngine:
-    """`parallelize` this rank's layers, each as it arrives, then wrap them."""
+def deepspeed_engine(layers: Iterable[nn.Module], cfg: Config, topology: Topology, gate: UpdateGate,
+                     materialize: Materializer | None = None) -> DeepSpeedEngine:
+    """`parallelize` this rank's layers, each as it arrives (from the meta device: `materialize`
+    gives them values; under ZeRO-3 each is partitioned at once), then wrap them."""
     timer = PhaseTimer(rank_device(cfg.train.device))  # sequence parallelism and the engine share it
-    return DeepSpeedEngine(parallelize_stage(layers, cfg, topology, timer), cfg, topology, gate, timer)
+    ds_config = deepspeed_config(cfg, topology.dp * topology.sp)
+    finish = partial(partition_now, ds_config=ds_config, grid=topology.grid) if cfg.parallel.zero_stage == 3 else None
+    stage = parallelize_stage(layers, cfg, topology, timer, materialize, finish)
+    return DeepSpeedEngine(stage, cfg, topology, gate, timer, ds_config)
+
+
+def partition_now(layer: nn.Module, ds_config: dict, grid: Grid) -> None:
+    """ZeRO-3 from construction on: keep only this rank's 1/(dp·sp) of the layer's parameters,
+    in the dtype the engine trains in, as `deepspeed.initialize` would have partitioned them."""
+    deepspeed.zero.Init(module=layer, data_parallel_group=grid.get_data_parallel_group(),
+                        config_dict_or_path=ds_config, mpu=grid)
 
 
 class DeepSpeedEngine:
     """Wraps `deepspeed.initialize` behind the same `train_step` / `save` / `load` as the local engine."""
 
-    def __init__(self, stage: Stage, cfg: Config, topology: Topology, gate: UpdateGate, timer: PhaseTimer):
+    def __init__(self, stage: Stage, cfg: Config, topology: Topology, gate: UpdateGate, timer: PhaseTimer,
+                 ds_config: dict):
         """`stage` is this rank's share, already parallelized (`parallelize`, with `timer` for
-        sequence parallelism); `gate` decides which updates to skip."""
+        sequence parallelism) and on its device; `gate` decides which updates to skip;
+        `ds_config` is `deepspeed_config`'s for this layout."""
         self.topology, self.timer, self.gate = topology, timer, gate
         self.device = rank_device(cfg.train.device)
         self.loss_fn = lm_loss  # the pipeline engine's (its last stage gets logits); otherwise the head
@@ -75,12 +90,10 @@ class DeepSpeedEngine:
         else:
             module = Llama(cfg.model, stage.layers)
         optimizer = build_adamw(module, cfg.train)
-        # DeepSpeed's data-parallel size counts the sp ranks (its sequence-data-parallel group)
-        ds_config = deepspeed_config(cfg, topology.dp * topology.sp)
         if self.pipelined and topology.tp_sequence_parallel:
             ds_config = send_whole_activations(ds_config)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
-            model=module.to(self.device), optimizer=optimizer, config=ds_config,
+            model=module, optimizer=optimizer, config=ds_config,
             mpu=None if self.pipelined else topology.grid,
         )
         self.model = self.engine.module
