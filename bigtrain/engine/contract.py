@@ -31,6 +31,7 @@ class Engine(Checkpointable, Protocol):
     timer: PhaseTimer  # step phases; the loop times its data fetch on it too
     comm: Communicator
     loss_is_global: bool  # `StepOutput.loss` is already averaged over the data-parallel group
+    construct_peak_gb: float  # the most memory building this rank's share of the model held at once
 
     def train_step(self, micro_batches: list[torch.Tensor], lr: float) -> StepOutput: ...
     def eval_loss(self, tokens: torch.Tensor) -> torch.Tensor: ...

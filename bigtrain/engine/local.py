@@ -17,6 +17,7 @@ from bigtrain.distributed.timing import PhaseTimer
 from bigtrain.engine.contract import StepOutput
 from bigtrain.engine.device import autocast_for, compile_enabled, pick_device, resolve_precision
 from bigtrain.engine.materialize import Materializer
+from bigtrain.engine.memory import MemoryPeak
 from bigtrain.engine.optimizer import build_adamw
 from bigtrain.engine.update_gate import UpdateGate
 from bigtrain.model import Llama
@@ -31,9 +32,12 @@ def local_engine(model: Llama, train: TrainConfig, parallel: ParallelConfig | No
     device = pick_device(train.device)
     cfg = Config(model=model.cfg, train=train, parallel=parallel or ParallelConfig())
     fp8 = resolve_precision(train.precision, device, "local") == "fp8"
-    layers = parallelize(model.layers, cfg, fp8=fp8, compile=compile_enabled(train.compile, device),
-                         materialize=materialize)
-    return LocalEngine(Llama(model.cfg, layers), train, gate or UpdateGate(train.spike_factor))
+    with MemoryPeak(device) as construction:
+        layers = parallelize(model.layers, cfg, fp8=fp8, compile=compile_enabled(train.compile, device),
+                             materialize=materialize)
+    engine = LocalEngine(Llama(model.cfg, layers), train, gate or UpdateGate(train.spike_factor))
+    engine.construct_peak_gb = construction.gb
+    return engine
 
 
 class LocalEngine:
@@ -41,6 +45,7 @@ class LocalEngine:
 
     comm = LoneProcess()
     loss_is_global = True  # one process holds every loss
+    construct_peak_gb = 0.0  # set by `local_engine`
 
     def __init__(self, model: nn.Module, cfg: TrainConfig, gate: UpdateGate):
         """`model` is whole and already parallelized (`parallelize`: fp8, checkpointing, compile);

@@ -27,6 +27,7 @@ from bigtrain.engine.device import (
 )
 from bigtrain.engine.local import local_engine
 from bigtrain.engine.materialize import Materializer
+from bigtrain.engine.memory import peak_memory_gb
 from bigtrain.engine.update_gate import UpdateGate
 from bigtrain.errors import BigtrainError
 from bigtrain.eval.perplexity import EvalResult
@@ -38,7 +39,7 @@ from bigtrain.train.callbacks.eval_tasks import EvalTasks
 from bigtrain.train.callbacks.mirror import Mirror
 from bigtrain.train.callbacks.validation import Validation
 from bigtrain.train.host_memory import reuse_freed_memory
-from bigtrain.train.metrics import SpeedMeter, directory_size, peak_flops, peak_memory_gb
+from bigtrain.train.metrics import SpeedMeter, directory_size, peak_flops
 from bigtrain.train.run_lock import run_lock
 from bigtrain.train.schedule import lr_at
 from bigtrain.train.signals import StopRequest
@@ -190,6 +191,7 @@ class Trainer:
         self.window_losses: list[torch.Tensor] = []  # this rank's, since the last log
         self.last_saved: Path | None = None
         self.window_steps = 0
+        self.first_record = True
 
     def _resume(self, checkpoint: Path) -> None:
         ckpt.check_same_model(checkpoint, self.cfg.model)
@@ -274,6 +276,8 @@ class Trainer:
             "peak_mem_gb": peak_memory_gb(engine.device),
             "fp16_overflow_steps": out.overflow_steps, "loss_scale": out.loss_scale,
         }
+        if self.first_record:  # once per process: what building the model took, beside the step's peak
+            record["construct_peak_gb"], self.first_record = engine.construct_peak_gb, False
         for callback in self.callbacks:
             record.update(callback.metrics(self))
         self.log(record)

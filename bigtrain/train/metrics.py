@@ -7,7 +7,6 @@ peak from `PEAK_TFLOPS` or `log.peak_tflops`. Records go to the sinks in `bigtra
 
 from __future__ import annotations
 
-import resource
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,23 +38,6 @@ def mfu(tokens_per_s: float, flops_per_token: float, devices: int, peak_per_devi
     if not peak_per_device:
         return None
     return tokens_per_s * flops_per_token / (devices * peak_per_device)
-
-
-def peak_rss_kib() -> int:
-    """This process's peak resident memory (KiB): Linux's VmHWM of its own address space, as
-    `ru_maxrss` would also count a parent's memory carried over by fork + exec."""
-    try:
-        with open("/proc/self/status") as status:
-            return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
-    except (OSError, StopIteration):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux; bytes on macOS
-
-
-def peak_memory_gb(device: torch.device) -> float:
-    """Peak CUDA allocator memory, or the process's peak RSS on CPU (GiB)."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return peak_rss_kib() / 2**20
 
 
 @dataclass(frozen=True)

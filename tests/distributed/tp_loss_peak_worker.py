@@ -9,11 +9,11 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from bigtrain.engine.memory import peak_rss_kib
 from bigtrain.parallel.vocab_parallel_loss import (
     vocab_parallel_cross_entropy,
     vocab_parallel_linear_cross_entropy,
 )
-from bigtrain.train.metrics import peak_rss_kib
 
 mode, out = sys.argv[1], sys.argv[2]
 dist.init_process_group("gloo")

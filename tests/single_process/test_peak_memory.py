@@ -13,7 +13,7 @@ from tests.helpers import PEAK_ENV
 
 CHECKPOINTING_PEAK = """
 import json, sys, torch
-from bigtrain.train.metrics import peak_rss_kib
+from bigtrain.engine.memory import peak_rss_kib
 from bigtrain.config import ModelConfig
 from bigtrain.parallel.activation_checkpointing import apply_activation_checkpointing
 from bigtrain.model import Llama
@@ -45,7 +45,7 @@ def test_peak_memory_none_selective_full():
 
 LOSS_PEAK = """
 import json, sys, torch
-from bigtrain.train.metrics import peak_rss_kib
+from bigtrain.engine.memory import peak_rss_kib
 from bigtrain.model.loss import linear_cross_entropy, lm_loss
 torch.manual_seed(0)
 vocab, tokens, d = 32000, 4 * 2048, 64

@@ -36,6 +36,7 @@ from bigtrain.engine.deepspeed.patches import (
 from bigtrain.engine.deepspeed.stages import Stage, parallelize_stage
 from bigtrain.engine.device import rank_device
 from bigtrain.engine.materialize import Materializer
+from bigtrain.engine.memory import MemoryPeak
 from bigtrain.engine.optimizer import build_adamw
 from bigtrain.engine.update_gate import UpdateGate
 from bigtrain.errors import BigtrainError
@@ -50,11 +51,15 @@ def deepspeed_engine(layers: Iterable[nn.Module], cfg: Config, topology: Topolog
                      materialize: Materializer | None = None) -> DeepSpeedEngine:
     """`parallelize` this rank's layers, each as it arrives (from the meta device: `materialize`
     gives them values; under ZeRO-3 each is partitioned at once), then wrap them."""
-    timer = PhaseTimer(rank_device(cfg.train.device))  # sequence parallelism and the engine share it
+    device = rank_device(cfg.train.device)
+    timer = PhaseTimer(device)  # sequence parallelism and the engine share it
     ds_config = deepspeed_config(cfg, topology.dp * topology.sp)
     finish = partial(partition_now, ds_config=ds_config, grid=topology.grid) if cfg.parallel.zero_stage == 3 else None
-    stage = parallelize_stage(layers, cfg, topology, timer, materialize, finish)
-    return DeepSpeedEngine(stage, cfg, topology, gate, timer, ds_config)
+    with MemoryPeak(device) as construction:
+        stage = parallelize_stage(layers, cfg, topology, timer, materialize, finish)
+    engine = DeepSpeedEngine(stage, cfg, topology, gate, timer, ds_config)
+    engine.construct_peak_gb = construction.gb
+    return engine
 
 
 def partition_now(layer: nn.Module, ds_config: dict, grid: Grid) -> None:
@@ -66,6 +71,8 @@ def partition_now(layer: nn.Module, ds_config: dict, grid: Grid) -> None:
 
 class DeepSpeedEngine:
     """Wraps `deepspeed.initialize` behind the same `train_step` / `save` / `load` as the local engine."""
+
+    construct_peak_gb = 0.0  # set by `deepspeed_engine`
 
     def __init__(self, stage: Stage, cfg: Config, topology: Topology, gate: UpdateGate, timer: PhaseTimer,
                  ds_config: dict):
