@@ -4,6 +4,7 @@ launcher watch, teardown); the work is elsewhere."""
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -189,6 +190,12 @@ def cmd_info(args: argparse.Namespace) -> None:
         raise BigtrainError("--gpus, --gpu-mem and --gpus-per-node must be positive")
     cfg = load_config(args.config, args.overrides)
     gpus = args.gpus or world_size_for(cfg)
+    if args.simulate:
+        from bigtrain.simulate import simulate, simulate_report
+
+        result = simulate(cfg, gpus, args.rank, args.gpu_mem)
+        print(json.dumps({k: result[k] for k in ("planned", "built")}) if args.json else simulate_report(result))
+        return
     print(model_report(cfg))
     print(plan_report(cfg, gpus, args.gpu_mem, args.gpus_per_node, args.suggest))
 
@@ -305,6 +312,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu-mem", type=float, default=80.0, help="memory per GPU in GiB")
     p.add_argument("--gpus-per-node", type=int, default=8)
     p.add_argument("--suggest", action="store_true", help="rank the layouts that fit by estimated step time")
+    p.add_argument("--simulate", action="store_true", help="build one rank of the layout for real on this machine "
+                   "(a fake process group of --gpus ranks) and print planned vs built GiB")
+    p.add_argument("--rank", type=int, default=0, help="the rank --simulate builds")
+    p.add_argument("--json", action="store_true", help="with --simulate: one JSON object {planned, built}")
     p.set_defaults(func=cmd_info)
 
     sweep = sub.add_parser("sweep", help="isoFLOP and grid sweeps").add_subparsers(dest="action", required=True)
@@ -334,7 +345,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and hasattr(args, "overrides") and all("=" in a and not a.startswith("-") for a in extra):
+        args.overrides += extra  # key=value overrides may also follow the options
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         code = args.func(args)  # None means success; `train` returns its exit code
     except BigtrainError as e:

@@ -103,6 +103,38 @@ def link_optimizer_state(wrapper: Any) -> None:
         link()
 
 
+def gradient_buffers(wrapper: Any) -> list[torch.Tensor]:
+    """The gradient storage a DeepSpeed optimizer wrapper keeps besides `param.grad`: ZeRO-3's
+    flat gradient partitions, ZeRO-1/2's averaged partitions, the bf16 optimizer's fp32 buffers."""
+    held = [getattr(wrapper, "grad_partitions_flat_buffer", None)]
+    held += list(getattr(wrapper, "averaged_gradients", {}).values())
+    held += list(getattr(wrapper, "fp32_groups_gradients_flat", []))
+    return [t for group in held for t in (group if isinstance(group, list) else [group]) if torch.is_tensor(t)]
+
+
+def bucket_buffers(wrapper: Any) -> list[torch.Tensor]:
+    """The gradient reduce buckets a ZeRO optimizer wrapper holds, per communication dtype (a
+    tensor under ZeRO-3, a list of them, double-buffered, under ZeRO-1/2)."""
+    held = [getattr(bucket, "buffer", None) for bucket in getattr(wrapper, "ipg_buckets", {}).values()]
+    return [t for buffer in held for t in (buffer if isinstance(buffer, list) else [buffer]) if torch.is_tensor(t)]
+
+
+def master_partitions(wrapper: Any) -> list[torch.Tensor]:
+    """The fp32 master weights a DeepSpeed optimizer wrapper hands its inner optimizer (ZeRO-1/2,
+    ZeRO-3, the bf16 optimizer): one flat tensor per parameter group."""
+    for name in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat", "fp32_groups_flat_partition"):
+        if getattr(wrapper, name, None):
+            return list(getattr(wrapper, name))
+    return []
+
+
+def gathered_now(param: torch.nn.Parameter) -> bool:
+    """Whether a ZeRO-3 parameter is gathered in full at this moment (its `data` is the whole tensor)."""
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    return getattr(param, "ds_status", None) == ZeroParamStatus.AVAILABLE
+
+
 # --- DeepSpeed: ZeRO checkpoints (zero_to_fp32) -----------------------------------------------
 
 
@@ -170,6 +202,18 @@ def set_default_group_timeout(timeout: timedelta) -> None:
 
     c10d.default_pg_timeout = timeout
     c10d.default_pg_nccl_timeout = timeout
+
+
+def init_fake_process_group(rank: int, world_size: int) -> None:
+    """The default process group as rank `rank` of `world_size` on torch's fake backend: every
+    collective returns at once and moves no data, so one process can stand in for a rank of a
+    large world (Megatron-LM's `--fake-process-group`, torchtitan's `COMM_MODE=fake_backend`)."""
+    import torch.distributed as dist
+
+    # importing it registers the "fake" backend
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
 
 
 @contextlib.contextmanager

@@ -48,4 +48,5 @@ class Materializer:
         shape = list(p.shape)
         if dim is not None:
             shape[dim] *= self.tp
-        return tp_slice(initial_value(self.cfg, name, shape, self.seed), name, self.tp, self.tp_rank)
+        part = tp_slice(initial_value(self.cfg, name, shape, self.seed), name, self.tp, self.tp_rank)
+        return part.clone() if dim is not None else part  # not a view that keeps the full value alive

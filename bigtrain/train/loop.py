@@ -22,7 +22,6 @@ from bigtrain.engine.contract import Engine, StepOutput
 from bigtrain.engine.device import (
     deterministic_enabled,
     pick_device,
-    rank_device,
     resolve_precision,
 )
 from bigtrain.engine.local import local_engine
@@ -101,14 +100,10 @@ def build_engine(cfg: Config, gate: UpdateGate, init_from: str | None = None) ->
         return local_engine(Llama(cfg.model, device="meta"), cfg.train, cfg.parallel, gate, materialize)
     if pick_device(cfg.train.device).type == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed picks its accelerator when first imported
-    from bigtrain.engine.deepspeed.engine import deepspeed_engine  # imports DeepSpeed: slow
+    from bigtrain.engine.deepspeed.engine import build_deepspeed_engine  # imports DeepSpeed: slow
     from bigtrain.engine.deepspeed.grid import init_topology
-    from bigtrain.engine.deepspeed.stages import stage_layers
 
-    topology = init_topology(cfg)
-    materialize = Materializer(cfg.model, rank_device(cfg.train.device), cfg.run.seed, init_file,
-                               topology.tp_group if topology.tp > 1 else None)
-    return deepspeed_engine(stage_layers(cfg.model, topology), cfg, topology, gate, materialize)
+    return build_deepspeed_engine(cfg, init_topology(cfg), gate, init_file)
 
 
 def train(cfg: Config, console: bool = True, stop: StopRequest | None = None,

@@ -8,6 +8,7 @@ import ast
 import inspect
 import textwrap
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -183,3 +184,40 @@ def test_lm_eval_task_yaml_reader(tmp_path: Path):
     cfg = compat.read_task_yaml(tmp_path / "task.yaml")
     assert cfg["task"] == "t" and cfg["output_type"] == "multiple_choice"  # the include is merged
     assert cfg["process_docs"]([1]) == [1]  # and !function imported
+
+
+def test_fake_process_group_stands_in_for_a_large_world():
+    import torch.distributed as dist
+
+    compat.init_fake_process_group(rank=37, world_size=64)
+    try:
+        assert (dist.get_rank(), dist.get_world_size(), dist.get_backend()) == (37, 64, "fake")
+        group = dist.new_group([5, 37])
+        assert dist.get_rank(group) == 1
+        out = torch.empty(64 * 2)
+        dist.all_gather_single(out, torch.ones(2))  # returns at once: no peer is asked
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_zero_buffer_internals_the_simulation_measures():
+    from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    for cls, names in ((DeepSpeedZeroOptimizer_Stage3, ("grad_partitions_flat_buffer", "ipg_buckets",
+                                                        "fp32_partitioned_groups_flat")),
+                       (DeepSpeedZeroOptimizer, ("averaged_gradients", "ipg_buckets", "single_partition_of_fp32_groups")),
+                       (BF16_Optimizer, ("fp32_groups_gradients_flat", "fp32_groups_flat_partition"))):
+        for name in names:
+            assert assigns_attribute(cls, name), f"{cls.__name__}.{name} is gone"
+    assert ZeroParamStatus.AVAILABLE.name == "AVAILABLE"
+    buckets = {torch.bfloat16: SimpleNamespace(buffer=[torch.zeros(2), torch.zeros(2)]),
+               torch.float32: SimpleNamespace(buffer=torch.zeros(5))}
+    wrapper = SimpleNamespace(fp32_groups_gradients_flat=[torch.zeros(3)], ipg_buckets=buckets,
+                              fp32_groups_flat_partition=[torch.zeros(4)])
+    assert [t.numel() for t in compat.gradient_buffers(wrapper)] == [3]
+    assert [t.numel() for t in compat.bucket_buffers(wrapper)] == [2, 2, 5]
+    assert [t.numel() for t in compat.master_partitions(wrapper)] == [4]

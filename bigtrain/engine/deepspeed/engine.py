@@ -33,7 +33,7 @@ from bigtrain.engine.deepspeed.patches import (
     send_whole_activations,
     time_pipeline_instructions,
 )
-from bigtrain.engine.deepspeed.stages import Stage, parallelize_stage
+from bigtrain.engine.deepspeed.stages import Stage, parallelize_stage, stage_layers
 from bigtrain.engine.device import rank_device
 from bigtrain.engine.materialize import Materializer
 from bigtrain.engine.memory import MemoryPeak
@@ -45,6 +45,15 @@ from bigtrain.parallel.deepspeed_ulysses import sequence_mean, sequence_slice
 from bigtrain.parallel.vocab_parallel_loss import vocab_parallel_cross_entropy
 
 TAG = fmt.DEEPSPEED  # DeepSpeed's sub-directory inside a bigtrain checkpoint, and its tag
+
+
+def build_deepspeed_engine(cfg: Config, topology: Topology, gate: UpdateGate,
+                           init_file: Path | None = None) -> DeepSpeedEngine:
+    """This rank's share of the model, built from the meta device (seeded by `run.seed`, or read
+    from `init_file`), parallelized and wrapped: what `train` runs and `info --simulate` measures."""
+    materialize = Materializer(cfg.model, rank_device(cfg.train.device), cfg.run.seed, init_file,
+                               topology.tp_group if topology.tp > 1 else None)
+    return deepspeed_engine(stage_layers(cfg.model, topology), cfg, topology, gate, materialize)
 
 
 def deepspeed_engine(layers: Iterable[nn.Module], cfg: Config, topology: Topology, gate: UpdateGate,
@@ -64,9 +73,14 @@ def deepspeed_engine(layers: Iterable[nn.Module], cfg: Config, topology: Topolog
 
 def partition_now(layer: nn.Module, ds_config: dict, grid: Grid) -> None:
     """ZeRO-3 from construction on: keep only this rank's 1/(dp·sp) of the layer's parameters,
-    in the dtype the engine trains in, as `deepspeed.initialize` would have partitioned them."""
+    in the dtype the engine trains in (buffers stay as they are), as `deepspeed.initialize` would
+    have partitioned them."""
+    dtype = torch.bfloat16 if ds_config["bf16"]["enabled"] else torch.half if ds_config["fp16"]["enabled"] else None
+    for p in layer.parameters():
+        if dtype is not None and p.dtype != dtype:
+            p.data = p.data.to(dtype)
     deepspeed.zero.Init(module=layer, data_parallel_group=grid.get_data_parallel_group(),
-                        config_dict_or_path=ds_config, mpu=grid)
+                        config_dict_or_path=ds_config, mpu=grid, dtype=dtype)
 
 
 class DeepSpeedEngine:

@@ -102,9 +102,15 @@ class Topology:
 
 def init_topology(cfg: Config) -> Topology:
     """Check the layout, start the processes (if not yet) and build DeepSpeed's grid of groups."""
+    check_layout(cfg, process_env().world_size)
+    init_processes(cfg)
+    return grid_topology(cfg)
+
+
+def grid_topology(cfg: Config) -> Topology:
+    """DeepSpeed's grid of groups over the process group already started (a real or a fake one)."""
     env = process_env()
     dp = check_layout(cfg, env.world_size)
-    init_processes(cfg)
     deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False, verbose=False)  # adopts it
     p = cfg.parallel
     topology = PipeModelDataParallelTopology(num_pp=p.pp, num_mp=p.tp, num_dp=dp * p.sp)
