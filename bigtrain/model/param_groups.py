@@ -7,10 +7,11 @@ from torch import nn
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: matrices decay, vectors (norm weights) do not. Their order is the order of
-    `optimizer.pt` (`bigtrain.checkpoint.format.parameter_names`)."""
+    """AdamW groups: matrices decay, the norm weights (the model's only vectors) do not, told by
+    name, as a ZeRO-3 partition's shape says nothing. Their order is the order of `optimizer.pt`
+    (`bigtrain.checkpoint.format.parameter_names`)."""
     decay, no_decay = [], []
-    for p in model.parameters():
+    for name, p in model.named_parameters():
         if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
+            (no_decay if name.endswith("norm.weight") else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
