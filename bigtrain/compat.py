@@ -43,6 +43,16 @@ def use_pipeline_grid(module: Any, grid: Any) -> None:
     module._grid = grid
 
 
+def expect_pipeline_input(engine: Any, like: torch.Tensor) -> bool:
+    """Make a pipeline stage receive its input activations into a buffer shaped like `like`
+    without asking the previous stage for their shape first; False where activations travel
+    partitioned (tp > 1 without sequence parallelism), whose buffers DeepSpeed lays out itself."""
+    if engine.is_pipe_partitioned:
+        return False
+    engine.pipe_recv_buf = like
+    return True
+
+
 # --- DeepSpeed: gradient norm, clipping, loss scale ----------------------------------------------
 
 

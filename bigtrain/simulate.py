@@ -74,33 +74,45 @@ def _probe_config(cfg: Config, layout: planner.Layout, tmp: Path) -> Config:
                    parallel=replace(p, engine="deepspeed", deepspeed_overrides=str(tmp / "deepspeed.json")))
 
 
-def _storage_bytes(tensors) -> int:
-    """Bytes of the distinct storages behind `tensors` (views of one flat buffer count once)."""
-    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
-                for t in tensors if torch.is_tensor(t) and t.numel()}
-    return sum(storages.values())
+def _storage_bytes(tensors, besides=()) -> int:
+    """Bytes of the distinct storages behind `tensors` (views of one flat buffer count once),
+    leaving out those behind `besides`."""
+    def storages(ts):
+        return {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in ts if torch.is_tensor(t) and t.numel()}
+
+    excluded = storages(besides)
+    return sum(size for ptr, size in storages(tensors).items() if ptr not in excluded)
 
 
 def _measure(engine, cfg: Config, steps: int) -> dict[str, int]:
     """Bytes this rank holds: parameters (ZeRO-3: its partitions), optimizer (fp32 masters and
-    AdamW moments), the most gradient storage held at once, and buffers (the modules' buffers,
-    the reduce buckets, and ZeRO-3's most parameters gathered at once) over `steps` probe steps."""
+    AdamW moments), the most gradient storage held at once, and buffers (the modules' buffers plus
+    the most reduce-bucket and ZeRO-3 gathered-parameter storage held at once) over `steps` probe
+    steps."""
     params = list(engine.model.parameters())
     wrapper, inner = engine.engine.optimizer, engine._client_optimizer
     masters = compat.master_partitions(wrapper)
-    peak = {"gradients": 0, "gathered": 0}
+    peak = {"gradients": 0, "in_flight": 0}
 
     def sample(*_):
+        buckets = compat.bucket_buffers(wrapper)  # gradients copied into a bucket count as the bucket
         grads = [p.grad for p in params] + [t.grad for t in masters] + compat.gradient_buffers(wrapper)
-        peak["gradients"] = max(peak["gradients"], _storage_bytes(grads))
-        gathered = [p.data for p in params if compat.gathered_now(p)]
-        peak["gathered"] = max(peak["gathered"], _storage_bytes(gathered))
+        peak["gradients"] = max(peak["gradients"], _storage_bytes(grads, besides=buckets))
+        in_flight = [p.data for p in params if compat.gathered_now(p)] + buckets
+        peak["in_flight"] = max(peak["in_flight"], _storage_bytes(in_flight))
 
     hooks = [m.register_forward_hook(sample) for m in engine.model.modules()]
     hooks += [m.register_full_backward_hook(sample) for m in engine.model.modules() if next(m.parameters(False), None) is not None]
     step = inner.step
     inner.step = lambda *a, **k: (sample(), step(*a, **k))[1]
     tokens = torch.zeros((cfg.data.micro_batch, cfg.data.seq_len + 1), dtype=torch.long)
+    if engine.pipelined and engine.engine.stage_id > 0:  # no earlier stage will say what it sends
+        p = cfg.parallel
+        seq = cfg.data.seq_len // p.sp // (p.tp if engine.topology.tp_sequence_parallel else 1)
+        hidden = torch.zeros((cfg.data.micro_batch, seq, cfg.model.d_model), dtype=params[0].dtype)
+        if not compat.expect_pipeline_input(engine.engine, hidden):
+            raise BigtrainError("--simulate builds later pipeline stages only where activations travel whole "
+                                "(parallel.tp=1 or parallel.tp_sequence_parallel=true); try --rank 0")
     for _ in range(steps):
         engine.train_step([tokens] * cfg.train.grad_accum, 0.0)
         sample()
@@ -112,7 +124,7 @@ def _measure(engine, cfg: Config, steps: int) -> dict[str, int]:
         "params": _storage_bytes([getattr(p, "ds_tensor", p) for p in params]),
         "optimizer": _storage_bytes(masters + states),
         "gradients": peak["gradients"],
-        "buffers": _storage_bytes(module_buffers + compat.bucket_buffers(wrapper)) + peak["gathered"],
+        "buffers": _storage_bytes(module_buffers) + peak["in_flight"],
     }
 
 

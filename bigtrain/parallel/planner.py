@@ -15,9 +15,12 @@ against real allocations on 2 ranks in tests/distributed/test_memory_plan.py:
 - optimizer: fp32 master copy + Adam's two moments (12 bytes/param), 1/dp of it under ZeRO ≥ 1
   and with the bf16 pipeline engine, in CPU memory with `offload_optimizer`; plain fp32 without
   ZeRO keeps only the two moments (8 bytes);
-- buffers: ZeRO's gradient reduce bucket (sized by `zero_communication`, allocated whatever
-  the model size; twice under ZeRO 1/2, whose `overlap_comm` double-buffers it) and, under
-  ZeRO-3, the parameter prefetch bucket and one gathered block;
+- buffers: the RoPE tables (one fp32 cos/sin pair per rank, whatever its blocks), ZeRO's
+  gradient reduce bucket (sized by `zero_communication`, allocated whatever the model size;
+  twice under ZeRO 1/2, whose `overlap_comm` double-buffers it; none with pipeline stages, whose
+  engine reduces gradients itself) and, under ZeRO-3, the gathered
+  parameters: DeepSpeed keeps whole blocks gathered up to `stage3_max_live_parameters` (at
+  least two: the one computing and the one prefetched), as `bigtrain info --simulate` measured;
 - activations per micro-batch (bf16, flash attention), per layer and token:
   2·(4h/s + (3h + 4·kv + 3f)/tp) bytes — norm inputs/outputs, q/k/v before and after RoPE,
   the attention output, SwiGLU's three ffn-wide tensors (gate, up and their product; SiLU is
@@ -166,13 +169,14 @@ def memory_plan(m: ModelConfig, seq_len: int, precision: str, layout: Layout) ->
         optimizer = 12 * n / dp
     else:
         optimizer = 12 * n if mixed else 8 * n
-    buffers = 0.0
-    if zero >= 1:
-        comm = zero_communication(m, zero, dp, layout.tp)
+    buffers = 2 * m.max_seq_len * m.head_dim * 4.0  # the RoPE tables
+    comm = zero_communication(m, zero, dp, layout.tp)
+    if zero >= 1 and layout.pp == 1:  # the pipeline engine reduces without ZeRO's buckets
         buffers += (1 if zero == 3 else 2) * comm["reduce_bucket_size"] * g_bytes
     if zero == 3:
         block = count_params(m).blocks // m.n_layers // layout.tp
-        buffers += comm["stage3_prefetch_bucket_size"] * p_bytes + block * p_bytes
+        gathered = min(n, max(2, comm["stage3_max_live_parameters"] // block) * block)
+        buffers += gathered * p_bytes
     layers = max_blocks_per_stage(m.n_layers, layout.pp)
     one = activation_bytes(m, seq_len, layout.micro_batch, layout.tp, layers, layout.activation_checkpointing,
                            layout.checkpoint_every, layout.sp, layout.tp_sequence_parallel)

@@ -22,6 +22,7 @@ from bigtrain.parallel.planner import (
 CONFIGS = Path(__file__).parents[2] / "configs"
 SHAPE = ModelConfig(vocab_size=512, d_model=64, n_layers=4, n_heads=4, n_kv_heads=2, ffn_hidden=256, max_seq_len=32)
 # per block: q, o 64·64; k, v 64·32; SwiGLU 3·64·256; 2 norms of 64 → 8192 + 4096 + 49152 + 128 = 61,568
+ROPE = 2 * SHAPE.max_seq_len * SHAPE.head_dim * 4  # one fp32 cos/sin pair per rank
 BLOCK, N = 61_568, 512 * 64 + 4 * 61_568 + 64 + 512 * 64  # embedding + blocks + final norm + head
 
 
@@ -43,9 +44,16 @@ def test_stage_params_by_hand():
 def test_memory_per_zero_stage_by_hand(zero, params, grads, optimizer):
     plan = memory_plan(SHAPE, 32, "bf16", Layout(dp=4, zero=zero, micro_batch=2))
     assert (plan.params, plan.gradients, plan.optimizer) == pytest.approx((params, grads, optimizer))
-    # ZeRO 1/2: two bf16 reduce buckets as large as the model (it is under 4e7 elements);
-    # ZeRO-3: a d² bucket, one block prefetched and one gathered
-    assert plan.buffers == [0, 2 * 2 * N, 2 * 2 * N, 2 * 64**2 + 2 * BLOCK + 2 * BLOCK][zero]
+    # the RoPE tables; ZeRO 1/2: two bf16 reduce buckets as large as the model (it is under 4e7
+    # elements); ZeRO-3: a d² bucket and every parameter gathered (all under stage3_max_live_parameters)
+    assert plan.buffers - ROPE == [0, 2 * 2 * N, 2 * 2 * N, 2 * 64**2 + 2 * N][zero]
+
+
+def test_zero3_keeps_whole_blocks_gathered_up_to_the_live_limit():
+    big = ModelConfig(vocab_size=32000, d_model=5120, n_layers=40, n_heads=40, ffn_hidden=13824)  # 13b
+    block = count_params(big).blocks // 40
+    plan = memory_plan(big, 4096, "bf16", Layout(dp=64, zero=3))
+    assert plan.buffers - 2 * big.max_seq_len * 128 * 4 - 2 * 5120**2 == 2 * 3 * block  # 3 blocks of 318M < 1e9
 
 
 def test_bf16_pipeline_without_zero_uses_deepspeeds_bf16_optimizer():
@@ -57,7 +65,7 @@ def test_bf16_pipeline_without_zero_uses_deepspeeds_bf16_optimizer():
 
 def test_local_engine_keeps_everything_in_fp32():
     plan = memory_plan(SHAPE, 32, "auto", Layout(dp=1, local=True))
-    assert (plan.params, plan.gradients, plan.optimizer, plan.buffers) == (4 * N, 4 * N, 8 * N, 0)
+    assert (plan.params, plan.gradients, plan.optimizer, plan.buffers) == (4 * N, 4 * N, 8 * N, ROPE)
 
 
 def test_offload_moves_the_optimizer_to_cpu():
