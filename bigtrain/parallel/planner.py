@@ -17,8 +17,8 @@ against real allocations on 2 ranks in tests/distributed/test_memory_plan.py:
   ZeRO keeps only the two moments (8 bytes);
 - buffers: the RoPE tables (one fp32 cos/sin pair per rank, whatever its blocks), ZeRO's
   gradient reduce bucket (sized by `zero_communication`, allocated whatever the model size;
-  twice under ZeRO 1/2, whose `overlap_comm` double-buffers it; none with pipeline stages, whose
-  engine reduces gradients itself) and, under ZeRO-3, the gathered
+  twice under ZeRO 1/2, whose `overlap_comm` double-buffers it, except with pipeline stages,
+  where DeepSpeed turns the overlap off) and, under ZeRO-3, the gathered
   parameters: DeepSpeed keeps whole blocks gathered up to `stage3_max_live_parameters` (at
   least two: the one computing and the one prefetched), as `bigtrain info --simulate` measured;
 - activations per micro-batch (bf16, flash attention), per layer and token:
@@ -171,8 +171,8 @@ def memory_plan(m: ModelConfig, seq_len: int, precision: str, layout: Layout) ->
         optimizer = 12 * n if mixed else 8 * n
     buffers = 2 * m.max_seq_len * m.head_dim * 4.0  # the RoPE tables
     comm = zero_communication(m, zero, dp, layout.tp)
-    if zero >= 1 and layout.pp == 1:  # the pipeline engine reduces without ZeRO's buckets
-        buffers += (1 if zero == 3 else 2) * comm["reduce_bucket_size"] * g_bytes
+    if zero >= 1:  # double-buffered where DeepSpeed overlaps the reduction (not with pipeline stages)
+        buffers += (1 if zero == 3 or layout.pp > 1 else 2) * comm["reduce_bucket_size"] * g_bytes
     if zero == 3:
         block = count_params(m).blocks // m.n_layers // layout.tp
         gathered = min(n, max(2, comm["stage3_max_live_parameters"] // block) * block)
