@@ -214,6 +214,20 @@ def set_default_group_timeout(timeout: timedelta) -> None:
     c10d.default_pg_nccl_timeout = timeout
 
 
+def all_gather_single(out: torch.Tensor, x: torch.Tensor, group: Any) -> None:
+    """`torch.distributed.all_gather_single` (torch ≥ 2.12), or its older name on torch 2.11."""
+    import torch.distributed as dist
+
+    (getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor)(out, x, group=group)
+
+
+def reduce_scatter_single(out: torch.Tensor, x: torch.Tensor, group: Any) -> None:
+    """`torch.distributed.reduce_scatter_single` (torch ≥ 2.12), or its older name on torch 2.11."""
+    import torch.distributed as dist
+
+    (getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor)(out, x, group=group)
+
+
 def init_fake_process_group(rank: int, world_size: int) -> None:
     """The default process group as rank `rank` of `world_size` on torch's fake backend: every
     collective returns at once and moves no data, so one process can stand in for a rank of a

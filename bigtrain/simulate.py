@@ -63,13 +63,14 @@ def simulate(cfg: Config, gpus: int, rank: int, gpu_mem_gib: float) -> dict:
 
 def _probe_config(cfg: Config, layout: planner.Layout, tmp: Path) -> Config:
     """`cfg` on this CPU: DeepSpeed in the precision a GPU run would use, probe windows of 8·tp·sp
-    tokens, the layout's micro-batches per step, nothing compiled."""
+    tokens, one micro-batch per step (as many as pipeline stages, to fill the pipeline: no figure
+    measured here depends on their number), nothing compiled."""
     precision = {"fp32": {}, "fp16": {"fp16": {"enabled": True}}}.get(cfg.train.precision, {"bf16": {"enabled": True}})
     overrides = json.loads(Path(cfg.parallel.deepspeed_overrides).read_text()) if cfg.parallel.deepspeed_overrides else {}
     (tmp / "deepspeed.json").write_text(json.dumps({**overrides, **precision}))
     p = cfg.parallel
     return replace(cfg, train=replace(cfg.train, device="cpu", precision="auto", compile=False, global_batch=None,
-                                      grad_accum=layout.grad_accum),
+                                      grad_accum=min(layout.grad_accum, p.pp)),
                    data=replace(cfg.data, seq_len=8 * p.tp * p.sp),
                    parallel=replace(p, engine="deepspeed", deepspeed_overrides=str(tmp / "deepspeed.json")))
 

@@ -64,7 +64,7 @@ def _all_gather_sequence(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Ten
     """[b, t/tp, ...] shards of every rank → [b, t, ...] in rank order."""
     tp = dist.get_world_size(group)
     out = x.new_empty((tp * x.shape[0], *x.shape[1:]))
-    dist.all_gather_single(out, x.contiguous(), group=group)
+    compat.all_gather_single(out, x.contiguous(), group=group)
     return out.unflatten(0, (tp, -1)).movedim(0, 1).flatten(1, 2)  # a copy unless b = 1
 
 
@@ -73,7 +73,7 @@ def _reduce_scatter_sequence(x: torch.Tensor, group: dist.ProcessGroup) -> torch
     tp = dist.get_world_size(group)
     parts = x.unflatten(1, (tp, -1)).movedim(1, 0).flatten(0, 1).contiguous()  # a copy unless b = 1
     out = x.new_empty((x.shape[0], x.shape[1] // tp, *x.shape[2:]))
-    dist.reduce_scatter_single(out, parts, group=group)
+    compat.reduce_scatter_single(out, parts, group=group)
     return out
 
 
