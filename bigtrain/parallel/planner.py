@@ -11,7 +11,8 @@ against real allocations on 2 ranks in tests/distributed/test_memory_plan.py:
   step (activations freed) the optimizer also gets an fp32 copy: of everything without ZeRO in
   mixed precision (DeepSpeed's FP16_Optimizer, also used for bf16), of the partition under
   ZeRO-3 and under ZeRO 1/2 in mixed precision. The bf16 pipeline engine without ZeRO
-  (BF16_Optimizer) keeps a full fp32 accumulation buffer all along;
+  (BF16_Optimizer) keeps a full accumulation buffer all along, in bf16 (DeepSpeed's default
+  gradient accumulation dtype), and the bf16 gradients stay alive at the step (simulated);
 - optimizer: fp32 master copy + Adam's two moments (12 bytes/param), 1/dp of it under ZeRO ≥ 1
   and with the bf16 pipeline engine, in CPU memory with `offload_optimizer`; plain fp32 without
   ZeRO keeps only the two moments (8 bytes);
@@ -160,8 +161,9 @@ def memory_plan(m: ModelConfig, seq_len: int, precision: str, layout: Layout) ->
     mixed = g_bytes < 4
     bf16_pipeline = zero == 0 and mixed and layout.pp > 1 and precision != "fp16"
     if zero == 0:
-        grads = full + (4 * n if bf16_pipeline else 0.0)
-        grads_at_step = full + (4 * n if mixed else 0.0)
+        accumulator = full if bf16_pipeline else 0.0  # BF16_Optimizer's, in bf16 (DeepSpeed's default)
+        grads = full + accumulator
+        grads_at_step = full + accumulator + (4 * n if mixed else 0.0)
     else:
         grads = full if zero == 1 else part
         grads_at_step = part + (4 * n / dp if zero == 3 or mixed else 0.0)

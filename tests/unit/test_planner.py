@@ -57,10 +57,11 @@ def test_zero3_keeps_whole_blocks_gathered_up_to_the_live_limit():
 
 
 def test_bf16_pipeline_without_zero_uses_deepspeeds_bf16_optimizer():
-    # BF16_Optimizer: a full fp32 gradient accumulator next to the bf16 gradients, fp32 state ÷ dp
+    # BF16_Optimizer: a full bf16 gradient accumulator next to the bf16 gradients, their fp32
+    # copy at the step, fp32 state ÷ dp
     n = stage_params(SHAPE, tp=1, pp=2)
     plan = memory_plan(SHAPE, 32, "bf16", Layout(dp=2, pp=2, zero=0, micro_batch=2, grad_accum=2))
-    assert (plan.params, plan.grads, plan.optimizer) == (2 * n, 6 * n, 12 * n / 2)
+    assert (plan.params, plan.grads, plan.grads_at_step, plan.optimizer) == (2 * n, 4 * n, 8 * n, 12 * n / 2)
 
 
 def test_local_engine_keeps_everything_in_fp32():
