@@ -97,8 +97,7 @@ def _measure(engine, cfg: Config, steps: int) -> dict[str, int]:
 
     def sample(*_):
         buckets = compat.bucket_buffers(wrapper)  # gradients copied into a bucket count as the bucket
-        grads = [p.grad for p in params] + [t.grad for t in masters] + compat.gradient_buffers(wrapper)
-        peak["gradients"] = max(peak["gradients"], _storage_bytes(grads, besides=buckets))
+        peak["gradients"] = max(peak["gradients"], _storage_bytes(grads_of(params, masters, wrapper), besides=buckets))
         in_flight = [p.data for p in params if compat.gathered_now(p)] + buckets
         peak["in_flight"] = max(peak["in_flight"], _storage_bytes(in_flight))
 
@@ -106,6 +105,8 @@ def _measure(engine, cfg: Config, steps: int) -> dict[str, int]:
     hooks += [m.register_full_backward_hook(sample) for m in engine.model.modules() if next(m.parameters(False), None) is not None]
     step = inner.step
     inner.step = lambda *a, **k: (sample(), step(*a, **k))[1]
+    update = wrapper.step  # the fake world's data can make gradients non-finite, and DeepSpeed would
+    wrapper.step = lambda *a, **k: (_zero(grads_of(params, masters, wrapper)), update(*a, **k))[1]  # skip the update
     tokens = torch.zeros((cfg.data.micro_batch, cfg.data.seq_len + 1), dtype=torch.long)
     if engine.pipelined and engine.engine.stage_id > 0:  # no earlier stage will say what it sends
         p = cfg.parallel
@@ -127,6 +128,18 @@ def _measure(engine, cfg: Config, steps: int) -> dict[str, int]:
         "gradients": peak["gradients"],
         "buffers": _storage_bytes(module_buffers) + peak["in_flight"],
     }
+
+
+def grads_of(params, masters, wrapper) -> list[torch.Tensor]:
+    """Every gradient tensor the rank holds: its parameters', the fp32 masters', DeepSpeed's buffers."""
+    return [p.grad for p in params] + [t.grad for t in masters] + compat.gradient_buffers(wrapper)
+
+
+def _zero(tensors) -> None:
+    """Zero the gradients before the probe's update, so that it runs (and creates AdamW's moments)."""
+    for t in tensors:
+        if torch.is_tensor(t):
+            t.detach().zero_()
 
 
 def simulate_report(result: dict) -> str:

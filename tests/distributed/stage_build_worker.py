@@ -1,111 +1,103 @@
-"""Run under torchrun: build this rank's stage while counting the parameter elements alive, then
-hand it to DeepSpeed and write the counts and a bitwise comparison with `Llama(cfg)` as JSON.
+"""Run under torchrun: build this rank's share as `train` does (meta layers, materialised and
+cut by `parallelize`, ZeRO-3 partitioned layer by layer) while counting the tensor bytes alive,
+then write the counts and a bitwise comparison with `Llama(cfg, seed=run.seed)` as JSON.
 
-Live elements are counted independently of the builder's own bookkeeping: every `nn.Parameter`
-the garbage collector can reach (distinct storages), sampled whenever a layer has just been
-constructed or a tensor-parallel shard just cut: the moments a full layer is alive.
+Bytes alive are counted independently of the builder's own bookkeeping: every tensor the garbage
+collector can reach (distinct storages, meta tensors aside), sampled whenever a full parameter
+value has just been drawn, a layer just materialised, or a layer just partitioned: the moments
+the most is alive.
 """
 
 import gc
 import json
 import os
 import sys
+from functools import partial
 from pathlib import Path
 
+import deepspeed
 import safetensors.torch
 import torch
-from torch import nn
 
 from bigtrain.config import load_config
 from bigtrain.distributed.timing import PhaseTimer
-from bigtrain.engine.deepspeed import stages as stage_build
-from bigtrain.engine.deepspeed.engine import DeepSpeedEngine
+from bigtrain.engine import materialize as materialize_module
+from bigtrain.engine.deepspeed import engine as engine_module
+from bigtrain.engine.deepspeed.config import deepspeed_config
 from bigtrain.engine.deepspeed.grid import init_topology
-from bigtrain.engine.update_gate import UpdateGate
+from bigtrain.engine.deepspeed.stages import parallelize_stage, stage_layers
+from bigtrain.engine.materialize import Materializer
 from bigtrain.model import Llama, count_params
-from bigtrain.model.llama import make_layer
-from bigtrain.parallel import tensor_parallel_layers
+from bigtrain.model.llama import meta_layer
 
 cfg = load_config(sys.argv[1], sys.argv[3:])
 topology = init_topology(cfg)
-timer = PhaseTimer(torch.device("cpu"))
+zero3 = cfg.parallel.zero_stage == 3
 peak = 0
 
 
-def live_parameter_elements() -> int:
-    storages = {p.untyped_storage().data_ptr(): p.numel() for p in gc.get_objects() if isinstance(p, nn.Parameter)}
-    return sum(storages.values())
+def live_bytes(*extra) -> int:
+    tensors = [t for t in gc.get_objects() if isinstance(t, torch.Tensor) and not t.is_meta] + list(extra)
+    return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values())
 
 
-def probed(fn):
+def sampled(fn):
     def wrapper(*args, **kwargs):
         global peak
         out = fn(*args, **kwargs)
-        peak = max(peak, live_parameter_elements())
+        peak = max(peak, live_bytes(*[out] if torch.is_tensor(out) else []))
         return out
     return wrapper
 
 
-stage_build.make_layer = probed(stage_build.make_layer)
-tensor_parallel_layers._shard = probed(tensor_parallel_layers._shard)
+materialize_module.initial_value = sampled(materialize_module.initial_value)
+Materializer.__call__ = sampled(Materializer.__call__)
+finish = partial(engine_module.partition_now, ds_config=deepspeed_config(cfg, topology.dp * topology.sp),
+                 grid=topology.grid) if zero3 else None
 
 
-def measured_build(build):
-    """The build's result and the most parameter elements it held at once (beyond those held before)."""
+def build(init_file=None):
+    """This rank's stage and the most bytes building it held beyond those held before."""
     global peak
-    before = peak = live_parameter_elements()
-    torch.manual_seed(cfg.run.seed)
-    stage = build()
-    return stage, max(peak, live_parameter_elements()) - before
+    before = peak = live_bytes()
+    materialize = Materializer(cfg.model, torch.device("cpu"), cfg.run.seed, init_file,
+                               topology.tp_group if topology.tp > 1 else None)
+    stage = parallelize_stage(stage_layers(cfg.model, topology), cfg, topology, PhaseTimer(torch.device("cpu")),
+                              materialize, sampled(finish) if finish else None)
+    return stage, max(peak, live_bytes()) - before
 
 
-def build_stage(init_file=None):
-    """This rank's stage as `build_engine` makes it: built layer by layer, parallelized as each arrives."""
-    return stage_build.parallelize_stage(stage_build.build_layers(cfg.model, topology, init_file), cfg, topology, timer)
+def held(stage) -> list:
+    return list({id(p): p for layer in stage.owned for p in layer.parameters()}.values())
 
 
-# the stage builder; then, for contrast, the full model built first and sharded afterwards
-stage, stage_peak = measured_build(build_stage)
-rng_after_stage = torch.get_rng_state()
-share = sum({id(p): p.numel() for layer in stage.owned for p in layer.parameters()}.values())
-engine = DeepSpeedEngine(stage, cfg, topology, UpdateGate(None), timer)  # PipelineModule must accept the stage as built
-engine_params = list(engine.model.parameters())
-del stage
-_, full_then_shard_peak = measured_build(  # sampled once the full model exists, before its share is taken
-    lambda: stage_build.parallelize_stage(stage_build.owned_layers(probed(Llama)(cfg.model), topology), cfg, topology, timer))
-
-with torch.device("meta"):
-    layer_sizes = [sum(p.numel() for p in make_layer(cfg.model, i).parameters()) for i in range(cfg.model.n_layers + 2)]
-
-
-def mismatches(params, names: dict[int, str], full: torch.nn.Module) -> list[str]:
-    """Names of the parameters that differ from their tensor-parallel slice of `full`."""
-    reference, differ = dict(full.named_parameters()), []
-    for p in params:
-        expected = reference[names[id(p)]]
-        if getattr(p, "tensor_model_parallel", False):
-            expected = expected.chunk(topology.tp, dim=p.partition_dim)[torch.distributed.get_rank(topology.tp_group)]
-        if not torch.equal(p.detach().cpu(), expected):
-            differ.append(names[id(p)])
+def mismatches(stage, full: torch.nn.Module) -> list[str]:
+    """Names of this rank's parameters that differ from their tensor-parallel slice of `full`."""
+    reference, names, differ = dict(full.named_parameters()), stage.param_names(), []
+    params = held(stage)
+    with deepspeed.zero.GatheredParameters(params, enabled=zero3):
+        for p in params:
+            expected = reference[names[id(p)]]
+            if getattr(p, "tensor_model_parallel", False):
+                expected = expected.chunk(topology.tp, dim=p.partition_dim)[torch.distributed.get_rank(topology.tp_group)]
+            if not torch.equal(p.detach(), expected):
+                differ.append(names[id(p)])
     return differ
 
 
-torch.manual_seed(cfg.run.seed)
-engine_mismatches = mismatches(engine_params, engine.param_names, Llama(cfg.model))
-rng_equal = torch.equal(rng_after_stage, torch.get_rng_state())
-# `model.init_from`: each layer's weights read from the file as the layer is built
-torch.manual_seed(cfg.run.seed + 1)
-saved = Llama(cfg.model)
+stage, stage_peak = build()
+share = sum({id(p): getattr(p, "ds_tensor", p).untyped_storage().nbytes() for p in held(stage)}.values())
+layer_bytes = [4 * sum(p.numel() for p in meta_layer(cfg.model, i).parameters()) for i in range(cfg.model.n_layers + 2)]
+rope = 2 * 4 * cfg.model.max_seq_len * cfg.model.head_dim
+report = {"peak": stage_peak, "share": share, "largest_layer": max(layer_bytes), "rope": rope,
+          "full_model": 4 * count_params(cfg.model).total, "compared": len(held(stage)),
+          "mismatches": mismatches(stage, Llama(cfg.model, seed=cfg.run.seed))}
+# `model.init_from`: each parameter's slice read from the file as its layer is materialised
+saved = Llama(cfg.model, seed=cfg.run.seed + 1)
 init_file = Path(sys.argv[2], f"init{topology.env.rank}.safetensors")
 safetensors.torch.save_model(saved, str(init_file))
-loaded = build_stage(init_file)
-loaded_params = list({id(p): p for layer in loaded.owned for p in layer.parameters()}.values())
-report = {
-    "peak": stage_peak, "full_then_shard_peak": full_then_shard_peak, "share": share,
-    "largest_layer": max(layer_sizes), "full_model": count_params(cfg.model).total, "compared": len(engine_params),
-    "mismatches": engine_mismatches, "rng_equal": rng_equal, "loaded": len(loaded_params),
-    "init_from_mismatches": mismatches(loaded_params, loaded.param_names(), saved),
-}
+loaded, _ = build(init_file)
+report.update(loaded=len(held(loaded)), init_from_mismatches=mismatches(loaded, saved))
 Path(sys.argv[2], f"rank{topology.env.rank}.json").write_text(json.dumps(report))
 torch.distributed.barrier()
 os._exit(0)  # skip the interpreter's teardown, as zero_sizes_worker.py does
