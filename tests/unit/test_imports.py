@@ -18,10 +18,10 @@ LEVEL = {  # a module may import only modules of a lower level (or its own packa
     "parallel": 3,
     "checkpoint": 4,
     "engine": 5,
-    "train": 6, "eval": 6, "convert": 6, "scaling": 6, "info": 6, "quickstart": 6,
+    "train": 6, "eval": 6, "convert": 6, "scaling": 6, "info": 6, "simulate": 6, "quickstart": 6,
     "cli": 7, "__main__": 7,
 }
-JOBS_ORDER = ["eval", "train", "convert", "scaling", "info", "quickstart"]  # a job may use the ones before it
+JOBS_ORDER = ["eval", "train", "convert", "scaling", "info", "simulate", "quickstart"]  # a job may use the ones before it
 
 
 def group_of(module: str) -> str:
