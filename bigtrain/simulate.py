@@ -25,14 +25,14 @@ from bigtrain.config import Config
 from bigtrain.errors import BigtrainError
 from bigtrain.parallel import planner
 
-FIGURES = ("params", "gradients", "optimizer", "buffers")
+FIGURES = {"parameters": "params", "gradients": "gradients", "optimizer": "optimizer", "buffers": "buffers"}  # → MemoryPlan
 
 
 def planned_gib(cfg: Config, gpus: int) -> tuple[planner.Layout, dict[str, float], float]:
     """The layout `cfg` asks for on `gpus` GPUs, the planner's four figures for it (GiB) and its total."""
     layout = planner.config_layout(cfg, gpus)
     plan = planner.memory_plan(cfg.model, cfg.data.seq_len, cfg.train.precision, layout)
-    return layout, {name: getattr(plan, name) / 2**30 for name in FIGURES}, plan
+    return layout, {name: getattr(plan, field) / 2**30 for name, field in FIGURES.items()}, plan
 
 
 def simulate(cfg: Config, gpus: int, rank: int, gpu_mem_gib: float) -> dict:
@@ -123,7 +123,7 @@ def _measure(engine, cfg: Config, steps: int) -> dict[str, int]:
     states = [v for s in inner.state.values() for v in s.values() if torch.is_tensor(v)]
     module_buffers = list(engine.model.buffers())
     return {
-        "params": _storage_bytes([getattr(p, "ds_tensor", p) for p in params]),
+        "parameters": _storage_bytes([getattr(p, "ds_tensor", p) for p in params]),
         "optimizer": _storage_bytes(masters + states),
         "gradients": peak["gradients"],
         "buffers": _storage_bytes(module_buffers) + peak["in_flight"],

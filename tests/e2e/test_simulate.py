@@ -11,7 +11,7 @@ import pytest
 from tests.helpers import one_line_error
 
 CONFIGS = Path(__file__).parents[2] / "configs"
-FIGURES = ("params", "gradients", "optimizer", "buffers")
+FIGURES = ("parameters", "gradients", "optimizer", "buffers")
 
 
 def simulate(*args):
@@ -29,10 +29,10 @@ def test_built_bytes_match_the_plan(layout):
     proc = simulate(*layout)
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert set(result) == {"planned", "built"}
+    assert set(result) == {"planned", "built"} and set(result["planned"]) == set(result["built"]) == set(FIGURES)
     for name in FIGURES:
         assert result["built"][name] == pytest.approx(result["planned"][name], rel=0.10), name
-    assert result["built"]["params"] > 0 and result["built"]["optimizer"] > 0
+    assert result["built"]["parameters"] > 0 and result["built"]["optimizer"] > 0
 
 
 def test_a_layout_that_does_not_fit_is_refused_before_building():
