@@ -32,14 +32,19 @@ def test_rank_builds_only_its_share(layout, tmp_path):
     torchrun(2, worker, str(config_path), str(tmp_path), "parallel.engine=deepspeed", *layout)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     for r in ranks:
-        assert r["peak"] <= r["share"] + r["largest_layer"] + r["rope"]
-        assert r["share"] + r["largest_layer"] + r["rope"] < r["full_model"]  # so the bound above bites
+        bound = r["share"] + r["largest_layer"] + r["rope"]
+        assert r["share"] <= r["peak"] <= bound
+        # building the full model first holds it all, as the same probe sees: the bound above bites
+        assert r["full_then_share_peak"] >= r["full_model"] > bound
+        assert r["rng_untouched"]  # values seeded by (run seed, name): torch's global RNG is not drawn
         assert r["compared"] > 0 and r["mismatches"] == []
+        # the engine wraps the stage as built (ZeRO-3: as partitioned), its values unchanged
+        assert r["engine_compared"] == r["compared"] and r["engine_mismatches"] == []
+        assert r["engine_share_elements"] == r["share_elements"]
         assert r["loaded"] == r["compared"] and r["init_from_mismatches"] == []
+    assert sum(r["share"] for r in ranks) >= ranks[0]["full_model"]  # together they hold it all
     if "parallel.zero_stage=3" in layout:  # each rank holds half of every parameter from construction on
         assert all(r["share"] == pytest.approx(r["full_model"] / 2, rel=0.01) for r in ranks)
-    else:
-        assert sum(r["share"] for r in ranks) >= ranks[0]["full_model"]  # together they hold it all
 
 
 def test_zero3_run_logs_the_memory_its_construction_held(stdlib_data, tmp_path):
