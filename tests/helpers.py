@@ -19,10 +19,11 @@ CPU_RANKS_ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
 PEAK_ENV = {**os.environ, "OMP_NUM_THREADS": "2", "MALLOC_MMAP_THRESHOLD_": "65536"}
 
 
-def torchrun(nproc: int, *args: str) -> subprocess.CompletedProcess:
-    """`torchrun --standalone` of `args` on `nproc` CPU (gloo) ranks, which must all succeed."""
+def torchrun(nproc: int, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`torchrun --standalone` of `args` on `nproc` CPU (gloo) ranks, which must all succeed
+    (`env`: the ranks' environment, `CPU_RANKS_ENV` unless given)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=CPU_RANKS_ENV, timeout=600)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env or CPU_RANKS_ENV, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 
