@@ -190,6 +190,8 @@ def cmd_info(args: argparse.Namespace) -> None:
         raise BigtrainError("--gpus, --gpu-mem and --gpus-per-node must be positive")
     cfg = load_config(args.config, args.overrides)
     gpus = args.gpus or world_size_for(cfg)
+    if (args.json or args.rank) and not args.simulate:
+        raise BigtrainError("--json and --rank go with --simulate")
     if args.simulate:
         from bigtrain.simulate import simulate, simulate_report
 

@@ -29,8 +29,10 @@ class Materializer:
         self.cfg, self.device, self.seed = cfg, device, seed
         self.tp = dist.get_world_size(tp_group) if tp_group is not None else 1
         self.tp_rank = dist.get_rank(tp_group) if tp_group is not None else 0
-        shapes = {name: tuple(p.shape) for name, p in Llama(cfg, device="meta").named_parameters()}
-        self.weights = InitialWeights(init_file, shapes) if init_file else None
+        self.weights = None
+        if init_file:
+            shapes = {name: tuple(p.shape) for name, p in Llama(cfg, device="meta").named_parameters()}
+            self.weights = InitialWeights(init_file, shapes)
         self.rope: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def __call__(self, layer: nn.Module, index: int) -> None:

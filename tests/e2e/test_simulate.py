@@ -39,3 +39,9 @@ def test_a_layout_that_does_not_fit_is_refused_before_building():
     proc = subprocess.run([sys.executable, "-m", "bigtrain", "info", CONFIGS / "70b.yaml", "--gpus", "8", "--simulate",
                            "parallel.engine=deepspeed"], capture_output=True, text=True)
     one_line_error(proc, "dp=8 tp=1 pp=1 zero=0", "does not fit", "GiB planned per GPU of 80 GiB")
+
+
+def test_simulate_options_alone_are_refused():
+    proc = subprocess.run([sys.executable, "-m", "bigtrain", "info", CONFIGS / "tiny.yaml", "--json"],
+                          capture_output=True, text=True)
+    one_line_error(proc, "--json and --rank go with --simulate")
