@@ -250,3 +250,8 @@ def replaced_torch_load(load: Callable[..., Any]) -> Iterator[None]:
         yield
     finally:
         torch.load = original
+
+
+def in_backward() -> bool:
+    """Whether autograd is running a backward pass now (e.g. activation checkpointing's recompute)."""
+    return torch._C._current_graph_task_id() != -1

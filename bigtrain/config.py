@@ -57,6 +57,23 @@ def ranged(default: Any, *, gt: float | None = None, ge: float | None = None,
 
 
 @dataclass
+class MoEConfig:
+    """Mixture-of-Experts feed-forward blocks (bigtrain/model/moe.py); `experts: 0` is a dense model.
+    Block l (from 0) is MoE when l >= first_dense and (l + 1) % every == 0 (Qwen3-MoE's rule)."""
+
+    experts: int = ranged(0, ge=0)  # routed experts per MoE block
+    top_k: int = ranged(2, ge=1)  # experts each token is routed to
+    ffn_hidden: int | None = ranged(None, ge=1)  # each expert's SwiGLU width; None: the dense width
+    shared_experts: int = ranged(0, ge=0)  # experts every token goes through (one MLP of shared_experts × ffn_hidden)
+    every: int = ranged(1, ge=1)  # every k-th block is MoE
+    first_dense: int = ranged(0, ge=0)  # leading blocks that stay dense
+    normalize_top_k: bool = True  # renormalise the top-k probabilities to sum to 1 (Qwen3-MoE's norm_topk_prob)
+    aux_loss: float = ranged(0.01, ge=0)  # load-balancing loss coefficient (per MoE block)
+    z_loss: float = ranged(0.0, ge=0)  # router z-loss coefficient (per MoE block)
+    capacity_factor: float | None = ranged(None, gt=0)  # None: dropless; else each expert takes at most this × its even share
+
+
+@dataclass
 class ModelConfig:
     """Shape of the Llama-style decoder. The defaults are the `tiny` model of the quickstart."""
 
@@ -74,6 +91,8 @@ class ModelConfig:
     tie_embeddings: bool = False
     init_std: float = ranged(0.02, gt=0)
     init_from: str | None = None  # start from this checkpoint's weights (e.g. `bigtrain convert from-hf`)
+    qk_norm: bool = False  # RMSNorm of each query and key head before RoPE (Qwen3)
+    moe: MoEConfig = field(default_factory=MoEConfig)
 
     @property
     def kv_heads(self) -> int:
@@ -91,6 +110,15 @@ class ModelConfig:
         if self.ffn_dim_multiplier is not None:
             hidden = int(self.ffn_dim_multiplier * hidden)
         return self.multiple_of * -(-hidden // self.multiple_of)
+
+    @property
+    def expert_ffn_dim(self) -> int:
+        return self.moe.ffn_hidden or self.ffn_dim
+
+    def is_moe_block(self, block: int) -> bool:
+        """Whether block `block` (from 0) has a Mixture-of-Experts feed-forward."""
+        moe = self.moe
+        return moe.experts > 0 and block >= moe.first_dense and (block + 1) % moe.every == 0
 
 
 @dataclass
@@ -168,6 +196,7 @@ class ParallelConfig:
     tp_sequence_parallel: bool = True  # with tp > 1: norms/residuals hold seq_len/tp tokens per rank
     pp: int = ranged(1, ge=1)  # pipeline stages (DeepSpeed's pipeline engine, 1F1B)
     sp: int = ranged(1, ge=1)  # sequence-parallel degree (DeepSpeed-Ulysses: each rank holds seq_len / sp tokens)
+    ep: int = ranged(1, ge=1)  # expert-parallel degree: each of ep data-parallel ranks holds experts / ep experts
     zero_stage: Literal[0, 1, 2, 3] = 0
     offload_optimizer: bool = False  # ZeRO optimizer states in CPU memory
     activation_checkpointing: Literal[False, True, "full", "selective"] = False  # true: full (see docs/benchmarks.md)
@@ -258,6 +287,11 @@ class Config:
             (m.n_heads % m.kv_heads == 0, "model.n_heads must be divisible by model.n_kv_heads"),
             (m.head_dim % 2 == 0, "model.d_model / model.n_heads must be even (RoPE)"),
             (d.seq_len <= m.max_seq_len, "data.seq_len must not exceed model.max_seq_len"),
+            (m.moe.experts == 0 or m.moe.top_k <= m.moe.experts,
+             f"model.moe.top_k={m.moe.top_k} exceeds model.moe.experts={m.moe.experts}"),
+            (m.moe.experts == 0 or self.parallel.ep == 1 or m.moe.experts % self.parallel.ep == 0,
+             f"model.moe.experts={m.moe.experts} is not divisible by parallel.ep={self.parallel.ep}"),
+            (m.moe.experts > 0 or self.parallel.ep == 1, "parallel.ep > 1 needs model.moe.experts > 0"),
         ]
         for ok, message in checks:
             if not ok:

@@ -53,6 +53,8 @@ def model_report(cfg: Config) -> str:
         f"ffn={m.ffn_dim} vocab={m.vocab_size} tied={m.tie_embeddings}",
         f"parameters   {counts.total:,} ({_human(counts.total)}); non-embedding {counts.non_embedding:,} "
         f"({_human(counts.non_embedding)})",
+        *([f"experts      {m.moe.experts} routed (top {m.moe.top_k}, {m.expert_ffn_dim} wide) + {m.moe.shared_experts} "
+           f"shared per MoE block; active parameters {counts.active:,} ({_human(counts.active)})"] if m.moe.experts else []),
         f"FLOPs/token  {flops_per_token(m, cfg.data.seq_len):.4g} (training, seq_len={cfg.data.seq_len})",
     ])
 

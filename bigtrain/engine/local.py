@@ -21,6 +21,7 @@ from bigtrain.engine.memory import MemoryPeak
 from bigtrain.engine.optimizer import build_adamw
 from bigtrain.engine.update_gate import UpdateGate
 from bigtrain.model import Llama
+from bigtrain.model.moe import set_auxiliary_scale
 from bigtrain.parallel.parallelize import parallelize
 
 
@@ -65,6 +66,7 @@ class LocalEngine:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         total = torch.zeros((), device=self.device)
+        set_auxiliary_scale(self.model, 1 / len(micro_batches))
         with self.autocast():  # once per step: its cache of low-precision weight copies serves every micro-batch
             for batch in micro_batches:
                 with self.timer.phase("forward"):

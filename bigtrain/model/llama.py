@@ -17,7 +17,9 @@ from torch import nn
 
 from bigtrain.config import ModelConfig
 from bigtrain.model.loss import linear_cross_entropy
-from bigtrain.model.pointwise import rms_norm, swiglu
+from bigtrain.model.mlp import MLP
+from bigtrain.model.moe import MoE
+from bigtrain.model.pointwise import rms_norm
 
 
 class RMSNorm(nn.Module):
@@ -74,6 +76,10 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=False)
         self.v_proj = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
+        if cfg.qk_norm:  # Qwen3: each head's query and key normalised before RoPE
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
+        self.qk_norm = cfg.qk_norm
         self.core = CausalAttention()
         self.seq_shard = 0
 
@@ -81,35 +87,25 @@ class Attention(nn.Module):
         b, t, _ = x.shape
         positions = slice(self.seq_shard * t, (self.seq_shard + 1) * t)
         cos, sin = cos[positions, None], sin[positions, None]  # [t, 1, head_dim]: the same for every head
-        q = apply_rope(self.q_proj(x).view(b, t, -1, self.head_dim), cos, sin)
-        k = apply_rope(self.k_proj(x).view(b, t, -1, self.head_dim), cos, sin)
+        q, k = self.q_proj(x).view(b, t, -1, self.head_dim), self.k_proj(x).view(b, t, -1, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         v = self.v_proj(x).view(b, t, -1, self.head_dim)
         return self.o_proj(self.core(q, k, v).reshape(b, t, -1))
 
 
-class MLP(nn.Module):
-    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
-
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.gate_proj = nn.Linear(cfg.d_model, cfg.ffn_dim, bias=False)
-        self.up_proj = nn.Linear(cfg.d_model, cfg.ffn_dim, bias=False)
-        self.down_proj = nn.Linear(cfg.ffn_dim, cfg.d_model, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
-
-
 class Block(nn.Module):
-    """Pre-norm transformer block. It carries RoPE tables so that it stands alone; in a model (or
-    pipeline stage) every block holds the same pair (`share_rope_tables`, the `Materializer`)."""
+    """Pre-norm transformer block number `index` (from 0): its feed-forward is a Mixture of Experts
+    where `cfg.is_moe_block(index)`, else an MLP. It carries RoPE tables so that it stands alone; in
+    a model (or pipeline stage) every block holds the same pair (`share_rope_tables`, the `Materializer`)."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, index: int = 0):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.self_attn = Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.mlp = MLP(cfg)
+        self.mlp = MoE(cfg) if cfg.is_moe_block(index) else MLP(cfg)
         cos, sin = rope_tables(cfg.max_seq_len, cfg.head_dim, cfg.rope_theta)
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
@@ -159,9 +155,14 @@ def layer_type(cfg: ModelConfig, index: int) -> type[nn.Module]:
     return Block if index <= cfg.n_layers else Head
 
 
+def layer_args(cfg: ModelConfig, index: int) -> tuple:
+    """The constructor arguments of layer `index` of the list (a block also takes its number)."""
+    return (cfg, index - 1) if layer_type(cfg, index) is Block else (cfg,)
+
+
 def make_layer(cfg: ModelConfig, index: int) -> nn.Module:
     """Layer `index` of the list, freshly built."""
-    return layer_type(cfg, index)(cfg)
+    return layer_type(cfg, index)(*layer_args(cfg, index))
 
 
 def meta_layer(cfg: ModelConfig, index: int) -> nn.Module:
@@ -177,12 +178,13 @@ def parameter_seed(seed: int, name: str) -> int:
 
 def initial_value(cfg: ModelConfig, name: str, shape: Iterable[int], seed: int) -> torch.Tensor:
     """The initial fp32 value (on the CPU) of parameter `name` of the one-process model: ones for
-    norms; Normal(0, init_std) for matrices, residual outputs scaled by 1/sqrt(2·n_layers) (GPT-2).
+    norms; Normal(0, init_std) for matrices (and stacked experts), residual outputs scaled by
+    1/sqrt(2·n_layers) (GPT-2).
     Drawn from its own generator seeded by (run seed, name), so it does not depend on which
     parameters a rank builds, or in which order."""
     if name.endswith("norm.weight"):
         return torch.ones(tuple(shape))
-    std = cfg.init_std / math.sqrt(2 * cfg.n_layers) if name.endswith(("o_proj.weight", "down_proj.weight")) else cfg.init_std
+    std = cfg.init_std / math.sqrt(2 * cfg.n_layers) if name.endswith(("o_proj.weight", "down_proj.weight", "experts.down_proj")) else cfg.init_std
     generator = torch.Generator().manual_seed(parameter_seed(seed, name))
     return torch.empty(tuple(shape)).normal_(0.0, std, generator=generator)
 
@@ -247,8 +249,9 @@ class Llama(nn.Module):
 def compile_blocks(layers: Iterable[nn.Module]) -> None:
     """`torch.compile` every block in place (fusing the norms, RoPE and SwiGLU element-wise work).
 
-    Parameter names, and so checkpoints, stay unchanged; the blocks share one compiled graph.
+    Parameter names, and so checkpoints, stay unchanged; the blocks share one compiled graph. Of a
+    Mixture-of-Experts block only the attention is compiled (routing has data-dependent shapes).
     """
     for layer in layers:
         if isinstance(layer, Block):
-            layer.compile(dynamic=False)
+            (layer.self_attn if isinstance(layer.mlp, MoE) else layer).compile(dynamic=False)

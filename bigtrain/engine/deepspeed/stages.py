@@ -16,7 +16,7 @@ from bigtrain.config import Config, ModelConfig
 from bigtrain.distributed.timing import PhaseTimer
 from bigtrain.engine.deepspeed.grid import Topology
 from bigtrain.engine.device import compile_enabled, rank_device, resolve_precision
-from bigtrain.model.llama import Llama, layer_type, meta_layer
+from bigtrain.model.llama import Llama, layer_args, layer_type, meta_layer
 from bigtrain.parallel.layout import check_tensor_parallel, stage_bounds
 from bigtrain.parallel.parallelize import parallelize
 
@@ -41,7 +41,7 @@ class Stage:
     def of(cls, owned: list[nn.Module], cfg: ModelConfig, topology: Topology) -> Stage:
         """The stage whose built layers are `owned` (this rank's, in order)."""
         start, stop = stage_of(cfg, topology)
-        specs = [LayerSpec(layer_type(cfg, i), cfg) for i in range(cfg.n_layers + 2)]
+        specs = [LayerSpec(layer_type(cfg, i), *layer_args(cfg, i)) for i in range(cfg.n_layers + 2)]
         return cls(specs[:start] + owned + specs[stop:], start, stop)
 
     @property
