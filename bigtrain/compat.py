@@ -106,10 +106,12 @@ def optimizer_state_tensors(wrapper: Any) -> list[torch.Tensor] | None:
 
 
 def link_optimizer_state(wrapper: Any) -> None:
-    """Let ZeRO-1/2 or the bf16 optimizer link each parameter's fragment of freshly created
-    optimizer state, as its first step would."""
+    """Let ZeRO-1/2 or the bf16 optimizer link each parameter's fragment of its optimizer state
+    (freshly created, or all of it: ZeRO-1/2 links after its first group's first step, so the
+    fragments of later groups stay empty)."""
     link = getattr(wrapper, "_lazy_init_hp_params_optimizer_state", None)
     if link is not None:
+        wrapper._hp_optimizer_states_linked = False
         link()
 
 

@@ -21,7 +21,7 @@ from bigtrain.engine.memory import MemoryPeak
 from bigtrain.engine.optimizer import build_adamw
 from bigtrain.engine.update_gate import UpdateGate
 from bigtrain.model import Llama
-from bigtrain.model.moe import set_auxiliary_scale
+from bigtrain.model.moe import set_auxiliary_scale, take_router_stats
 from bigtrain.parallel.parallelize import parallelize
 
 
@@ -90,6 +90,11 @@ class LocalEngine:
     def step_times(self) -> dict[str, float]:
         """Seconds per phase since the last call (call at logging time: it waits for the device)."""
         return self.timer.read()
+
+    def router_stats(self) -> torch.Tensor | None:
+        """Each MoE block's routing since the last call (`take_router_stats`); None for a dense model."""
+        cfg = self.model.cfg
+        return take_router_stats(self.model, cfg) if cfg.moe.experts else None
 
     @torch.no_grad()
     def eval_loss(self, tokens: torch.Tensor) -> torch.Tensor:

@@ -17,18 +17,21 @@ from torch import nn
 from bigtrain.checkpoint.initial_weights import InitialWeights
 from bigtrain.config import ModelConfig
 from bigtrain.model.llama import Block, Llama, initial_value, materialize, rope_tables
-from bigtrain.parallel.layout import tp_slice, tp_split_dim
+from bigtrain.parallel.layout import is_expert_weight, tp_split_dim
 
 
 class Materializer:
     """`materialize(layer, index)` for `parallelize`: layer `index` of the model's list, split
-    across `tp_group` (None: whole), gets its parameters and the shared RoPE tables on `device`."""
+    across `tp_group` and its experts across `ep_group` (None: whole), gets its parameters and the
+    shared RoPE tables on `device`."""
 
     def __init__(self, cfg: ModelConfig, device: torch.device, seed: int, init_file: Path | None = None,
-                 tp_group: dist.ProcessGroup | None = None):
+                 tp_group: dist.ProcessGroup | None = None, ep_group: dist.ProcessGroup | None = None):
         self.cfg, self.device, self.seed = cfg, device, seed
         self.tp = dist.get_world_size(tp_group) if tp_group is not None else 1
         self.tp_rank = dist.get_rank(tp_group) if tp_group is not None else 0
+        self.ep = dist.get_world_size(ep_group) if ep_group is not None else 1
+        self.ep_rank = dist.get_rank(ep_group) if ep_group is not None else 0
         self.weights = None
         if init_file:
             shapes = {name: tuple(p.shape) for name, p in Llama(cfg, device="meta").named_parameters()}
@@ -44,11 +47,15 @@ class Materializer:
 
     def value(self, name: str, p: nn.Parameter) -> torch.Tensor:
         """This rank's part of parameter `name` (`p` has the part's shape)."""
-        dim = tp_split_dim(name) if self.tp > 1 else None
+        dim, parts, part = None, 1, 0
+        if self.tp > 1 and tp_split_dim(name) is not None:
+            dim, parts, part = tp_split_dim(name), self.tp, self.tp_rank
+        elif self.ep > 1 and is_expert_weight(name):
+            dim, parts, part = 0, self.ep, self.ep_rank
         if self.weights:
-            return self.weights.read(name, dim, self.tp, self.tp_rank)
+            return self.weights.read(name, dim, parts, part)
+        if dim is None:
+            return initial_value(self.cfg, name, p.shape, self.seed)
         shape = list(p.shape)
-        if dim is not None:
-            shape[dim] *= self.tp
-        part = tp_slice(initial_value(self.cfg, name, shape, self.seed), name, self.tp, self.tp_rank)
-        return part.clone() if dim is not None else part  # not a view that keeps the full value alive
+        shape[dim] *= parts
+        return initial_value(self.cfg, name, shape, self.seed).chunk(parts, dim)[part].clone()  # not a view of the full value

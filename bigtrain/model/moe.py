@@ -87,11 +87,12 @@ class RouterStats:
 
 
 class MoE(nn.Module):
-    """Top-k routed experts (+ shared experts) in place of a block's MLP."""
+    """Top-k routed experts (+ shared experts) in place of the MLP of block `block`."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, block: int = 0):
         super().__init__()
         moe = cfg.moe
+        self.index = sum(cfg.is_moe_block(b) for b in range(block))  # this block's place among the MoE blocks
         self.experts_total, self.top_k, self.normalize = moe.experts, moe.top_k, moe.normalize_top_k
         self.capacity_factor, self.aux_coeff, self.z_coeff = moe.capacity_factor, moe.aux_loss, moe.z_loss
         self.router = nn.Linear(cfg.d_model, moe.experts, bias=False)
@@ -119,7 +120,7 @@ class MoE(nn.Module):
         routed = torch.bincount(flat, minlength=self.experts_total)
         order, counts = self._within_capacity(order, routed, h.shape[0])
         tokens = order // self.top_k
-        rows = h[tokens]
+        rows = h[tokens].to(compute_dtype(h))  # (cast before any exchange: half the bytes under bf16)
         if self.exchange is None:
             y = self.experts(rows, counts)
         else:
@@ -157,6 +158,18 @@ class MoE(nn.Module):
 
 def moe_layers(module: nn.Module) -> list[MoE]:
     return [m for m in module.modules() if isinstance(m, MoE)]
+
+
+def take_router_stats(module: nn.Module, cfg: ModelConfig) -> torch.Tensor:
+    """[MoE blocks, RouterStats.FIELDS + experts]: what each MoE block of `module` saw since the
+    last call (zero rows for blocks held elsewhere, so ranks can sum their tables)."""
+    rows = sum(cfg.is_moe_block(b) for b in range(cfg.n_layers))
+    table = torch.zeros(rows, len(RouterStats.FIELDS) + cfg.moe.experts, dtype=torch.float64)
+    for layer in moe_layers(module):
+        sums = layer.stats.take()
+        if sums is not None:
+            table[layer.index] += sums.double().cpu()
+    return table
 
 
 def set_auxiliary_scale(module: nn.Module, scale: float) -> None:

@@ -86,6 +86,17 @@ def tp_join(param_name: str, parts: list[torch.Tensor]) -> torch.Tensor:
     return parts[0] if dim is None or len(parts) == 1 else torch.cat(parts, dim=dim)
 
 
+def is_expert_weight(param_name: str) -> bool:
+    """Whether `param_name` is a stacked expert weight: expert parallelism splits it along dim 0
+    (its experts); tensor parallelism leaves it whole."""
+    return ".mlp.experts." in param_name
+
+
+def ep_slice(full: torch.Tensor, param_name: str, ep: int, ep_rank: int) -> torch.Tensor:
+    """Expert-parallel rank `ep_rank`'s part of the full tensor of `param_name`."""
+    return full.chunk(ep, dim=0)[ep_rank] if ep > 1 and is_expert_weight(param_name) else full
+
+
 @dataclass(frozen=True)
 class Layout:
     """A resolved layout of a run over its GPUs: what `config_layout` reads from a config and
@@ -153,6 +164,23 @@ def sequence_parallel_problem(m: ModelConfig, seq_len: int, sp: int, tp: int) ->
     return None
 
 
+def expert_parallel_problem(cfg: Config, world_size: int) -> str | None:
+    """Why the Mixture-of-Experts model cannot run in this layout (None: it can, or it is dense)."""
+    p, moe = cfg.parallel, cfg.model.moe
+    if not moe.experts:
+        return None
+    if p.tp > 1 or p.sp > 1:
+        return ("model.moe needs parallel.tp=1 and parallel.sp=1 (Mixture-of-Experts blocks do not yet split "
+                "their tokens' routing statistics across tensor or sequence ranks); use parallel.ep and dp")
+    if p.ep > 1 and p.zero_stage == 3:
+        return "parallel.ep > 1 needs parallel.zero_stage <= 2 (DeepSpeed partitions expert groups with ZeRO 1 and 2 only)"
+    if world_size % (p.tp * p.pp * p.sp) == 0:
+        dp = world_size // (p.tp * p.pp * p.sp)
+        if dp % p.ep:
+            return f"parallel.ep={p.ep} does not divide the data-parallel size {dp} (expert parallelism is carved from dp)"
+    return None
+
+
 def stage_bounds(n_layers: int, pp: int) -> list[int]:
     """Layer-list boundaries of the pp stages (stage s holds layers [b[s], b[s+1])), as DeepSpeed's
     `PipelineModule(partition_method="type:Block")` cuts the list embedding, n blocks, head."""
@@ -173,8 +201,10 @@ def layout_problem(cfg: Config, world_size: int) -> str | None:
     if p.engine == "local":
         if world_size > 1:
             return f"parallel.engine=local runs one process, but {world_size} were launched; use parallel.engine=deepspeed"
-        if p.tp > 1 or p.pp > 1 or p.sp > 1 or p.zero_stage > 0:
-            return "parallel.tp, parallel.pp, parallel.sp and parallel.zero_stage need parallel.engine=deepspeed"
+        if p.tp > 1 or p.pp > 1 or p.sp > 1 or p.ep > 1 or p.zero_stage > 0:
+            return "parallel.tp, parallel.pp, parallel.sp, parallel.ep and parallel.zero_stage need parallel.engine=deepspeed"
+    if problem := expert_parallel_problem(cfg, world_size):
+        return problem
     if world_size % (p.tp * p.pp * p.sp):
         return (f"world size {world_size} is not divisible by parallel.tp × parallel.pp × parallel.sp = "
                 f"{p.tp * p.pp * p.sp}")

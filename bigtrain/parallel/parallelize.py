@@ -21,6 +21,7 @@ from bigtrain.distributed.timing import PhaseTimer
 from bigtrain.model import compile_blocks
 from bigtrain.model.llama import Head
 from bigtrain.parallel.activation_checkpointing import apply_activation_checkpointing
+from bigtrain.parallel.expert_parallel import connect_experts, split_experts
 from bigtrain.parallel.float8 import apply_float8
 from bigtrain.parallel.layout import tp_sequence_parallel
 from bigtrain.parallel.tensor_parallel import connect_layer, split_layer
@@ -28,11 +29,11 @@ from bigtrain.parallel.tensor_parallel import connect_layer, split_layer
 
 def parallelize(layers: Iterable[nn.Module], cfg: Config, *, fp8: bool, compile: bool,
                 tp_group: dist.ProcessGroup | None = None, sp_group: dist.ProcessGroup | None = None,
-                timer: PhaseTimer | None = None, first: int = 0,
+                ep_group: dist.ProcessGroup | None = None, timer: PhaseTimer | None = None, first: int = 0,
                 materialize: Callable[[nn.Module, int], None] | None = None,
                 finish: Callable[[nn.Module], None] | None = None) -> list[nn.Module]:
     """This rank's layers of the model's list, from layer `first` on, transformed in place one by
-    one: sharded across `tp_group` (None: tp = 1), materialised (`materialize(layer, index)`; a
+    one: sharded across `tp_group` (None: tp = 1), experts split across `ep_group` (None: ep = 1), materialised (`materialize(layer, index)`; a
     tied head takes the embedding's weight first), attending across `sp_group` (None: sp = 1;
     `timer` clocks its all-to-alls), with float8 block linears (`fp8`), checkpointed as
     `parallel.activation_checkpointing` says, compiled (`compile`), then handed to `finish`."""
@@ -42,12 +43,16 @@ def parallelize(layers: Iterable[nn.Module], cfg: Config, *, fp8: bool, compile:
     for index, layer in enumerate(layers, first):
         if tp_group is not None:
             split_layer(layer, tp_group, sequence_parallel)
+        if ep_group is not None:
+            split_experts(layer, dist.get_world_size(ep_group))
         if cfg.model.tie_embeddings and isinstance(layer, Head):  # tied embeddings need pp = 1: owned[0] is it
             layer.lm_head.weight = owned[0].embed_tokens.weight
         if materialize is not None:
             materialize(layer, index)
         if tp_group is not None:
             connect_layer(layer, tp_group, sequence_parallel)
+        if ep_group is not None:
+            connect_experts(layer, ep_group)
         if sp_group is not None:  # (a lazy import: it imports DeepSpeed)
             from bigtrain.parallel.deepspeed_ulysses import apply_sequence_parallel
 

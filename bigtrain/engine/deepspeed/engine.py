@@ -23,6 +23,12 @@ from bigtrain.distributed.communicator import ProcessGroups
 from bigtrain.distributed.timing import PhaseTimer
 from bigtrain.engine.contract import StepOutput
 from bigtrain.engine.deepspeed.config import deepspeed_config
+from bigtrain.engine.deepspeed.experts import (
+    clip_with_experts,
+    declare_experts,
+    expert_param_groups,
+    save_full_state,
+)
 from bigtrain.engine.deepspeed.full_state import load_full_state
 from bigtrain.engine.deepspeed.grid import Grid, Topology
 from bigtrain.engine.deepspeed.patches import (
@@ -41,6 +47,7 @@ from bigtrain.engine.optimizer import build_adamw
 from bigtrain.engine.update_gate import UpdateGate
 from bigtrain.errors import BigtrainError
 from bigtrain.model import Llama, lm_loss
+from bigtrain.model.moe import set_auxiliary_scale, take_router_stats
 from bigtrain.parallel.deepspeed_ulysses import sequence_mean, sequence_slice
 from bigtrain.parallel.vocab_parallel_loss import vocab_parallel_cross_entropy
 
@@ -52,7 +59,7 @@ def build_deepspeed_engine(cfg: Config, topology: Topology, gate: UpdateGate,
     """This rank's share of the model, built from the meta device (seeded by `run.seed`, or read
     from `init_file`), parallelized and wrapped: what `train` runs and `info --simulate` measures."""
     materialize = Materializer(cfg.model, rank_device(cfg.train.device), cfg.run.seed, init_file,
-                               topology.tp_group if topology.tp > 1 else None)
+                               topology.tp_group if topology.tp > 1 else None, topology.ep_group)
     return deepspeed_engine(stage_layers(cfg.model, topology), cfg, topology, gate, materialize)
 
 
@@ -110,7 +117,9 @@ class DeepSpeedEngine:
                                      (stage.start, stage.stop))
         else:
             module = Llama(cfg.model, stage.layers)
-        optimizer = build_adamw(module, cfg.train)
+        if topology.ep > 1:
+            declare_experts(module, topology)
+        optimizer = build_adamw(module, cfg.train, expert_param_groups if topology.ep > 1 else None)
         if self.pipelined and topology.tp_sequence_parallel:
             ds_config = send_whole_activations(ds_config)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
@@ -122,7 +131,10 @@ class DeepSpeedEngine:
             mark_for_grad_norm(self.model, topology.grid.get_slice_parallel_rank())
             time_pipeline_instructions(self.engine, self.timer)
         self._grad_norm: torch.Tensor | None = None
-        record_grad_norm(self.engine, self._record_grad_norm)
+        if topology.ep > 1:
+            clip_with_experts(self.engine, topology.ep_group, self._record_grad_norm)
+        else:
+            record_grad_norm(self.engine, self._record_grad_norm)
         if self.pipelined and cfg.train.spike_factor:
             raise BigtrainError("train.spike_factor needs parallel.pp=1 (the pipeline engine updates before the loss is known)")
         # the step's loss is averaged over the data-parallel group at once only where something needs
@@ -147,6 +159,7 @@ class DeepSpeedEngine:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self._grad_norm, self._step_loss, self._skip = None, None, None
+        set_auxiliary_scale(self.model, 1 / len(micro_batches))
         micro_batches = [self._my_tokens(b) for b in micro_batches]
         if self.pipelined:
             pairs = iter([(b[:, :-1].to(self.device), b[:, 1:].to(self.device)) for b in micro_batches])
@@ -215,6 +228,15 @@ class DeepSpeedEngine:
             times.update({f"stage{stage}_{phase}": t for phase, t in stage_times.items() if phase != "data"})
         return times
 
+    def router_stats(self) -> torch.Tensor | None:
+        """Each MoE block's routing since the last call, summed over every rank that runs it (a
+        collective at logging time); None for a dense model."""
+        if not self.cfg.model.moe.experts:
+            return None
+        table = take_router_stats(self.model, self.cfg.model).to(self.device)
+        dist.all_reduce(table)
+        return table.cpu()
+
     @torch.no_grad()
     def eval_loss(self, tokens: torch.Tensor) -> torch.Tensor:
         """Mean next-token loss of one batch (every rank gets the same value)."""
@@ -228,7 +250,11 @@ class DeepSpeedEngine:
 
     def save(self, directory: Path) -> None:
         """DeepSpeed's own sharded format under `directory/deepspeed` (every rank writes its part),
-        plus full fp32 weights in `model.safetensors` when there is no tensor or pipeline split."""
+        plus full fp32 weights in `model.safetensors` when there is no tensor or pipeline split.
+        With expert parallelism: the single-process layout alone (`save_full_state`)."""
+        if self.topology.ep > 1:
+            save_full_state(self.model, self.engine.optimizer, self._client_optimizer, self.param_names, self.cfg, self.topology, directory)
+            return
         self.engine.save_checkpoint(str(directory), tag=TAG, save_latest=False)
         if self.topology.tp == 1 and self.topology.pp == 1:
             params = list(self.model.parameters())
@@ -241,8 +267,7 @@ class DeepSpeedEngine:
         """DeepSpeed's own state of this layout, or the single-process layout (no `deepspeed/`:
         a local-engine checkpoint, or one `convert reshard` wrote) placed into this layout."""
         if not (directory / TAG).is_dir():
-            load_full_state(self.engine, self._client_optimizer, self.param_names, self.cfg, self.topology.tp_group,
-                            directory)
+            load_full_state(self.engine, self._client_optimizer, self.param_names, self.cfg, self.topology, directory)
             return
         self._check_saved_layout(directory)
         allowed = safe_load.deepspeed_globals()

@@ -21,16 +21,17 @@ from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_st
 from bigtrain import compat
 from bigtrain.checkpoint import format as fmt
 from bigtrain.config import Config
+from bigtrain.engine.deepspeed.grid import Topology
 from bigtrain.errors import BigtrainError
-from bigtrain.parallel.layout import tp_slice
+from bigtrain.parallel.layout import ep_slice, tp_slice
 
 
 def load_full_state(engine: deepspeed.DeepSpeedEngine, adamw: torch.optim.Optimizer, names: dict[int, str],
-                    cfg: Config, tp_group: dist.ProcessGroup, directory: Path) -> None:
+                    cfg: Config, topology: Topology, directory: Path) -> None:
     """Set weights, AdamW moments and step of `engine` (freshly built, not yet stepped) from `directory`.
 
     `adamw` is the torch AdamW handed to DeepSpeed, `names` maps `id(param)` to the parameter's name
-    in the one-process model, `tp_group` is the tensor-parallel group.
+    in the one-process model; `topology` says which tensor- and expert-parallel slice is this rank's.
     """
     # memory-mapped / opened lazily, so each rank reads only the tensors of its own parameters
     moments, step = fmt.adamw_moments(fmt.load_optimizer(directory, map_location="cpu", mmap=True),
@@ -39,18 +40,20 @@ def load_full_state(engine: deepspeed.DeepSpeedEngine, adamw: torch.optim.Optimi
     own_state = {id(p) for group in adamw.param_groups for p in group["params"]}
     if step is not None:
         _create_adamw_state(engine.optimizer, adamw, step)
+    tp_group = topology.tp_group
     tp, tp_rank = dist.get_world_size(tp_group), dist.get_rank(tp_group)
+    ep, ep_rank = topology.ep, topology.grid.ep_rank
     with safetensors.safe_open(str(directory / fmt.WEIGHTS), framework="pt") as weights:
         for param in engine.module.parameters():
             name = names[id(param)]
-            value = _part(param, name, weights.get_tensor(name).float(), tp, tp_rank)
+            value = _part(param, name, weights.get_tensor(name).float(), tp, tp_rank, ep, ep_rank)
             with deepspeed.zero.GatheredParameters([param], modifier_rank=0, enabled=zero3):
                 param.data.copy_(value)  # the working copy; under ZeRO-3 re-partitioned on exit
             safe_set_full_fp32_param(param, value)  # the fp32 master copy, where there is one
             if step is None:  # saved before the first update: AdamW starts afresh, as it would have
                 continue
             for key in fmt.MOMENTS:
-                moment = _part(param, name, moments[name][key], tp, tp_rank) if name in moments else torch.zeros_like(value)
+                moment = _part(param, name, moments[name][key], tp, tp_rank, ep, ep_rank) if name in moments else torch.zeros_like(value)
                 if compat.has_optimizer_fragment(param):
                     safe_set_full_optimizer_state(param, moment, key)
                 elif id(param) in own_state:
@@ -60,9 +63,10 @@ def load_full_state(engine: deepspeed.DeepSpeedEngine, adamw: torch.optim.Optimi
                                         "(fp16 without ZeRO); resume with parallel.zero_stage >= 1")
 
 
-def _part(param: torch.Tensor, name: str, full: torch.Tensor, tp: int, tp_rank: int) -> torch.Tensor:
-    """This rank's part of `full`, cut as `apply_tensor_parallel` cut the parameter's weight."""
-    full = tp_slice(full, name, tp, tp_rank)
+def _part(param: torch.Tensor, name: str, full: torch.Tensor, tp: int, tp_rank: int, ep: int, ep_rank: int
+          ) -> torch.Tensor:
+    """This rank's part of `full`, cut as tensor and expert parallelism cut the parameter's weight."""
+    full = ep_slice(tp_slice(full, name, tp, tp_rank), name, ep, ep_rank)
     shape = compat.full_shape(param)
     if full.shape != shape:
         raise BigtrainError(f"checkpoint tensor of shape {tuple(full.shape)} does not fit a parameter of shape "

@@ -22,27 +22,43 @@ class Grid(PipelineParallelGrid):
     """DeepSpeed's grid whose data axis is dp × sp (sp fastest), plus the groups and `mpu` methods of
     DeepSpeed-Ulysses: the sequence-parallel group (ranks that share windows) and the
     sequence-data-parallel group (the whole data axis: ZeRO partitions and reduces over it, summing
-    gradients over sp and averaging over dp). `replica_group` is the pure data-parallel group."""
+    gradients over sp and averaging over dp). `replica_group` is the pure data-parallel group.
 
-    def __init__(self, topology: PipeModelDataParallelTopology, sp: int):
+    With expert parallelism, ep consecutive replicas (same sp rank) form an `ep_group` that shares
+    out the experts; the `expert_data_group` holds the ranks of the data axis with the same experts
+    (the replicas ep apart, all their sp ranks): expert gradients are reduced over it."""
+
+    def __init__(self, topology: PipeModelDataParallelTopology, sp: int, ep: int = 1):
         super().__init__(topology)
-        self.sp = sp
+        self.sp, self.ep = sp, ep
         me = topology.get_coord(self.global_rank)
         self.sp_rank, self.replica_rank = me.data % sp, me.data // sp
-        dims = [topology.get_dim(axis) for axis in ("pipe", "data", "model")]
+        self.ep_rank = self.replica_rank % ep
+        pipes, data, models = (topology.get_dim(axis) for axis in ("pipe", "data", "model"))
         self.sp_proc_group, self.replica_group = None, self.get_data_parallel_group()
-        if sp == 1:
-            return
-        for pipe, model in itertools.product(range(dims[0]), range(dims[2])):
-            line = [topology.get_rank(pipe=pipe, data=d, model=model) for d in range(dims[1])]
-            for replica in range(dims[1] // sp):  # every rank creates every group, in one order
-                group = dist.new_group(line[replica * sp:(replica + 1) * sp])
-                if (pipe, replica, model) == (me.pipe, self.replica_rank, me.model):
-                    self.sp_proc_group = group
-            for shard in range(sp):
-                group = dist.new_group(line[shard::sp])
-                if (pipe, shard, model) == (me.pipe, self.sp_rank, me.model):
-                    self.replica_group = group
+        self.ep_group = self.expert_data_group = None
+        mine = (me.pipe, me.model)
+        for pipe, model in itertools.product(range(pipes), range(models)):  # every rank creates every group, in one order
+            line = [topology.get_rank(pipe=pipe, data=d, model=model) for d in range(data)]
+            replicas = [line[r * sp:(r + 1) * sp] for r in range(data // sp)]  # each replica's sp ranks
+            if sp > 1:
+                for replica, ranks in enumerate(replicas):
+                    group = dist.new_group(ranks)
+                    if (pipe, model) == mine and replica == self.replica_rank:
+                        self.sp_proc_group = group
+                for shard in range(sp):
+                    group = dist.new_group(line[shard::sp])
+                    if (pipe, model) == mine and shard == self.sp_rank:
+                        self.replica_group = group
+            if ep > 1:
+                for first, shard in itertools.product(range(0, len(replicas), ep), range(sp)):
+                    group = dist.new_group([replicas[first + j][shard] for j in range(ep)])
+                    if (pipe, model) == mine and (first, shard) == (self.replica_rank - self.ep_rank, self.sp_rank):
+                        self.ep_group = group
+                for j in range(ep):
+                    group = dist.new_group(sorted(rank for ranks in replicas[j::ep] for rank in ranks))
+                    if (pipe, model) == mine and j == self.ep_rank:
+                        self.expert_data_group = group
 
     def get_sequence_parallel_group(self) -> dist.ProcessGroup:
         return self.sp_proc_group
@@ -75,6 +91,7 @@ class Topology:
     process_topology: object  # deepspeed PipeModelDataParallelTopology: rank ↔ (pipe, data = dp × sp, model)
     grid: Grid  # the mpu handed to deepspeed.initialize
     tp_sequence_parallel: bool = False  # the tp ranks also split the sequence (layout.tp_sequence_parallel)
+    ep: int = 1  # expert-parallel degree (carved from dp)
 
     @property
     def dp_rank(self) -> int:
@@ -99,6 +116,11 @@ class Topology:
     def sp_group(self) -> dist.ProcessGroup:
         return self.grid.sp_proc_group
 
+    @property
+    def ep_group(self) -> dist.ProcessGroup | None:
+        """The ranks that share out the experts (None without expert parallelism)."""
+        return self.grid.ep_group
+
 
 def init_topology(cfg: Config) -> Topology:
     """Check the layout, start the processes (if not yet) and build DeepSpeed's grid of groups."""
@@ -115,4 +137,4 @@ def grid_topology(cfg: Config) -> Topology:
     p = cfg.parallel
     topology = PipeModelDataParallelTopology(num_pp=p.pp, num_mp=p.tp, num_dp=dp * p.sp)
     return Topology(env=env, dp=dp, tp=p.tp, pp=p.pp, sp=p.sp, process_topology=topology,
-                    grid=Grid(topology, p.sp), tp_sequence_parallel=tp_sequence_parallel(cfg))
+                    grid=Grid(topology, p.sp, p.ep), tp_sequence_parallel=tp_sequence_parallel(cfg), ep=p.ep)

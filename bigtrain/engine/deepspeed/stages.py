@@ -76,7 +76,8 @@ def parallelize_stage(layers: Iterable[nn.Module], cfg: Config, topology: Topolo
     owned = parallelize(layers, cfg, fp8=resolve_precision(cfg.train.precision, device, "deepspeed") == "fp8",
                         compile=compile_enabled(cfg.train.compile, device),
                         tp_group=topology.tp_group if topology.tp > 1 else None,
-                        sp_group=topology.sp_group if topology.sp > 1 else None, timer=timer, first=start,
+                        sp_group=topology.sp_group if topology.sp > 1 else None, ep_group=topology.ep_group,
+                        timer=timer, first=start,
                         materialize=materialize, finish=finish)
     return Stage.of(owned, cfg.model, topology)
 

@@ -30,7 +30,9 @@ class WandbSink:
             raise BigtrainError(f"log.wandb: cannot start a W&B run: {str(e).splitlines()[0]}") from None
 
     def log(self, record: dict[str, Any]) -> None:
-        data = {key: value for key, value in record.items() if key != "step" and value is not None}
+        """Every value at its step; a list (an MoE block's load per expert) as a histogram over its indices."""
+        data = {key: wandb.Histogram(np_histogram=(value, list(range(len(value) + 1)))) if isinstance(value, list) else value
+                for key, value in record.items() if key != "step" and value is not None}
         self.run.log(data, step=record["step"])
 
     def state(self) -> dict[str, Any]:

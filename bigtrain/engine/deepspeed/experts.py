@@ -1,0 +1,128 @@
+"""Expert parallelism under DeepSpeed: its MoE machinery reduces and partitions the expert weights
+over their own group (the ranks that hold the same experts), the rest over the data-parallel group.
+
+DeepSpeed recognises an MoE model by `deepspeed.moe.layer.MoE` instances and an expert weight by
+`allreduce = False` plus the name of its group; bigtrain's MoE blocks keep their own routing and
+dispatch (fine-grained top-k, dropless) and only take those marks (`declare_experts`). A checkpoint
+of an expert-parallel run is the single-process layout (`full_state`): every rank gathers its
+experts' full fp32 weights and AdamW moments, rank 0 writes them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import safetensors.torch
+import torch
+import torch.distributed as dist
+from deepspeed.moe.layer import MoE as DeepSpeedMoE
+from deepspeed.runtime.utils import clip_grad_norm_
+from deepspeed.utils import groups, safe_get_full_fp32_param, safe_get_full_optimizer_state
+from torch import nn
+
+from bigtrain import compat
+from bigtrain.checkpoint import format as fmt
+from bigtrain.config import Config
+from bigtrain.engine.deepspeed.grid import Topology
+from bigtrain.engine.optimizer import build_adamw
+from bigtrain.model import Llama
+from bigtrain.model.moe import moe_layers
+from bigtrain.parallel.layout import is_expert_weight
+
+
+def expert_group_name(ep: int) -> str:
+    return f"ep_size_{ep}"  # DeepSpeed's name for the groups of degree ep
+
+
+class _MarkedMoE(DeepSpeedMoE):
+    """What DeepSpeed asks of an MoE layer it finds (its own groups come from `declare_experts`)."""
+
+    def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
+        pass
+
+
+def declare_experts(module: nn.Module, topology: Topology) -> None:
+    """Mark `module`'s MoE blocks and expert weights for DeepSpeed and register the grid's expert
+    groups under DeepSpeed's name for them (before `deepspeed.initialize`)."""
+    name, grid = expert_group_name(topology.ep), topology.grid
+    groups._EXPERT_PARALLEL_GROUP[name] = grid.ep_group
+    groups._EXPERT_DATA_PARALLEL_GROUP[name] = grid.expert_data_group
+    groups._EXPERT_PARALLEL_GROUP_RANKS[name] = dist.get_process_group_ranks(grid.ep_group)
+    groups._EXPERT_DATA_PARALLEL_GROUP_RANKS[name] = dist.get_process_group_ranks(grid.expert_data_group)
+    for layer in moe_layers(module):
+        layer.__class__ = type("DeepSpeedMarkedMoE", (type(layer), _MarkedMoE), {})
+        layer.num_experts, layer.expert_group_name = layer.experts_total, name
+    for param_name, p in module.named_parameters():
+        if is_expert_weight(param_name):
+            p.allreduce, p.group_name = False, name
+
+
+def expert_param_groups(param_groups: list[dict]) -> list[dict]:
+    """`param_groups` with the expert weights of each moved into a group of its own, marked as
+    DeepSpeed's ZeRO expects (`moe`, and the expert group's `name`)."""
+    out = []
+    for group in param_groups:
+        experts = [p for p in group["params"] if getattr(p, "allreduce", True) is False]
+        out.append({**group, "params": [p for p in group["params"] if getattr(p, "allreduce", True) is not False]})
+        if experts:
+            out.append({**group, "params": experts, "moe": True, "name": experts[0].group_name})
+    return out
+
+
+def clip_with_experts(engine: object, ep_group: dist.ProcessGroup, record: Callable[[torch.Tensor], None]) -> None:
+    """Where the engine clips without ZeRO in fp32: measure the norm over all experts (the other ep
+    ranks' too, which DeepSpeed's `clip_grad_norm_` leaves out), clip every gradient by it and
+    hand it to `record`."""
+    def clip() -> None:
+        params = [p for p in engine.module.parameters() if p.grad is not None]
+        dense = [p for p in params if getattr(p, "allreduce", True) is not False]
+        experts = [p for p in params if getattr(p, "allreduce", True) is False]
+        squares = torch.stack([p.grad.detach().float().square().sum() for p in experts]).sum()
+        dist.all_reduce(squares, group=ep_group)
+        norm = (clip_grad_norm_(dense, float("inf"), mpu=engine.mpu) ** 2 + squares).sqrt()
+        max_norm = engine.gradient_clipping()
+        if max_norm > 0 and norm > max_norm:
+            torch._foreach_mul_([p.grad for p in params], max_norm / (norm + 1e-6))
+        record(norm)
+
+    compat.replace_fp32_clipping(engine, clip)
+
+
+def save_full_state(module: nn.Module, wrapper: object, adamw: torch.optim.Optimizer, names: dict[int, str],
+                    cfg: Config, topology: Topology, directory: Path) -> None:
+    """Write `model.safetensors` and `optimizer.pt` of the one-process model (rank 0), every rank
+    contributing its parameters' full fp32 values and AdamW moments (expert weights gathered
+    across the expert-parallel group); `wrapper` is DeepSpeed's optimizer around `adamw`."""
+    compat.link_optimizer_state(wrapper)
+    weights, moments, step = {}, {}, None
+    for p in module.parameters():
+        name = names[id(p)]
+        master = safe_get_full_fp32_param(p)
+        value = (master if master is not None else p.detach()).float()
+        state = {key: safe_get_full_optimizer_state(p, key) for key in fmt.MOMENTS}
+        if state["exp_avg"] is None and p in adamw.state:  # no DeepSpeed fragment: torch's own state
+            state = {key: adamw.state[p][key] for key in fmt.MOMENTS}
+        if is_expert_weight(name):
+            value = _gather_experts(value, topology.ep_group)
+            state = {key: _gather_experts(t, topology.ep_group) if t is not None else None for key, t in state.items()}
+        weights[name] = value.cpu()
+        if state["exp_avg"] is not None:
+            moments[name] = {key: t.float().cpu() for key, t in state.items()}
+    for state in adamw.state.values():
+        step = state["step"]
+        break
+    if dist.get_rank() == 0:
+        safetensors.torch.save_file(weights, str(directory / fmt.WEIGHTS))
+        one_process = build_adamw(Llama(cfg.model, device="meta"), cfg.train)
+        names_in_order = fmt.parameter_names(cfg)
+        if step is None:
+            moments, step = {}, torch.zeros(())
+        torch.save(fmt.adamw_state(one_process, names_in_order, moments, step), directory / fmt.OPTIMIZER)
+
+
+def _gather_experts(part: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    parts = [torch.empty_like(part) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, part.contiguous(), group=group)
+    return torch.cat(parts)
+

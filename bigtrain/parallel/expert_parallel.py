@@ -1,0 +1,60 @@
+"""Expert parallelism: the experts of every Mixture-of-Experts block are split over the ep ranks
+of an expert-parallel group (carved from the data-parallel group), and each block's sorted token
+copies travel to the rank that holds their expert and back by two all-to-alls (differentiable, so
+backward sends the gradients the same way in reverse).
+
+`split_experts` cuts the stacked expert weights of a meta layer to this rank's experts (before
+they get values); `connect_experts` installs the exchange. Which ranks form the groups, and how
+expert gradients are reduced, is the engine's business.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.nn.functional import all_to_all_single
+
+from bigtrain.model.moe import moe_layers
+
+
+def split_experts(layer: nn.Module, ep: int) -> None:
+    """Keep 1/ep of every MoE block's experts in `layer` (on the meta device: shapes only)."""
+    for moe in moe_layers(layer):
+        for name, p in list(moe.experts.named_parameters(recurse=False)):
+            if not p.is_meta:
+                raise ValueError("split_experts cuts layers on the meta device, before they get values")
+            setattr(moe.experts, name, nn.Parameter(torch.empty(p.shape[0] // ep, *p.shape[1:], device="meta")))
+
+
+def connect_experts(layer: nn.Module, group: dist.ProcessGroup) -> None:
+    """Route every MoE block of `layer` through the expert-parallel `group`."""
+    for moe in moe_layers(layer):
+        moe.exchange = ExpertExchange(group, moe.experts_total)
+
+
+class ExpertExchange:
+    """Rows sorted by global expert, and their counts, → the rows of this rank's experts (from
+    every rank of the group, sorted by local expert), their counts, and the way back."""
+
+    def __init__(self, group: dist.ProcessGroup, experts: int):
+        self.group, self.ep = group, dist.get_world_size(group)
+        self.local = experts // self.ep
+
+    def __call__(self, rows: torch.Tensor, counts: torch.Tensor):
+        ep, local = self.ep, self.local
+        received = torch.empty_like(counts)  # [source rank, local expert]: what each rank sends here
+        dist.all_to_all_single(received, counts, group=self.group)
+        received = received.view(ep, local)
+        send = counts.view(ep, local).sum(1).tolist()
+        recv = received.sum(1).tolist()
+        arrived = all_to_all_single(rows.new_empty(sum(recv), rows.shape[1]), rows, recv, send, group=self.group)
+        # rows arrive grouped by (source, expert); the experts want them grouped by (expert, source)
+        segment = torch.repeat_interleave(torch.arange(ep * local, device=rows.device), received.flatten())
+        order = ((segment % local) * ep + segment // local).argsort(stable=True)
+
+        def back(y: torch.Tensor) -> torch.Tensor:
+            by_source = torch.empty_like(y).index_copy(0, order, y)
+            return all_to_all_single(y.new_empty(rows.shape[0], y.shape[1]), by_source, send, recv, group=self.group)
+
+        return arrived[order], received.sum(0), back
