@@ -72,14 +72,15 @@ def expert_param_groups(param_groups: list[dict]) -> list[dict]:
 
 def clip_with_experts(engine: object, ep_group: dist.ProcessGroup, record: Callable[[torch.Tensor], None]) -> None:
     """Where the engine clips without ZeRO in fp32: measure the norm over all experts (the other ep
-    ranks' too, which DeepSpeed's `clip_grad_norm_` leaves out), clip every gradient by it and
-    hand it to `record`."""
+    ranks' and pipeline stages' too, which DeepSpeed's `clip_grad_norm_` leaves out), clip every
+    gradient by it and hand it to `record`."""
     def clip() -> None:
         params = [p for p in engine.module.parameters() if p.grad is not None]
         dense = [p for p in params if getattr(p, "allreduce", True) is not False]
         experts = [p for p in params if getattr(p, "allreduce", True) is False]
         squares = torch.stack([p.grad.detach().float().square().sum() for p in experts]).sum()
-        dist.all_reduce(squares, group=ep_group)
+        dist.all_reduce(squares, group=ep_group)  # every expert of the block
+        dist.all_reduce(squares, group=engine.mpu.get_model_parallel_group())  # every pipeline stage
         norm = (clip_grad_norm_(dense, float("inf"), mpu=engine.mpu) ** 2 + squares).sqrt()
         max_norm = engine.gradient_clipping()
         if max_norm > 0 and norm > max_norm:
@@ -93,7 +94,8 @@ def save_full_state(module: nn.Module, wrapper: object, adamw: torch.optim.Optim
                     cfg: Config, topology: Topology, directory: Path) -> None:
     """Write `model.safetensors` and `optimizer.pt` of the one-process model (rank 0), every rank
     contributing its parameters' full fp32 values and AdamW moments (expert weights gathered
-    across the expert-parallel group); `wrapper` is DeepSpeed's optimizer around `adamw`."""
+    across the expert-parallel group, pipeline stages gathered on rank 0); `wrapper` is
+    DeepSpeed's optimizer around `adamw`."""
     compat.link_optimizer_state(wrapper)
     weights, moments, step = {}, {}, None
     for p in module.parameters():
@@ -110,15 +112,21 @@ def save_full_state(module: nn.Module, wrapper: object, adamw: torch.optim.Optim
         if state["exp_avg"] is not None:
             moments[name] = {key: t.float().cpu() for key, t in state.items()}
     for state in adamw.state.values():
-        step = state["step"]
+        step = state["step"].cpu()
         break
+    # the first replica of every pipeline stage holds its stage whole now: rank 0 gathers them
+    shares = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object((weights, moments, step) if topology.grid.replica_rank == 0 else None, shares, dst=0)
     if dist.get_rank() == 0:
+        for share in filter(None, shares):
+            weights.update(share[0])
+            moments.update(share[1])
+            step = share[2] if step is None else step
         safetensors.torch.save_file(weights, str(directory / fmt.WEIGHTS))
         one_process = build_adamw(Llama(cfg.model, device="meta"), cfg.train)
-        names_in_order = fmt.parameter_names(cfg)
-        if step is None:
+        if step is None:  # saved before the first update
             moments, step = {}, torch.zeros(())
-        torch.save(fmt.adamw_state(one_process, names_in_order, moments, step), directory / fmt.OPTIMIZER)
+        torch.save(fmt.adamw_state(one_process, fmt.parameter_names(cfg), moments, step), directory / fmt.OPTIMIZER)
 
 
 def _gather_experts(part: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
