@@ -91,20 +91,21 @@ def model_config_from_hf(hf: dict[str, Any], source: Path) -> dict[str, Any]:
         raise BigtrainError(f"{source}: model_type is {model_type!r}; only {', '.join(map(repr, ARCHITECTURES))} convert")
     heads, hidden = hf["num_attention_heads"], hf["hidden_size"]
     theta, rope_type = _rope(hf)
-    head_dim = hf.get("head_dim", 128 if model_type == "qwen3" else hidden // heads)  # transformers' defaults
+    head_dim = hf.get("head_dim") or (128 if model_type == "qwen3" else hidden // heads)  # transformers' defaults
     layer_types = hf.get("layer_types") or []
     unsupported = [
-        ("rope_scaling" if "rope_scaling" in hf else "rope_parameters", rope_type != "default"),
-        ("hidden_act", hf.get("hidden_act", "silu") != "silu"),
-        ("attention_bias", bool(hf.get("attention_bias"))),
-        ("mlp_bias", bool(hf.get("mlp_bias"))),
-        ("head_dim", head_dim != hidden // heads),
-        ("use_sliding_window", bool(hf.get("use_sliding_window"))),
-        ("layer_types", any(t != "full_attention" for t in layer_types)),
+        ("rope_scaling" if "rope_scaling" in hf else "rope_parameters", rope_type != "default", ""),
+        ("hidden_act", hf.get("hidden_act", "silu") != "silu", ""),
+        ("attention_bias", bool(hf.get("attention_bias")), ""),
+        ("mlp_bias", bool(hf.get("mlp_bias")), ""),
+        ("head_dim", head_dim != hidden // heads, f" (its head_dim is hidden_size / num_attention_heads = {hidden // heads})"),
+        ("use_sliding_window", bool(hf.get("use_sliding_window")), ""),
+        ("layer_types", any(t != "full_attention" for t in layer_types), ""),
     ]
-    for key, bad in unsupported:
+    for key, bad, why in unsupported:
         if bad:
-            raise BigtrainError(f"{source}: {key}={hf.get(key, head_dim)!r} cannot be expressed by a bigtrain model")
+            value = head_dim if key == "head_dim" else hf.get(key)
+            raise BigtrainError(f"{source}: {key}={value!r} cannot be expressed by a bigtrain model{why}")
     model = {
         "vocab_size": hf["vocab_size"], "d_model": hidden, "n_layers": hf["num_hidden_layers"],
         "n_heads": heads, "n_kv_heads": hf.get("num_key_value_heads") or heads,
