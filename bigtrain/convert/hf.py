@@ -1,8 +1,11 @@
-"""Hugging Face Llama ↔ bigtrain: a table of weight names and a config translation.
+"""Hugging Face Llama, Qwen3 and Qwen3-MoE ↔ bigtrain: a table of weight names, the stacked
+experts split per expert (and stacked back), and a config translation (`hf_config`).
 
 bigtrain's RoPE already uses the "rotate half" layout of `LlamaForCausalLM` and its q/k/v are
 separate projections, so no weight is permuted or split: conversion is renaming (plus dropping
-`lm_head` when embeddings are tied).
+`lm_head` when embeddings are tied). A MoE block's experts, stacked in bigtrain, are written as one
+`nn.Linear` weight per expert (the layout of transformers 4.x, which 5.x converts when loading);
+reading also takes 5.x's fused `mlp.experts.gate_up_proj` / `mlp.experts.down_proj`.
 """
 
 from __future__ import annotations
@@ -11,15 +14,16 @@ import json
 import re
 import shutil
 from pathlib import Path
-from typing import Any
 
 import safetensors.torch
 import torch
 
 from bigtrain.checkpoint import format as fmt
 from bigtrain.checkpoint.files import write_file_list
-from bigtrain.config import Config, DataConfig, ModelConfig, from_dict, load_config
+from bigtrain.checkpoint.io import open_checkpoint
+from bigtrain.config import Config, DataConfig, from_dict, load_config
 from bigtrain.convert.consolidate import consolidate
+from bigtrain.convert.hf_config import hf_config, model_config_from_hf
 from bigtrain.convert.output import output_dir, refuse_existing
 from bigtrain.convert.progress import status, track
 from bigtrain.data.tokenizer import EOS_TOKEN
@@ -31,7 +35,12 @@ HF_BLOCK = re.compile(r"model\.layers\.(\d+)\.(.+)")
 BLOCK_WEIGHTS = {  # the same names on both sides, inside a block
     "input_layernorm.weight", "post_attention_layernorm.weight",
     *(f"self_attn.{p}_proj.weight" for p in "qkvo"), *(f"mlp.{p}_proj.weight" for p in ("gate", "up", "down")),
+    "self_attn.q_norm.weight", "self_attn.k_norm.weight",
 }
+RENAMED = {"mlp.router.weight": "mlp.gate.weight"}  # bigtrain → Hugging Face, inside a block
+HF_EXPERT = re.compile(r"mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight")  # one expert's nn.Linear
+HF_FUSED = re.compile(r"mlp\.experts\.(gate_up_proj|down_proj)")  # transformers 5.x: all experts, stacked
+EXPERTS = re.compile(r"mlp\.experts\.(gate|up|down)_proj")  # bigtrain: stacked [experts, out, in]
 
 
 def to_hf_name(name: str, n_layers: int) -> str:
@@ -42,9 +51,9 @@ def to_hf_name(name: str, n_layers: int) -> str:
         return "model.embed_tokens.weight"
     if index == n_layers + 1 and rest in ("norm.weight", "lm_head.weight"):
         return "lm_head.weight" if rest == "lm_head.weight" else "model.norm.weight"
-    if 0 < index <= n_layers and rest in BLOCK_WEIGHTS:
-        return f"model.layers.{index - 1}.{rest}"
-    raise BigtrainError(f"weight {name} has no counterpart in Hugging Face's LlamaForCausalLM; to-hf cannot express it")
+    if 0 < index <= n_layers and (rest in BLOCK_WEIGHTS or rest in RENAMED):
+        return f"model.layers.{index - 1}.{RENAMED.get(rest, rest)}"
+    raise BigtrainError(f"weight {name} has no counterpart in Hugging Face's Llama or Qwen3 models; to-hf cannot express it")
 
 
 def from_hf_name(name: str, n_layers: int) -> str:
@@ -53,47 +62,49 @@ def from_hf_name(name: str, n_layers: int) -> str:
     if name in ("model.norm.weight", "lm_head.weight"):
         return f"layers.{n_layers + 1}.{name.removeprefix('model.')}"
     block = HF_BLOCK.fullmatch(name)
-    if block is None or block.group(2) not in BLOCK_WEIGHTS:
-        raise BigtrainError(f"Hugging Face weight {name} has no counterpart in a bigtrain Llama")
-    return f"layers.{int(block.group(1)) + 1}.{block.group(2)}"
+    renamed = {hf: ours for ours, hf in RENAMED.items()}
+    if block is None or (block.group(2) not in BLOCK_WEIGHTS and block.group(2) not in renamed):
+        raise BigtrainError(f"Hugging Face weight {name} has no counterpart in a bigtrain model")
+    return f"layers.{int(block.group(1)) + 1}.{renamed.get(block.group(2), block.group(2))}"
 
 
-def hf_config(m: ModelConfig) -> dict[str, Any]:
-    return {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-        "vocab_size": m.vocab_size, "hidden_size": m.d_model, "intermediate_size": m.ffn_dim,
-        "num_hidden_layers": m.n_layers, "num_attention_heads": m.n_heads,
-        "num_key_value_heads": m.kv_heads, "head_dim": m.head_dim, "hidden_act": "silu",
-        "max_position_embeddings": m.max_seq_len, "rms_norm_eps": m.norm_eps, "rope_theta": m.rope_theta,
-        "rope_scaling": None, "attention_bias": False, "attention_dropout": 0.0, "mlp_bias": False,
-        "tie_word_embeddings": m.tie_embeddings, "initializer_range": m.init_std,
-        "bos_token_id": None, "eos_token_id": 0, "pad_token_id": None, "torch_dtype": "float32",
-    }
+def to_hf_weights(weights: dict[str, torch.Tensor], n_layers: int) -> dict[str, torch.Tensor]:
+    """Hugging Face's tensors for bigtrain's one-process weights: renamed, stacked experts split."""
+    out = {}
+    for name, w in weights.items():
+        index, rest = BLOCK.fullmatch(name).groups()
+        experts = EXPERTS.fullmatch(rest)
+        if experts and 0 < int(index) <= n_layers:
+            for e, expert in enumerate(w.unbind(0)):
+                out[f"model.layers.{int(index) - 1}.mlp.experts.{e}.{experts.group(1)}_proj.weight"] = expert.contiguous()
+        else:
+            out[to_hf_name(name, n_layers)] = w.contiguous()
+    return out
 
 
-def model_config_from_hf(hf: dict[str, Any], source: Path) -> dict[str, Any]:
-    """bigtrain's `model` section for an HF Llama config; features it cannot express are refused."""
-    if hf.get("model_type") != "llama":
-        raise BigtrainError(f"{source}: model_type is {hf.get('model_type')!r}; only 'llama' converts")
-    heads, hidden = hf["num_attention_heads"], hf["hidden_size"]
-    unsupported = [
-        ("rope_scaling", hf.get("rope_scaling") not in (None, {}) and hf["rope_scaling"].get("rope_type", hf["rope_scaling"].get("type")) != "default"),
-        ("hidden_act", hf.get("hidden_act", "silu") != "silu"),
-        ("attention_bias", bool(hf.get("attention_bias"))),
-        ("mlp_bias", bool(hf.get("mlp_bias"))),
-        ("head_dim", hf.get("head_dim") not in (None, hidden // heads)),
-    ]
-    for key, bad in unsupported:
-        if bad:
-            raise BigtrainError(f"{source}: {key}={hf.get(key)!r} cannot be expressed by a bigtrain Llama")
-    return {
-        "vocab_size": hf["vocab_size"], "d_model": hidden, "n_layers": hf["num_hidden_layers"],
-        "n_heads": heads, "n_kv_heads": hf.get("num_key_value_heads") or heads,
-        "ffn_hidden": hf["intermediate_size"], "max_seq_len": hf.get("max_position_embeddings", 2048),
-        "rope_theta": float(hf.get("rope_theta", 10000.0)), "norm_eps": float(hf.get("rms_norm_eps", 1e-6)),
-        "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
-        "init_std": float(hf.get("initializer_range", 0.02)),
-    }
+def from_hf_weights(hf_weights: dict[str, torch.Tensor], n_layers: int, hf_dir: Path) -> dict[str, torch.Tensor]:
+    """bigtrain's weights (fp32) for Hugging Face's tensors: renamed, per-expert ones stacked."""
+    weights, per_expert = {}, {}
+    for name, w in hf_weights.items():
+        if name.endswith("rotary_emb.inv_freq"):
+            continue
+        block = HF_BLOCK.fullmatch(name)
+        expert = block and HF_EXPERT.fullmatch(block.group(2))
+        fused = block and HF_FUSED.fullmatch(block.group(2))
+        prefix = f"layers.{int(block.group(1)) + 1}.mlp.experts" if block else ""
+        if expert:
+            per_expert.setdefault(f"{prefix}.{expert.group(2)}_proj", {})[int(expert.group(1))] = w
+        elif fused and fused.group(1) == "gate_up_proj":  # [experts, 2·ffn, d]: gate rows, then up rows
+            weights[f"{prefix}.gate_proj"], weights[f"{prefix}.up_proj"] = w.float().chunk(2, dim=1)
+        elif fused:
+            weights[f"{prefix}.down_proj"] = w.float()
+        else:
+            weights[from_hf_name(name, n_layers)] = w.float()
+    for name, tensors in per_expert.items():
+        if sorted(tensors) != list(range(len(tensors))):
+            raise BigtrainError(f"{hf_dir}: the experts of {name} are numbered {sorted(tensors)}, not 0..{len(tensors) - 1}")
+        weights[name] = torch.stack([tensors[e].float() for e in range(len(tensors))])
+    return weights
 
 
 def parse_size(text: str) -> int:
@@ -105,14 +116,16 @@ def parse_size(text: str) -> int:
 
 
 def to_hf(checkpoint: str | Path, out: str | Path, max_shard_bytes: int = 5 * 2**30, overwrite: bool = False) -> Path:
-    """Write a Hugging Face Llama directory (weights, configs, tokenizer) for a bigtrain checkpoint."""
+    """Write a Hugging Face Llama, Qwen3 or Qwen3-MoE directory (weights, configs, tokenizer) for a
+    bigtrain checkpoint."""
     refuse_existing(Path(out), overwrite)
+    config = hf_config(fmt.read_config(open_checkpoint(checkpoint)).model)  # refusals come before reading weights
     full = consolidate(checkpoint)
     m = full.config.model
-    tensors = {to_hf_name(name, m.n_layers): w.contiguous() for name, w in full.weights.items()}
+    tensors = to_hf_weights(full.weights, m.n_layers)
     with output_dir(out, overwrite) as tmp:
         write_safetensors(tensors, tmp, max_shard_bytes)
-        (tmp / "config.json").write_text(json.dumps(hf_config(m), indent=2))
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
         (tmp / "generation_config.json").write_text(json.dumps({"eos_token_id": 0, "bos_token_id": None}, indent=2))
         tokenizer = full.path / fmt.TOKENIZER
         if tokenizer.is_file():
@@ -170,8 +183,8 @@ def read_hf_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def from_hf(hf_dir: str | Path, out: str | Path, overrides: list[str] = (), overwrite: bool = False) -> Path:
-    """Make a bigtrain checkpoint (step 0, weights only) of a Hugging Face Llama directory, e.g. for
-    `model.init_from`; `overrides` (`key=value`) set the rest of its config."""
+    """Make a bigtrain checkpoint (step 0, weights only) of a Hugging Face Llama, Qwen3 or Qwen3-MoE
+    directory, e.g. for `model.init_from`; `overrides` (`key=value`) set the rest of its config."""
     hf_dir, out = Path(hf_dir), Path(out)
     refuse_existing(out, overwrite)
     if not (hf_dir / "config.json").is_file():
@@ -196,7 +209,7 @@ def from_hf(hf_dir: str | Path, out: str | Path, overrides: list[str] = (), over
 
 def _bigtrain_model(hf_weights: dict[str, torch.Tensor], cfg: Config, hf_dir: Path) -> Llama:
     n = cfg.model.n_layers
-    weights = {from_hf_name(k, n): v.float() for k, v in hf_weights.items() if not k.endswith("rotary_emb.inv_freq")}
+    weights = from_hf_weights(hf_weights, n, hf_dir)
     if cfg.model.tie_embeddings:
         weights.pop(f"layers.{n + 1}.lm_head.weight", None)
     expected = set(fmt.parameter_names(cfg))

@@ -1,8 +1,12 @@
 """Conversion of trained checkpoints: a Hugging Face model trained on with `model.init_from`, a
-local run exported to Hugging Face (weights and tokenizer), and a reshard refused for an
-impossible layout."""
+local run exported to Hugging Face (weights and tokenizer), Llama/Qwen3/Qwen3-MoE logit parity
+under transformers 5.x, and a reshard refused for an impossible layout."""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,9 +17,12 @@ from bigtrain.cli import main
 from bigtrain.data.tokenizer import TextTokenizer
 from bigtrain.engine.update_gate import UpdateGate
 from bigtrain.train import loop
+from tests import hf_parity
 from tests.helpers import random_hf_llama, tiny_config
 
 transformers = pytest.importorskip("transformers")
+ROOT = Path(__file__).resolve().parents[2]
+TRANSFORMERS5 = Path(os.environ.get("BIGTRAIN_TRANSFORMERS5", ROOT / ".cache" / "transformers5"))
 
 
 def test_from_hf_matches_and_trains_with_init_from(stdlib_data, tmp_path):
@@ -71,3 +78,25 @@ def test_reshard_refuses_an_impossible_layout(stdlib_data, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert code == 1 and err.startswith("bigtrain: error: model.") and "not divisible by parallel.tp=3" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_conversion_matches_transformers_5(tmp_path):
+    """tests/hf_parity.py in a process whose transformers is the 5.x that
+    tools/install_transformers5.sh puts beside the environment's 4.x (CI installs it)."""
+    if not (TRANSFORMERS5 / "transformers").is_dir():
+        message = f"no transformers 5.x at {TRANSFORMERS5}: run tools/install_transformers5.sh"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    path = os.pathsep.join(filter(None, [str(TRANSFORMERS5), str(ROOT), os.environ.get("PYTHONPATH")]))
+    # hub kernels (on by default in 5.x) would need the `kernels` package and the network
+    env = {**os.environ, "PYTHONPATH": path, "USE_HUB_KERNELS": "NO", "HF_HUB_OFFLINE": "1", "TMPDIR": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-m", "tests.hf_parity"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert results.pop("transformers").startswith("5.")
+    moe = [n for n in hf_parity.HF_CASES if "moe" in n]
+    assert set(results) == {*(f"from-hf {n}" for n in hf_parity.HF_CASES), *(f"from-hf {n} fused" for n in moe),
+                            *(f"to-hf {n}" for n in hf_parity.BIGTRAIN_CASES)}
+    assert max(results.values()) <= 1e-5, results

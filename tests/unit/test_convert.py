@@ -13,8 +13,8 @@ def test_weights_without_a_hugging_face_counterpart_are_refused():
     from bigtrain.convert.hf import to_hf_name
 
     assert to_hf_name("layers.2.self_attn.k_proj.weight", 2) == "model.layers.1.self_attn.k_proj.weight"
-    with pytest.raises(Exception, match="layers.1.self_attn.q_norm.weight has no counterpart in Hugging Face's"):
-        to_hf_name("layers.1.self_attn.q_norm.weight", 2)
+    with pytest.raises(Exception, match="layers.1.mlp.shared_experts.gate_proj.weight has no counterpart in Hugging Face's"):
+        to_hf_name("layers.1.mlp.shared_experts.gate_proj.weight", 2)
 
 
 def test_refusals_leave_out_untouched(stdlib_data, tmp_path, capsys):

@@ -1,0 +1,118 @@
+"""bigtrain's `model` section ↔ the config.json of Hugging Face's `LlamaForCausalLM`,
+`Qwen3ForCausalLM` and `Qwen3MoeForCausalLM`.
+
+The architecture follows from the model: a Mixture of Experts is Qwen3-MoE, per-head q/k norms
+alone are Qwen3, otherwise Llama. Reading accepts config.json as transformers 4.x and 5.x write it
+(5.x: `rope_parameters` in place of `rope_theta`, `num_local_experts` for `num_experts`) and
+refuses, in one line naming the key, every feature bigtrain cannot express.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from bigtrain.config import ModelConfig
+from bigtrain.errors import BigtrainError
+
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
+
+
+def hf_model_type(m: ModelConfig) -> str:
+    """The Hugging Face `model_type` that expresses `m`; refuses what none of them can."""
+    if m.moe.experts == 0:
+        return "qwen3" if m.qk_norm else "llama"
+    if not m.qk_norm:
+        raise BigtrainError("model.qk_norm=false: Qwen3MoeForCausalLM always normalises q and k, so to-hf of a "
+                            "Mixture of Experts needs model.qk_norm=true")
+    if m.moe.shared_experts:
+        raise BigtrainError(f"model.moe.shared_experts={m.moe.shared_experts}: Qwen3MoeForCausalLM has no shared "
+                            "experts, so to-hf cannot express it")
+    return "qwen3_moe"
+
+
+def hf_config(m: ModelConfig) -> dict[str, Any]:
+    """config.json of the Hugging Face model that `m` converts to (see `hf_model_type`)."""
+    model_type = hf_model_type(m)
+    config = {
+        "architectures": [ARCHITECTURES[model_type]], "model_type": model_type,
+        "vocab_size": m.vocab_size, "hidden_size": m.d_model, "intermediate_size": m.ffn_dim,
+        "num_hidden_layers": m.n_layers, "num_attention_heads": m.n_heads,
+        "num_key_value_heads": m.kv_heads, "head_dim": m.head_dim, "hidden_act": "silu",
+        "max_position_embeddings": m.max_seq_len, "rms_norm_eps": m.norm_eps, "rope_theta": m.rope_theta,
+        "rope_scaling": None, "attention_bias": False, "attention_dropout": 0.0,
+        "tie_word_embeddings": m.tie_embeddings, "initializer_range": m.init_std,
+        "bos_token_id": None, "eos_token_id": 0, "pad_token_id": None, "torch_dtype": "float32",
+    }
+    if model_type == "llama":
+        return {**config, "mlp_bias": False}
+    config.update(use_sliding_window=False, sliding_window=None, max_window_layers=m.n_layers)
+    if model_type == "qwen3_moe":  # HF's routing is dropless: a capacity_factor and the z-loss stay behind
+        moe = m.moe
+        config.update(num_experts=moe.experts, num_experts_per_tok=moe.top_k,
+                      moe_intermediate_size=m.expert_ffn_dim, decoder_sparse_step=moe.every,
+                      mlp_only_layers=list(range(moe.first_dense)), norm_topk_prob=moe.normalize_top_k,
+                      router_aux_loss_coef=moe.aux_loss, output_router_logits=False)
+    return config
+
+
+def _rope(hf: dict[str, Any]) -> tuple[float, str]:
+    """(rope_theta, rope type) of a 4.x (`rope_theta`, `rope_scaling`) or 5.x (`rope_parameters`) config."""
+    params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    theta = hf.get("rope_theta", params.get("rope_theta", 10000.0))
+    return float(theta), params.get("rope_type", params.get("type", "default"))
+
+
+def _moe_from_hf(hf: dict[str, Any], source: Path) -> dict[str, Any]:
+    """bigtrain's `model.moe` for a Qwen3-MoE config; its MoE blocks must be every k-th block after
+    a leading run of dense ones (`mlp_only_layers` a prefix, in effect)."""
+    experts = hf.get("num_experts", hf.get("num_local_experts", 0))
+    if not experts:
+        return {}
+    layers, every = hf["num_hidden_layers"], hf.get("decoder_sparse_step", 1)
+    dense = set(hf.get("mlp_only_layers") or [])
+    first_dense = next(i for i in range(layers + 1) if i not in dense)
+    theirs = [i for i in range(layers) if i not in dense and (i + 1) % every == 0]
+    ours = [i for i in range(layers) if i >= first_dense and (i + 1) % every == 0]
+    if theirs != ours:
+        raise BigtrainError(f"{source}: mlp_only_layers={sorted(dense)!r} cannot be expressed by a bigtrain model "
+                            "(only a leading run of dense blocks: model.moe.first_dense)")
+    return {"experts": experts, "top_k": hf.get("num_experts_per_tok", 8),
+            "ffn_hidden": hf.get("moe_intermediate_size", 768), "every": every, "first_dense": first_dense,
+            "normalize_top_k": bool(hf.get("norm_topk_prob", False)),
+            "aux_loss": float(hf.get("router_aux_loss_coef", 0.001))}
+
+
+def model_config_from_hf(hf: dict[str, Any], source: Path) -> dict[str, Any]:
+    """bigtrain's `model` section for a Llama, Qwen3 or Qwen3-MoE config.json; features it cannot
+    express are refused."""
+    model_type = hf.get("model_type")
+    if model_type not in ARCHITECTURES:
+        raise BigtrainError(f"{source}: model_type is {model_type!r}; only {', '.join(map(repr, ARCHITECTURES))} convert")
+    heads, hidden = hf["num_attention_heads"], hf["hidden_size"]
+    theta, rope_type = _rope(hf)
+    head_dim = hf.get("head_dim") or (128 if model_type == "qwen3" else hidden // heads)  # transformers' defaults
+    layer_types = hf.get("layer_types") or []
+    unsupported = [
+        ("rope_scaling" if "rope_scaling" in hf else "rope_parameters", rope_type != "default", ""),
+        ("hidden_act", hf.get("hidden_act", "silu") != "silu", ""),
+        ("attention_bias", bool(hf.get("attention_bias")), ""),
+        ("mlp_bias", bool(hf.get("mlp_bias")), ""),
+        ("head_dim", head_dim != hidden // heads, f" (its head_dim is hidden_size / num_attention_heads = {hidden // heads})"),
+        ("use_sliding_window", bool(hf.get("use_sliding_window")), ""),
+        ("layer_types", any(t != "full_attention" for t in layer_types), ""),
+    ]
+    for key, bad, why in unsupported:
+        if bad:
+            value = head_dim if key == "head_dim" else hf.get(key)
+            raise BigtrainError(f"{source}: {key}={value!r} cannot be expressed by a bigtrain model{why}")
+    model = {
+        "vocab_size": hf["vocab_size"], "d_model": hidden, "n_layers": hf["num_hidden_layers"],
+        "n_heads": heads, "n_kv_heads": hf.get("num_key_value_heads") or heads,
+        "ffn_hidden": hf["intermediate_size"], "max_seq_len": hf.get("max_position_embeddings", 2048),
+        "rope_theta": theta, "norm_eps": float(hf.get("rms_norm_eps", 1e-6)),
+        "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
+        "init_std": float(hf.get("initializer_range", 0.02)), "qk_norm": model_type != "llama",
+    }
+    moe = _moe_from_hf(hf, source) if model_type == "qwen3_moe" else {}
+    return {**model, "moe": moe} if moe else model
