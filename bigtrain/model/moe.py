@@ -130,7 +130,7 @@ class MoE(nn.Module):
         out = torch.zeros(h.shape, dtype=y.dtype, device=h.device).index_add_(0, tokens, y)
         if self.shared_experts is not None:
             out = out + self.shared_experts(h)
-        if self.training and torch.is_grad_enabled() and not in_backward():
+        if self.training and torch.is_grad_enabled():
             out = self._auxiliary(out, logits, probs, routed, routed.sum() - counts.sum())
         return out.view(shape)
 
@@ -146,11 +146,13 @@ class MoE(nn.Module):
 
     def _auxiliary(self, out: torch.Tensor, logits: torch.Tensor, probs: torch.Tensor, routed: torch.Tensor,
                    dropped: torch.Tensor) -> torch.Tensor:
-        """Record the router's statistics and attach the weighted auxiliary losses' gradient to `out`."""
+        """Attach the weighted auxiliary losses' gradient to `out`; record the router's statistics
+        (once: not again when activation checkpointing recomputes the forward)."""
         n = probs.shape[0]
         aux = self.experts_total / (n * n * self.top_k) * (routed.float() * probs.sum(0)).sum()
         z = logits.logsumexp(dim=-1).square().mean()
-        self.stats.add(routed, aux, z, dropped)
+        if not in_backward():
+            self.stats.add(routed, aux, z, dropped)
         if self.aux_coeff or self.z_coeff:
             out = AuxiliaryLoss.apply(out, self.aux_coeff * aux + self.z_coeff * z, self.loss_scale)
         return out
