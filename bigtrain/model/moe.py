@@ -76,8 +76,10 @@ class RouterStats:
     def __init__(self):
         self.sums: torch.Tensor | None = None
 
-    def add(self, routed: torch.Tensor, aux: torch.Tensor, z: torch.Tensor, dropped: torch.Tensor) -> None:
-        head = torch.stack([torch.ones_like(aux), aux, z, dropped.float(), routed.sum().float()]).detach()
+    def add(self, routed: torch.Tensor, aux: torch.Tensor, z: torch.Tensor, dropped: torch.Tensor,
+            share: float = 1.0) -> None:
+        """One forward pass, of which this rank saw `share` of the tokens (and computed that part of the losses)."""
+        head = torch.stack([torch.full_like(aux, share), aux, z, dropped.float(), routed.sum().float()]).detach()
         row = torch.cat([head, routed.float()])
         self.sums = row if self.sums is None else self.sums + row
 
@@ -104,6 +106,10 @@ class MoE(nn.Module):
         # their counts, and the way back (None: every expert is here)
         self.exchange: Callable | None = None
         self.loss_scale = 1.0  # the auxiliary losses' weight in the step's loss (engines set 1 / micro-batches)
+        # when a micro-batch's tokens are split over ranks (sequence parallelism): sums a tensor over
+        # them, so the balance loss sees every token's routing; this rank's share of the tokens
+        self.token_sum: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self.token_share = 1.0
         self.stats = RouterStats()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -147,12 +153,17 @@ class MoE(nn.Module):
     def _auxiliary(self, out: torch.Tensor, logits: torch.Tensor, probs: torch.Tensor, routed: torch.Tensor,
                    dropped: torch.Tensor) -> torch.Tensor:
         """Attach the weighted auxiliary losses' gradient to `out`; record the router's statistics
-        (once: not again when activation checkpointing recomputes the forward)."""
-        n = probs.shape[0]
-        aux = self.experts_total / (n * n * self.top_k) * (routed.float() * probs.sum(0)).sum()
-        z = logits.logsumexp(dim=-1).square().mean()
+        (once: not again when activation checkpointing recomputes the forward). With tokens split
+        over ranks, each computes its part of both losses from the counts of all (their sum over
+        the ranks is the loss of the whole micro-batch, and so are the gradients)."""
+        counts = torch.cat([routed.float(), routed.new_full((1,), probs.shape[0], dtype=torch.float)])
+        if self.token_sum is not None:
+            counts = self.token_sum(counts)
+        counts, n = counts[:-1], counts[-1]
+        aux = self.experts_total / (n * n * self.top_k) * (counts * probs.sum(0)).sum()
+        z = logits.logsumexp(dim=-1).square().sum() / n
         if not in_backward():
-            self.stats.add(routed, aux, z, dropped)
+            self.stats.add(routed, aux, z, dropped, self.token_share)
         if self.aux_coeff or self.z_coeff:
             out = AuxiliaryLoss.apply(out, self.aux_coeff * aux + self.z_coeff * z, self.loss_scale)
         return out

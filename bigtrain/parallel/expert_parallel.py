@@ -4,11 +4,14 @@ copies travel to the rank that holds their expert and back by two all-to-alls (d
 backward sends the gradients the same way in reverse).
 
 `split_experts` cuts the stacked expert weights of a meta layer to this rank's experts (before
-they get values); `connect_experts` installs the exchange. Which ranks form the groups, and how
+they get values); `connect_experts` installs the exchange; `share_routing_statistics` lets the
+balance loss see every token of a micro-batch split by sequence parallelism. Which ranks form the groups, and how
 expert gradients are reduced, is the engine's business.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.distributed as dist
@@ -31,6 +34,21 @@ def connect_experts(layer: nn.Module, group: dist.ProcessGroup) -> None:
     """Route every MoE block of `layer` through the expert-parallel `group`."""
     for moe in moe_layers(layer):
         moe.exchange = ExpertExchange(group, moe.experts_total)
+
+
+def share_routing_statistics(layer: nn.Module, groups: list[dist.ProcessGroup]) -> None:
+    """Let every MoE block of `layer` count its balance loss over all the tokens of a micro-batch
+    when they are split over `groups` (tensor sequence parallelism, Ulysses: each rank holds a shard)."""
+    share = 1.0 / math.prod(dist.get_world_size(g) for g in groups)
+
+    def token_sum(t: torch.Tensor) -> torch.Tensor:
+        t = t.clone()
+        for group in groups:
+            dist.all_reduce(t, group=group)
+        return t
+
+    for moe in moe_layers(layer):
+        moe.token_sum, moe.token_share = token_sum, share
 
 
 class ExpertExchange:

@@ -67,8 +67,21 @@ TP_PLAN: dict[str, tuple[Split | EnterRegion | Replicate, ...]] = {
 }
 
 
+# A Mixture-of-Experts feed-forward stays whole on every tensor-parallel rank (its children: these):
+# each rank routes the tokens it holds (its sequence shard under tensor sequence parallelism, whose
+# gradients are then summed over the group, as the RMSNorms'); expert parallelism splits the experts.
+MOE_CHILDREN = ("router", "experts", "shared_experts")
+
+
+def in_moe(param_name: str) -> bool:
+    """Whether `param_name` belongs to a Mixture-of-Experts feed-forward (replicated under tp)."""
+    return any(f".mlp.{child}." in param_name for child in MOE_CHILDREN)
+
+
 def tp_split_dim(param_name: str) -> int | None:
     """The dimension tensor parallelism splits parameter `param_name` along (None: replicated)."""
+    if in_moe(param_name):
+        return None
     module = param_name.split(".")[-2] if "." in param_name else ""
     splits = [entry.layer.split_dim for entry in TP_PLAN.get(module, ()) if isinstance(entry, Split)]
     return splits[0] if splits else None
@@ -169,9 +182,6 @@ def expert_parallel_problem(cfg: Config, world_size: int) -> str | None:
     p, moe = cfg.parallel, cfg.model.moe
     if not moe.experts:
         return None
-    if p.tp > 1 or p.sp > 1:
-        return ("model.moe needs parallel.tp=1 and parallel.sp=1 (Mixture-of-Experts blocks do not yet split "
-                "their tokens' routing statistics across tensor or sequence ranks); use parallel.ep and dp")
     if p.ep > 1 and p.zero_stage == 3:
         return "parallel.ep > 1 needs parallel.zero_stage <= 2 (DeepSpeed partitions expert groups with ZeRO 1 and 2 only)"
     if world_size % (p.tp * p.pp * p.sp) == 0:

@@ -21,7 +21,11 @@ from bigtrain.distributed.timing import PhaseTimer
 from bigtrain.model import compile_blocks
 from bigtrain.model.llama import Head
 from bigtrain.parallel.activation_checkpointing import apply_activation_checkpointing
-from bigtrain.parallel.expert_parallel import connect_experts, split_experts
+from bigtrain.parallel.expert_parallel import (
+    connect_experts,
+    share_routing_statistics,
+    split_experts,
+)
 from bigtrain.parallel.float8 import apply_float8
 from bigtrain.parallel.layout import tp_sequence_parallel
 from bigtrain.parallel.tensor_parallel import connect_layer, split_layer
@@ -53,6 +57,9 @@ def parallelize(layers: Iterable[nn.Module], cfg: Config, *, fp8: bool, compile:
             connect_layer(layer, tp_group, sequence_parallel)
         if ep_group is not None:
             connect_experts(layer, ep_group)
+        token_groups = [g for g, split in ((tp_group, sequence_parallel), (sp_group, True)) if g is not None and split]
+        if token_groups:
+            share_routing_statistics(layer, token_groups)
         if sp_group is not None:  # (a lazy import: it imports DeepSpeed)
             from bigtrain.parallel.deepspeed_ulysses import apply_sequence_parallel
 

@@ -20,14 +20,21 @@ import torch.distributed as dist
 from torch import nn
 
 from bigtrain.model.llama import Llama
+from bigtrain.model.moe import moe_layers
 from bigtrain.parallel.layout import TP_PLAN, EnterRegion, Replicate, Split, check_tensor_parallel
 from bigtrain.parallel.tensor_parallel_layers import enter_region_on_input, reduce_grad_over_tp
 
 
 def _planned(layer: nn.Module, kind: type) -> list[tuple[nn.Module, str, nn.Module, object]]:
-    """(parent, name, module, entry) of every module in `layer` whose plan holds an entry of `kind`."""
-    return [(parent, name, child, entry) for parent in layer.modules() for name, child in parent.named_children()
-            for entry in TP_PLAN.get(name, ()) if isinstance(entry, kind)]
+    """(parent, name, module, entry) of every module in `layer` whose plan holds an entry of `kind`;
+    a Mixture-of-Experts feed-forward is replicated whole (`MOE_CHILDREN`)."""
+    moe = {id(m) for top in moe_layers(layer) for m in top.modules()}
+    planned = [(parent, name, child, entry) for parent in layer.modules() if id(parent) not in moe
+               for name, child in parent.named_children() if id(child) not in moe
+               for entry in TP_PLAN.get(name, ()) if isinstance(entry, kind)]
+    if kind is Replicate:
+        planned += [(None, "mlp", top, Replicate()) for top in moe_layers(layer)]
+    return planned
 
 
 def shard_layer(layer: nn.Module, group: dist.ProcessGroup, sequence_parallel: bool = False) -> nn.Module:

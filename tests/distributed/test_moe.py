@@ -1,6 +1,6 @@
 """Mixture-of-Experts layouts reproduce the local engine's curve (fp32, CPU, gloo): expert
-parallelism alone, with ZeRO-2 data parallelism, with pipeline stages, and MoE without ep under
-pipeline and ZeRO-3; their router metrics agree too. An ep2 checkpoint resumes bit for bit,
+parallelism alone, with ZeRO-2 data parallelism, with tensor (sequence) parallelism, with pipeline
+stages, and MoE without ep under Ulysses, pipeline and ZeRO-3; their router metrics agree too. An ep2 checkpoint resumes bit for bit,
 reshards to one process and back, and consolidates to the weights the run trained.
 """
 
@@ -47,6 +47,8 @@ LAYOUTS = {
     "ep2": (2, ["parallel.ep=2", "train.grad_accum=2"]),
     "ep2-dp2-zero2": (4, ["parallel.ep=2", "parallel.zero_stage=2", "train.grad_accum=1"]),
     "ep2-pp2-zero1": (4, ["parallel.ep=2", "parallel.pp=2", "parallel.zero_stage=1", "train.grad_accum=2"]),
+    "ep2-tp2-zero1": (4, ["parallel.ep=2", "parallel.tp=2", "parallel.zero_stage=1", "train.grad_accum=2"]),
+    "sp2": (2, ["parallel.sp=2", "train.grad_accum=4"]),
     "pp2": (2, ["parallel.pp=2", "train.grad_accum=4"]),
     "dp2-zero3": (2, ["parallel.zero_stage=3", "train.grad_accum=2"]),
 }

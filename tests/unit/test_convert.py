@@ -33,7 +33,7 @@ def test_refusals_leave_out_untouched(stdlib_data, tmp_path, capsys):
     assert (tmp_path / "taken" / "model.safetensors").is_file() and not (tmp_path / "taken" / "notes.txt").exists()
 
     assert main(["convert", "reshard", str(tmp_path / "taken"), str(tmp_path / "b"), "parallel.tp=2"]) == 1
-    assert "parallel.tp, parallel.pp, parallel.sp and parallel.zero_stage need parallel.engine=deepspeed" in capsys.readouterr().err
+    assert "parallel.tp, parallel.pp, parallel.sp, parallel.ep and parallel.zero_stage need parallel.engine=deepspeed" in capsys.readouterr().err
     assert main(["convert", "reshard", str(tmp_path / "taken"), str(tmp_path / "b"), "parallel.engine=deepspeed",
                  "parallel.tp=3"]) == 1
     assert capsys.readouterr().err.strip() == "bigtrain: error: model.n_heads=4 is not divisible by parallel.tp=3"

@@ -34,7 +34,7 @@ def config(**parallel):
         ({"pp": 4}, 4, "model.n_layers=2 is fewer than parallel.pp=4 pipeline stages"),
         ({"pp": 2, "zero_stage": 2}, 2, "parallel.zero_stage=2 cannot be combined with pipeline parallelism"),
         ({"engine": "local"}, 2, "parallel.engine=local runs one process, but 2 were launched"),
-        ({"engine": "local", "sp": 2}, 1, "parallel.sp and parallel.zero_stage need parallel.engine=deepspeed"),
+        ({"engine": "local", "sp": 2}, 1, "parallel.ep and parallel.zero_stage need parallel.engine=deepspeed"),
         ({"sp": 2, "tp": 2}, 6, "world size 6 is not divisible by parallel.tp × parallel.pp × parallel.sp = 4"),
         ({"sp": 4}, 4, "model.n_kv_heads=2 is not divisible by parallel.sp × parallel.tp = 4 (Ulysses"),
         ({"sp": 2, "tp": 2}, 4, "model.n_kv_heads=2 is not divisible by parallel.sp × parallel.tp = 4"),

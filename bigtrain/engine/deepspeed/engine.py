@@ -107,8 +107,10 @@ class DeepSpeedEngine:
             self.loss_fn = partial(vocab_parallel_cross_entropy, group=topology.tp_group)
         self.cfg, self.param_names = cfg, stage.param_names()
         self.pipelined = topology.pp > 1
+        self.aux_weight = 1.0  # the MoE auxiliary losses' gradient per micro-batch, × 1 / micro-batches
         if topology.sp > 1:
             grads_summed = not (self.pipelined and cfg.parallel.zero_stage == 0)
+            self.aux_weight = 1.0 if grads_summed else float(topology.sp)  # each rank's part counts whole
             self.sequence_mean = partial(sequence_mean, group=topology.sp_group, grads_summed=grads_summed)
             token_loss = self.loss_fn
             self.loss_fn = lambda logits, targets: self.sequence_mean(token_loss(logits, targets))
@@ -159,7 +161,7 @@ class DeepSpeedEngine:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self._grad_norm, self._step_loss, self._skip = None, None, None
-        set_auxiliary_scale(self.model, 1 / len(micro_batches))
+        set_auxiliary_scale(self.model, self.aux_weight / len(micro_batches))
         micro_batches = [self._my_tokens(b) for b in micro_batches]
         if self.pipelined:
             pairs = iter([(b[:, :-1].to(self.device), b[:, 1:].to(self.device)) for b in micro_batches])
