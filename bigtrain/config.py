@@ -82,6 +82,7 @@ class ModelConfig:
     n_layers: int = ranged(4, ge=1)
     n_heads: int = ranged(4, ge=1)
     n_kv_heads: int | None = ranged(2, ge=1)  # None: same as n_heads (no grouped-query attention)
+    head_dim: int | None = ranged(None, ge=1)  # per attention head; None: d_model / n_heads (reads give the effective value)
     ffn_hidden: int | None = ranged(None, ge=1)  # None: Llama's rule, 8/3·d_model rounded up to multiple_of
     multiple_of: int = ranged(256, ge=1)
     ffn_dim_multiplier: float | None = ranged(None, gt=0)
@@ -97,10 +98,6 @@ class ModelConfig:
     @property
     def kv_heads(self) -> int:
         return self.n_kv_heads or self.n_heads
-
-    @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_heads
 
     @property
     def ffn_dim(self) -> int:
@@ -119,6 +116,19 @@ class ModelConfig:
         """Whether block `block` (from 0) has a Mixture-of-Experts feed-forward."""
         moe = self.moe
         return moe.experts > 0 and block >= moe.first_dense and (block + 1) % moe.every == 0
+
+
+def _get_head_dim(self: ModelConfig) -> int:
+    return self._head_dim if self._head_dim is not None else self.d_model // self.n_heads
+
+
+def _set_head_dim(self: ModelConfig, value: int | None) -> None:
+    self._head_dim = value
+
+
+# The field `head_dim` stores the configured value (None or an int) in `_head_dim`; reading it gives the
+# effective width, so attention, RoPE, FLOPs and the planner need no case for None.
+ModelConfig.head_dim = property(_get_head_dim, _set_head_dim)
 
 
 @dataclass
@@ -283,9 +293,11 @@ class Config:
         _check_ranges(self, "")
         m, d = self.model, self.data
         checks = [
-            (m.d_model % m.n_heads == 0, "model.d_model must be divisible by model.n_heads"),
+            (m._head_dim is not None or m.d_model % m.n_heads == 0,
+             "model.d_model must be divisible by model.n_heads (or set model.head_dim)"),
             (m.n_heads % m.kv_heads == 0, "model.n_heads must be divisible by model.n_kv_heads"),
-            (m.head_dim % 2 == 0, "model.d_model / model.n_heads must be even (RoPE)"),
+            (m.head_dim % 2 == 0, "model.head_dim must be even (RoPE)" if m._head_dim is not None
+             else "model.d_model / model.n_heads must be even (RoPE)"),
             (d.seq_len <= m.max_seq_len, "data.seq_len must not exceed model.max_seq_len"),
             (m.moe.experts == 0 or m.moe.top_k <= m.moe.experts,
              f"model.moe.top_k={m.moe.top_k} exceeds model.moe.experts={m.moe.experts}"),
@@ -299,7 +311,9 @@ class Config:
         return self
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        tree = dataclasses.asdict(self)
+        tree["model"]["head_dim"] = self.model._head_dim  # as configured: None stays d_model / n_heads
+        return tree
 
 
 def _check_ranges(node: Any, prefix: str) -> None:

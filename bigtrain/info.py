@@ -49,7 +49,7 @@ def model_report(cfg: Config) -> str:
     assert built == counts.total, f"parameter formula {counts.total} != built model {built}"
     m = cfg.model
     return "\n".join([
-        f"model        d_model={m.d_model} n_layers={m.n_layers} n_heads={m.n_heads} n_kv_heads={m.kv_heads} "
+        f"model        d_model={m.d_model} n_layers={m.n_layers} n_heads={m.n_heads} n_kv_heads={m.kv_heads} head_dim={m.head_dim} "
         f"ffn={m.ffn_dim} vocab={m.vocab_size} tied={m.tie_embeddings}",
         f"parameters   {counts.total:,} ({_human(counts.total)}); non-embedding {counts.non_embedding:,} "
         f"({_human(counts.non_embedding)})",

@@ -32,6 +32,10 @@ HF_CASES = {
                                 "norm_topk_prob": True, "mlp_only_layers": [0], "router_aux_loss_coef": 0.02}),
     "qwen3-moe-step2": ("qwen3_moe", {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 24,
                                       "decoder_sparse_step": 2, "norm_topk_prob": False}),
+    # as real Qwen3 checkpoints: heads × head_dim (4 × 32) is wider than hidden_size (64)
+    "qwen3-head-dim": ("qwen3", {"hidden_size": 64, "head_dim": 32}),
+    "qwen3-moe-head-dim": ("qwen3_moe", {"hidden_size": 64, "head_dim": 32, "num_experts": 4, "num_experts_per_tok": 2,
+                                         "moe_intermediate_size": 16, "norm_topk_prob": True}),
 }
 # bigtrain models to write: name → model config keys beyond the shape
 BIGTRAIN_SHAPE = {"vocab_size": 97, "d_model": 32, "n_layers": 3, "n_heads": 4, "n_kv_heads": 2, "ffn_hidden": 48,
@@ -41,6 +45,8 @@ BIGTRAIN_CASES = {
     "qwen3": {"tie_embeddings": True},
     "qwen3-moe": {"moe": {"experts": 8, "top_k": 2, "ffn_hidden": 16, "first_dense": 1, "aux_loss": 0.02}},
     "qwen3-moe-every2": {"moe": {"experts": 6, "top_k": 2, "ffn_hidden": 24, "every": 2, "normalize_top_k": False}},
+    "qwen3-head-dim": {"d_model": 64, "head_dim": 32},
+    "qwen3-moe-head-dim": {"d_model": 64, "head_dim": 32, "moe": {"experts": 4, "top_k": 2, "ffn_hidden": 16}},
 }
 ARCHITECTURE = {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
 
@@ -67,7 +73,7 @@ def random_hf_model(name: str):
     import transformers
 
     model_type, extra = HF_CASES[name]
-    config = transformers.AutoConfig.for_model(model_type, **SHAPE, **extra)
+    config = transformers.AutoConfig.for_model(model_type, **{**SHAPE, **extra})
     torch.manual_seed(3)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     perturb(model.named_parameters())
@@ -87,8 +93,9 @@ def check_from_hf(name: str, tmp: Path, fused: bool = False) -> float:
     model, cfg, _ = load_trained_model(tmp / "bt", torch.device("cpu"))
     model_type, extra = HF_CASES[name]
     m = cfg.model
-    assert (m.qk_norm, m.tie_embeddings, m.head_dim, m.rope_theta) == (
-        model_type != "llama", extra.get("tie_word_embeddings", False), 8, 50000.0)
+    assert (m.qk_norm, m.tie_embeddings, m.d_model, m.head_dim, m.rope_theta) == (
+        model_type != "llama", extra.get("tie_word_embeddings", False), extra.get("hidden_size", 32),
+        extra.get("head_dim", 8), 50000.0)
     if model_type == "qwen3_moe":
         dense = extra.get("mlp_only_layers", [])
         assert (m.moe.experts, m.moe.top_k, m.moe.ffn_hidden, m.moe.every, m.moe.first_dense, m.moe.normalize_top_k) == (

@@ -52,7 +52,7 @@ class Checkpointable(Protocol):
     def load(self, directory: Path) -> None: ...
 
 
-SHAPE_KEYS = ("vocab_size", "d_model", "n_layers", "n_heads", "kv_heads", "ffn_dim", "tie_embeddings")
+SHAPE_KEYS = ("vocab_size", "d_model", "n_layers", "n_heads", "kv_heads", "head_dim", "ffn_dim", "tie_embeddings")
 
 
 def checkpoint_root(run_dir: Path) -> Path:

@@ -94,21 +94,20 @@ def model_config_from_hf(hf: dict[str, Any], source: Path) -> dict[str, Any]:
     head_dim = hf.get("head_dim") or (128 if model_type == "qwen3" else hidden // heads)  # transformers' defaults
     layer_types = hf.get("layer_types") or []
     unsupported = [
-        ("rope_scaling" if "rope_scaling" in hf else "rope_parameters", rope_type != "default", ""),
-        ("hidden_act", hf.get("hidden_act", "silu") != "silu", ""),
-        ("attention_bias", bool(hf.get("attention_bias")), ""),
-        ("mlp_bias", bool(hf.get("mlp_bias")), ""),
-        ("head_dim", head_dim != hidden // heads, f" (its head_dim is hidden_size / num_attention_heads = {hidden // heads})"),
-        ("use_sliding_window", bool(hf.get("use_sliding_window")), ""),
-        ("layer_types", any(t != "full_attention" for t in layer_types), ""),
+        ("rope_scaling" if "rope_scaling" in hf else "rope_parameters", rope_type != "default"),
+        ("hidden_act", hf.get("hidden_act", "silu") != "silu"),
+        ("attention_bias", bool(hf.get("attention_bias"))),
+        ("mlp_bias", bool(hf.get("mlp_bias"))),
+        ("use_sliding_window", bool(hf.get("use_sliding_window"))),
+        ("layer_types", any(t != "full_attention" for t in layer_types)),
     ]
-    for key, bad, why in unsupported:
+    for key, bad in unsupported:
         if bad:
-            value = head_dim if key == "head_dim" else hf.get(key)
-            raise BigtrainError(f"{source}: {key}={value!r} cannot be expressed by a bigtrain model{why}")
+            raise BigtrainError(f"{source}: {key}={hf.get(key)!r} cannot be expressed by a bigtrain model")
     model = {
         "vocab_size": hf["vocab_size"], "d_model": hidden, "n_layers": hf["num_hidden_layers"],
         "n_heads": heads, "n_kv_heads": hf.get("num_key_value_heads") or heads,
+        **({"head_dim": head_dim} if head_dim * heads != hidden else {}),
         "ffn_hidden": hf["intermediate_size"], "max_seq_len": hf.get("max_position_embeddings", 2048),
         "rope_theta": theta, "norm_eps": float(hf.get("rms_norm_eps", 1e-6)),
         "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),

@@ -50,13 +50,13 @@ def count_params(cfg: ModelConfig) -> ParamCount:
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """Training FLOPs per token: 6·N_matmul + 12·n_layers·d_model·seq_len.
+    """Training FLOPs per token: 6·N_matmul + 12·n_layers·n_heads·head_dim·seq_len.
 
     N_matmul counts the weights of every matrix multiply: all blocks' q, k, v, o, gate, up and
     down projections plus the LM head (counted also when tied to the embedding, since the head
     matmul still runs), but not the embedding lookup or the norm weights. 6 = 2 (multiply-add)
     × 3 (forward, backward wrt inputs and wrt weights). The second term is attention's QKᵀ and
-    AV, 2·seq_len·d_model FLOPs each per token and layer in the forward, ×3 for training, without
+    AV, 2·seq_len·n_heads·head_dim FLOPs each per token and layer in the forward, ×3 for training, without
     a discount for the causal mask (the PaLM/nanoGPT convention). A Mixture-of-Experts block counts
     its active weights only: the router, top_k routed experts and the shared ones. MFU divides
     tokens/s times this by the devices' peak FLOP/s (`bigtrain.train.metrics.mfu`).
@@ -64,4 +64,4 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     d, hd = cfg.d_model, cfg.head_dim
     norms = (2 * d + (2 * hd if cfg.qk_norm else 0)) * cfg.n_layers
     matmul = count_params(cfg).active_blocks - norms + cfg.vocab_size * d
-    return 6.0 * matmul + 12.0 * cfg.n_layers * d * seq_len
+    return 6.0 * matmul + 12.0 * cfg.n_layers * cfg.n_heads * hd * seq_len

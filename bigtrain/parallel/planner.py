@@ -23,7 +23,8 @@ against real allocations on 2 ranks in tests/distributed/test_memory_plan.py:
   parameters: DeepSpeed keeps whole blocks gathered up to `stage3_max_live_parameters` (at
   least two: the one computing and the one prefetched), as `bigtrain info --simulate` measured;
 - activations per micro-batch (bf16, flash attention), per layer and token:
-  2·(4h/s + (3h + 4·kv + 3f)/tp) bytes — norm inputs/outputs, q/k/v before and after RoPE,
+  2·(4h/s + (3a + 4·kv + 3f)/tp) bytes (a = n_heads·head_dim, kv = kv_heads·head_dim) — norm
+  inputs/outputs, q/k/v before and after RoPE,
   the attention output, SwiGLU's three ffn-wide tensors (gate, up and their product; SiLU is
   recomputed, bigtrain/model/pointwise.py) — or 2h/s with activation checkpointing (plus one
   block recomputed), where s = tp under tensor sequence parallelism (the norms, residuals and
@@ -31,7 +32,7 @@ against real allocations on 2 ranks in tests/distributed/test_memory_plan.py:
   the fp32 copy for the loss). 1F1B keeps up to min(pp, micro-batches) micro-batches in flight
   on the first stage. Ulysses sequence parallelism (`parallel.sp`) leaves each rank seq_len/sp
   tokens, plus per token the q, k, v and attention output on the other side of the all-to-all,
-  2·(2h + 2·kv)/tp bytes.
+  2·(2a + 2·kv)/tp bytes.
 """
 
 from __future__ import annotations
@@ -132,13 +133,13 @@ def activation_bytes(m: ModelConfig, seq_len: int, micro_batch: int, tp: int, la
     activation checkpointing (none, full or selective) of every `every`-th block, on one of sp
     (Ulysses) sequence-parallel ranks; under tensor sequence parallelism the d_model-wide tensors
     between the regions hold t/tp tokens."""
-    h, kv, f = m.d_model, m.kv_heads * m.head_dim, m.ffn_dim
+    h, a, kv, f = m.d_model, m.n_heads * m.head_dim, m.kv_heads * m.head_dim, m.ffn_dim
     s = tp if tp_sequence_parallel else 1
-    block = 2 * (4 * h / s + (3 * h + 4 * kv + 3 * f) / tp) + (2 * (2 * h + 2 * kv) / tp if sp > 1 else 0)
+    block = 2 * (4 * h / s + (3 * a + 4 * kv + 3 * f) / tp) + (2 * (2 * a + 2 * kv) / tp if sp > 1 else 0)
     mode = checkpointing_mode(checkpointing)
     checkpointed = 0 if mode == "none" else -(-layers // every)
     # selective keeps the matmul outputs: d_model-wide ones (block input, o_proj, down_proj) are sharded by s
-    kept = 2 * h / s if mode == "full" else 2 * (3 * h / s + (2 * h + 2 * kv + 2 * f) / tp)
+    kept = 2 * h / s if mode == "full" else 2 * (3 * h / s + (2 * a + 2 * kv + 2 * f) / tp)
     per_token = checkpointed * kept + (layers - checkpointed) * block + (block if checkpointed else 0)
     return micro_batch * seq_len / sp * (per_token + 6 * m.vocab_size / tp)
 
@@ -208,8 +209,8 @@ def step_time(m: ModelConfig, seq_len: int, precision: str, layout: Layout, peak
         volume = units * (layout.tp - 1) / layout.tp * tokens_per_gpu_row * m.d_model * p_bytes
         t += volume * max_blocks_per_stage(m.n_layers, layout.pp) / INTRA_NODE_BW
     if layout.sp > 1:  # all-to-alls of q, k, v and the attention output, forward and backward, per block
-        sp, kv = layout.sp, m.kv_heads * m.head_dim
-        volume = 2 * (sp - 1) / sp * tokens_per_gpu_row / sp * (2 * m.d_model + 2 * kv) / layout.tp * p_bytes
+        sp, a, kv = layout.sp, m.n_heads * m.head_dim, m.kv_heads * m.head_dim
+        volume = 2 * (sp - 1) / sp * tokens_per_gpu_row / sp * (2 * a + 2 * kv) / layout.tp * p_bytes
         bandwidth = INTRA_NODE_BW if sp * layout.tp <= gpus_per_node else INTER_NODE_BW
         t += volume * max_blocks_per_stage(m.n_layers, layout.pp) / bandwidth
     replicas = layout.dp * layout.sp  # gradients reduce over dp × sp

@@ -84,7 +84,8 @@ def test_tiny_yaml_spells_out_the_defaults():
         ("parallel.activation_checkpointing=0",
          "parallel.activation_checkpointing must be one of False, True, full, selective, got 0"),
         ("parallel.zero_stage=true", "parallel.zero_stage must be one of 0, 1, 2, 3, got True"),
-        ("model.n_heads=3", "model.d_model must be divisible by model.n_heads"),
+        ("model.n_heads=3", "model.d_model must be divisible by model.n_heads (or set model.head_dim)"),
+        ("model.head_dim=31", "model.head_dim must be even (RoPE)"),
         ("train.lr", "override 'train.lr' is not of the form key=value"),
     ],
 )
@@ -196,6 +197,19 @@ def test_a_moved_key_names_its_new_place(tmp_path, old, new):
     (tmp_path / "c.yaml").write_text(f"{section}:\n  {key}: 5\n")
     with pytest.raises(BigtrainError, match=rf"^config key {old} is now {new}$"):
         load_config(tmp_path / "c.yaml")
+
+
+def test_head_dim_defaults_to_d_model_over_n_heads_and_round_trips(tmp_path):
+    cfg = load_config(CONFIGS / "tiny.yaml")
+    assert (cfg.model.head_dim, cfg.to_dict()["model"]["head_dim"]) == (64, None)
+    cfg.model.d_model = 512  # unset: follows d_model
+    assert cfg.model.head_dim == 128
+    wide = load_config(CONFIGS / "tiny.yaml", ["model.n_heads=6", "model.n_kv_heads=3", "model.head_dim=64"])
+    assert (wide.model.head_dim, wide.to_dict()["model"]["head_dim"]) == (64, 64)  # 256 % 6 != 0 is fine then
+    save_config(wide, tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml", saved=True) == wide
+    (tmp_path / "old.yaml").write_text("model:\n  d_model: 128\n  n_heads: 4\n")  # written before head_dim existed
+    assert load_config(tmp_path / "old.yaml", saved=True).model.head_dim == 32
 
 
 def test_a_checkpoints_config_written_before_a_move_still_loads(tmp_path):

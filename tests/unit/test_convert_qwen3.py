@@ -79,15 +79,16 @@ def test_exported_configs_name_the_architecture_and_moe_keys():
     # Qwen3's head_dim defaults to 128, not hidden / heads
     qwen3 = {k: v for k, v in hf_config(from_dict({"model": {"qk_norm": True, "d_model": 512}}).model).items() if k != "head_dim"}
     assert model_config_from_hf(qwen3, "hf")["d_model"] == 512  # 4 heads of 128
-    with pytest.raises(Exception, match="head_dim=128 cannot be expressed"):
-        model_config_from_hf({**qwen3, "num_attention_heads": 8}, "hf")
+    assert "head_dim" not in model_config_from_hf(qwen3, "hf")  # d_model / n_heads: left to the rule
+    eight = model_config_from_hf({**qwen3, "num_attention_heads": 8}, "hf")  # 8 heads of 128: wider than d_model
+    assert (eight["d_model"], eight["n_heads"], eight["head_dim"]) == (512, 8, 128)
+    assert from_dict({"model": eight}).model.head_dim == 128
+    assert hf_config(from_dict({"model": eight}).model)["head_dim"] == 128
     assert model_config_from_hf({**qwen3, "model_type": "llama", "head_dim": None}, "hf")["n_heads"] == 4
 
 
 @pytest.mark.parametrize(("change", "error"), [
     ({"mlp_only_layers": [1]}, "mlp_only_layers=[1] cannot be expressed by a bigtrain model (only a leading run"),
-    ({"head_dim": 16}, "head_dim=16 cannot be expressed by a bigtrain model (its head_dim is hidden_size / "
-                       "num_attention_heads = 8)"),
     ({"attention_bias": True}, "attention_bias=True cannot be expressed"),
     ({"use_sliding_window": True, "sliding_window": 8}, "use_sliding_window=True cannot be expressed"),
     ({"layer_types": ["full_attention", "sliding_attention", "full_attention"]}, "layer_types=["),

@@ -27,7 +27,7 @@ def test_param_formula_equals_built_model(tied):
         assert model.layers[-1].lm_head.weight is model.layers[0].embed_tokens.weight
 
 
-@pytest.mark.parametrize("name", ["125m", "350m", "1b", "7b", "13b", "70b"])
+@pytest.mark.parametrize("name", ["125m", "350m", "1b", "7b", "13b", "70b", "olmoe-1b-7b", "qwen3-30b-a3b"])
 def test_real_configs_count_on_meta_device(name):
     cfg = load_config(CONFIGS / f"{name}.yaml").model
     with torch.device("meta"):
@@ -39,6 +39,27 @@ def test_7b_matches_llama2():
     total = count_params(load_config(CONFIGS / "7b.yaml").model).total
     assert abs(total - 6.74e9) / 6.74e9 < 0.005
     assert total == 6_738_415_616  # the exact Llama-2-7B count
+
+
+@pytest.mark.parametrize(("name", "total", "active"), [
+    ("olmoe-1b-7b", 6_919_100_416, 1_281_955_840),  # OLMoE-1B-7B: 6.92B total, 1.28B active
+    ("qwen3-30b-a3b", 30_532_122_624, 3_353_032_704),  # Qwen3-30B-A3B: 30.5B total, 3.3B active
+])
+def test_moe_configs_match_the_published_counts(name, total, active):
+    counts = count_params(load_config(CONFIGS / f"{name}.yaml").model)
+    assert (counts.total, counts.active) == (total, active)
+
+
+def test_head_dim_wider_than_d_model_over_heads():
+    cfg = small(d_model=32, n_heads=4, n_kv_heads=2, head_dim=16, qk_norm=True)  # attention width 64 ≠ 32
+    attn = Llama(cfg).layers[1].self_attn
+    assert (attn.q_proj.weight.shape, attn.k_proj.weight.shape, attn.o_proj.weight.shape) == ((64, 32), (32, 32), (32, 64))
+    assert attn.q_norm.weight.shape == (16,)
+    assert count_params(cfg).total == sum(p.numel() for p in Llama(cfg).parameters())
+    d, L, V, f, seq = 32, 2, 97, cfg.ffn_dim, 16
+    matmul = L * (d * 64 * 2 + d * 32 * 2 + 3 * d * f) + V * d  # q,o: 4 heads×16; k,v: 2 heads×16
+    assert flops_per_token(cfg, seq) == 6 * matmul + 12 * L * 64 * seq
+    assert Llama(cfg)(torch.randint(0, 97, (2, 16))).shape == (2, 16, 97)
 
 
 def test_causality():
