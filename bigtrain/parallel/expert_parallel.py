@@ -16,7 +16,6 @@ import math
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.nn.functional import all_to_all_single
 
 from bigtrain.model.moe import moe_layers
 
@@ -51,6 +50,21 @@ def share_routing_statistics(layer: nn.Module, groups: list[dist.ProcessGroup]) 
         moe.token_sum, moe.token_share = token_sum, share
 
 
+class _AllToAll(torch.autograd.Function):
+    """Rows split `send` per rank out, `recv` per rank in; backward sends the gradients back."""
+
+    @staticmethod
+    def forward(ctx, rows: torch.Tensor, send: list[int], recv: list[int], group: dist.ProcessGroup) -> torch.Tensor:
+        ctx.send, ctx.recv, ctx.group = send, recv, group
+        out = rows.new_empty(sum(recv), *rows.shape[1:])
+        dist.all_to_all_single(out, rows.contiguous(), recv, send, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return _AllToAll.apply(grad, ctx.recv, ctx.send, ctx.group), None, None, None
+
+
 class ExpertExchange:
     """Rows sorted by global expert, and their counts, → the rows of this rank's experts (from
     every rank of the group, sorted by local expert), their counts, and the way back."""
@@ -66,13 +80,13 @@ class ExpertExchange:
         received = received.view(ep, local)
         send = counts.view(ep, local).sum(1).tolist()
         recv = received.sum(1).tolist()
-        arrived = all_to_all_single(rows.new_empty(sum(recv), rows.shape[1]), rows, recv, send, group=self.group)
+        arrived = _AllToAll.apply(rows, send, recv, self.group)
         # rows arrive grouped by (source, expert); the experts want them grouped by (expert, source)
         segment = torch.repeat_interleave(torch.arange(ep * local, device=rows.device), received.flatten())
         order = ((segment % local) * ep + segment // local).argsort(stable=True)
 
         def back(y: torch.Tensor) -> torch.Tensor:
             by_source = torch.empty_like(y).index_copy(0, order, y)
-            return all_to_all_single(y.new_empty(rows.shape[0], y.shape[1]), by_source, send, recv, group=self.group)
+            return _AllToAll.apply(by_source, recv, send, self.group)
 
         return arrived[order], received.sum(0), back
