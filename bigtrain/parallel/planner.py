@@ -1,4 +1,4 @@
-"""Memory and step-time estimates for a layout (dp × sp × tp × pp, ZeRO stage, micro-batch) before launch.
+"""Memory and step-time estimates for a layout (dp × sp × tp × pp, ep, ZeRO stage, micro-batch) before launch.
 
 Per-GPU bytes follow what DeepSpeed (the version pinned in pyproject.toml) allocates, as checked
 against real allocations on 2 ranks in tests/distributed/test_memory_plan.py:
@@ -38,7 +38,10 @@ Mixture-of-Experts models (`model.moe`, tp = sp = 1) with expert parallelism `ep
 1/ep of the routed experts' weights (the rest whole), so their parameters, full gradients and,
 without ZeRO, optimizer state are divided by ep. ZeRO partitions the rank's experts over the dp/ep
 ranks that hold the same ones (the rest over dp), which leaves every rank 1/dp of each weight:
-ZeRO 1/2 partitions (fp32 master, moments, ZeRO-2 gradients) do not shrink with ep. An MoE block's
+ZeRO 1/2 partitions (fp32 master, moments, ZeRO-2 gradients) do not shrink with ep; DeepSpeed steps
+its parameter groups one after another, and with ep > 1 the experts' are groups of their own, so
+the step's fp32 gradient partition is that of the experts or of the rest, whichever is larger
+(`bigtrain info --simulate` measured it; the norms' group is negligible). An MoE block's
 activations replace the MLP's 3f by, per token, top_k routed copies of 2·(2h + 3·f_e) bytes
 (the gathered input row, gate, up and their product, the expert output before its routing weight;
 f_e = model.moe.ffn_hidden), the shared experts' 2·3·shared·f_e and the fp32 router probabilities
@@ -198,7 +201,9 @@ def memory_plan(m: ModelConfig, seq_len: int, precision: str, layout: Layout) ->
         grads_at_step = full + accumulator + (4 * held if mixed else 0.0)
     else:
         grads = full if zero == 1 else part
-        grads_at_step = part + (4 * n / dp if zero == 3 or mixed else 0.0)
+        # ZeRO 1/2 step one parameter group at a time, with its fp32 gradients: with ep > 1 the experts are groups apart
+        fp32 = max(n - experts, experts) if layout.ep > 1 and zero < 3 else n
+        grads_at_step = part + (4 * fp32 / dp if zero == 3 or mixed else 0.0)
     if zero >= 1 or bf16_pipeline:
         optimizer = 12 * n / dp
     else:

@@ -193,6 +193,8 @@ def test_expert_parallelism_divides_the_experts_a_rank_holds():
         assert one.params - two.params == 2 * EXPERTS / 2
     one, two = (memory_plan(MOE, 32, "bf16", Layout(dp=4, zero=1, ep=ep)) for ep in (1, 2))
     assert (one.grads, two.grads) == (2 * MOE_N, 2 * (dense + EXPERTS / 2))  # ZeRO-1's full bf16 gradients
+    # at the step: the bf16 partition and the fp32 gradients of one group at a time, the experts' (the larger)
+    assert (one.grads_at_step, two.grads_at_step) == ((2 + 4) * MOE_N / 4, (2 * MOE_N + 4 * EXPERTS) / 4)
 
 
 def test_moe_activations_by_hand():
