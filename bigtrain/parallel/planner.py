@@ -34,15 +34,16 @@ against real allocations on 2 ranks in tests/distributed/test_memory_plan.py:
   tokens, plus per token the q, k, v and attention output on the other side of the all-to-all,
   2·(2a + 2·kv)/tp bytes.
 
-Mixture-of-Experts models (`model.moe`, tp = sp = 1) with expert parallelism `ep`: each rank holds
-1/ep of the routed experts' weights (the rest whole), so their parameters, full gradients and,
-without ZeRO, optimizer state are divided by ep. ZeRO partitions the rank's experts over the dp/ep
+Mixture-of-Experts models (`model.moe`): tensor parallelism leaves the MoE feed-forward (router,
+experts, shared experts) whole, each tp rank routing the tokens it holds (t/s of them). With expert
+parallelism `ep` each rank holds 1/ep of the routed experts' weights (the rest whole), so their
+parameters, full gradients and, without ZeRO, optimizer state are divided by ep. ZeRO partitions the rank's experts over the dp/ep
 ranks that hold the same ones (the rest over dp), which leaves every rank 1/dp of each weight:
 ZeRO 1/2 partitions (fp32 master, moments, ZeRO-2 gradients) do not shrink with ep; DeepSpeed steps
 its parameter groups one after another, and with ep > 1 the experts' are groups of their own, so
 the step's fp32 gradient partition is that of the experts or of the rest, whichever is larger
 (`bigtrain info --simulate` measured it; the norms' group is negligible). An MoE block's
-activations replace the MLP's 3f by, per token, top_k routed copies of 2·(2h + 3·f_e) bytes
+activations replace the MLP's 3f/tp by, per token it holds, top_k routed copies of 2·(2h + 3·f_e) bytes
 (the gathered input row, gate, up and their product, the expert output before its routing weight;
 f_e = model.moe.ffn_hidden), the shared experts' 2·3·shared·f_e and the fp32 router probabilities
 (4·experts); under selective checkpointing top_k·2·(2h + 2·f_e) + 2·2·shared·f_e + 4·experts. With
@@ -132,8 +133,10 @@ def precision_bytes(precision: str) -> tuple[int, int]:
 def stage_params(m: ModelConfig, tp: int, pp: int) -> int:
     """Parameters on one GPU of the largest pipeline stage (DeepSpeed splits blocks evenly)."""
     counts = count_params(m)
-    norms_per_block = 2 * m.d_model
-    block = (counts.blocks // m.n_layers - norms_per_block) // tp + norms_per_block
+    moe = m.moe
+    moe_ff = m.d_model * moe.experts + (moe.experts + moe.shared_experts) * 3 * m.d_model * m.expert_ffn_dim
+    whole = 2 * m.d_model + sum(map(m.is_moe_block, range(m.n_layers))) * moe_ff // m.n_layers  # norms, MoE: not split
+    block = (counts.blocks // m.n_layers - whole) // tp + whole
     head_matrix = 0 if m.tie_embeddings else m.vocab_size * m.d_model
     embedding, head = counts.embedding // tp, head_matrix // tp + m.d_model
     blocks_per_stage = max_blocks_per_stage(m.n_layers, pp)
@@ -169,8 +172,9 @@ def activation_bytes(m: ModelConfig, seq_len: int, micro_batch: int, tp: int, la
     if moe_blocks:  # see the module docstring; MoE blocks come first among the blocks not checkpointed
         k, fe, moe = m.moe.top_k, m.expert_ffn_dim, m.moe
         shared, probs = moe.shared_experts * fe, 4 * moe.experts
-        extra = 2 * (k * (2 * h + 3 * fe) + 3 * shared - 3 * f) + probs  # an MoE block over a dense one
-        kept_extra = 2 * (k * (2 * h + 2 * fe) + 2 * shared - 2 * f) + probs if mode == "selective" else 0
+        # an MoE block over a dense one: the MoE feed-forward sees the t/s tokens of its rank, whole
+        extra = (2 * (k * (2 * h + 3 * fe) + 3 * shared) + probs) / s - 2 * 3 * f / tp
+        kept_extra = (2 * (k * (2 * h + 2 * fe) + 2 * shared) + probs) / s - 2 * 2 * f / tp if mode == "selective" else 0
         plain = min(moe_blocks, layers - checkpointed)
         per_token += plain * extra + (moe_blocks - plain) * kept_extra + (extra if checkpointed else 0)
     return micro_batch * seq_len / sp * (per_token + 6 * m.vocab_size / tp)
@@ -250,7 +254,8 @@ def step_time(m: ModelConfig, seq_len: int, precision: str, layout: Layout, peak
         bandwidth = INTRA_NODE_BW if sp * layout.tp <= gpus_per_node else INTER_NODE_BW
         t += volume * max_blocks_per_stage(m.n_layers, layout.pp) / bandwidth
     if layout.ep > 1:  # dispatch and combine all-to-alls of the top_k token copies, forward and backward, per MoE block
-        ep, copies = layout.ep, tokens_per_gpu_row * m.moe.top_k
+        s = layout.sp * (layout.tp if layout.tp_sequence_parallel else 1)  # the tokens a rank routes: t/s
+        ep, copies = layout.ep, tokens_per_gpu_row / s * m.moe.top_k
         moe_blocks = min(max_blocks_per_stage(m.n_layers, layout.pp), sum(map(m.is_moe_block, range(m.n_layers))))
         volume = 4 * (ep - 1) / ep * copies * m.d_model * p_bytes
         t += volume * moe_blocks / (INTRA_NODE_BW if ep * layout.tp * layout.sp <= gpus_per_node else INTER_NODE_BW)

@@ -179,6 +179,8 @@ def test_info_environment(capsys, monkeypatch):
 def test_expert_parallelism_divides_the_experts_a_rank_holds():
     assert count_params(MOE).total == MOE_N == 510_528 and stage_expert_params(MOE, pp=1) == EXPERTS == 393_216
     assert stage_expert_params(MOE, pp=2) == EXPERTS // 2 and stage_expert_params(SHAPE, pp=1) == 0
+    # tp splits attention, embedding and head; router and experts stay whole
+    assert stage_params(MOE, tp=2, pp=1) == 512 * 32 + 4 * (12_288 // 2 + 128 + 512 + 98_304) + 512 * 32 + 64
     dense = MOE_N - EXPERTS
     zero0 = {ep: memory_plan(MOE, 32, "bf16", Layout(dp=4, ep=ep)) for ep in (1, 2, 4)}
     for ep, plan in zero0.items():  # bf16 weights, their fp32 copy at the step, 12 bytes of AdamW: 1/ep of the experts
@@ -205,6 +207,10 @@ def test_moe_activations_by_hand():
     # selective keeps 2·(5h + 2·kv) = 896, 2 copies of 2·(2h + 2·64) = 512 each and the probabilities: 1824
     assert activation_bytes(MOE, 32, 2, tp=1, layers=4, checkpointing="selective") == 2 * 32 * (
         4 * 1824 + 2464 + 6 * 512)
+    # tp=2: attention and norms 2·(4h + (3a + 4·kv)/2) = 832, the MoE feed-forward whole: 1312 → 2144;
+    # with tensor sequence parallelism everything holds 16 of the 32 tokens: 576 + 1312/2 = 1232
+    assert activation_bytes(MOE, 32, 2, tp=2, layers=4) == 2 * 32 * (4 * 2144 + 3 * 512)
+    assert activation_bytes(MOE, 32, 2, tp=2, layers=4, tp_sequence_parallel=True) == 2 * 32 * (4 * 1232 + 3 * 512)
     mixed = replace(MOE, moe=replace(MOE.moe, first_dense=2))  # blocks 0 and 1 stay dense
     assert activation_bytes(mixed, 32, 2, tp=1, layers=4) == 2 * 32 * (2 * 2688 + 2 * 2464 + 6 * 512)
 
@@ -221,7 +227,7 @@ def test_layout_reads_and_shows_ep(capsys):
 
 def test_suggest_finds_expert_parallelism_where_the_experts_do_not_fit_otherwise():
     """2 MoE blocks of 32 experts 2048 wide (403M expert weights) on 8 GPUs of 0.8 GiB: every layout
-    with whole experts (ZeRO-3 gathers whole blocks) needs at least 0.91 GiB; with ep the rank holds a share."""
+    with whole experts (ZeRO-3 gathers whole blocks) needs at least 0.87 GiB; with ep the rank holds a share."""
     cfg = load_config(CONFIGS / "moe-tiny.yaml", [
         "model.d_model=1024", "model.n_layers=2", "model.n_heads=8", "model.n_kv_heads=8", "model.moe.experts=32",
         "model.moe.top_k=4", "model.moe.ffn_hidden=2048", "data.micro_batch=1", "train.grad_accum=1"])
