@@ -68,7 +68,7 @@ def plan_report(cfg: Config, gpus: int, gpu_mem_gib: float, gpus_per_node: int, 
     variants = [("local", layout)] if layout.local else []
     variants += [(f"ZeRO {z}", planner.replace(layout, zero=z, offload=False, local=False)) for z in range(4)]
     variants.append(("ZeRO 3+off", planner.replace(layout, zero=3, offload=True, local=False)))
-    variants = [(name, v) for name, v in variants if layout.pp == 1 or v.zero <= 1]
+    variants = [(name, v) for name, v in variants if (layout.pp == 1 or v.zero <= 1) and (layout.ep == 1 or v.zero <= 2)]
     plans = [planner.memory_plan(m, seq, precision, v) for _, v in variants]
     layers = -(-m.n_layers // layout.pp)
     no_ckpt, selective, ckpt = (planner.activation_bytes(m, seq, layout.micro_batch, layout.tp, layers, mode,

@@ -127,6 +127,7 @@ class Layout:
     checkpoint_every: int = 1
     local: bool = False  # the local engine: fp32 weights, gradients and AdamW moments, bf16 autocast
     tp_sequence_parallel: bool = False  # parallel.tp_sequence_parallel with tp > 1
+    ep: int = 1  # expert parallelism: each rank of an ep group holds 1/ep of the experts (carved from dp)
 
     def describe(self) -> str:
         mode = checkpointing_mode(self.activation_checkpointing)
@@ -135,6 +136,7 @@ class Layout:
                          f" act-ckpt={mode}{every}" if mode != "none" else "",
                          " (local engine)" if self.local else ""])
         sp = f" sp={self.sp}" if self.sp > 1 else ""
+        sp += f" ep={self.ep}" if self.ep > 1 else ""
         return (f"dp={self.dp}{sp} tp={self.tp} pp={self.pp} zero={self.zero} "
                 f"micro_batch={self.micro_batch} grad_accum={self.grad_accum}{flags}")
 
@@ -297,4 +299,4 @@ def config_layout(cfg: Config, gpus: int) -> Layout:
     return Layout(dp=dp, tp=p.tp, pp=p.pp, zero=p.zero_stage, sp=p.sp, micro_batch=cfg.data.micro_batch,
                   grad_accum=grad_accum_for(cfg, dp), offload=p.offload_optimizer,
                   activation_checkpointing=p.activation_checkpointing, checkpoint_every=p.activation_checkpointing_every,
-                  local=p.engine == "local" and gpus == 1, tp_sequence_parallel=tp_sequence_parallel(cfg))
+                  local=p.engine == "local" and gpus == 1, tp_sequence_parallel=tp_sequence_parallel(cfg), ep=p.ep)

@@ -1,4 +1,4 @@
-"""Memory and step-time estimates for a layout (dp × sp × tp × pp, ZeRO stage, micro-batch) before launch.
+"""Memory and step-time estimates for a layout (dp × sp × tp × pp, ep, ZeRO stage, micro-batch) before launch.
 
 Per-GPU bytes follow what DeepSpeed (the version pinned in pyproject.toml) allocates, as checked
 against real allocations on 2 ranks in tests/distributed/test_memory_plan.py:
@@ -33,6 +33,23 @@ against real allocations on 2 ranks in tests/distributed/test_memory_plan.py:
   on the first stage. Ulysses sequence parallelism (`parallel.sp`) leaves each rank seq_len/sp
   tokens, plus per token the q, k, v and attention output on the other side of the all-to-all,
   2·(2a + 2·kv)/tp bytes.
+
+Mixture-of-Experts models (`model.moe`): tensor parallelism leaves the MoE feed-forward (router,
+experts, shared experts) whole, each tp rank routing the tokens it holds (t/s of them). With expert
+parallelism `ep` each rank holds 1/ep of the routed experts' weights (the rest whole), so their
+parameters, full gradients and, without ZeRO, optimizer state are divided by ep. ZeRO partitions the rank's experts over the dp/ep
+ranks that hold the same ones (the rest over dp), which leaves every rank 1/dp of each weight:
+ZeRO 1/2 partitions (fp32 master, moments, ZeRO-2 gradients) do not shrink with ep; DeepSpeed steps
+its parameter groups one after another, and with ep > 1 the experts' are groups of their own, so
+the step's fp32 gradient partition is that of the experts or of the rest, whichever is larger
+(`bigtrain info --simulate` measured it; the norms' group is negligible). An MoE block's
+activations replace the MLP's 3f/tp by, per token it holds, top_k routed copies of 2·(2h + 3·f_e) bytes
+(the gathered input row, gate, up and their product, the expert output before its routing weight;
+f_e = model.moe.ffn_hidden), the shared experts' 2·3·shared·f_e and the fp32 router probabilities
+(4·experts); under selective checkpointing top_k·2·(2h + 2·f_e) + 2·2·shared·f_e + 4·experts. With
+balanced routing, expert parallelism's all-to-alls leave every rank as many copies as it sent.
+The estimate assumes balanced routing and no dropped tokens; of a pipeline stage's blocks, up to
+all MoE blocks of the model are counted as MoE.
 """
 
 from __future__ import annotations
@@ -116,14 +133,24 @@ def precision_bytes(precision: str) -> tuple[int, int]:
 def stage_params(m: ModelConfig, tp: int, pp: int) -> int:
     """Parameters on one GPU of the largest pipeline stage (DeepSpeed splits blocks evenly)."""
     counts = count_params(m)
-    norms_per_block = 2 * m.d_model
-    block = (counts.blocks // m.n_layers - norms_per_block) // tp + norms_per_block
+    moe = m.moe
+    moe_ff = m.d_model * moe.experts + (moe.experts + moe.shared_experts) * 3 * m.d_model * m.expert_ffn_dim
+    whole = 2 * m.d_model + sum(map(m.is_moe_block, range(m.n_layers))) * moe_ff // m.n_layers  # norms, MoE: not split
+    block = (counts.blocks // m.n_layers - whole) // tp + whole
     head_matrix = 0 if m.tie_embeddings else m.vocab_size * m.d_model
     embedding, head = counts.embedding // tp, head_matrix // tp + m.d_model
     blocks_per_stage = max_blocks_per_stage(m.n_layers, pp)
     if pp == 1:
         return embedding + m.n_layers * block + head
     return max(embedding, head) + blocks_per_stage * block
+
+
+def stage_expert_params(m: ModelConfig, pp: int) -> int:
+    """The routed experts' weights in `stage_params(m, 1, pp)`: all of the model's with pp = 1, else
+    the largest stage's blocks' average share."""
+    per_block = m.moe.experts * 3 * m.d_model * m.expert_ffn_dim
+    total = sum(m.is_moe_block(i) for i in range(m.n_layers)) * per_block
+    return total if pp == 1 else max_blocks_per_stage(m.n_layers, pp) * total // m.n_layers
 
 
 def activation_bytes(m: ModelConfig, seq_len: int, micro_batch: int, tp: int, layers: int,
@@ -141,6 +168,15 @@ def activation_bytes(m: ModelConfig, seq_len: int, micro_batch: int, tp: int, la
     # selective keeps the matmul outputs: d_model-wide ones (block input, o_proj, down_proj) are sharded by s
     kept = 2 * h / s if mode == "full" else 2 * (3 * h / s + (2 * a + 2 * kv + 2 * f) / tp)
     per_token = checkpointed * kept + (layers - checkpointed) * block + (block if checkpointed else 0)
+    moe_blocks = min(layers, sum(m.is_moe_block(i) for i in range(m.n_layers)))
+    if moe_blocks:  # see the module docstring; MoE blocks come first among the blocks not checkpointed
+        k, fe, moe = m.moe.top_k, m.expert_ffn_dim, m.moe
+        shared, probs = moe.shared_experts * fe, 4 * moe.experts
+        # an MoE block over a dense one: the MoE feed-forward sees the t/s tokens of its rank, whole
+        extra = (2 * (k * (2 * h + 3 * fe) + 3 * shared) + probs) / s - 2 * 3 * f / tp
+        kept_extra = (2 * (k * (2 * h + 2 * fe) + 2 * shared) + probs) / s - 2 * 2 * f / tp if mode == "selective" else 0
+        plain = min(moe_blocks, layers - checkpointed)
+        per_token += plain * extra + (moe_blocks - plain) * kept_extra + (extra if checkpointed else 0)
     return micro_batch * seq_len / sp * (per_token + 6 * m.vocab_size / tp)
 
 
@@ -156,22 +192,26 @@ def memory_plan(m: ModelConfig, seq_len: int, precision: str, layout: Layout) ->
     """Per-GPU memory of `layout` (see the module docstring for every term)."""
     p_bytes, g_bytes = (4, 4) if layout.local else precision_bytes(precision)
     n = stage_params(m, layout.tp, layout.pp)
-    dp, zero = layout.dp * layout.sp, layout.zero  # ZeRO partitions over dp × sp
-    params = n * p_bytes / (dp if zero == 3 else 1)
-    full, part = n * g_bytes, n * g_bytes / dp
+    experts = stage_expert_params(m, layout.pp)
+    held = n - experts + experts / layout.ep  # the rank's 1/ep of the experts and everything else
+    dp, zero = layout.dp * layout.sp, layout.zero  # ZeRO partitions over dp × sp (experts: dp / ep, 1/dp of each)
+    params = n * p_bytes / dp if zero == 3 else held * p_bytes
+    full, part = held * g_bytes, n * g_bytes / dp
     mixed = g_bytes < 4
     bf16_pipeline = zero == 0 and mixed and layout.pp > 1 and precision != "fp16"
     if zero == 0:
         accumulator = full if bf16_pipeline else 0.0  # BF16_Optimizer's, in bf16 (DeepSpeed's default)
         grads = full + accumulator
-        grads_at_step = full + accumulator + (4 * n if mixed else 0.0)
+        grads_at_step = full + accumulator + (4 * held if mixed else 0.0)
     else:
         grads = full if zero == 1 else part
-        grads_at_step = part + (4 * n / dp if zero == 3 or mixed else 0.0)
+        # ZeRO 1/2 step one parameter group at a time, with its fp32 gradients: with ep > 1 the experts are groups apart
+        fp32 = max(n - experts, experts) if layout.ep > 1 and zero < 3 else n
+        grads_at_step = part + (4 * fp32 / dp if zero == 3 or mixed else 0.0)
     if zero >= 1 or bf16_pipeline:
         optimizer = 12 * n / dp
     else:
-        optimizer = 12 * n if mixed else 8 * n
+        optimizer = 12 * held if mixed else 8 * held
     buffers = 2 * m.max_seq_len * m.head_dim * 4.0  # the RoPE tables
     comm = zero_communication(m, zero, dp, layout.tp)
     if zero >= 1:  # double-buffered where DeepSpeed overlaps the reduction (not with pipeline stages)
@@ -213,10 +253,18 @@ def step_time(m: ModelConfig, seq_len: int, precision: str, layout: Layout, peak
         volume = 2 * (sp - 1) / sp * tokens_per_gpu_row / sp * (2 * a + 2 * kv) / layout.tp * p_bytes
         bandwidth = INTRA_NODE_BW if sp * layout.tp <= gpus_per_node else INTER_NODE_BW
         t += volume * max_blocks_per_stage(m.n_layers, layout.pp) / bandwidth
-    replicas = layout.dp * layout.sp  # gradients reduce over dp × sp
+    if layout.ep > 1:  # dispatch and combine all-to-alls of the top_k token copies, forward and backward, per MoE block
+        s = layout.sp * (layout.tp if layout.tp_sequence_parallel else 1)  # the tokens a rank routes: t/s
+        ep, copies = layout.ep, tokens_per_gpu_row / s * m.moe.top_k
+        moe_blocks = min(max_blocks_per_stage(m.n_layers, layout.pp), sum(map(m.is_moe_block, range(m.n_layers))))
+        volume = 4 * (ep - 1) / ep * copies * m.d_model * p_bytes
+        t += volume * moe_blocks / (INTRA_NODE_BW if ep * layout.tp * layout.sp <= gpus_per_node else INTER_NODE_BW)
+    replicas = layout.dp * layout.sp  # gradients reduce over dp × sp, the rank's experts over dp × sp / ep
     if replicas > 1:
-        n = stage_params(m, layout.tp, layout.pp)
-        ring = 2 * (replicas - 1) / replicas * n
+        n, experts = stage_params(m, layout.tp, layout.pp), stage_expert_params(m, layout.pp)
+        ring = 2 * (replicas - 1) / replicas * (n - experts)
+        if experts and replicas // layout.ep > 1:
+            ring += 2 * (replicas // layout.ep - 1) / (replicas // layout.ep) * experts / layout.ep
         volume = ring * g_bytes + (ring / 2 * p_bytes if layout.zero == 3 else 0.0)
         across_nodes = replicas * layout.tp * layout.pp > gpus_per_node
         t += volume / (INTER_NODE_BW if across_nodes else INTRA_NODE_BW)
@@ -230,8 +278,8 @@ def fits(plan: MemoryPlan, gpu_mem_gib: float) -> bool:
 
 
 def candidate_layouts(cfg: Config, gpus: int, gpus_per_node: int) -> list[Layout]:
-    """Every (dp, sp, tp, pp, zero, micro-batch, checkpointing) that keeps the config's global batch
-    and passes the layout check."""
+    """Every (dp, sp, tp, pp, ep, zero, micro-batch, checkpointing) that keeps the config's global batch
+    and passes the layout check; ep (MoE models only) over the divisors of dp that divide the experts."""
     base = config_layout(cfg, gpus)
     batch = base.micro_batch * base.grad_accum * base.dp
     out = []
@@ -239,10 +287,11 @@ def candidate_layouts(cfg: Config, gpus: int, gpus_per_node: int) -> list[Layout
         if gpus % (tp * pp * sp) or batch % (gpus // (tp * pp * sp)):
             continue
         dp = gpus // (tp * pp * sp)
-        per_replica = batch // dp
-        for micro_batch in (b for b in range(1, per_replica + 1) if per_replica % b == 0):
+        per_replica, experts = batch // dp, cfg.model.moe.experts
+        eps = [e for e in range(1, dp + 1) if dp % e == 0 and experts % e == 0] if experts else [1]
+        for micro_batch, ep in itertools.product((b for b in range(1, per_replica + 1) if per_replica % b == 0), eps):
             for zero in range(1 if dp * sp == 1 else 4):  # ZeRO needs dp × sp > 1
-                probe = replace(cfg, parallel=replace(cfg.parallel, engine="deepspeed", tp=tp, pp=pp, sp=sp,
+                probe = replace(cfg, parallel=replace(cfg.parallel, engine="deepspeed", tp=tp, pp=pp, sp=sp, ep=ep,
                                                       zero_stage=zero),
                                 data=replace(cfg.data, micro_batch=micro_batch),
                                 train=replace(cfg.train, grad_accum=per_replica // micro_batch, global_batch=batch))
@@ -251,7 +300,7 @@ def candidate_layouts(cfg: Config, gpus: int, gpus_per_node: int) -> list[Layout
                 for offload, checkpointing in itertools.product((False, True) if zero else (False,),
                                                                 (False, "selective", True)):
                     out.append(Layout(dp, tp, pp, zero, sp, micro_batch, per_replica // micro_batch, offload,
-                                      checkpointing, tp_sequence_parallel=tp_sequence_parallel(probe)))
+                                      checkpointing, tp_sequence_parallel=tp_sequence_parallel(probe), ep=ep))
     return out
 
 

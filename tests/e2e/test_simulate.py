@@ -24,7 +24,8 @@ def simulate(*args):
     ("--gpus", 8, "parallel.zero_stage=3"),  # each rank holds 1/8 of the weights from construction on
     ("--gpus", 4, "parallel.zero_stage=2"),
     ("--gpus", 8, "--rank", 5, "parallel.zero_stage=1", "parallel.tp=2", "parallel.pp=2", "train.grad_accum=2"),
-], ids=["dp8-zero3", "dp4-zero2", "tp2-pp2-dp2-zero1-rank5"])
+    ("--gpus", 4, "parallel.zero_stage=2", "parallel.ep=2", "model.moe.experts=8", "model.moe.ffn_hidden=256"),
+], ids=["dp8-zero3", "dp4-zero2", "tp2-pp2-dp2-zero1-rank5", "moe-ep2-dp4-zero2"])
 def test_built_bytes_match_the_plan(layout):
     proc = simulate(*layout)
     assert proc.returncode == 0, proc.stderr

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from bigtrain.cli import main
-from bigtrain.config import ModelConfig, load_config
+from bigtrain.config import ModelConfig, MoEConfig, load_config
 from bigtrain.model import count_params
 from bigtrain.parallel.planner import (
     Layout,
@@ -14,6 +14,7 @@ from bigtrain.parallel.planner import (
     config_layout,
     fits,
     memory_plan,
+    stage_expert_params,
     stage_params,
     suggest,
 )
@@ -24,6 +25,10 @@ SHAPE = ModelConfig(vocab_size=512, d_model=64, n_layers=4, n_heads=4, n_kv_head
 # per block: q, o 64·64; k, v 64·32; SwiGLU 3·64·256; 2 norms of 64 → 8192 + 4096 + 49152 + 128 = 61,568
 ROPE = 2 * SHAPE.max_seq_len * SHAPE.head_dim * 4  # one fp32 cos/sin pair per rank
 BLOCK, N = 61_568, 512 * 64 + 4 * 61_568 + 64 + 512 * 64  # embedding + blocks + final norm + head
+# the same with 4 MoE blocks of 8 experts (top 2) 64 wide: attention 12,288 + norms 128 + router 64·8
+# + 8 · 3·64·64 = 111,232 per block, of which 98,304 routed-expert weights
+MOE = replace(SHAPE, moe=MoEConfig(experts=8, top_k=2, ffn_hidden=64))
+EXPERTS, MOE_N = 4 * 98_304, 512 * 64 + 4 * 111_232 + 64 + 512 * 64
 
 
 def test_stage_params_by_hand():
@@ -169,3 +174,66 @@ def test_info_environment(capsys, monkeypatch):
     for name in ("torch", "deepspeed", "accelerate", "mosaicml-streaming", "wandb", "pyarrow", "CUDA", "NCCL"):
         assert name in out
     assert "SLURM_JOB_ID=4242" in out
+
+
+def test_expert_parallelism_divides_the_experts_a_rank_holds():
+    assert count_params(MOE).total == MOE_N == 510_528 and stage_expert_params(MOE, pp=1) == EXPERTS == 393_216
+    assert stage_expert_params(MOE, pp=2) == EXPERTS // 2 and stage_expert_params(SHAPE, pp=1) == 0
+    # tp splits attention, embedding and head; router and experts stay whole
+    assert stage_params(MOE, tp=2, pp=1) == 512 * 32 + 4 * (12_288 // 2 + 128 + 512 + 98_304) + 512 * 32 + 64
+    dense = MOE_N - EXPERTS
+    zero0 = {ep: memory_plan(MOE, 32, "bf16", Layout(dp=4, ep=ep)) for ep in (1, 2, 4)}
+    for ep, plan in zero0.items():  # bf16 weights, their fp32 copy at the step, 12 bytes of AdamW: 1/ep of the experts
+        held = dense + EXPERTS / ep
+        assert (plan.params, plan.gradients, plan.optimizer) == (2 * held, (2 + 4) * held, 12 * held)
+    assert zero0[2].params - 2 * dense == (zero0[1].params - 2 * dense) / 2 == 2 * EXPERTS / 2
+    assert zero0[2].optimizer - 12 * dense == (zero0[1].optimizer - 12 * dense) / 2 == 12 * EXPERTS / 2
+    # ZeRO 1/2 split the rank's experts over the dp/ep ranks holding the same ones: still 1/dp of every weight
+    for zero in (1, 2):
+        one, two = (memory_plan(MOE, 32, "bf16", Layout(dp=4, zero=zero, ep=ep)) for ep in (1, 2))
+        assert one.optimizer == two.optimizer == 12 * MOE_N / 4 and two.params == 2 * (dense + EXPERTS / 2)
+        assert one.params - two.params == 2 * EXPERTS / 2
+    one, two = (memory_plan(MOE, 32, "bf16", Layout(dp=4, zero=1, ep=ep)) for ep in (1, 2))
+    assert (one.grads, two.grads) == (2 * MOE_N, 2 * (dense + EXPERTS / 2))  # ZeRO-1's full bf16 gradients
+    # at the step: the bf16 partition and the fp32 gradients of one group at a time, the experts' (the larger)
+    assert (one.grads_at_step, two.grads_at_step) == ((2 + 4) * MOE_N / 4, (2 * MOE_N + 4 * EXPERTS) / 4)
+
+
+def test_moe_activations_by_hand():
+    # an MoE block per token: 2·(4h + 3h + 4·kv) = 1152, top_k = 2 copies of 2·(2h + 3·64) = 640, fp32
+    # router probabilities 4·8 = 32 → 2464 bytes (the dense block: 2688)
+    assert activation_bytes(MOE, 32, 2, tp=1, layers=4) == 2 * 32 * (4 * 2464 + 6 * 512)
+    assert activation_bytes(MOE, 32, 2, tp=1, layers=4, checkpointing=True) == 2 * 32 * (4 * 128 + 2464 + 6 * 512)
+    # selective keeps 2·(5h + 2·kv) = 896, 2 copies of 2·(2h + 2·64) = 512 each and the probabilities: 1824
+    assert activation_bytes(MOE, 32, 2, tp=1, layers=4, checkpointing="selective") == 2 * 32 * (
+        4 * 1824 + 2464 + 6 * 512)
+    # tp=2: attention and norms 2·(4h + (3a + 4·kv)/2) = 832, the MoE feed-forward whole: 1312 → 2144;
+    # with tensor sequence parallelism everything holds 16 of the 32 tokens: 576 + 1312/2 = 1232
+    assert activation_bytes(MOE, 32, 2, tp=2, layers=4) == 2 * 32 * (4 * 2144 + 3 * 512)
+    assert activation_bytes(MOE, 32, 2, tp=2, layers=4, tp_sequence_parallel=True) == 2 * 32 * (4 * 1232 + 3 * 512)
+    mixed = replace(MOE, moe=replace(MOE.moe, first_dense=2))  # blocks 0 and 1 stay dense
+    assert activation_bytes(mixed, 32, 2, tp=1, layers=4) == 2 * 32 * (2 * 2688 + 2 * 2464 + 6 * 512)
+
+
+def test_layout_reads_and_shows_ep(capsys):
+    cfg = load_config(CONFIGS / "moe-tiny.yaml", ["parallel.engine=deepspeed", "parallel.ep=2", "parallel.zero_stage=1"])
+    layout = config_layout(cfg, 4)
+    assert layout.ep == 2 and layout.describe().startswith("dp=4 ep=2 tp=1 pp=1 zero=1")
+    assert "ep=" not in Layout(dp=4).describe()
+    assert main(["info", str(CONFIGS / "moe-tiny.yaml"), "--gpus", "4", "parallel.engine=deepspeed", "parallel.ep=2"]) == 0
+    header = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("GiB per GPU"))
+    assert header.split()[3:] == ["ZeRO", "0", "ZeRO", "1", "ZeRO", "2"]  # no ZeRO-3 with ep > 1
+
+
+def test_suggest_finds_expert_parallelism_where_the_experts_do_not_fit_otherwise():
+    """2 MoE blocks of 32 experts 2048 wide (403M expert weights) on 8 GPUs of 0.8 GiB: every layout
+    with whole experts (ZeRO-3 gathers whole blocks) needs at least 0.87 GiB; with ep the rank holds a share."""
+    cfg = load_config(CONFIGS / "moe-tiny.yaml", [
+        "model.d_model=1024", "model.n_layers=2", "model.n_heads=8", "model.n_kv_heads=8", "model.moe.experts=32",
+        "model.moe.top_k=4", "model.moe.ffn_hidden=2048", "data.micro_batch=1", "train.grad_accum=1"])
+    ranked = suggest(cfg, gpus=8, gpu_mem_gib=0.8, peak_flops=989e12)
+    assert ranked and all(layout.ep > 1 and fits(plan, 0.8) for layout, plan, _ in ranked)
+    for layout, _, _ in ranked:
+        assert layout.dp % layout.ep == 0 and 32 % layout.ep == 0 and layout.tp == layout.sp == 1
+    whole = [(layout, memory_plan(cfg.model, cfg.data.seq_len, "bf16", replace(layout, ep=1))) for layout, _, _ in ranked]
+    assert not any(fits(plan, 0.8) for _, plan in whole)
