@@ -25,13 +25,10 @@ from bigtrain.model import Llama, count_params
 from bigtrain.model.moe import MoE
 
 
-def timed(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
+def seconds(fn) -> float:
+    started = time.perf_counter()
+    fn()
+    return time.perf_counter() - started
 
 
 def main() -> None:
@@ -57,7 +54,7 @@ def main() -> None:
     steps = {name: [] for name in engines}
     for round_ in range(args.repeats):  # alternate, so both see the same machine load
         for name in (list(engines) if round_ % 2 == 0 else list(reversed(engines))):
-            steps[name].append(timed(lambda e=engines[name]: e.train_step(batches, 1e-4), 1))
+            steps[name].append(seconds(lambda e=engines[name]: e.train_step(batches, 1e-4)))
 
     layer = next(m for m in engines["moe"].model.modules() if isinstance(m, MoE))
     x = torch.randn(args.batch, args.seq_len, args.d_model, requires_grad=True)
@@ -66,9 +63,9 @@ def main() -> None:
     order = chosen.argsort(stable=True)
     rows, counts = x.detach().reshape(-1, args.d_model)[order // 2].requires_grad_(), torch.bincount(chosen, minlength=8)
     layer_times, expert_times = [], []
-    for i in range(args.repeats * 4):  # the first quarter warms up; then alternate
-        layer_times.append(timed(lambda: layer(x).sum().backward(), 1))
-        expert_times.append(timed(lambda: layer.experts(rows, counts).sum().backward(), 1))
+    for _ in range(args.repeats * 4):  # the first quarter warms up; then alternate
+        layer_times.append(seconds(lambda: layer(x).sum().backward()))
+        expert_times.append(seconds(lambda: layer.experts(rows, counts).sum().backward()))
     whole = statistics.median(layer_times[args.repeats:])
     experts = statistics.median(expert_times[args.repeats:])
 
