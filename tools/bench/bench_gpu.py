@@ -16,6 +16,8 @@ reason, where torchao is missing. Then the loss curves (`--curve-model`, default
 0` skips them): `loss_curve.py` trains it from the same seed on the same batches in fp32, bf16 and
 fp8, each in a process of its own; the line reports each precision's tokens/s and mean loss over
 the last 20 steps, and whether bf16 tracks fp32 within 2 % and fp8 tracks bf16 within 1 %.
+With `--moe` (default) also `bench_moe.py` on the GPU: an 8-expert top-2 step (experts as one
+`torch._grouped_mm`) vs a dense step of the same active parameters, and the dispatch's share.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import argparse
 import importlib.util
 import json
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -132,11 +135,18 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--curve-model", default="125m")
     parser.add_argument("--curve-steps", type=int, default=200)
+    parser.add_argument("--moe", action=argparse.BooleanOptionalAction, default=True,
+                        help="also an 8-expert top-2 MoE step vs dense of the same active parameters (bench_moe.py)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_gpu.py needs a CUDA GPU; none is visible")
     for name in args.models:
         print(json.dumps(run_model(name, args)), flush=True)
+    if args.moe:  # experts as one torch._grouped_mm in bf16
+        moe = subprocess.run([sys.executable, str(HERE / "bench_moe.py"), "--device", "cuda", "--d-model", "1024",
+                              "--layers", "8", "--seq-len", "2048", "--batch", "4"], capture_output=True, text=True)
+        print(moe.stdout.strip().splitlines()[-1] if moe.returncode == 0 else
+              json.dumps({"bench": "moe_step", "error": moe.stderr.strip()[-2000:]}), flush=True)
     if args.curve_steps:
         print(json.dumps(run_curves(args.curve_model, args.curve_steps)), flush=True)
 

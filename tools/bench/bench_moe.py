@@ -3,6 +3,7 @@ on the same batches: 8 experts, top-2, each expert half the dense MLP's width (s
 through as many feed-forward weights in both), and what the MoE layer's dispatch costs.
 
     python tools/bench/bench_moe.py [--d-model 256] [--layers 4] [--seq-len 256] [--batch 8] [--repeats 5]
+                                    [--device cuda]   # bf16; experts as one torch._grouped_mm (bench_gpu.py runs it)
 
 Prints one JSON line: each model's parameters (total and active), its median step time (forward,
 backward, AdamW; the two models take turns), their ratio, and the MoE layers' time split into the
@@ -26,8 +27,12 @@ from bigtrain.model.moe import MoE
 
 
 def seconds(fn) -> float:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
     started = time.perf_counter()
     fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
     return time.perf_counter() - started
 
 
@@ -38,7 +43,10 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     args = parser.parse_args()
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(0)
     shape = {"vocab_size": 4096, "d_model": args.d_model, "n_layers": args.layers, "n_heads": 4, "n_kv_heads": 2,
              "max_seq_len": args.seq_len, "ffn_hidden": 2 * args.d_model}
@@ -46,8 +54,9 @@ def main() -> None:
         "dense": ModelConfig(**shape),
         "moe": ModelConfig(**shape, moe=MoEConfig(experts=8, top_k=2, ffn_hidden=args.d_model)),
     }
-    train = TrainConfig(device="cpu", precision="fp32", compile=False, warmup_steps=0)
-    engines = {name: local_engine(Llama(cfg, seed=0), train) for name, cfg in models.items()}
+    train = TrainConfig(device=args.device, precision="bf16" if device.type == "cuda" else "fp32", compile=False,
+                        warmup_steps=0)
+    engines = {name: local_engine(Llama(cfg, seed=0, device=device), train) for name, cfg in models.items()}
     batches = [torch.randint(0, 4096, (args.batch, args.seq_len + 1))]
     for engine in engines.values():
         engine.train_step(batches, 1e-4)  # warm up
@@ -57,11 +66,13 @@ def main() -> None:
             steps[name].append(seconds(lambda e=engines[name]: e.train_step(batches, 1e-4)))
 
     layer = next(m for m in engines["moe"].model.modules() if isinstance(m, MoE))
-    x = torch.randn(args.batch, args.seq_len, args.d_model, requires_grad=True)
+    x = torch.randn(args.batch, args.seq_len, args.d_model, device=device, dtype=dtype, requires_grad=True)
     with torch.no_grad():
         chosen = layer.router(x.reshape(-1, args.d_model)).topk(2).indices.flatten()
     order = chosen.argsort(stable=True)
-    rows, counts = x.detach().reshape(-1, args.d_model)[order // 2].requires_grad_(), torch.bincount(chosen, minlength=8)
+    rows = x.detach().reshape(-1, args.d_model)[order // 2].to(dtype).requires_grad_()
+    counts = torch.bincount(chosen, minlength=8)
+    layer = layer.to(dtype) if device.type == "cuda" else layer
     layer_times, expert_times = [], []
     for _ in range(args.repeats * 4):  # the first quarter warms up; then alternate
         layer_times.append(seconds(lambda: layer(x).sum().backward()))
@@ -70,7 +81,8 @@ def main() -> None:
     experts = statistics.median(expert_times[args.repeats:])
 
     record = {
-        "bench": "moe_step", "d_model": args.d_model, "layers": args.layers, "seq_len": args.seq_len,
+        "bench": "moe_step", "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "grouped_mm": device.type == "cuda", "d_model": args.d_model, "layers": args.layers, "seq_len": args.seq_len,
         "batch": args.batch, "threads": torch.get_num_threads(),
         **{f"{name}_params": count_params(cfg).total for name, cfg in models.items()},
         **{f"{name}_active_params": count_params(cfg).active for name, cfg in models.items()},
