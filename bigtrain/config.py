@@ -304,6 +304,8 @@ class Config:
             (m.moe.experts == 0 or self.parallel.ep == 1 or m.moe.experts % self.parallel.ep == 0,
              f"model.moe.experts={m.moe.experts} is not divisible by parallel.ep={self.parallel.ep}"),
             (m.moe.experts > 0 or self.parallel.ep == 1, "parallel.ep > 1 needs model.moe.experts > 0"),
+            (m.moe.experts == 0 or self.train.precision != "fp16",
+             "model.moe needs train.precision bf16 or fp32 (fp16's loss scale would not reach the auxiliary losses' gradient)"),
         ]
         for ok, message in checks:
             if not ok:

@@ -142,6 +142,7 @@ def test_router_stats_table_has_a_row_per_moe_block():
     ({"model": {"moe": {"experts": 2, "top_k": 3}}}, "model.moe.top_k=3 exceeds model.moe.experts=2"),
     ({"model": {"moe": {"experts": 6}}, "parallel": {"ep": 4}}, "model.moe.experts=6 is not divisible by parallel.ep=4"),
     ({"parallel": {"ep": 2}}, "parallel.ep > 1 needs model.moe.experts > 0"),
+    ({"model": {"moe": {"experts": 4}}, "train": {"precision": "fp16"}}, "model.moe needs train.precision bf16 or fp32"),
 ])
 def test_impossible_moe_configs_are_one_line(overrides, message):
     with pytest.raises(BigtrainError, match=message.replace(".", r"\.")):
