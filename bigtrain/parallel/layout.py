@@ -43,8 +43,12 @@ class EnterRegion:
 
 @dataclass(frozen=True)
 class Replicate:
-    """The module's parameters stay whole on every rank; under sequence parallelism each rank
-    applies them to its own tokens, so their gradients are summed over the group (the RMSNorms)."""
+    """The module's parameters stay whole on every rank. Under sequence parallelism each rank
+    applies them to its own tokens, so their gradients are summed over the group (the RMSNorms);
+    `per_head`: each rank applies them to its own heads, so they are summed in any case (the
+    query/key norms)."""
+
+    per_head: bool = False
 
 
 # Megatron-style tensor parallelism as data: module name → what happens to it, in order. Column-parallel
@@ -57,6 +61,7 @@ TP_PLAN: dict[str, tuple[Split | EnterRegion | Replicate, ...]] = {
     "self_attn": (EnterRegion(),),
     "q_proj": (Split(ColumnParallelLinear),), "k_proj": (Split(ColumnParallelLinear),),
     "v_proj": (Split(ColumnParallelLinear),),
+    "q_norm": (Replicate(per_head=True),), "k_norm": (Replicate(per_head=True),),
     "o_proj": (Split(RowParallelLinear, sequence_out=True),),
     "post_attention_layernorm": (Replicate(),),
     "mlp": (EnterRegion(),),

@@ -55,12 +55,12 @@ def split_layer(layer: nn.Module, group: dist.ProcessGroup, sequence_parallel: b
 
 def connect_layer(layer: nn.Module, group: dist.ProcessGroup, sequence_parallel: bool = False) -> nn.Module:
     """The second half of `shard_layer`, on materialised parameters: each region's entry (it sees
-    the parallel layers it holds) and, under sequence parallelism, the replicated weights'
-    gradient sums."""
+    the parallel layers it holds) and the gradient sums of replicated weights that each rank
+    applies to its own heads, or under sequence parallelism to its own tokens."""
     for _, _, child, _ in _planned(layer, EnterRegion):
         enter_region_on_input(child, group, sequence_parallel)
-    if sequence_parallel:
-        for _, _, child, _ in _planned(layer, Replicate):
+    for _, _, child, entry in _planned(layer, Replicate):
+        if sequence_parallel or entry.per_head:
             for p in child.parameters():
                 reduce_grad_over_tp(p, group)
     return layer

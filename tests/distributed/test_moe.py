@@ -1,7 +1,7 @@
 """Mixture-of-Experts layouts reproduce the local engine's curve (fp32, CPU, gloo): expert
 parallelism alone, with ZeRO-2 data parallelism, with tensor (sequence) parallelism, with pipeline
 stages, and MoE without ep under Ulysses, pipeline and ZeRO-3; their router metrics agree too. An ep2 checkpoint resumes bit for bit,
-reshards to one process and back, and consolidates to the weights the run trained.
+reshards to one process and back, consolidates, and converts to a Qwen3-MoE with the same logits.
 """
 
 import json
@@ -11,8 +11,10 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from bigtrain.checkpoint.io import load_trained_model
 from bigtrain.config import from_dict, load_config
 from bigtrain.convert.consolidate import consolidate
+from bigtrain.convert.hf import to_hf
 from bigtrain.convert.reshard import reshard
 from bigtrain.train.loop import train
 from tests.helpers import parity_config, torchrun
@@ -25,6 +27,7 @@ ROUTER_KEYS = ("moe/aux_loss", "moe/z_loss", "moe/max_load")
 def moe_config(data, run_dir, steps: int = STEPS) -> dict:
     cfg = parity_config(data, run_dir, steps)
     cfg["model"]["moe"] = MOE
+    cfg["model"]["qk_norm"] = True  # as Qwen3-MoE, so that checkpoints convert to Hugging Face
     cfg["data"]["micro_batch"] = 2
     return cfg
 
@@ -48,6 +51,7 @@ LAYOUTS = {
     "ep2-dp2-zero2": (4, ["parallel.ep=2", "parallel.zero_stage=2", "train.grad_accum=1"]),
     "ep2-pp2-zero1": (4, ["parallel.ep=2", "parallel.pp=2", "parallel.zero_stage=1", "train.grad_accum=2"]),
     "ep2-tp2-zero1": (4, ["parallel.ep=2", "parallel.tp=2", "parallel.zero_stage=1", "train.grad_accum=2"]),
+    "tp2-without-sequence-parallel": (2, ["parallel.tp=2", "parallel.tp_sequence_parallel=false", "train.grad_accum=4"]),
     "sp2": (2, ["parallel.sp=2", "train.grad_accum=4"]),
     "pp2": (2, ["parallel.pp=2", "train.grad_accum=4"]),
     "dp2-zero3": (2, ["parallel.zero_stage=3", "train.grad_accum=2"]),
@@ -105,3 +109,11 @@ def test_ep2_checkpoint_resumes_exactly_and_reshards_both_ways(stdlib_data, tmp_
     full = consolidate(checkpoints / "step-0000006")
     assert full.weights["layers.2.mlp.experts.gate_proj"].shape == (4, 48, 64)  # every expert, both ranks'
     assert set(full.moments) == set(full.weights)
+    transformers = pytest.importorskip("transformers")
+    to_hf(checkpoints / "step-0000006", tmp_path / "hf")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    assert type(hf).__name__ == "Qwen3MoeForCausalLM"
+    model, _, _ = load_trained_model(checkpoints / "step-0000006", torch.device("cpu"))
+    tokens = torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(tokens).logits, model(tokens), rtol=0, atol=1e-5)

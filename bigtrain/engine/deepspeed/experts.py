@@ -28,7 +28,7 @@ from bigtrain.engine.deepspeed.grid import Topology
 from bigtrain.engine.optimizer import build_adamw
 from bigtrain.model import Llama
 from bigtrain.model.moe import moe_layers
-from bigtrain.parallel.layout import is_expert_weight
+from bigtrain.parallel.layout import is_expert_weight, tp_split_dim
 
 
 def expert_group_name(ep: int) -> str:
@@ -94,7 +94,8 @@ def save_full_state(module: nn.Module, wrapper: object, adamw: torch.optim.Optim
                     cfg: Config, topology: Topology, directory: Path) -> None:
     """Write `model.safetensors` and `optimizer.pt` of the one-process model (rank 0), every rank
     contributing its parameters' full fp32 values and AdamW moments (expert weights gathered
-    across the expert-parallel group, pipeline stages gathered on rank 0); `wrapper` is
+    across the expert-parallel group, tensor-parallel slices across theirs, pipeline stages on
+    rank 0); `wrapper` is
     DeepSpeed's optimizer around `adamw`."""
     compat.link_optimizer_state(wrapper)
     weights, moments, step = {}, {}, None
@@ -105,9 +106,9 @@ def save_full_state(module: nn.Module, wrapper: object, adamw: torch.optim.Optim
         state = {key: safe_get_full_optimizer_state(p, key) for key in fmt.MOMENTS}
         if state["exp_avg"] is None and p in adamw.state:  # no DeepSpeed fragment: torch's own state
             state = {key: adamw.state[p][key] for key in fmt.MOMENTS}
-        if is_expert_weight(name):
-            value = _gather_experts(value, topology.ep_group)
-            state = {key: _gather_experts(t, topology.ep_group) if t is not None else None for key, t in state.items()}
+        for group, dim in _splits(name, topology):
+            value = _gather(value, group, dim)
+            state = {key: _gather(t, group, dim) if t is not None else None for key, t in state.items()}
         weights[name] = value.cpu()
         if state["exp_avg"] is not None:
             moments[name] = {key: t.float().cpu() for key, t in state.items()}
@@ -129,8 +130,16 @@ def save_full_state(module: nn.Module, wrapper: object, adamw: torch.optim.Optim
         torch.save(fmt.adamw_state(one_process, fmt.parameter_names(cfg), moments, step), directory / fmt.OPTIMIZER)
 
 
-def _gather_experts(part: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+def _splits(name: str, topology: Topology) -> list[tuple[dist.ProcessGroup, int]]:
+    """The groups parameter `name` is split over, and along which dimension."""
+    splits = [(topology.ep_group, 0)] if is_expert_weight(name) else []
+    if topology.tp > 1 and tp_split_dim(name) is not None:
+        splits.append((topology.tp_group, tp_split_dim(name)))
+    return splits
+
+
+def _gather(part: torch.Tensor, group: dist.ProcessGroup, dim: int) -> torch.Tensor:
     parts = [torch.empty_like(part) for _ in range(dist.get_world_size(group))]
     dist.all_gather(parts, part.contiguous(), group=group)
-    return torch.cat(parts)
+    return torch.cat(parts, dim=dim)
 
