@@ -69,7 +69,7 @@ class AuxiliaryLoss(torch.autograd.Function):
 
 class RouterStats:
     """What a router saw in training forward passes (not recomputes) since the last `take`, summed
-    on the device (no host sync per step): STATS, then tokens per expert."""
+    on the device (no host sync per step): FIELDS, then token copies per expert."""
 
     FIELDS = ("passes", "aux_loss", "z_loss", "dropped", "routed")
 
