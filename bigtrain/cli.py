@@ -137,6 +137,7 @@ def eval_perplexity(args: argparse.Namespace, model, cfg, checkpoint: Path) -> N
     from bigtrain.data.build import build_val_data
     from bigtrain.engine.local import local_engine
     from bigtrain.eval.perplexity import evaluate
+    from bigtrain.train.loop import document_masking
 
     if args.data:
         cfg.data.val_path = args.data
@@ -145,6 +146,7 @@ def eval_perplexity(args: argparse.Namespace, model, cfg, checkpoint: Path) -> N
         raise BigtrainError(f"{checkpoint} was trained without validation data; pass --data DIR")
     data_dir = args.data or cfg.data.val_path or f"the held-out {cfg.data.val_fraction:g} of the training data"
     engine = local_engine(model, TrainConfig(device=args.device))
+    engine.documents = document_masking(cfg.data, checkpoint / "tokenizer.json")
     max_windows = None if args.max_batches is None else args.max_batches * cfg.data.micro_batch
     result = evaluate(engine.eval_loss, data, cfg.data.micro_batch, max_windows)
     print(f"{checkpoint}: loss {result.loss:.4f}, perplexity {result.perplexity:.3f} over {result.tokens:,} tokens of {data_dir}")

@@ -165,6 +165,8 @@ class DataConfig:
     micro_batch: int = ranged(16, ge=1)
     shuffle: bool = True
     prefetch: bool = True  # read the next step's batches in a background thread (pinned on CUDA)
+    document_masking: bool = False  # a token attends only to its own document of a packed window (docs/data.md)
+    reset_positions: bool = False  # with document_masking: RoPE positions restart at each document
     download_retry: int = ranged(2, ge=0)  # streaming: tries after the first to read a remote object
     download_timeout: float = ranged(60.0, gt=0)  # streaming: seconds for each try (connect, each read)
 
@@ -299,6 +301,7 @@ class Config:
             (m.head_dim % 2 == 0, "model.head_dim must be even (RoPE)" if m._head_dim is not None
              else "model.d_model / model.n_heads must be even (RoPE)"),
             (d.seq_len <= m.max_seq_len, "data.seq_len must not exceed model.max_seq_len"),
+            (d.document_masking or not d.reset_positions, "data.reset_positions needs data.document_masking=true"),
             (m.moe.experts == 0 or m.moe.top_k <= m.moe.experts,
              f"model.moe.top_k={m.moe.top_k} exceeds model.moe.experts={m.moe.experts}"),
             (m.moe.experts == 0 or self.parallel.ep == 1 or m.moe.experts % self.parallel.ep == 0,

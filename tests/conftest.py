@@ -37,6 +37,25 @@ def stdlib_data(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def short_documents_data(stdlib_data, tmp_path_factory):
+    """The stdlib corpus cut at blank lines into short documents (a few to a few hundred tokens,
+    so most windows hold a document boundary), prepared with stdlib_data's tokenizer: (train_dir, val_dir)."""
+    import json
+
+    from bigtrain.data.prepare import prepare
+
+    root, source = tmp_path_factory.mktemp("short_documents"), stdlib_data[0].parent
+    dirs = []
+    for split in ("train", "val"):
+        texts = [json.loads(line)["text"] for line in (source / "corpus" / f"{split}.jsonl").read_text().splitlines()]
+        pieces = [piece for text in texts for piece in text.split("\n\n") if piece.strip()]
+        (root / f"{split}.jsonl").write_text("".join(json.dumps({"text": piece}) + "\n" for piece in pieces))
+        prepare([root / f"{split}.jsonl"], source / "tokenizer.json", root / split)
+        dirs.append(root / split)
+    return tuple(dirs)
+
+
+@pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
     """A live S3-protocol server (tools/s3_server.py, moto) for the session: yields its endpoint
     URL with `S3_ENDPOINT_URL` and `AWS_*` credentials set in this process's environment (so

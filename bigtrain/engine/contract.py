@@ -10,6 +10,7 @@ import torch
 from bigtrain.checkpoint.io import Checkpointable
 from bigtrain.distributed.communicator import Communicator
 from bigtrain.distributed.timing import PhaseTimer
+from bigtrain.model.llama import DocumentMasking
 
 
 @dataclass
@@ -32,6 +33,7 @@ class Engine(Checkpointable, Protocol):
     comm: Communicator
     loss_is_global: bool  # `StepOutput.loss` is already averaged over the data-parallel group
     construct_peak_gb: float  # the most memory building this rank's share of the model held at once
+    documents: DocumentMasking | None  # how to find the documents of a window (None: attend across them)
 
     def train_step(self, micro_batches: list[torch.Tensor], lr: float) -> StepOutput: ...
     def eval_loss(self, tokens: torch.Tensor) -> torch.Tensor: ...

@@ -21,6 +21,7 @@ from bigtrain.engine.memory import MemoryPeak
 from bigtrain.engine.optimizer import build_adamw
 from bigtrain.engine.update_gate import UpdateGate
 from bigtrain.model import Llama
+from bigtrain.model.llama import DocumentMasking
 from bigtrain.model.moe import set_auxiliary_scale, take_router_stats
 from bigtrain.parallel.parallelize import parallelize
 
@@ -47,6 +48,7 @@ class LocalEngine:
     comm = LoneProcess()
     loss_is_global = True  # one process holds every loss
     construct_peak_gb = 0.0  # set by `local_engine`
+    documents: DocumentMasking | None = None  # document masking: set by whoever knows the data
 
     def __init__(self, model: nn.Module, cfg: TrainConfig, gate: UpdateGate):
         """`model` is whole and already parallelized (`parallelize`: fp8, checkpointing, compile);
@@ -71,7 +73,7 @@ class LocalEngine:
             for batch in micro_batches:
                 with self.timer.phase("forward"):
                     tokens = batch.to(self.device, non_blocking=True)
-                    loss = self.model(tokens[:, :-1], tokens[:, 1:]) / len(micro_batches)
+                    loss = self._loss(tokens) / len(micro_batches)
                 with self.timer.phase("backward"), torch.autocast(self.device.type, enabled=False):
                     loss.backward()
                 total += loss.detach()
@@ -102,9 +104,13 @@ class LocalEngine:
         self.model.eval()
         tokens = tokens.to(self.device)
         with self.autocast():
-            loss = self.model(tokens[:, :-1], tokens[:, 1:])
+            loss = self._loss(tokens)
         self.model.train()
         return loss
+
+    def _loss(self, tokens: torch.Tensor) -> torch.Tensor:
+        inputs = tokens[:, :-1]
+        return self.model(inputs, tokens[:, 1:], *(self.documents(inputs) if self.documents else ()))
 
     def save(self, directory: Path) -> None:
         """Write the weights and the AdamW state into a checkpoint directory."""

@@ -7,9 +7,11 @@ DeepSpeed ZeRO, or cut into pipeline stages. No parallelism lives in this file. 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -52,13 +54,65 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> 
     return x * cos + swapped * signed_sin
 
 
+def document_ids(tokens: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """The document of every token of packed windows [b, t]: documents end with `eos_id` (`prepare`
+    ends each with it), so a token's document is the number of EOS tokens before it."""
+    eos = (tokens == eos_id).int()
+    return eos.cumsum(-1) - eos
+
+
+def document_positions(documents: torch.Tensor) -> torch.Tensor:
+    """Each token's position within its document (from 0 at the window's start for the first) [b, t]."""
+    index = torch.arange(documents.shape[-1], device=documents.device).expand_as(documents)
+    starts = documents != F.pad(documents, (1, 0), value=-1)[:, :-1]
+    return index - torch.where(starts, index, 0).cummax(-1).values
+
+
+def same_document_causal(documents: torch.Tensor) -> torch.Tensor:
+    """The block-diagonal causal mask [b, 1, t, t]: query i sees key j <= i of its own document."""
+    t = documents.shape[-1]
+    causal = torch.ones(t, t, dtype=torch.bool, device=documents.device).tril()
+    return ((documents[:, :, None] == documents[:, None, :]) & causal)[:, None]
+
+
+def flex_document_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, documents: torch.Tensor,
+                            compiled: bool) -> torch.Tensor:
+    """FlexAttention with a document `BlockMask` (q, k, v [b, heads, t, head_dim]): blocks that
+    cross no boundary run dense, blocks of other documents are skipped."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    def mask(b, h, q_index, kv_index):
+        return (documents[b, q_index] == documents[b, kv_index]) & (q_index >= kv_index)
+
+    t = documents.shape[-1]
+    block_mask = create_block_mask(mask, documents.shape[0], None, t, t, device=documents.device)
+    attend = _compiled_flex() if compiled else flex_attention
+    return attend(q, k, v, block_mask=block_mask, enable_gqa=q.shape[1] != k.shape[1])
+
+
+@functools.cache
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
 class CausalAttention(nn.Module):
     """The attention core: causal grouped-query `scaled_dot_product_attention` of q, k, v laid out
-    [batch, seq, heads, head_dim] (sequence parallelism wraps it in its all-to-all)."""
+    [batch, seq, heads, head_dim] (sequence parallelism wraps it in its all-to-all). Given each
+    token's `documents` [batch, seq] (document masking), a token attends only to earlier tokens of
+    its own document: FlexAttention on CUDA, SDPA with the block-diagonal mask elsewhere."""
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                documents: torch.Tensor | None = None) -> torch.Tensor:
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
+        gqa = q.shape[1] != k.shape[1]
+        if documents is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        elif q.is_cuda:
+            y = flex_document_attention(q, k, v, documents, compiled=True)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=same_document_causal(documents), enable_gqa=gqa)
         return y.transpose(1, 2)
 
 
@@ -67,6 +121,8 @@ class Attention(nn.Module):
 
     `seq_shard` k says this module sees tokens [k·t, (k+1)·t) of each window (t its input length:
     sequence parallelism gives each rank one such slice), so RoPE rotates by global positions.
+    With document masking it gets the whole window's `documents` (and, to restart RoPE at each
+    document, `positions`), each [batch, seq_len].
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -83,16 +139,21 @@ class Attention(nn.Module):
         self.core = CausalAttention()
         self.seq_shard = 0
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, documents: torch.Tensor | None = None,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
         b, t, _ = x.shape
-        positions = slice(self.seq_shard * t, (self.seq_shard + 1) * t)
-        cos, sin = cos[positions, None], sin[positions, None]  # [t, 1, head_dim]: the same for every head
+        mine = slice(self.seq_shard * t, (self.seq_shard + 1) * t)
+        if positions is None:
+            cos, sin = cos[mine, None], sin[mine, None]  # [t, 1, head_dim]: the same for every head
+        else:
+            cos, sin = cos[positions[:, mine], None], sin[positions[:, mine], None]  # [b, t, 1, head_dim]
         q, k = self.q_proj(x).view(b, t, -1, self.head_dim), self.k_proj(x).view(b, t, -1, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         v = self.v_proj(x).view(b, t, -1, self.head_dim)
-        return self.o_proj(self.core(q, k, v).reshape(b, t, -1))
+        core = self.core(q, k, v) if documents is None else self.core(q, k, v, documents)
+        return self.o_proj(core.reshape(b, t, -1))
 
 
 class Block(nn.Module):
@@ -110,8 +171,9 @@ class Block(nn.Module):
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), self.cos, self.sin)
+    def forward(self, x: torch.Tensor, documents: torch.Tensor | None = None,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), self.cos, self.sin, documents, positions)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -238,12 +300,29 @@ class Llama(nn.Module):
         if real:
             share_rope_tables(self.layers, cfg, device)
 
-    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits [b, t, vocab]; given `targets` [b, t], the mean next-token loss instead."""
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, documents: torch.Tensor | None = None,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [b, t, vocab]; given `targets` [b, t], the mean next-token loss instead. Given
+        each token's `documents` (and `positions` within them) over the whole windows, attention
+        stays inside documents (`DocumentMasking`)."""
         x = tokens
         for layer in self.layers[:-1]:
-            x = layer(x)
+            x = layer(x, documents, positions) if documents is not None and isinstance(layer, Block) else layer(x)
         return self.layers[-1](x) if targets is None else self.layers[-1](x, targets)
+
+
+@dataclass(frozen=True)
+class DocumentMasking:
+    """How engines find the documents of packed windows: `document_ids` from `eos_id`, and with
+    `reset_positions` each token's position within its document for RoPE."""
+
+    eos_id: int
+    reset_positions: bool = False
+
+    def __call__(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(documents, positions or None) of input tokens [b, t]: the extra arguments of `Llama.forward`."""
+        documents = document_ids(inputs, self.eos_id)
+        return documents, document_positions(documents) if self.reset_positions else None
 
 
 def compile_blocks(layers: Iterable[nn.Module]) -> None:

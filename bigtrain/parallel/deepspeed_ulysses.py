@@ -43,15 +43,16 @@ class _TimedCore(nn.Module):
         super().__init__()
         self.core, self.timer = core, timer
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *documents: torch.Tensor) -> torch.Tensor:
         q, k, v = _CommBoundary.apply(self.timer, False, q, k, v)
-        (y,) = _CommBoundary.apply(self.timer, True, self.core(q, k, v))
+        (y,) = _CommBoundary.apply(self.timer, True, self.core(q, k, v, *documents))
         return y
 
 
 class UlyssesAttention(nn.Module):
     """The attention core over the whole sequence with 1/sp of the heads: q, k, v
-    [batch, seq/sp, heads, head_dim] in, the same layout out."""
+    [batch, seq/sp, heads, head_dim] in, the same layout out; `documents` (document masking)
+    covers the whole sequence, as the core sees it."""
 
     def __init__(self, core: nn.Module, group: dist.ProcessGroup, timer: PhaseTimer):
         super().__init__()
@@ -59,9 +60,9 @@ class UlyssesAttention(nn.Module):
         self.attention = DistributedAttention(_TimedCore(core, timer), group, scatter_idx=2, gather_idx=1)
 
     @torch.compiler.disable  # a compiled block runs this part eagerly: the all-to-alls and their clock
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *documents: torch.Tensor) -> torch.Tensor:
         q, k, v = _CommBoundary.apply(self.timer, True, q, k, v)
-        (y,) = _CommBoundary.apply(self.timer, False, self.attention(q, k, v, batch_dim_idx=0))
+        (y,) = _CommBoundary.apply(self.timer, False, self.attention(q, k, v, 0, None, *documents))
         return y
 
 

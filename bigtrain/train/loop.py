@@ -13,9 +13,10 @@ import torch
 
 from bigtrain.checkpoint import io as ckpt
 from bigtrain.checkpoint.mirror import CheckpointMirror
-from bigtrain.config import Config, TrainConfig, save_config
+from bigtrain.config import Config, DataConfig, TrainConfig, save_config
 from bigtrain.data.build import build_train_loader, check_remote_data
 from bigtrain.data.prefetch import Prefetcher
+from bigtrain.data.tokenizer import TextTokenizer
 from bigtrain.distributed import agreement, heartbeat
 from bigtrain.distributed.topology import init_processes, process_env
 from bigtrain.engine.contract import Engine, StepOutput
@@ -31,6 +32,7 @@ from bigtrain.engine.update_gate import UpdateGate
 from bigtrain.errors import BigtrainError
 from bigtrain.eval.perplexity import EvalResult
 from bigtrain.model import Llama, flops_per_token
+from bigtrain.model.llama import DocumentMasking
 from bigtrain.parallel.layout import check_layout
 from bigtrain.train.callbacks import Callback
 from bigtrain.train.callbacks.bad_steps import BadSteps
@@ -107,6 +109,16 @@ def build_engine(cfg: Config, gate: UpdateGate, init_from: str | None = None) ->
     return build_deepspeed_engine(cfg, init_topology(cfg), gate, init_file)
 
 
+def document_masking(data: DataConfig, tokenizer: Path) -> DocumentMasking | None:
+    """How the engine finds documents in windows under `data.document_masking`: they end with the
+    EOS token of `tokenizer` (the data's), as `prepare` writes every document."""
+    if not data.document_masking:
+        return None
+    if not Path(tokenizer).is_file():
+        raise BigtrainError(f"data.document_masking needs the data's tokenizer (its EOS token): {tokenizer} is missing")
+    return DocumentMasking(TextTokenizer.load(tokenizer).eos_id, data.reset_positions)
+
+
 def train(cfg: Config, console: bool = True, stop: StopRequest | None = None,
           callbacks: Sequence[Callback] = ()) -> TrainResult:
     """Train `cfg.model` on `cfg.data` with the configured engine, resuming if asked.
@@ -172,6 +184,7 @@ class Trainer:
                                          model_vocab_size=cfg.model.vocab_size)
         if cfg.data.prefetch:
             self.loader = Prefetcher(self.loader, pin_memory=engine.device.type == "cuda")
+        engine.documents = document_masking(cfg.data, self.loader.tokenizer_path)
         self.global_batch, self.tokenizer_path = self.loader.global_batch, self.loader.tokenizer_path
         for callback in self.callbacks:
             callback.setup(self)

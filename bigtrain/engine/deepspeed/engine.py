@@ -47,6 +47,7 @@ from bigtrain.engine.optimizer import build_adamw
 from bigtrain.engine.update_gate import UpdateGate
 from bigtrain.errors import BigtrainError
 from bigtrain.model import Llama, lm_loss
+from bigtrain.model.llama import DocumentMasking
 from bigtrain.model.moe import set_auxiliary_scale, take_router_stats
 from bigtrain.parallel.deepspeed_ulysses import sequence_mean, sequence_slice
 from bigtrain.parallel.vocab_parallel_loss import vocab_parallel_cross_entropy
@@ -94,6 +95,7 @@ class DeepSpeedEngine:
     """Wraps `deepspeed.initialize` behind the same `train_step` / `save` / `load` as the local engine."""
 
     construct_peak_gb = 0.0  # set by `deepspeed_engine`
+    documents: DocumentMasking | None = None  # document masking: set by whoever knows the data
 
     def __init__(self, stage: Stage, cfg: Config, topology: Topology, gate: UpdateGate, timer: PhaseTimer,
                  ds_config: dict):
@@ -162,6 +164,7 @@ class DeepSpeedEngine:
             group["lr"] = lr
         self._grad_norm, self._step_loss, self._skip = None, None, None
         set_auxiliary_scale(self.model, self.aux_weight / len(micro_batches))
+        documents = [self._documents(b) for b in micro_batches]  # of the whole windows
         micro_batches = [self._my_tokens(b) for b in micro_batches]
         if self.pipelined:
             pairs = iter([(b[:, :-1].to(self.device), b[:, 1:].to(self.device)) for b in micro_batches])
@@ -171,7 +174,7 @@ class DeepSpeedEngine:
             for i, batch in enumerate(micro_batches):
                 with self.timer.phase("forward"):
                     tokens = batch.to(self.device, non_blocking=True)
-                    micro_loss = self._loss(tokens)
+                    micro_loss = self._loss(tokens, documents[i])
                 with self.timer.phase("backward"):
                     self.engine.backward(micro_loss)
                 loss += micro_loss.detach().float() / len(micro_batches)
@@ -194,8 +197,12 @@ class DeepSpeedEngine:
         sp = self.topology.sp
         return windows if sp == 1 else sequence_slice(windows, self.topology.sp_rank, sp)
 
-    def _loss(self, tokens: torch.Tensor) -> torch.Tensor:
-        loss = self.engine(tokens[:, :-1], tokens[:, 1:])
+    def _documents(self, windows: torch.Tensor) -> tuple:
+        """The extra arguments of the model's forward for `windows` under document masking (else none)."""
+        return self.documents(windows[:, :-1].to(self.device)) if self.documents else ()
+
+    def _loss(self, tokens: torch.Tensor, documents: tuple = ()) -> torch.Tensor:
+        loss = self.engine(tokens[:, :-1], tokens[:, 1:], *documents)
         return loss if self.topology.sp == 1 else self.sequence_mean(loss)
 
     def _norm_before_update(self) -> torch.Tensor | float:
@@ -242,11 +249,12 @@ class DeepSpeedEngine:
     @torch.no_grad()
     def eval_loss(self, tokens: torch.Tensor) -> torch.Tensor:
         """Mean next-token loss of one batch (every rank gets the same value)."""
+        documents = self._documents(tokens)
         tokens = self._my_tokens(tokens).to(self.device)
         if self.pipelined:
             return self.engine.eval_batch(iter([(tokens[:, :-1], tokens[:, 1:])]), num_micro_batches=1)
         self.engine.eval()
-        loss = self._loss(tokens).float()
+        loss = self._loss(tokens, documents).float()
         self.engine.train()
         return loss
 
