@@ -80,7 +80,7 @@ def _rope_scaling_from_hf(hf: dict[str, Any], params: dict[str, Any], source: Pa
     if rope_type == "default":
         return None
     if rope_type not in RopeScalingConfig.PARAMETERS:
-        key = "rope_scaling" if "rope_scaling" in hf else "rope_parameters"
+        key = "rope_parameters" if hf.get("rope_parameters") else "rope_scaling"
         raise BigtrainError(f"{source}: {key} of rope_type {rope_type!r} cannot be expressed by a bigtrain model "
                             "(only llama3 and yarn)")
     max_len = hf.get("max_position_embeddings", 2048)
