@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from bigtrain.config import from_dict, load_config
+from bigtrain.config import from_dict, load_config, save_config
 from bigtrain.convert.hf_config import hf_config, model_config_from_hf
 from bigtrain.errors import BigtrainError
 from bigtrain.model.llama import rope_tables
@@ -77,11 +77,13 @@ def test_mistakes_are_one_line_naming_the_key(override, message):
     assert str(err.value) == message
 
 
-def test_overrides_set_the_section_key_by_key():
+def test_overrides_set_the_section_key_by_key(tmp_path):
     cfg = load_config(None, ["model.rope_scaling.type=yarn", "model.rope_scaling.factor=8",
                              "model.rope_scaling.original_max_seq_len=32", "model.rope_scaling.beta_fast=16"])
     r = cfg.model.rope_scaling
     assert (r.type, r.factor, r.original_max_seq_len, r.beta_fast, r.beta_slow, r.truncate) == ("yarn", 8.0, 32, 16.0, 1.0, True)
+    save_config(cfg, tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml") == cfg
     assert load_config(None, ["model.rope_scaling=null"]).model.rope_scaling is None
 
 
