@@ -20,6 +20,7 @@ import yaml
 from bigtrain.errors import BigtrainError
 
 RANGE = "range"  # the field-metadata entry that holds a numeric key's ValueRange
+REQUIRED = dataclasses.MISSING  # `ranged(REQUIRED, ...)`: a key with no default, which its section must set
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,28 @@ class MoEConfig:
 
 
 @dataclass
+class RopeScalingConfig:
+    """RoPE scaling to extend a trained context (bigtrain/model/rope.py), as in Hugging Face's
+    `rope_scaling`: Llama 3.1's frequency-band rule (`llama3`) or YaRN (`yarn`). The defaults are
+    transformers'; each parameter after the first three belongs to one type."""
+
+    type: Literal["llama3", "yarn"]
+    factor: float = ranged(REQUIRED, ge=1)  # context extension ratio (usually max_seq_len / original_max_seq_len)
+    original_max_seq_len: int = ranged(REQUIRED, ge=1)  # the context the weights were trained at
+    low_freq_factor: float = ranged(1.0, gt=0)  # llama3: wavelengths above original / this are divided by factor
+    high_freq_factor: float = ranged(4.0, gt=0)  # llama3: wavelengths below original / this are kept
+    beta_fast: float = ranged(32.0, gt=0)  # yarn: dimensions turning more often over the original context are kept
+    beta_slow: float = ranged(1.0, gt=0)  # yarn: dimensions turning less often are divided by factor
+    attention_factor: float | None = ranged(None, gt=0)  # yarn: cos/sin scale; None: 0.1·ln(factor)+1 (or from mscale)
+    mscale: float | None = ranged(None, gt=0)  # yarn, with mscale_all_dim: attention factor as their ratio (DeepSeek)
+    mscale_all_dim: float | None = ranged(None, gt=0)  # yarn
+    truncate: bool = True  # yarn: round the ramp's ends to whole dimensions
+
+    PARAMETERS = {"llama3": ("low_freq_factor", "high_freq_factor"),
+                  "yarn": ("beta_fast", "beta_slow", "attention_factor", "mscale", "mscale_all_dim", "truncate")}
+
+
+@dataclass
 class ModelConfig:
     """Shape of the Llama-style decoder. The defaults are the `tiny` model of the quickstart."""
 
@@ -88,6 +111,7 @@ class ModelConfig:
     ffn_dim_multiplier: float | None = ranged(None, gt=0)
     max_seq_len: int = ranged(256, ge=1)
     rope_theta: float = ranged(10000.0, gt=0)
+    rope_scaling: RopeScalingConfig | None = None  # None: plain RoPE
     norm_eps: float = ranged(1e-5, gt=0)
     tie_embeddings: bool = False
     init_std: float = ranged(0.02, gt=0)
@@ -302,6 +326,7 @@ class Config:
              else "model.d_model / model.n_heads must be even (RoPE)"),
             (d.seq_len <= m.max_seq_len, "data.seq_len must not exceed model.max_seq_len"),
             (d.document_masking or not d.reset_positions, "data.reset_positions needs data.document_masking=true"),
+            *_rope_scaling_checks(m),
             (m.moe.experts == 0 or m.moe.top_k <= m.moe.experts,
              f"model.moe.top_k={m.moe.top_k} exceeds model.moe.experts={m.moe.experts}"),
             (m.moe.experts == 0 or self.parallel.ep == 1 or m.moe.experts % self.parallel.ep == 0,
@@ -319,6 +344,24 @@ class Config:
         tree = dataclasses.asdict(self)
         tree["model"]["head_dim"] = self.model._head_dim  # as configured: None stays d_model / n_heads
         return tree
+
+
+def _rope_scaling_checks(m: ModelConfig) -> list[tuple[bool, str]]:
+    """(ok, message) pairs for `model.rope_scaling` against the rest of the model section."""
+    r = m.rope_scaling
+    if r is None:
+        return []
+    default = RopeScalingConfig(r.type, r.factor, r.original_max_seq_len)
+    others = [key for kind, keys in RopeScalingConfig.PARAMETERS.items() if kind != r.type for key in keys]
+    return [
+        (r.original_max_seq_len <= m.max_seq_len, f"model.rope_scaling.original_max_seq_len={r.original_max_seq_len} "
+         f"exceeds model.max_seq_len={m.max_seq_len}"),
+        *((getattr(r, key) == getattr(default, key), f"model.rope_scaling.{key} does not apply to type {r.type}")
+          for key in others),
+        (r.high_freq_factor > r.low_freq_factor,
+         "model.rope_scaling.high_freq_factor must exceed model.rope_scaling.low_freq_factor"),
+        (r.beta_fast > r.beta_slow, "model.rope_scaling.beta_fast must exceed model.rope_scaling.beta_slow"),
+    ]
 
 
 def _check_ranges(node: Any, prefix: str) -> None:
@@ -405,9 +448,11 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
             hint = f"; did you mean {prefix}{near[0]}?" if near else f"; valid keys: {', '.join(names)}"
             raise BigtrainError(f"unknown config key {prefix}{key}{hint}")
     kwargs = {}
-    for name in names:
-        if name in raw:
-            kwargs[name] = _coerce(hints[name], raw[name], prefix + name)
+    for f in dataclasses.fields(cls):
+        if f.name in raw:
+            kwargs[f.name] = _coerce(hints[f.name], raw[f.name], prefix + f.name)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise BigtrainError(f"config key {prefix}{f.name} is required")
     return cls(**kwargs)
 
 

@@ -3,8 +3,9 @@
 
 The architecture follows from the model: a Mixture of Experts is Qwen3-MoE, per-head q/k norms
 alone are Qwen3, otherwise Llama. Reading accepts config.json as transformers 4.x and 5.x write it
-(5.x: `rope_parameters` in place of `rope_theta`, `num_local_experts` for `num_experts`) and
-refuses, in one line naming the key, every feature bigtrain cannot express.
+(5.x: `rope_parameters` in place of `rope_theta` and `rope_scaling`, `num_local_experts` for
+`num_experts`), RoPE scaling of types llama3 and yarn included, and refuses, in one line naming
+the key, every feature bigtrain cannot express.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from bigtrain.config import ModelConfig
+from bigtrain.config import ModelConfig, RopeScalingConfig
 from bigtrain.errors import BigtrainError
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
@@ -40,7 +41,7 @@ def hf_config(m: ModelConfig) -> dict[str, Any]:
         "num_hidden_layers": m.n_layers, "num_attention_heads": m.n_heads,
         "num_key_value_heads": m.kv_heads, "head_dim": m.head_dim, "hidden_act": "silu",
         "max_position_embeddings": m.max_seq_len, "rms_norm_eps": m.norm_eps, "rope_theta": m.rope_theta,
-        "rope_scaling": None, "attention_bias": False, "attention_dropout": 0.0,
+        "rope_scaling": _rope_scaling_to_hf(m.rope_scaling), "attention_bias": False, "attention_dropout": 0.0,
         "tie_word_embeddings": m.tie_embeddings, "initializer_range": m.init_std,
         "bos_token_id": None, "eos_token_id": 0, "pad_token_id": None, "torch_dtype": "float32",
     }
@@ -56,11 +57,40 @@ def hf_config(m: ModelConfig) -> dict[str, Any]:
     return config
 
 
-def _rope(hf: dict[str, Any]) -> tuple[float, str]:
-    """(rope_theta, rope type) of a 4.x (`rope_theta`, `rope_scaling`) or 5.x (`rope_parameters`) config."""
+def _rope_scaling_to_hf(r: RopeScalingConfig | None) -> dict[str, Any] | None:
+    """transformers' `rope_scaling` (4.x's key, which 5.x reads into `rope_parameters`) for `r`."""
+    if r is None:
+        return None
+    default = RopeScalingConfig(r.type, r.factor, r.original_max_seq_len)
+    extra = {key: getattr(r, key) for key in RopeScalingConfig.PARAMETERS[r.type]  # llama3 requires both of its
+             if r.type == "llama3" or getattr(r, key) != getattr(default, key)}
+    return {"rope_type": r.type, "factor": r.factor, "original_max_position_embeddings": r.original_max_seq_len, **extra}
+
+
+def _rope(hf: dict[str, Any]) -> tuple[float, dict[str, Any]]:
+    """(rope_theta, scaling parameters) of a 4.x (`rope_theta`, `rope_scaling`) or 5.x (`rope_parameters`) config."""
     params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
     theta = hf.get("rope_theta", params.get("rope_theta", 10000.0))
-    return float(theta), params.get("rope_type", params.get("type", "default"))
+    return float(theta), params
+
+
+def _rope_scaling_from_hf(hf: dict[str, Any], params: dict[str, Any], source: Path) -> dict[str, Any] | None:
+    """bigtrain's `model.rope_scaling` for a config's RoPE parameters; refuses types other than llama3 and yarn."""
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type == "default":
+        return None
+    if rope_type not in RopeScalingConfig.PARAMETERS:
+        key = "rope_parameters" if hf.get("rope_parameters") else "rope_scaling"
+        raise BigtrainError(f"{source}: {key} of rope_type {rope_type!r} cannot be expressed by a bigtrain model "
+                            "(only llama3 and yarn)")
+    max_len = hf.get("max_position_embeddings", 2048)
+    original = params.get("original_max_position_embeddings") or max_len  # transformers' fallback
+    scaling = {"type": rope_type, "factor": float(params.get("factor") or max_len / original),
+               "original_max_seq_len": original}
+    for key in RopeScalingConfig.PARAMETERS[rope_type]:
+        if params.get(key) is not None:
+            scaling[key] = params[key] if key == "truncate" else float(params[key])
+    return scaling
 
 
 def _moe_from_hf(hf: dict[str, Any], source: Path) -> dict[str, Any]:
@@ -90,11 +120,10 @@ def model_config_from_hf(hf: dict[str, Any], source: Path) -> dict[str, Any]:
     if model_type not in ARCHITECTURES:
         raise BigtrainError(f"{source}: model_type is {model_type!r}; only {', '.join(map(repr, ARCHITECTURES))} convert")
     heads, hidden = hf["num_attention_heads"], hf["hidden_size"]
-    theta, rope_type = _rope(hf)
+    theta, rope = _rope(hf)
     head_dim = hf.get("head_dim") or (128 if model_type == "qwen3" else hidden // heads)  # transformers' defaults
     layer_types = hf.get("layer_types") or []
     unsupported = [
-        ("rope_scaling" if "rope_scaling" in hf else "rope_parameters", rope_type != "default"),
         ("hidden_act", hf.get("hidden_act", "silu") != "silu"),
         ("attention_bias", bool(hf.get("attention_bias"))),
         ("mlp_bias", bool(hf.get("mlp_bias"))),
@@ -113,5 +142,8 @@ def model_config_from_hf(hf: dict[str, Any], source: Path) -> dict[str, Any]:
         "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
         "init_std": float(hf.get("initializer_range", 0.02)), "qk_norm": model_type != "llama",
     }
+    scaling = _rope_scaling_from_hf(hf, rope, source)
+    if scaling:
+        model["rope_scaling"] = scaling
     moe = _moe_from_hf(hf, source) if model_type == "qwen3_moe" else {}
     return {**model, "moe": moe} if moe else model

@@ -42,7 +42,7 @@ class Materializer:
         materialize(layer, self.value, self.device, prefix=f"layers.{index}")
         if isinstance(layer, Block):
             if self.rope is None:
-                self.rope = rope_tables(self.cfg.max_seq_len, self.cfg.head_dim, self.cfg.rope_theta, self.device)
+                self.rope = rope_tables(self.cfg, self.device)
             layer.cos, layer.sin = self.rope
 
     def value(self, name: str, p: nn.Parameter) -> torch.Tensor:

@@ -22,6 +22,7 @@ from bigtrain.model.loss import linear_cross_entropy
 from bigtrain.model.mlp import MLP
 from bigtrain.model.moe import MoE
 from bigtrain.model.pointwise import rms_norm
+from bigtrain.model.rope import inverse_frequencies
 
 
 class RMSNorm(nn.Module):
@@ -34,16 +35,19 @@ class RMSNorm(nn.Module):
         return rms_norm(x, self.weight, self.eps)
 
 
-def rope_tables(seq_len: int, head_dim: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and signed sin of shape [seq_len, head_dim] for rotary position embeddings.
+def rope_tables(cfg: ModelConfig, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and signed sin of shape [max_seq_len, head_dim] for rotary position embeddings
+    (`model.rope_theta`, scaled by `model.rope_scaling`: bigtrain/model/rope.py).
 
     The sin table carries rotate-half's sign (negated on the first half), so `apply_rope` needs
     only a flip of the halves, whose gradient is again a flip (no zero-filled slice gradients).
     """
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
-    angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
-    sin = angles.sin()
-    return torch.cat([angles, angles], dim=-1).cos(), torch.cat([-sin, sin], dim=-1)
+    inv_freq, scale = inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, device)
+    angles = torch.outer(torch.arange(cfg.max_seq_len, device=device, dtype=torch.float32), inv_freq)
+    cos, sin = torch.cat([angles, angles], dim=-1).cos(), angles.sin()
+    if scale != 1.0:  # YaRN's attention factor, applied to cos and sin as Hugging Face does
+        cos, sin = cos * scale, sin * scale
+    return cos, torch.cat([-sin, sin], dim=-1)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
@@ -167,7 +171,7 @@ class Block(nn.Module):
         self.self_attn = Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = MoE(cfg, index) if cfg.is_moe_block(index) else MLP(cfg)
-        cos, sin = rope_tables(cfg.max_seq_len, cfg.head_dim, cfg.rope_theta)
+        cos, sin = rope_tables(cfg)
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
 
@@ -266,7 +270,7 @@ def materialize(module: nn.Module, value: Callable[[str, nn.Parameter], torch.Te
 
 def share_rope_tables(layers: Iterable[nn.Module], cfg: ModelConfig, device: torch.device) -> None:
     """Give every block among `layers` the same pair of RoPE tables (one per process, not per block)."""
-    cos, sin = rope_tables(cfg.max_seq_len, cfg.head_dim, cfg.rope_theta, device=device)
+    cos, sin = rope_tables(cfg, device)
     for layer in layers:
         if isinstance(layer, Block):
             layer.cos, layer.sin = cos, sin

@@ -98,5 +98,6 @@ def test_conversion_matches_transformers_5(tmp_path):
     assert results.pop("transformers").startswith("5.")
     moe = [n for n in hf_parity.HF_CASES if "moe" in n]
     assert set(results) == {*(f"from-hf {n}" for n in hf_parity.HF_CASES), *(f"from-hf {n} fused" for n in moe),
-                            *(f"to-hf {n}" for n in hf_parity.BIGTRAIN_CASES)}
+                            *(f"to-hf {n}" for n in hf_parity.BIGTRAIN_CASES), *(f"rope {n}" for n in hf_parity.ROPE_CASES)}
     assert max(results.values()) <= 1e-5, results
+    assert max(v for k, v in results.items() if k.startswith("rope ")) <= 1e-6, results

@@ -1,4 +1,5 @@
 import dataclasses
+import json
 import types
 import typing
 from pathlib import Path
@@ -29,6 +30,7 @@ def numeric_fields(cls: type = Config, prefix: str = "") -> dict[str, dataclasse
 
 
 NUMERIC = numeric_fields()
+WHOLE_SECTIONS = {"model.rope_scaling": {"type": "yarn", "factor": 2, "original_max_seq_len": 64}}  # with required keys
 
 
 def out_of_range_values(f: dataclasses.Field) -> list:
@@ -43,6 +45,9 @@ def as_override(key: str, value) -> tuple[str, str]:
     if "[]." in key:
         section, leaf = key.split("[].")
         return f"{section}=[{{path: a}}, {{path: b, {leaf}: {value}}}]", f"{section}[1].{leaf}"
+    section, _, leaf = key.rpartition(".")
+    if section in WHOLE_SECTIONS:
+        return f"{section}={json.dumps({**WHOLE_SECTIONS[section], leaf: value})}", key
     return f"{key}={value}", key
 
 

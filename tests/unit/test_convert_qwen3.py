@@ -92,7 +92,9 @@ def test_exported_configs_name_the_architecture_and_moe_keys():
     ({"attention_bias": True}, "attention_bias=True cannot be expressed"),
     ({"use_sliding_window": True, "sliding_window": 8}, "use_sliding_window=True cannot be expressed"),
     ({"layer_types": ["full_attention", "sliding_attention", "full_attention"]}, "layer_types=["),
-    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_scaling={'rope_type': 'yarn'"),
+    ({"rope_scaling": {"rope_type": "linear", "factor": 4.0}}, "rope_scaling of rope_type 'linear' cannot be expressed "
+     "by a bigtrain model (only llama3 and yarn)"),
+    ({"rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4}}, "rope_parameters of rope_type 'longrope'"),
     ({"model_type": "qwen2_moe"}, "model_type is 'qwen2_moe'; only 'llama', 'qwen3', 'qwen3_moe' convert"),
 ])
 def test_from_hf_refuses_what_bigtrain_cannot_express(change, error, tmp_path, capsys):
