@@ -17,7 +17,8 @@ reason, where torchao is missing. Then the loss curves (`--curve-model`, default
 fp8, each in a process of its own; the line reports each precision's tokens/s and mean loss over
 the last 20 steps, and whether bf16 tracks fp32 within 2 % and fp8 tracks bf16 within 1 %.
 With `--moe` (default) also `bench_moe.py` on the GPU: an 8-expert top-2 step (experts as one
-`torch._grouped_mm`) vs a dense step of the same active parameters, and the dispatch's share.
+`torch._grouped_mm`) vs a dense step of the same active parameters, and the dispatch's share; with
+`--masking` (default) `bench_masking.py`: a document-masked step (FlexAttention) vs causal.
 """
 
 from __future__ import annotations
@@ -126,6 +127,14 @@ def run_curves(name: str, steps: int) -> dict:
     return {"bench": "gpu-loss-curves", "model": name, "steps": steps, "curves": curves}
 
 
+def run_script(script: str, *options: str) -> dict:
+    """Another benchmark of this folder on the GPU, in a process of its own: its JSON line, or the error."""
+    done = subprocess.run([sys.executable, str(HERE / script), "--device", "cuda", *options], capture_output=True, text=True)
+    if done.returncode:
+        return {"bench": script, "error": done.stderr.strip()[-2000:]}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(SHAPES))
@@ -135,6 +144,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--curve-model", default="125m")
     parser.add_argument("--curve-steps", type=int, default=200)
+    parser.add_argument("--masking", action=argparse.BooleanOptionalAction, default=True,
+                        help="also a document-masked step (FlexAttention) vs causal (bench_masking.py)")
     parser.add_argument("--moe", action=argparse.BooleanOptionalAction, default=True,
                         help="also an 8-expert top-2 MoE step vs dense of the same active parameters (bench_moe.py)")
     args = parser.parse_args()
@@ -143,10 +154,11 @@ def main() -> None:
     for name in args.models:
         print(json.dumps(run_model(name, args)), flush=True)
     if args.moe:  # experts as one torch._grouped_mm in bf16
-        moe = subprocess.run([sys.executable, str(HERE / "bench_moe.py"), "--device", "cuda", "--d-model", "1024",
-                              "--layers", "8", "--seq-len", "2048", "--batch", "4"], capture_output=True, text=True)
-        print(moe.stdout.strip().splitlines()[-1] if moe.returncode == 0 else
-              json.dumps({"bench": "moe_step", "error": moe.stderr.strip()[-2000:]}), flush=True)
+        print(json.dumps(run_script("bench_moe.py", "--d-model", "1024", "--layers", "8", "--seq-len", "2048",
+                                    "--batch", "4")), flush=True)
+    if args.masking:  # FlexAttention with a document BlockMask vs the causal kernel
+        print(json.dumps(run_script("bench_masking.py", "--d-model", "1024", "--layers", "8", "--seq-len", "4096",
+                                    "--doc-len", "512", "--batch", "4")), flush=True)
     if args.curve_steps:
         print(json.dumps(run_curves(args.curve_model, args.curve_steps)), flush=True)
 
