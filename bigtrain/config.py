@@ -166,6 +166,14 @@ class SourceConfig:
 
 
 @dataclass
+class SeqLenWarmupConfig:
+    """Windows grow from `start` tokens to `data.seq_len` over `steps` steps (bigtrain/data/seq_len_warmup.py)."""
+
+    start: int = ranged(256, ge=1)  # seq_len / start must be a power of two
+    steps: int = ranged(1000, ge=1)
+
+
+@dataclass
 class DataConfig:
     """Where the prepared shards are, how they are cut into batches, and how they are checked.
 
@@ -191,6 +199,7 @@ class DataConfig:
     prefetch: bool = True  # read the next step's batches in a background thread (pinned on CUDA)
     document_masking: bool = False  # a token attends only to its own document of a packed window (docs/data.md)
     reset_positions: bool = False  # with document_masking: RoPE positions restart at each document
+    seq_len_warmup: SeqLenWarmupConfig | None = None  # shorter windows first, same tokens per step
     download_retry: int = ranged(2, ge=0)  # streaming: tries after the first to read a remote object
     download_timeout: float = ranged(60.0, gt=0)  # streaming: seconds for each try (connect, each read)
 
@@ -326,6 +335,9 @@ class Config:
              else "model.d_model / model.n_heads must be even (RoPE)"),
             (d.seq_len <= m.max_seq_len, "data.seq_len must not exceed model.max_seq_len"),
             (d.document_masking or not d.reset_positions, "data.reset_positions needs data.document_masking=true"),
+            (d.seq_len_warmup is None or _power_of_two(d.seq_len, d.seq_len_warmup.start),
+             f"data.seq_len / data.seq_len_warmup.start must be a power of two, got {d.seq_len} / "
+             f"{d.seq_len_warmup.start if d.seq_len_warmup else None}"),
             *_rope_scaling_checks(m),
             (m.moe.experts == 0 or m.moe.top_k <= m.moe.experts,
              f"model.moe.top_k={m.moe.top_k} exceeds model.moe.experts={m.moe.experts}"),
@@ -362,6 +374,11 @@ def _rope_scaling_checks(m: ModelConfig) -> list[tuple[bool, str]]:
          "model.rope_scaling.high_freq_factor must exceed model.rope_scaling.low_freq_factor"),
         (r.beta_fast > r.beta_slow, "model.rope_scaling.beta_fast must exceed model.rope_scaling.beta_slow"),
     ]
+
+
+def _power_of_two(numerator: int, denominator: int) -> bool:
+    ratio = numerator // denominator
+    return numerator % denominator == 0 and ratio & (ratio - 1) == 0
 
 
 def _check_ranges(node: Any, prefix: str) -> None:

@@ -233,6 +233,11 @@ def layout_problem(cfg: Config, world_size: int) -> str | None:
         split = f"parallel.tp={p.tp}" if p.sp == 1 else f"parallel.sp × parallel.tp = {p.sp * p.tp}"
         return (f"data.seq_len={cfg.data.seq_len} is not divisible by {split}, as "
                 "parallel.tp_sequence_parallel needs (or set parallel.tp_sequence_parallel=false)")
+    warmup = cfg.data.seq_len_warmup
+    split = p.sp * (p.tp if tp_sequence_parallel(cfg) else 1)
+    if warmup is not None and warmup.start % split:
+        return (f"data.seq_len_warmup.start={warmup.start} is not divisible by the {split} ranks that split "
+                "each window (parallel.sp × parallel.tp with tensor sequence parallelism)")
     if m.n_layers < p.pp:
         return f"model.n_layers={m.n_layers} is fewer than parallel.pp={p.pp} pipeline stages"
     if p.pp > 1 and p.zero_stage > 1:

@@ -16,6 +16,7 @@ from bigtrain.checkpoint.mirror import CheckpointMirror
 from bigtrain.config import Config, DataConfig, TrainConfig, save_config
 from bigtrain.data.build import build_train_loader, check_remote_data
 from bigtrain.data.prefetch import Prefetcher
+from bigtrain.data.seq_len_warmup import cut_windows, window_length
 from bigtrain.data.tokenizer import TextTokenizer
 from bigtrain.distributed import agreement, heartbeat
 from bigtrain.distributed.topology import init_processes, process_env
@@ -200,7 +201,7 @@ class Trainer:
         self.losses: list[float] = []  # every step's loss, averaged over data-parallel ranks at logging time
         self.window_losses: list[torch.Tensor] = []  # this rank's, since the last log
         self.last_saved: Path | None = None
-        self.window_steps = 0
+        self.window_steps, self.window_flops = 0, 0.0  # steps and their FLOPs per token since the last log
         self.first_record = True
 
     def _resume(self, checkpoint: Path) -> None:
@@ -248,9 +249,11 @@ class Trainer:
         )
 
     def train_step(self) -> StepOutput:
+        length = window_length(self.step, self.cfg.data)
         with self.engine.timer.phase("data", host=True):
-            batches = self.loader.next_step()
+            batches = [cut_windows(batch, length) for batch in self.loader.next_step()]
         out = self.engine.train_step(batches, lr_at(self.step, self.cfg.train))
+        self.window_flops += flops_per_token(self.cfg.model, length)
         self.step, self.tokens, self.window_steps = self.step + 1, self.tokens + self.tokens_per_step, self.window_steps + 1
         self.window_losses.append(out.loss)
         for callback in self.callbacks:
@@ -282,18 +285,20 @@ class Trainer:
         record = {
             "step": self.step, "loss": self.losses[-1], "lr": lr_at(self.step - 1, self.cfg.train),
             "grad_norm": float(out.grad_norm), "tokens": self.tokens,
-            **self.speed.measure(self.window_steps, window_s, engine.step_times()),
+            **self.speed.measure(self.window_steps, window_s, engine.step_times(), self.window_flops / self.window_steps),
             "peak_mem_gb": peak_memory_gb(engine.device),
             "fp16_overflow_steps": out.overflow_steps, "loss_scale": out.loss_scale,
         }
         if self.first_record:  # once per process: what building the model took, beside the step's peak
             record["construct_peak_gb"], self.first_record = engine.construct_peak_gb, False
+        if self.cfg.data.seq_len_warmup is not None:
+            record["seq_len"] = window_length(self.step - 1, self.cfg.data)
         for callback in self.callbacks:
             record.update(callback.metrics(self))
         self.log(record)
         for callback in self.callbacks:
             callback.logged(self)
-        self.window_start, self.window_steps = time.perf_counter(), 0
+        self.window_start, self.window_steps, self.window_flops = time.perf_counter(), 0, 0.0
 
     def save(self) -> Path:
         for callback in self.callbacks:

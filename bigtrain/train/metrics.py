@@ -49,13 +49,16 @@ class SpeedMeter:
     devices: int  # world size: dp × tp × pp
     peak_per_device: float | None
 
-    def measure(self, steps: int, seconds: float, phases: dict[str, float]) -> dict[str, Any]:
+    def measure(self, steps: int, seconds: float, phases: dict[str, float],
+                flops_per_token: float | None = None) -> dict[str, Any]:
+        """`flops_per_token`: the window's mean when it differs from the meter's (shorter windows
+        of a sequence-length warmup have less attention work per token)."""
         step_time = seconds / steps
         tokens_per_s = self.tokens_per_step / step_time
         return {
             "tokens_per_s": tokens_per_s,
             "tokens_per_s_per_device": tokens_per_s / self.devices,
-            "mfu": mfu(tokens_per_s, self.flops_per_token, self.devices, self.peak_per_device),
+            "mfu": mfu(tokens_per_s, flops_per_token or self.flops_per_token, self.devices, self.peak_per_device),
             "step_time_s": step_time,
             **{f"time_{phase}_s": total / steps for phase, total in sorted(phases.items())},
         }
