@@ -34,3 +34,17 @@ def test_windows_grow_at_constant_tokens_and_resume_exactly(stdlib_data, tmp_pat
     _, resumed = run(stdlib_data, tmp_path / "resumed", steps=6, resume=str(checkpoint))
     assert [r["loss"] for r in resumed] == [r["loss"] for r in records[3:]]  # bitwise
     assert [r["seq_len"] for r in resumed] == [32, 64, 64]
+
+
+def test_compiled_blocks_compile_once_per_length(stdlib_data, tmp_path):
+    """16 → 32 → 64 tokens: the blocks' one compiled forward is compiled three times, no more."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    cfg = tiny_config(stdlib_data, tmp_path, validate=False, steps=7, warmup_steps=1, compile=True)
+    cfg.data.seq_len_warmup = SeqLenWarmupConfig(start=16, steps=4)
+    train(cfg, console=False)
+    assert counters["frames"]["total"] == counters["frames"]["ok"] == 3
+    assert counters["stats"]["unique_graphs"] == 3
