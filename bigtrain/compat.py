@@ -254,6 +254,18 @@ def replaced_torch_load(load: Callable[..., Any]) -> Iterator[None]:
         torch.load = original
 
 
+def register_expert_groups(name: str, ep_group: Any, expert_data_group: Any) -> None:
+    """Make `ep_group` and `expert_data_group` DeepSpeed's expert-parallel and expert-data-parallel
+    groups called `name` (its MoE reduction and ZeRO partitioning look them up by that name)."""
+    import torch.distributed as dist
+    from deepspeed.utils import groups
+
+    groups._EXPERT_PARALLEL_GROUP[name] = ep_group
+    groups._EXPERT_DATA_PARALLEL_GROUP[name] = expert_data_group
+    groups._EXPERT_PARALLEL_GROUP_RANKS[name] = dist.get_process_group_ranks(ep_group)
+    groups._EXPERT_DATA_PARALLEL_GROUP_RANKS[name] = dist.get_process_group_ranks(expert_data_group)
+
+
 def in_backward() -> bool:
     """Whether autograd is running a backward pass now (e.g. activation checkpointing's recompute)."""
     return torch._C._current_graph_task_id() != -1

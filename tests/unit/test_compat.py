@@ -201,6 +201,32 @@ def test_fake_process_group_stands_in_for_a_large_world():
         dist.destroy_process_group()
 
 
+def test_expert_groups_are_found_under_their_name():
+    import torch.distributed as dist
+    from deepspeed.utils import groups
+
+    compat.init_fake_process_group(rank=1, world_size=4)
+    try:
+        ep, expert_data = dist.new_group([0, 1]), dist.new_group([1, 3])
+        compat.register_expert_groups("ep_size_2", ep, expert_data)
+        assert groups._get_expert_parallel_group_dict()["ep_size_2"] is ep  # what DeepSpeedEngine reads
+        assert groups._get_expert_data_parallel_group_dict()["ep_size_2"] is expert_data
+        assert groups._EXPERT_DATA_PARALLEL_GROUP_RANKS["ep_size_2"] == [1, 3]
+    finally:
+        for table in (groups._EXPERT_PARALLEL_GROUP, groups._EXPERT_DATA_PARALLEL_GROUP,
+                      groups._EXPERT_PARALLEL_GROUP_RANKS, groups._EXPERT_DATA_PARALLEL_GROUP_RANKS):
+            table.pop("ep_size_2", None)
+        dist.destroy_process_group()
+
+
+def test_in_backward_sees_the_autograd_engine():
+    seen = []
+    x = torch.ones(2, requires_grad=True)
+    x.register_hook(lambda grad: seen.append(compat.in_backward()) or grad)
+    (x * 2).sum().backward()
+    assert seen == [True] and not compat.in_backward()
+
+
 def test_zero_buffer_internals_the_simulation_measures():
     from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
     from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus

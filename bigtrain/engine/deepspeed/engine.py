@@ -136,7 +136,7 @@ class DeepSpeedEngine:
             time_pipeline_instructions(self.engine, self.timer)
         self._grad_norm: torch.Tensor | None = None
         if topology.ep > 1:
-            clip_with_experts(self.engine, topology.ep_group, self._record_grad_norm)
+            clip_with_experts(self.engine, topology, self._record_grad_norm)
         else:
             record_grad_norm(self.engine, self._record_grad_norm)
         if self.pipelined and cfg.train.spike_factor:
@@ -263,7 +263,8 @@ class DeepSpeedEngine:
         plus full fp32 weights in `model.safetensors` when there is no tensor or pipeline split.
         With expert parallelism: the single-process layout alone (`save_full_state`)."""
         if self.topology.ep > 1:
-            save_full_state(self.model, self.engine.optimizer, self._client_optimizer, self.param_names, self.cfg, self.topology, directory)
+            save_full_state(self.model, self.engine.optimizer, self._client_optimizer, self.param_names, self.cfg,
+                            self.topology, directory)
             return
         self.engine.save_checkpoint(str(directory), tag=TAG, save_latest=False)
         if self.topology.tp == 1 and self.topology.pp == 1:

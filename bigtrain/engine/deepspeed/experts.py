@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from deepspeed.moe.layer import MoE as DeepSpeedMoE
 from deepspeed.runtime.utils import clip_grad_norm_
-from deepspeed.utils import groups, safe_get_full_fp32_param, safe_get_full_optimizer_state
+from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 from torch import nn
 
 from bigtrain import compat
@@ -45,11 +45,8 @@ class _MarkedMoE(DeepSpeedMoE):
 def declare_experts(module: nn.Module, topology: Topology) -> None:
     """Mark `module`'s MoE blocks and expert weights for DeepSpeed and register the grid's expert
     groups under DeepSpeed's name for them (before `deepspeed.initialize`)."""
-    name, grid = expert_group_name(topology.ep), topology.grid
-    groups._EXPERT_PARALLEL_GROUP[name] = grid.ep_group
-    groups._EXPERT_DATA_PARALLEL_GROUP[name] = grid.expert_data_group
-    groups._EXPERT_PARALLEL_GROUP_RANKS[name] = dist.get_process_group_ranks(grid.ep_group)
-    groups._EXPERT_DATA_PARALLEL_GROUP_RANKS[name] = dist.get_process_group_ranks(grid.expert_data_group)
+    name = expert_group_name(topology.ep)
+    compat.register_expert_groups(name, topology.grid.ep_group, topology.grid.expert_data_group)
     for layer in moe_layers(module):
         layer.__class__ = type("DeepSpeedMarkedMoE", (type(layer), _MarkedMoE), {})
         layer.num_experts, layer.expert_group_name = layer.experts_total, name
@@ -70,7 +67,7 @@ def expert_param_groups(param_groups: list[dict]) -> list[dict]:
     return out
 
 
-def clip_with_experts(engine: object, ep_group: dist.ProcessGroup, record: Callable[[torch.Tensor], None]) -> None:
+def clip_with_experts(engine: object, topology: Topology, record: Callable[[torch.Tensor], None]) -> None:
     """Where the engine clips without ZeRO in fp32: measure the norm over all experts (the other ep
     ranks' and pipeline stages' too, which DeepSpeed's `clip_grad_norm_` leaves out), clip every
     gradient by it and hand it to `record`."""
@@ -79,8 +76,10 @@ def clip_with_experts(engine: object, ep_group: dist.ProcessGroup, record: Calla
         dense = [p for p in params if getattr(p, "allreduce", True) is not False]
         experts = [p for p in params if getattr(p, "allreduce", True) is False]
         squares = torch.stack([p.grad.detach().float().square().sum() for p in experts]).sum()
-        dist.all_reduce(squares, group=ep_group)  # every expert of the block
-        dist.all_reduce(squares, group=engine.mpu.get_model_parallel_group())  # every pipeline stage
+        if topology.grid.get_slice_parallel_rank() != 0:  # experts are whole on every tp rank: count them once
+            squares = torch.zeros_like(squares)
+        dist.all_reduce(squares, group=topology.ep_group)  # every expert of the block
+        dist.all_reduce(squares, group=engine.mpu.get_model_parallel_group())  # every stage (and tp rank)
         norm = (clip_grad_norm_(dense, float("inf"), mpu=engine.mpu) ** 2 + squares).sqrt()
         max_norm = engine.gradient_clipping()
         if max_norm > 0 and norm > max_norm:
