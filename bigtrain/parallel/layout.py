@@ -242,9 +242,6 @@ def layout_problem(cfg: Config, world_size: int) -> str | None:
         return f"model.n_layers={m.n_layers} is fewer than parallel.pp={p.pp} pipeline stages"
     if p.pp > 1 and p.zero_stage > 1:
         return f"parallel.zero_stage={p.zero_stage} cannot be combined with pipeline parallelism (use 0 or 1)"
-    if p.pp > 1 and cfg.data.document_masking:
-        return ("data.document_masking is not supported with parallel.pp > 1 (the stages would need each "
-                "window's documents beside the activations); use tp, sp and dp")
     if p.pp > 1 and m.tie_embeddings:
         return "model.tie_embeddings is not supported with parallel.pp > 1"
     if cfg.eval.tasks and (p.tp > 1 or p.pp > 1 or p.sp > 1 or p.zero_stage > 2):

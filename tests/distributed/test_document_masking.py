@@ -40,6 +40,7 @@ LAYOUTS = {
     "dp2-zero2": (2, ["parallel.zero_stage=2", "data.micro_batch=4"]),
     "tp2-sp": (2, ["parallel.tp=2"]),
     "sp2-checkpointing": (2, ["parallel.sp=2", "parallel.activation_checkpointing=true"]),
+    "pp2": (2, ["parallel.pp=2", "data.micro_batch=4", "train.grad_accum=2"]),
 }
 
 

@@ -16,7 +16,6 @@ from bigtrain.model.llama import (
     flex_document_attention,
     same_document_causal,
 )
-from bigtrain.parallel.layout import layout_problem
 from tests.helpers import small_model_config
 
 EOS = 1
@@ -80,8 +79,6 @@ def test_flex_attention_equals_the_masked_sdpa_reference():
     torch.testing.assert_close(flex, reference, rtol=0, atol=1e-6)
 
 
-def test_position_reset_needs_masking_and_masking_refuses_pipeline_stages():
+def test_position_reset_needs_masking():
     with pytest.raises(BigtrainError, match="data.reset_positions needs data.document_masking=true"):
         from_dict({"data": {"reset_positions": True}})
-    cfg = from_dict({"data": {"document_masking": True}, "parallel": {"engine": "deepspeed", "pp": 2}})
-    assert "data.document_masking is not supported with parallel.pp > 1" in layout_problem(cfg, 2)

@@ -167,7 +167,7 @@ class DeepSpeedEngine:
         documents = [self._documents(b) for b in micro_batches]  # of the whole windows
         micro_batches = [self._my_tokens(b) for b in micro_batches]
         if self.pipelined:
-            pairs = iter([(b[:, :-1].to(self.device), b[:, 1:].to(self.device)) for b in micro_batches])
+            pairs = iter([self._pipeline_pair(b, d) for b, d in zip(micro_batches, documents, strict=True)])
             loss = self.engine.train_batch(data_iter=pairs)
         else:
             loss = torch.zeros((), device=self.device)
@@ -196,6 +196,11 @@ class DeepSpeedEngine:
         """This rank's share of the windows' tokens (all of them without sequence parallelism)."""
         sp = self.topology.sp
         return windows if sp == 1 else sequence_slice(windows, self.topology.sp_rank, sp)
+
+    def _pipeline_pair(self, tokens: torch.Tensor, documents: tuple) -> tuple:
+        """(inputs, targets) for the pipeline engine; the inputs carry the documents along the stages."""
+        inputs, targets = tokens[:, :-1].to(self.device), tokens[:, 1:].to(self.device)
+        return ((inputs, *[d for d in documents if d is not None]) if documents else inputs), targets
 
     def _documents(self, windows: torch.Tensor) -> tuple:
         """The extra arguments of the model's forward for `windows` under document masking (else none)."""
@@ -252,7 +257,7 @@ class DeepSpeedEngine:
         documents = self._documents(tokens)
         tokens = self._my_tokens(tokens).to(self.device)
         if self.pipelined:
-            return self.engine.eval_batch(iter([(tokens[:, :-1], tokens[:, 1:])]), num_micro_batches=1)
+            return self.engine.eval_batch(iter([self._pipeline_pair(tokens, documents)]), num_micro_batches=1)
         self.engine.eval()
         loss = self._loss(tokens, documents).float()
         self.engine.train()

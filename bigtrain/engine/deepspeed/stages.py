@@ -16,7 +16,7 @@ from bigtrain.config import Config, ModelConfig
 from bigtrain.distributed.timing import PhaseTimer
 from bigtrain.engine.deepspeed.grid import Topology
 from bigtrain.engine.device import compile_enabled, rank_device, resolve_precision
-from bigtrain.model.llama import Llama, layer_args, layer_type, meta_layer
+from bigtrain.model.llama import Block, Llama, layer_args, layer_type, meta_layer
 from bigtrain.parallel.layout import check_tensor_parallel, stage_bounds
 from bigtrain.parallel.parallelize import parallelize
 
@@ -79,7 +79,27 @@ def parallelize_stage(layers: Iterable[nn.Module], cfg: Config, topology: Topolo
                         sp_group=topology.sp_group if topology.sp > 1 else None, ep_group=topology.ep_group,
                         timer=timer, first=start,
                         materialize=materialize, finish=finish)
+    if topology.pp > 1 and cfg.data.document_masking:
+        carry_documents(owned, start, cfg.model.n_layers + 1)
     return Stage.of(owned, cfg.model, topology)
+
+
+def carry_documents(layers: list[nn.Module], first: int, head: int) -> None:
+    """Under document masking pipeline stages pass (activations, documents[, positions]): each of
+    this stage's layers (from layer `first` of the list) takes that tuple, applies itself (a block
+    with the documents) and passes the documents on; the head (layer `head`) returns its output
+    alone, the loss function's input."""
+    for index, layer in enumerate(layers, first):
+        layer.forward = _carrying(layer.forward, isinstance(layer, Block), index == head)
+
+
+def _carrying(forward: Callable, block: bool, last: bool) -> Callable:
+    def carried(inputs: tuple):
+        x, *documents = inputs
+        y = forward(x, *documents) if block else forward(x)
+        return y if last else (y, *documents)
+
+    return carried
 
 
 def owned_layers(model: Llama, topology: Topology) -> list[nn.Module]:
