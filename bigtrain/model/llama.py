@@ -82,16 +82,31 @@ def same_document_causal(documents: torch.Tensor) -> torch.Tensor:
 def flex_document_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, documents: torch.Tensor,
                             compiled: bool) -> torch.Tensor:
     """FlexAttention with a document `BlockMask` (q, k, v [b, heads, t, head_dim]): blocks that
-    cross no boundary run dense, blocks of other documents are skipped."""
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    cross no boundary run dense, blocks of other documents are skipped. The mask is built once
+    per `documents` tensor (every block of a forward pass gets the same one)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    attend = _compiled_flex() if compiled else flex_attention
+    return attend(q, k, v, block_mask=_document_block_mask(documents), enable_gqa=q.shape[1] != k.shape[1])
+
+
+_block_masks: dict[int, tuple[torch.Tensor, object]] = {}
+
+
+def _document_block_mask(documents: torch.Tensor):
+    cached = _block_masks.get(id(documents))
+    if cached is not None and cached[0] is documents:
+        return cached[1]
+    from torch.nn.attention.flex_attention import create_block_mask
 
     def mask(b, h, q_index, kv_index):
         return (documents[b, q_index] == documents[b, kv_index]) & (q_index >= kv_index)
 
     t = documents.shape[-1]
     block_mask = create_block_mask(mask, documents.shape[0], None, t, t, device=documents.device)
-    attend = _compiled_flex() if compiled else flex_attention
-    return attend(q, k, v, block_mask=block_mask, enable_gqa=q.shape[1] != k.shape[1])
+    _block_masks.clear()  # one forward pass at a time
+    _block_masks[id(documents)] = (documents, block_mask)
+    return block_mask
 
 
 @functools.cache
