@@ -233,6 +233,17 @@ class SideProcess:
         self.process.join()
 
 
+def dotted(prefix: str, tree: dict) -> list[str]:
+    """`prefix.key=value` overrides for every set value of a config section (sub-sections flattened)."""
+    out = []
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out += dotted(f"{prefix}.{key}", value)
+        elif value is not None:
+            out.append(f"{prefix}.{key}={value}")
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     shape = parser.add_mutually_exclusive_group()
@@ -251,7 +262,7 @@ def main() -> None:
 
     if args.config:
         file_cfg = load_config(args.config)
-        model_keys = [f"model.{k}={v}" for k, v in vars(file_cfg.model).items() if v is not None]
+        model_keys = dotted("model", file_cfg.to_dict()["model"])
         seq_len, micro_batch, name = file_cfg.data.seq_len, file_cfg.data.micro_batch, args.config.stem
     else:
         model_keys = [f"model.{k}={v}" for k, v in SIZES[args.size].items() if v is not None]
