@@ -189,3 +189,10 @@ def raw_corpus(tmp_path: Path) -> tuple[Path, Path, TextTokenizer]:
     tok = TextTokenizer.train([TXT_TEXT, *JSONL_TEXTS, *DOCS], vocab_size=300)
     tok.save(tmp_path / "tok.json")
     return root, tmp_path / "tok.json", tok
+
+
+def curve(run_dir) -> tuple[list[float], list[float], list[float]]:
+    """Per-step training losses and gradient norms, and the validation losses (before and after)."""
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "loss" in r]
+    return [r["loss"] for r in steps], [r["grad_norm"] for r in steps], [r["val_loss"] for r in records if "val_loss" in r]

@@ -8,7 +8,7 @@ import yaml
 
 from bigtrain.config import from_dict
 from bigtrain.train.loop import train
-from tests.helpers import parity_config, torchrun
+from tests.helpers import curve, parity_config, torchrun
 
 STEPS = 5
 
@@ -18,12 +18,6 @@ def masked_config(data, run_dir) -> dict:
     cfg["model"]["max_seq_len"] = cfg["data"]["seq_len"] = 64
     cfg["data"]["document_masking"] = True
     return cfg
-
-
-def curve(run_dir) -> tuple[list[float], list[float], list[float]]:
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    steps = [r for r in records if "loss" in r]
-    return [r["loss"] for r in steps], [r["grad_norm"] for r in steps], [r["val_loss"] for r in records if "val_loss" in r]
 
 
 @pytest.fixture(scope="module")

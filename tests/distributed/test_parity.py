@@ -12,16 +12,9 @@ from safetensors.torch import load_file
 
 from bigtrain.config import from_dict
 from bigtrain.train.loop import train
-from tests.helpers import parity_config, torchrun
+from tests.helpers import curve, parity_config, torchrun
 
 STEPS, GLOBAL_BATCH = 5, 8
-
-
-def curve(run_dir) -> tuple[list[float], list[float], list[float]]:
-    """Per-step training losses and gradient norms, and the validation losses (before and after)."""
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    steps = [r for r in records if "loss" in r]
-    return [r["loss"] for r in steps], [r["grad_norm"] for r in steps], [r["val_loss"] for r in records if "val_loss" in r]
 
 
 @pytest.fixture(scope="module")

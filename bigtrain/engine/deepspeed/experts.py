@@ -17,6 +17,7 @@ import safetensors.torch
 import torch
 import torch.distributed as dist
 from deepspeed.moe.layer import MoE as DeepSpeedMoE
+from deepspeed.moe.utils import is_moe_param
 from deepspeed.runtime.utils import clip_grad_norm_
 from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 from torch import nn
@@ -60,8 +61,8 @@ def expert_param_groups(param_groups: list[dict]) -> list[dict]:
     DeepSpeed's ZeRO expects (`moe`, and the expert group's `name`)."""
     out = []
     for group in param_groups:
-        experts = [p for p in group["params"] if getattr(p, "allreduce", True) is False]
-        out.append({**group, "params": [p for p in group["params"] if getattr(p, "allreduce", True) is not False]})
+        experts = [p for p in group["params"] if is_moe_param(p)]
+        out.append({**group, "params": [p for p in group["params"] if not is_moe_param(p)]})
         if experts:
             out.append({**group, "params": experts, "moe": True, "name": experts[0].group_name})
     return out
@@ -73,8 +74,8 @@ def clip_with_experts(engine: object, topology: Topology, record: Callable[[torc
     gradient by it and hand it to `record`."""
     def clip() -> None:
         params = [p for p in engine.module.parameters() if p.grad is not None]
-        dense = [p for p in params if getattr(p, "allreduce", True) is not False]
-        experts = [p for p in params if getattr(p, "allreduce", True) is False]
+        dense = [p for p in params if not is_moe_param(p)]
+        experts = [p for p in params if is_moe_param(p)]
         squares = torch.stack([p.grad.detach().float().square().sum() for p in experts]).sum()
         if topology.grid.get_slice_parallel_rank() != 0:  # experts are whole on every tp rank: count them once
             squares = torch.zeros_like(squares)
