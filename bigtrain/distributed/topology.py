@@ -77,7 +77,9 @@ def init_processes(cfg: Config) -> None:
     if not dist.is_initialized():
         dist.init_process_group(backend, init_method="env://", rank=env.rank, world_size=env.world_size,
                                 timeout=timeout)
-        atexit.register(end_processes)
+    # also when the caller made the group: gloo aborts the interpreter's exit on a group left alive
+    atexit.unregister(end_processes)
+    atexit.register(end_processes)
     heartbeat.start(env.rank, env.world_size)
 
 

@@ -1,4 +1,6 @@
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -127,3 +129,22 @@ def test_zero_overlaps_communication_in_buckets_sized_from_the_model(name, d, bl
     small = config(zero_stage=2)  # a model smaller than a bucket gets one bucket of its own size
     assert deepspeed_config(small, 2)["zero_optimization"]["reduce_bucket_size"] == count_params(small.model).total
     assert "overlap_comm" not in deepspeed_config(config(zero_stage=0), 2)["zero_optimization"]
+
+
+def test_a_process_group_the_caller_made_is_ended_at_exit(tmp_path):
+    """A script that starts torch.distributed itself (as `deepspeed.init_distributed` does) and then
+    trains still has its group destroyed before the interpreter's teardown (gloo aborts the exit on
+    a group left alive). The checker registered first runs last."""
+    script = tmp_path / "script.py"
+    script.write_text(
+        "import atexit, torch.distributed as dist\n"
+        "from bigtrain.config import from_dict\n"
+        "from bigtrain.distributed.topology import init_processes\n"
+        "atexit.register(lambda: print('destroyed' if not dist.is_initialized() else 'alive'))\n"
+        "dist.init_process_group('gloo', init_method='tcp://127.0.0.1:0', rank=0, world_size=1)\n"
+        "init_processes(from_dict({'parallel': {'backend': 'gloo'}}))\n"
+        "init_processes(from_dict({'parallel': {'backend': 'gloo'}}))\n")
+    env = {**os.environ, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["destroyed"]
