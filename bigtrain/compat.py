@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -252,6 +253,30 @@ def replaced_torch_load(load: Callable[..., Any]) -> Iterator[None]:
         yield
     finally:
         torch.load = original
+
+
+@contextlib.contextmanager
+def checkpoint_files_through(engine: Any, writes: Any) -> Iterator[None]:
+    """Within the block, every file DeepSpeed's `save_checkpoint` writes (model, optimizer, layer
+    and expert states) goes through `writes.torch_save`: its checkpoint engine's `save` is replaced.
+    `writes` that copy the tensors themselves (`staged_copies`) spare DeepSpeed its own clone."""
+    checkpoint_engine = engine.checkpoint_engine
+    checkpoint_engine.save = lambda state_dict, path: writes.torch_save(state_dict, Path(path))
+    if getattr(writes, "staged_copies", False):
+        checkpoint_engine.preserves_storage_sharing = lambda: False
+    try:
+        yield
+    finally:
+        for name in ("save", "preserves_storage_sharing"):
+            checkpoint_engine.__dict__.pop(name, None)
+
+
+def shared_tensor_names(state_dict: dict[str, torch.Tensor]) -> dict[str, list[str]]:
+    """The names `safetensors.torch.save_model` keeps for tensors that share storage (tied
+    weights), each with the names it drops (and records in the file's metadata)."""
+    from safetensors.torch import _remove_duplicate_names
+
+    return _remove_duplicate_names(state_dict)
 
 
 def register_expert_groups(name: str, ep_group: Any, expert_data_group: Any) -> None:

@@ -260,6 +260,9 @@ class CheckpointConfig:
     verify: bool = True  # check every file's crc32c when resuming (each rank checks a share)
     remote: str | None = None  # mirror every checkpoint to s3://bucket/prefix, gs://bucket/prefix or a directory
     remote_retries: int = ranged(5, ge=0)  # retries of a failed upload/download, backoff 1, 2, 4 … s (at most 60)
+    # `checkpoint.async`: copy each rank's share to host memory at the save step and write it in the
+    # background (the loop waits only for the copy; the final and preemption saves wait for the write)
+    async_save: bool = False
 
 
 @dataclass
@@ -410,6 +413,7 @@ def read_yaml_mapping(path: str | Path, kind: str, holds: str) -> dict[str, Any]
 
 
 MOVED_KEYS = {"train.eval_every": "eval.val_every", "train.eval_batches": "eval.val_batches"}  # old → new
+KEYWORD_KEYS = {"checkpoint.async": "async_save"}  # keys that are Python keywords → their field
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = (), saved: bool = False) -> Config:
@@ -457,6 +461,7 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
         raise BigtrainError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {raw!r}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
+    raw = {KEYWORD_KEYS.get(f"{prefix}{key}", key): value for key, value in raw.items()}
     for key in raw:
         if f"{prefix}{key}" in MOVED_KEYS:
             raise BigtrainError(f"config key {prefix}{key} is now {MOVED_KEYS[prefix + key]}")

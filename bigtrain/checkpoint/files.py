@@ -31,26 +31,48 @@ def _listed_files(checkpoint: Path) -> list[Path]:
             and not f.name.startswith(SHARE_PREFIX)]
 
 
-def write_checksum_share(checkpoint: Path, rank: int, world: int) -> None:
-    files = _listed_files(checkpoint)[rank::world]
-    listed = {str(f.relative_to(checkpoint)): {"bytes": f.stat().st_size, "crc32c": file_crc32c(f)} for f in files}
-    (checkpoint / f"{SHARE_PREFIX}{rank}.json").write_text(json.dumps(listed))
+def write_checksum_share(checkpoint: Path, rank: int, files: list[Path]) -> None:
+    """Fsync `files` (the ones this rank wrote into `checkpoint`) and record their sizes and crc32c
+    in this rank's share, `.files-<rank>.json`, itself written last and atomically: its presence
+    says the rank's files are complete."""
+    listed = {}
+    for f in files:
+        fsync_path(f)
+        listed[str(f.relative_to(checkpoint))] = {"bytes": f.stat().st_size, "crc32c": file_crc32c(f)}
+    share = checkpoint / f"{SHARE_PREFIX}{rank}.json"
+    tmp = share.with_suffix(".tmp")
+    tmp.write_text(json.dumps(listed))
+    fsync_path(tmp)
+    os.replace(tmp, share)
+
+
+def share_written(checkpoint: Path, rank: int) -> bool:
+    return (checkpoint / f"{SHARE_PREFIX}{rank}.json").is_file()
 
 
 def merge_checksum_shares(checkpoint: Path, world: int) -> None:
+    """`files.json` from every rank's share, plus the files no rank listed (the small ones rank 0
+    wrote directly: state, config, tokenizer), checksummed and fsync'd here."""
     listed: dict[str, Any] = {}
     for rank in range(world):
         share = checkpoint / f"{SHARE_PREFIX}{rank}.json"
         listed.update(json.loads(share.read_text()))
         share.unlink()
+    for f in _listed_files(checkpoint):
+        name = str(f.relative_to(checkpoint))
+        if name not in listed:
+            fsync_path(f)
+            listed[name] = {"bytes": f.stat().st_size, "crc32c": file_crc32c(f)}
     (checkpoint / FILES).write_text(json.dumps(dict(sorted(listed.items())), indent=0))
+    fsync_path(checkpoint / FILES)
+    for directory in {f.parent for f in checkpoint.rglob("*")} | {checkpoint}:
+        fsync_path(directory)
 
 
 def write_file_list(checkpoint: Path) -> None:
     """Record every file's size and crc32c in `files.json` (written last, before the directory is
     renamed), computed by this one process."""
-    write_checksum_share(checkpoint, 0, 1)
-    merge_checksum_shares(checkpoint, 1)
+    merge_checksum_shares(checkpoint, 0)
 
 
 def file_problem(checkpoint: Path, share: tuple[int, int] = (0, 1), checksums: bool = True) -> str | None:

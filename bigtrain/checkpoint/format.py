@@ -24,7 +24,9 @@ import safetensors.torch
 import torch
 from torch import nn
 
+from bigtrain import compat
 from bigtrain.checkpoint import safe_load
+from bigtrain.checkpoint.writes import Direct
 from bigtrain.config import Config, load_config, save_config
 from bigtrain.errors import BigtrainError
 from bigtrain.model import Llama
@@ -82,8 +84,15 @@ def parameter_names(cfg: Config) -> list[str]:
     return [names[id(p)] for group in param_groups(model, 0.0) for p in group["params"]]
 
 
-def save_weights(model: nn.Module, checkpoint: Path) -> None:
-    safetensors.torch.save_model(model, str(checkpoint / WEIGHTS))
+def save_weights(model: nn.Module, checkpoint: Path, writes: Direct | None = None) -> None:
+    """`model.safetensors` as `safetensors.torch.save_model` writes it (tied weights once, the
+    dropped names in the metadata, as `load_model` expects), through `writes`."""
+    tensors, metadata = model.state_dict(), {}
+    for kept, dropped in compat.shared_tensor_names(tensors).items():
+        for name in dropped:
+            metadata[name] = kept
+            del tensors[name]
+    (writes or Direct()).safetensors(tensors, checkpoint / WEIGHTS, metadata or None)
 
 
 def load_weights(model: nn.Module, checkpoint: Path) -> None:
@@ -93,8 +102,8 @@ def load_weights(model: nn.Module, checkpoint: Path) -> None:
         raise BigtrainError(f"{checkpoint} does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
 
 
-def save_optimizer(optimizer: torch.optim.Optimizer, checkpoint: Path) -> None:
-    torch.save(optimizer.state_dict(), checkpoint / OPTIMIZER)
+def save_optimizer(optimizer: torch.optim.Optimizer, checkpoint: Path, writes: Direct | None = None) -> None:
+    (writes or Direct()).torch_save(optimizer.state_dict(), checkpoint / OPTIMIZER)
 
 
 def load_optimizer(checkpoint: Path, **kwargs: Any) -> dict[str, Any]:

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from bigtrain.checkpoint import format as fmt
+from bigtrain.checkpoint.writes import Direct
 from bigtrain.config import Config, ParallelConfig, TrainConfig
 from bigtrain.distributed.communicator import LoneProcess
 from bigtrain.distributed.timing import PhaseTimer
@@ -112,10 +113,10 @@ class LocalEngine:
         inputs = tokens[:, :-1]
         return self.model(inputs, tokens[:, 1:], *(self.documents(inputs) if self.documents else ()))
 
-    def save(self, directory: Path) -> None:
-        """Write the weights and the AdamW state into a checkpoint directory."""
-        fmt.save_weights(self.model, directory)
-        fmt.save_optimizer(self.optimizer, directory)
+    def save(self, directory: Path, writes: Direct) -> None:
+        """Write (or stage) the weights and the AdamW state into a checkpoint directory."""
+        fmt.save_weights(self.model, directory, writes)
+        fmt.save_optimizer(self.optimizer, directory, writes)
 
     def load(self, directory: Path) -> None:
         fmt.load_weights(self.model, directory)

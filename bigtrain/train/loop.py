@@ -13,6 +13,7 @@ import torch
 
 from bigtrain.checkpoint import io as ckpt
 from bigtrain.checkpoint.mirror import CheckpointMirror
+from bigtrain.checkpoint.writes import Direct, Staged
 from bigtrain.config import Config, DataConfig, TrainConfig, save_config
 from bigtrain.data.build import build_train_loader, check_remote_data
 from bigtrain.data.prefetch import Prefetcher
@@ -201,6 +202,8 @@ class Trainer:
         self.losses: list[float] = []  # every step's loss, averaged over data-parallel ranks at logging time
         self.window_losses: list[torch.Tensor] = []  # this rank's, since the last log
         self.last_saved: Path | None = None
+        self.writes = Staged() if cfg.checkpoint.async_save else None  # its host buffers serve every save
+        self.saving: ckpt.PendingSave | None = None  # the save in flight
         self.window_steps, self.window_flops = 0, 0.0  # steps and their FLOPs per token since the last log
         self.first_record = True
 
@@ -232,8 +235,9 @@ class Trainer:
                 for callback in self.callbacks:
                     callback.after_step(self, ending)
                 if self.step % cfg.checkpoint.every == 0 or ending:
-                    self.last_saved = self.save()
+                    self.save(wait=ending is not None)
                 self.window_start += time.perf_counter() - paused
+            self.finish_save()
             for callback in self.callbacks:
                 callback.end(self)
         finally:
@@ -298,20 +302,42 @@ class Trainer:
         self.log(record)
         for callback in self.callbacks:
             callback.logged(self)
+        if self.saving is not None and not self.comm.any_rank(not self.saving.done()):
+            self.finish_save()
         self.window_start, self.window_steps, self.window_flops = time.perf_counter(), 0, 0.0
 
-    def save(self) -> Path:
+    def save(self, wait: bool) -> None:
+        """Checkpoint this step. The loop waits for every file to be written, or with
+        `checkpoint.async` only for the copy into host memory (`checkpoint_stall_s`): the files are
+        then written in the background, and the save is finished at a logging step where every
+        rank is done, before the next save, or at once when `wait` (the last save of a run)."""
+        self.finish_save()  # one save in flight at a time
         for callback in self.callbacks:
             callback.before_save(self)
-        saving = time.perf_counter()
         state = {"tokens": self.tokens, "loader": self.loader.state_dict()}
         for callback in self.callbacks:
             state.update(callback.state_dict())
-        path = ckpt.save_checkpoint(self.run_dir, self.step, self.engine, self.comm, state, self.cfg, self.tokenizer_path,
-                                    self.cfg.checkpoint.keep_last)
+        if self.writes is not None:
+            self.writes.begin()
+        save = self.saving = ckpt.begin_save(self.run_dir, self.step, self.engine, self.comm, state, self.cfg,
+                                             self.tokenizer_path, self.cfg.checkpoint.keep_last, self.writes or Direct())
+        if self.writes is None:
+            save.write_together(self.comm)
+        else:
+            self.writes.staged()
+            save.write_in_background()
+        save.stall_s = time.perf_counter() - save.began
+        if wait or self.writes is None:
+            self.finish_save()
+
+    def finish_save(self) -> None:
+        """Meet the save in flight, if any (every rank together): log it, hand it to the callbacks."""
+        save, self.saving = self.saving, None
+        if save is None:
+            return
+        path = self.last_saved = save.finish(self.comm)
         if self.comm.is_main:
-            self.log({"step": self.step, "checkpoint": path.name, "checkpoint_save_s": time.perf_counter() - saving,
-                      "checkpoint_gb": directory_size(path) / 2**30})
+            self.log({"step": self.step, "checkpoint": path.name, "checkpoint_stall_s": save.stall_s,
+                      "checkpoint_write_s": save.written_s, "checkpoint_gb": directory_size(path) / 2**30})
         for callback in self.callbacks:
             callback.saved(self, path)
-        return path

@@ -45,7 +45,7 @@ def write_config(stdlib_data, directory: Path) -> Path:
 SLOW_TRAINER = """
 import os, sys, time
 from bigtrain.train import loop
-from bigtrain.checkpoint import io as checkpoint
+from bigtrain.checkpoint import files as checkpoint
 from bigtrain.distributed import launcher_watch
 step, fsync, pause = loop.Trainer.train_step, checkpoint.fsync_path, float(os.environ["STEP_S"])
 launcher_watch.POLL_S = float(os.environ.get("WATCH_S", launcher_watch.POLL_S))  # a late watcher thread

@@ -62,7 +62,7 @@ def test_step_records_hold_split_speed_and_mfu(run):
         # the phases are measured inside the step, never more than it; the data phase holds the sleep
         assert DATA_SLEEP_S <= r["time_data_s"] <= sum(phases) <= r["step_time_s"] * 1.001
         assert r["skipped_steps"] == r["fp16_overflow_steps"] == 0 and r["loss_scale"] is None and r["peak_mem_gb"] > 0.1
-    saves = [r for r in records if "checkpoint_save_s" in r]
+    saves = [r for r in records if "checkpoint_write_s" in r]
     assert [r["checkpoint"] for r in saves] == ["step-0000003", "step-0000006"]
     on_disk = sum(f.stat().st_size for f in (run_dir / "checkpoints" / "step-0000006").rglob("*") if f.is_file())
     assert saves[-1]["checkpoint_gb"] == pytest.approx(on_disk / 2**30)

@@ -247,3 +247,35 @@ def test_zero_buffer_internals_the_simulation_measures():
     assert [t.numel() for t in compat.gradient_buffers(wrapper)] == [3]
     assert [t.numel() for t in compat.bucket_buffers(wrapper)] == [2, 2, 5]
     assert [t.numel() for t in compat.master_partitions(wrapper)] == [4]
+
+
+def test_deepspeed_checkpoint_engine_save_is_routed_and_restored(tmp_path: Path):
+    """DeepSpeed's engines write through `checkpoint_engine.save` and ask `preserves_storage_sharing`
+    before cloning; both are replaced within the block only."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    from bigtrain.checkpoint.writes import Staged
+
+    checkpoint_engine = TorchCheckpointEngine()
+    engine = SimpleNamespace(checkpoint_engine=checkpoint_engine)
+    writes = Staged()
+    with compat.checkpoint_files_through(engine, writes):
+        checkpoint_engine.save({"w": torch.ones(2)}, str(tmp_path / "x.pt"))
+        assert checkpoint_engine.preserves_storage_sharing() is False
+    assert not (tmp_path / "x.pt").exists()  # staged, not written
+    writes.flush()
+    assert torch.equal(torch.load(tmp_path / "x.pt")["w"], torch.ones(2))
+    assert checkpoint_engine.preserves_storage_sharing() is True
+    assert "save" not in checkpoint_engine.__dict__
+
+
+def test_safetensors_shared_names_match_save_model(tmp_path: Path):
+    import safetensors.torch
+
+    model = torch.nn.Linear(2, 2)
+    model.register_parameter("tied", model.weight)
+    kept = compat.shared_tensor_names(model.state_dict())
+    safetensors.torch.save_model(model, str(tmp_path / "m.safetensors"))
+    with safetensors.safe_open(str(tmp_path / "m.safetensors"), "pt") as f:
+        assert set(f.keys()) == {"bias", *kept}
+        assert f.metadata() == {name: k for k, names in kept.items() for name in names}

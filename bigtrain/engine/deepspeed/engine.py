@@ -9,7 +9,6 @@ from functools import partial
 from pathlib import Path
 
 import deepspeed
-import safetensors.torch
 import torch
 import torch.distributed as dist
 from deepspeed.runtime.utils import clip_grad_norm_
@@ -18,6 +17,7 @@ from torch import nn
 from bigtrain import compat
 from bigtrain.checkpoint import format as fmt
 from bigtrain.checkpoint import safe_load
+from bigtrain.checkpoint.writes import Direct
 from bigtrain.config import Config
 from bigtrain.distributed.communicator import ProcessGroups
 from bigtrain.distributed.timing import PhaseTimer
@@ -263,21 +263,23 @@ class DeepSpeedEngine:
         self.engine.train()
         return loss
 
-    def save(self, directory: Path) -> None:
+    def save(self, directory: Path, writes: Direct) -> None:
         """DeepSpeed's own sharded format under `directory/deepspeed` (every rank writes its part),
         plus full fp32 weights in `model.safetensors` when there is no tensor or pipeline split.
-        With expert parallelism: the single-process layout alone (`save_full_state`)."""
+        With expert parallelism: the single-process layout alone (`save_full_state`). Every file
+        goes through `writes`."""
         if self.topology.ep > 1:
             save_full_state(self.model, self.engine.optimizer, self._client_optimizer, self.param_names, self.cfg,
-                            self.topology, directory)
+                            self.topology, directory, writes)
             return
-        self.engine.save_checkpoint(str(directory), tag=TAG, save_latest=False)
+        with compat.checkpoint_files_through(self.engine, writes):
+            self.engine.save_checkpoint(str(directory), tag=TAG, save_latest=False)
         if self.topology.tp == 1 and self.topology.pp == 1:
             params = list(self.model.parameters())
             with deepspeed.zero.GatheredParameters(params, enabled=self.engine.zero_optimization_stage() == 3):
                 if self.comm.is_main:
-                    state = {name: p.detach().float().cpu().clone() for name, p in self.model.named_parameters()}
-                    safetensors.torch.save_file(state, str(directory / fmt.WEIGHTS))
+                    writes.safetensors({name: p.detach().float() for name, p in self.model.named_parameters()},
+                                       directory / fmt.WEIGHTS)
 
     def load(self, directory: Path) -> None:
         """DeepSpeed's own state of this layout, or the single-process layout (no `deepspeed/`:

@@ -13,7 +13,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-import safetensors.torch
 import torch
 import torch.distributed as dist
 from deepspeed.moe.layer import MoE as DeepSpeedMoE
@@ -24,6 +23,7 @@ from torch import nn
 
 from bigtrain import compat
 from bigtrain.checkpoint import format as fmt
+from bigtrain.checkpoint.writes import Direct
 from bigtrain.config import Config
 from bigtrain.engine.deepspeed.grid import Topology
 from bigtrain.engine.optimizer import build_adamw
@@ -91,7 +91,7 @@ def clip_with_experts(engine: object, topology: Topology, record: Callable[[torc
 
 
 def save_full_state(module: nn.Module, wrapper: object, adamw: torch.optim.Optimizer, names: dict[int, str],
-                    cfg: Config, topology: Topology, directory: Path) -> None:
+                    cfg: Config, topology: Topology, directory: Path, writes: Direct) -> None:
     """Write `model.safetensors` and `optimizer.pt` of the one-process model (rank 0), every rank
     contributing its parameters' full fp32 values and AdamW moments (expert weights gathered
     across the expert-parallel group, tensor-parallel slices across theirs, pipeline stages on
@@ -123,11 +123,11 @@ def save_full_state(module: nn.Module, wrapper: object, adamw: torch.optim.Optim
             weights.update(share[0])
             moments.update(share[1])
             step = share[2] if step is None else step
-        safetensors.torch.save_file(weights, str(directory / fmt.WEIGHTS))
+        writes.safetensors(weights, directory / fmt.WEIGHTS)
         one_process = build_adamw(Llama(cfg.model, device="meta"), cfg.train)
         if step is None:  # saved before the first update
             moments, step = {}, torch.zeros(())
-        torch.save(fmt.adamw_state(one_process, fmt.parameter_names(cfg), moments, step), directory / fmt.OPTIMIZER)
+        writes.torch_save(fmt.adamw_state(one_process, fmt.parameter_names(cfg), moments, step), directory / fmt.OPTIMIZER)
 
 
 def _splits(name: str, topology: Topology) -> list[tuple[dist.ProcessGroup, int]]:

@@ -2,7 +2,7 @@
 
 A record is one flat dict: a training step (`loss`, `tokens_per_s`, `mfu`, `time_*_s`, …),
 a validation (`val_loss`, `val_perplexity`), an lm-eval task evaluation (`eval/<task>/<metric>`)
-or a checkpoint (`checkpoint_save_s`, `checkpoint_gb`; `checkpoint_upload_s` once it reached
+or a checkpoint (`checkpoint_stall_s`, `checkpoint_write_s`, `checkpoint_gb`; `checkpoint_upload_s` once it reached
 `checkpoint.remote`).
 Only rank 0 builds sinks.
 """

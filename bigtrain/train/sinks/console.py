@@ -63,8 +63,10 @@ def format_record(r: dict[str, Any]) -> str:
         return " | ".join([head, *(f"{name} {value:.4f}" for name, value in tasks.items()), *took])
     if "checkpoint_upload_s" in r:
         return f"{head} | uploaded {r['checkpoint_remote']} in {r['checkpoint_upload_s']:.1f} s"
-    if "checkpoint_save_s" in r:
-        return f"{head} | saved {r['checkpoint']} ({r['checkpoint_gb']:.3f} GB in {r['checkpoint_save_s']:.1f} s)"
+    if "checkpoint_write_s" in r:
+        waited = "" if r["checkpoint_stall_s"] == r["checkpoint_write_s"] else f", loop waited {r['checkpoint_stall_s']:.2f} s"
+        return (f"{head} | saved {r['checkpoint']} ({r['checkpoint_gb']:.3f} GB in {r['checkpoint_write_s']:.1f} s"
+                f"{waited})")
     parts = [head, f"loss {r['loss']:.4f}", f"lr {r['lr']:.2e}", f"gnorm {r['grad_norm']:.3f}",
              f"{r['tokens_per_s'] / 1e3:.1f}k tok/s"]
     if r.get("mfu") is not None:
