@@ -154,7 +154,7 @@ class PendingSave:
     error: str | None = None
     began: float = field(default_factory=time.perf_counter)
     stall_s: float | None = None  # how long the loop waited for it
-    written_s: float | None = None  # from `begin_save` to this rank's part done (rank 0: committed)
+    written_s: float | None = None  # from `begin_save` until this rank's part is done (rank 0's: committed)
     thread: threading.Thread | None = None
     timeout_s: float = 1800.0  # how long rank 0 waits for the others' shares in the background
 
@@ -191,7 +191,6 @@ class PendingSave:
                     shutil.rmtree(old)
         except (OSError, ValueError) as e:
             self.error = first_line(e)
-        self.written_s = time.perf_counter() - self.began
 
     def write_in_background(self) -> None:
         def write() -> None:
@@ -200,7 +199,7 @@ class PendingSave:
                 self._wait_for_shares()
                 if self.error is None:
                     self.commit()
-            self.written_s = self.written_s or time.perf_counter() - self.began
+            self.written_s = time.perf_counter() - self.began
 
         self.thread = threading.Thread(target=write, name=f"save-{self.final.name}", daemon=True)
         self.thread.start()

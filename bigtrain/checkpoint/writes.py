@@ -80,14 +80,22 @@ class Staged(Direct):
         """Host memory the staging buffers hold."""
         return sum(b.numel() * b.element_size() for b in self.buffers)
 
-    def _copy(self, obj: Any) -> Any:
+    def _copy(self, obj: Any, copies: dict[int, Any] | None = None) -> Any:
+        """`obj` with its tensors staged and its containers rebuilt; what `obj` holds twice is
+        copied once (as `torch.save` and pickle store it once: the file's bytes do not change)."""
+        copies = {} if copies is None else copies
+        if id(obj) in copies:
+            return copies[id(obj)]
         if isinstance(obj, torch.Tensor):
-            return self._stage(obj.detach())
-        if isinstance(obj, dict):
-            return type(obj)((key, self._copy(value)) for key, value in obj.items())
-        if isinstance(obj, list | tuple) and not hasattr(obj, "_fields"):
-            return type(obj)(self._copy(value) for value in obj)
-        return obj
+            copy = self._stage(obj.detach())
+        elif isinstance(obj, dict):
+            copy = type(obj)((key, self._copy(value, copies)) for key, value in obj.items())
+        elif isinstance(obj, list | tuple) and not hasattr(obj, "_fields"):
+            copy = type(obj)(self._copy(value, copies) for value in obj)
+        else:
+            return obj
+        copies[id(obj)] = copy
+        return copy
 
     def _stage(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.used < len(self.buffers):

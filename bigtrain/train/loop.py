@@ -323,10 +323,11 @@ class Trainer:
                                              self.tokenizer_path, self.cfg.checkpoint.keep_last, self.writes or Direct())
         if self.writes is None:
             save.write_together(self.comm)
+            save.stall_s = save.written_s = time.perf_counter() - save.began
         else:
             self.writes.staged()
             save.write_in_background()
-        save.stall_s = time.perf_counter() - save.began
+            save.stall_s = time.perf_counter() - save.began
         if wait or self.writes is None:
             self.finish_save()
 

@@ -207,17 +207,20 @@ def test_killing_the_agent_alone_commits_nothing_more(stdlib_data, tmp_path, str
     check_recovered(tmp_path / "run", straight, launches=2)
 
 
-def test_kill_minus_nine_while_writing_a_checkpoint(stdlib_data, tmp_path, straight):
+@pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
+def test_kill_minus_nine_while_writing_a_checkpoint(async_save, stdlib_data, tmp_path, straight):
+    """Asynchronously, the kill lands while the background threads write and training goes on;
+    `straight` is a synchronous run."""
     config_path = write_config(stdlib_data, tmp_path)
     root = tmp_path / "run" / "checkpoints"
-    first = launch(config_path, slow=1.0)
+    first = launch(config_path, f"checkpoint.async={async_save}", slow=1.0)
     wait_until(lambda: (root / "latest").exists() and any(root.glob(".tmp-*")), first)
     os.killpg(first.pid, signal.SIGKILL)  # the agent and both workers at once
     first.wait()
     assert any(root.glob(".tmp-*")), "the kill did not land while a checkpoint was written"
     latest = (root / "latest").read_text().strip()
     assert (root / latest / "files.json").is_file()
-    completes(config_path)
+    completes(config_path, f"checkpoint.async={async_save}")
     check_recovered(tmp_path / "run", straight, launches=2)
 
 

@@ -230,7 +230,9 @@ sys.exit(main(["train", *sys.argv[2:]]))
 """
 
 
-def test_a_save_that_runs_out_of_space_ends_the_run_and_keeps_latest(stdlib_data, tmp_path):
+@pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
+def test_a_save_that_runs_out_of_space_ends_the_run_and_keeps_latest(async_save, stdlib_data, tmp_path):
+    """Asynchronously, the write fails in the background thread; the run ends with the same line."""
     import subprocess
     import sys
 
@@ -238,6 +240,7 @@ def test_a_save_that_runs_out_of_space_ends_the_run_and_keeps_latest(stdlib_data
 
     cfg = tiny_config(stdlib_data, tmp_path / "run", **STEPS_ONLY, steps=4, val_every=1000)
     cfg.checkpoint.every, cfg.log.every, cfg.run.resume = 2, 1, "auto"
+    cfg.checkpoint.async_save = async_save
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
     straight = loop.train(tiny_config(stdlib_data, tmp_path / "straight", **STEPS_ONLY, steps=4, val_every=1000), console=False)
 
