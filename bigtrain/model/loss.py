@@ -60,10 +60,10 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor, z_loss: ZLoss | None = 
     gradient is that of cross-entropy + z-loss (the value stays the cross-entropy)."""
     logits = logits.float().reshape(-1, logits.shape[-1])
     loss = F.cross_entropy(logits, targets.reshape(-1))
-    if z_loss is None:
+    if z_loss is None or not loss.requires_grad:  # (validation: the cross-entropy is all it needs)
         return loss
     z = z_loss.coeff * logits.logsumexp(dim=-1).square().mean()
-    z_loss.record(loss, z)
+    z_loss.add(z)
     return WithGradientOf.apply(loss, z)
 
 
