@@ -219,6 +219,7 @@ class TrainConfig:
     beta2: float = ranged(0.95, ge=0, lt=1)
     eps: float = ranged(1e-8, gt=0)
     grad_clip: float | None = ranged(1.0, gt=0)  # None: no clipping
+    z_loss: float = ranged(0.0, ge=0)  # PaLM's z-loss of the output logits: coeff · mean logsumexp² (e.g. 1e-4); 0: off
     grad_accum: int = ranged(1, ge=1)
     global_batch: int | None = ranged(None, ge=1)  # windows per step; must equal micro_batch × grad_accum × dp
     device: Literal["auto", "cpu", "cuda"] = "auto"

@@ -39,3 +39,4 @@ class Engine(Checkpointable, Protocol):
     def eval_loss(self, tokens: torch.Tensor) -> torch.Tensor: ...
     def step_times(self) -> dict[str, float]: ...  # seconds per phase since the last call
     def router_stats(self) -> torch.Tensor | None: ...  # MoE routing since the last call, summed over ranks (None: dense)
+    def take_z_loss(self) -> float | None: ...  # the logits' z-loss since the last call, over passes and ranks (None: off)

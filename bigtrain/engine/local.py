@@ -22,7 +22,8 @@ from bigtrain.engine.memory import MemoryPeak
 from bigtrain.engine.optimizer import build_adamw
 from bigtrain.engine.update_gate import UpdateGate
 from bigtrain.model import Llama
-from bigtrain.model.llama import DocumentMasking
+from bigtrain.model.llama import DocumentMasking, set_z_loss
+from bigtrain.model.loss import ZLoss
 from bigtrain.model.moe import set_auxiliary_scale, take_router_stats
 from bigtrain.parallel.parallelize import parallelize
 
@@ -62,6 +63,8 @@ class LocalEngine:
         self.grad_clip = cfg.grad_clip
         self.optimizer = build_adamw(self.model, cfg)
         self.gate = gate
+        self.z_loss = ZLoss(cfg.z_loss) if cfg.z_loss else None
+        set_z_loss(self.model, self.z_loss)
 
     def train_step(self, micro_batches: list[torch.Tensor], lr: float) -> StepOutput:
         """Accumulate gradients over `micro_batches` ([b, seq+1] tokens each), then update once."""
@@ -98,6 +101,11 @@ class LocalEngine:
         """Each MoE block's routing since the last call (`take_router_stats`); None for a dense model."""
         cfg = self.model.cfg
         return take_router_stats(self.model, cfg) if cfg.moe.experts else None
+
+    def take_z_loss(self) -> float | None:
+        """The mean z-loss of the training passes since the last call (None: `train.z_loss` is 0)."""
+        sums = self.z_loss.take() if self.z_loss is not None else None
+        return None if sums is None else float(sums[1] / sums[0])
 
     @torch.no_grad()
     def eval_loss(self, tokens: torch.Tensor) -> torch.Tensor:

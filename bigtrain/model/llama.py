@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bigtrain.config import ModelConfig
-from bigtrain.model.loss import linear_cross_entropy
+from bigtrain.model.loss import ZLoss, linear_cross_entropy
 from bigtrain.model.mlp import MLP
 from bigtrain.model.moe import MoE
 from bigtrain.model.pointwise import rms_norm
@@ -207,26 +207,39 @@ class Embedding(nn.Module):
 
 class LMHead(nn.Linear):
     """The projection to vocabulary logits; given targets it returns their mean cross-entropy
-    instead, without ever holding the full-vocabulary logits (`linear_cross_entropy`)."""
+    instead, without ever holding the full-vocabulary logits (`linear_cross_entropy`, with the
+    logits' `z_loss` if given)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__(cfg.d_model, cfg.vocab_size, bias=False)
 
-    def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
-        return super().forward(x) if targets is None else linear_cross_entropy(x, self.weight, targets)
+    def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None,
+                z_loss: ZLoss | None = None) -> torch.Tensor:
+        return super().forward(x) if targets is None else linear_cross_entropy(x, self.weight, targets, z_loss=z_loss)
 
 
 class Head(nn.Module):
-    """Final RMSNorm and the projection to vocabulary logits (or, given targets, the loss)."""
+    """Final RMSNorm and the projection to vocabulary logits (or, given targets, the loss; with
+    `z_loss` set, by `set_z_loss`, its gradient carries the logits' z-loss too)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = LMHead(cfg)
+        self.z_loss: ZLoss | None = None
 
     def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         x = self.norm(x)
-        return self.lm_head(x) if targets is None else self.lm_head(x, targets)
+        if targets is None:
+            return self.lm_head(x)
+        return self.lm_head(x, targets) if self.z_loss is None else self.lm_head(x, targets, self.z_loss)
+
+
+def set_z_loss(module: nn.Module, z_loss: ZLoss | None) -> None:
+    """Make every head in `module` add `z_loss` (an engine's, of `train.z_loss`) to its loss."""
+    for layer in module.modules():
+        if isinstance(layer, Head):
+            layer.z_loss = z_loss
 
 
 def layer_type(cfg: ModelConfig, index: int) -> type[nn.Module]:

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bigtrain import compat
+from bigtrain.model.loss import ZLoss
 from bigtrain.parallel.vocab_parallel_loss import vocab_parallel_linear_cross_entropy
 
 
@@ -247,10 +248,11 @@ class VocabParallelLMHead(ColumnParallelLinear):
         super().__init__(linear, group)
         self.group = group
 
-    def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None,
+                z_loss: ZLoss | None = None) -> torch.Tensor:
         if targets is None:
             return super().forward(x)
-        return vocab_parallel_linear_cross_entropy(x, self.weight, targets, self.group)
+        return vocab_parallel_linear_cross_entropy(x, self.weight, targets, self.group, z_loss=z_loss)
 
 
 class RowParallelLinear(nn.Module):

@@ -286,8 +286,10 @@ class Trainer:
         losses = torch.stack(self.window_losses)  # one collective for the whole window
         self.losses += (losses if engine.loss_is_global else self.comm.mean_over_dp(losses)).tolist()
         self.window_losses = []
+        z_loss = engine.take_z_loss()  # the objective's other term (train.z_loss): not part of `loss`
         record = {
-            "step": self.step, "loss": self.losses[-1], "lr": lr_at(self.step - 1, self.cfg.train),
+            "step": self.step, "loss": self.losses[-1], **({"z_loss": z_loss} if z_loss is not None else {}),
+            "lr": lr_at(self.step - 1, self.cfg.train),
             "grad_norm": float(out.grad_norm), "tokens": self.tokens,
             **self.speed.measure(self.window_steps, window_s, engine.step_times(), self.window_flops / self.window_steps),
             "peak_mem_gb": peak_memory_gb(engine.device),

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from bigtrain.errors import BigtrainError
 from bigtrain.model import Llama, lm_loss
-from bigtrain.model.loss import linear_cross_entropy
+from bigtrain.model.loss import ZLoss, linear_cross_entropy
 from bigtrain.parallel.layout import check_tensor_parallel
 from bigtrain.parallel.tensor_parallel import apply_tensor_parallel
 from bigtrain.parallel.vocab_parallel_loss import (
@@ -166,11 +166,40 @@ def _check_linear_cross_entropy(group: dist.ProcessGroup) -> None:
         torch.testing.assert_close(grad_w, expected_grads[1].chunk(tp)[rank], rtol=1e-6, atol=1e-7)
 
 
+def _check_z_loss(group: dist.ProcessGroup) -> None:
+    """With a z-loss, both vocab-parallel losses (on logits, and chunk by chunk with the head's
+    matmul) give the full-logits cross-entropy, z-loss and gradients of cross-entropy + z-loss:
+    the log-sum-exp is the global one."""
+    rank, tp = dist.get_rank(group), dist.get_world_size(group)
+    torch.manual_seed(0)
+    hidden = torch.randn(3, 10, 16, requires_grad=True)
+    weight = (0.5 * torch.randn(24, 16) + 0.1).requires_grad_()
+    targets = torch.randint(0, 24, (3, 10))
+    logits = hidden @ weight.t()
+    ce = F.cross_entropy(logits.reshape(-1, 24), targets.reshape(-1))
+    z = 0.05 * logits.logsumexp(-1).square().mean()
+    expected = torch.autograd.grad(2.5 * (ce + z), (hidden, weight))
+    for chunk in (None, 1, 7):  # None first: on logits, then chunked
+        h, w = hidden.detach().clone().requires_grad_(), weight.detach().chunk(tp)[rank].clone().requires_grad_()
+        z_loss = ZLoss(0.05)
+        if chunk is None:
+            loss = vocab_parallel_cross_entropy(h @ w.t(), targets, group, z_loss)
+        else:
+            loss = vocab_parallel_linear_cross_entropy(h, w, targets, group, chunk, z_loss)
+        grad_h, grad_w = torch.autograd.grad(2.5 * loss, (h, w))
+        dist.all_reduce(grad_h, group=group)
+        torch.testing.assert_close(loss, ce, rtol=1e-6, atol=0)
+        assert z_loss.take()[1].item() == pytest.approx(z.item(), rel=1e-6)
+        torch.testing.assert_close(grad_h, expected[0], rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(grad_w, expected[1].chunk(tp)[rank], rtol=1e-5, atol=1e-7)
+
+
 def _tp2_suite() -> None:
     _count_block_collectives()
     _measure_activation_memory()
     _check_cross_entropy(dist.group.WORLD)
     _check_linear_cross_entropy(dist.group.WORLD)
+    _check_z_loss(dist.group.WORLD)
     for sequence_parallel in (False, True):
         _check_parity(GQA, dist.group.WORLD, sequence_parallel)  # one KV head and two query heads per rank
         _check_parity({**GQA, "tie_embeddings": True}, dist.group.WORLD, sequence_parallel)
@@ -183,6 +212,7 @@ def _tp4_suite() -> None:
     tp2 = _tp_group(2)
     _check_cross_entropy(tp2)
     _check_linear_cross_entropy(tp2)
+    _check_z_loss(tp2)
     _check_parity({**GQA, "tie_embeddings": True}, tp2, sequence_parallel=True)
 
 

@@ -22,7 +22,7 @@ def config(data, run_dir, steps):
         "run": {"name": "obs", "dir": str(run_dir), "seed": 3, "resume": "auto"},
         "model": {"vocab_size": 512, "d_model": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "max_seq_len": 32},
         "data": {"path": str(data[0]), "val_path": str(data[1]), "seq_len": 32, "micro_batch": 4},
-        "train": {"steps": steps, "warmup_steps": 1, "device": "cpu"},
+        "train": {"steps": steps, "warmup_steps": 1, "device": "cpu", "z_loss": 1e-4},
         "eval": {"val_every": 3, "val_batches": 2},
         "checkpoint": {"every": 3},
         "log": {"every": 2, "peak_tflops": PEAK_TFLOPS,
@@ -62,6 +62,7 @@ def test_step_records_hold_split_speed_and_mfu(run):
         # the phases are measured inside the step, never more than it; the data phase holds the sleep
         assert DATA_SLEEP_S <= r["time_data_s"] <= sum(phases) <= r["step_time_s"] * 1.001
         assert r["skipped_steps"] == r["fp16_overflow_steps"] == 0 and r["loss_scale"] is None and r["peak_mem_gb"] > 0.1
+        assert 1e-4 * 5**2 < r["z_loss"] < 1e-4 * 8**2  # log Z near log 512 = 6.2 at the start; in W&B below too
     saves = [r for r in records if "checkpoint_write_s" in r]
     assert [r["checkpoint"] for r in saves] == ["step-0000003", "step-0000006"]
     on_disk = sum(f.stat().st_size for f in (run_dir / "checkpoints" / "step-0000006").rglob("*") if f.is_file())

@@ -166,6 +166,7 @@ def test_out_of_range_values_name_the_key_in_one_line(key, value):
         ("train.min_lr_ratio=1.5", "train.min_lr_ratio=1.5 must be in [0, 1]"),
         ("train.grad_clip=0", "train.grad_clip=0.0 must be > 0"),
         ("train.spike_factor=1", "train.spike_factor=1.0 must be > 1"),
+        ("train.z_loss=-1e-4", "train.z_loss=-0.0001 must be >= 0"),
         ("train.eps=.nan", "train.eps=nan must be > 0"),
         ("checkpoint.keep_last=0", "checkpoint.keep_last=0 must be >= 1"),
         ("data.val_fraction=1", "data.val_fraction=1.0 must be in [0, 1)"),

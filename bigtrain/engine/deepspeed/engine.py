@@ -47,7 +47,8 @@ from bigtrain.engine.optimizer import build_adamw
 from bigtrain.engine.update_gate import UpdateGate
 from bigtrain.errors import BigtrainError
 from bigtrain.model import Llama, lm_loss
-from bigtrain.model.llama import DocumentMasking
+from bigtrain.model.llama import DocumentMasking, set_z_loss
+from bigtrain.model.loss import ZLoss
 from bigtrain.model.moe import set_auxiliary_scale, take_router_stats
 from bigtrain.parallel.deepspeed_ulysses import sequence_mean, sequence_slice
 from bigtrain.parallel.vocab_parallel_loss import vocab_parallel_cross_entropy
@@ -104,9 +105,12 @@ class DeepSpeedEngine:
         `ds_config` is `deepspeed_config`'s for this layout."""
         self.topology, self.timer, self.gate = topology, timer, gate
         self.device = rank_device(cfg.train.device)
-        self.loss_fn = lm_loss  # the pipeline engine's (its last stage gets logits); otherwise the head
-        if topology.tp > 1:  # computes the loss chunk by chunk, vocab-parallel under tp > 1
-            self.loss_fn = partial(vocab_parallel_cross_entropy, group=topology.tp_group)
+        self.z_loss = ZLoss(cfg.train.z_loss) if cfg.train.z_loss else None
+        # the pipeline engine's loss (its last stage gets logits); otherwise the head computes the
+        # loss chunk by chunk, vocab-parallel under tp > 1 (with the z-loss: `set_z_loss` below)
+        self.loss_fn = partial(lm_loss, z_loss=self.z_loss)
+        if topology.tp > 1:
+            self.loss_fn = partial(vocab_parallel_cross_entropy, group=topology.tp_group, z_loss=self.z_loss)
         self.cfg, self.param_names = cfg, stage.param_names()
         self.pipelined = topology.pp > 1
         self.aux_weight = 1.0  # the MoE auxiliary losses' gradient per micro-batch, × 1 / micro-batches
@@ -121,6 +125,7 @@ class DeepSpeedEngine:
                                      (stage.start, stage.stop))
         else:
             module = Llama(cfg.model, stage.layers)
+            set_z_loss(module, self.z_loss)
         if topology.ep > 1:
             declare_experts(module, topology)
         optimizer = build_adamw(module, cfg.train, expert_param_groups if topology.ep > 1 else None)
@@ -250,6 +255,17 @@ class DeepSpeedEngine:
         table = take_router_stats(self.model, self.cfg.model).to(self.device)
         dist.all_reduce(table)
         return table.cpu()
+
+    def take_z_loss(self) -> float | None:
+        """The mean z-loss of the training passes since the last call, over every rank that computed
+        it (the loss's: the last stage's; tp ranks share it, sp ranks each have their tokens'): a
+        collective at logging time. None when `train.z_loss` is 0."""
+        if self.z_loss is None:
+            return None
+        sums = self.z_loss.take()
+        sums = torch.zeros(2, dtype=torch.float64, device=self.device) if sums is None else sums.to(self.device)
+        dist.all_reduce(sums)
+        return float(sums[1] / sums[0]) if sums[0] else None
 
     @torch.no_grad()
     def eval_loss(self, tokens: torch.Tensor) -> torch.Tensor:
