@@ -89,6 +89,8 @@ def plan_report(cfg: Config, gpus: int, gpu_mem_gib: float, gpus_per_node: int, 
                          ("buffers", "buffers"), ("activations", "activations"), ("total", "total"),
                          ("CPU (offload)", "optimizer_cpu")):
         rows.append(f"{label:<14}" + "".join(f"{getattr(p, field) / 2**30:>{width}.2f}" for p in plans))
+    rows.append(f"{'async ckpt':<14}" + "".join(
+        f"{planner.checkpoint_staging_bytes(m, v, p) / 2**30:>{width}.2f}" for (_, v), p in zip(variants, plans, strict=True)))
     rows.append(f"{f'fits {gpu_mem_gib:g} GiB':<14}" + "".join(
         f"{('yes' if planner.fits(p, gpu_mem_gib) else 'NO'):>{width}}" for p in plans))
     chosen = planner.memory_plan(m, seq, precision, layout)

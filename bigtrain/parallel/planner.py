@@ -230,6 +230,20 @@ def memory_plan(m: ModelConfig, seq_len: int, precision: str, layout: Layout) ->
                       activations_one_micro_batch=one, optimizer_cpu=optimizer if offloaded else 0.0)
 
 
+def checkpoint_staging_bytes(m: ModelConfig, layout: Layout, plan: MemoryPlan) -> float:
+    """Host memory `checkpoint.async` holds on rank 0 (the most loaded) to stage its share of a
+    checkpoint: its weights and optimizer state as the engine saves them, plus the full fp32
+    weights it writes to `model.safetensors` without tensor or pipeline split (with expert
+    parallelism rank 0 gathers the single-process layout: fp32 weights and both moments)."""
+    total = count_params(m).total
+    if layout.ep > 1:
+        return 12.0 * total
+    if layout.local:
+        return plan.params + plan.optimizer
+    full = 4.0 * total if layout.tp == 1 and layout.pp == 1 else 0.0
+    return plan.params + plan.optimizer + plan.optimizer_cpu + full
+
+
 def step_time(m: ModelConfig, seq_len: int, precision: str, layout: Layout, peak_flops: float,
               gpus_per_node: int) -> float:
     """Seconds per optimiser step: compute at COMPUTE_EFFICIENCY of peak, stretched by the pipeline

@@ -69,6 +69,14 @@ def test_saved_config_loads_back_equal(tmp_path):
     assert load_config(tmp_path / "config.yaml") == cfg
 
 
+def test_checkpoint_async_is_spelled_as_the_docs_say(tmp_path):
+    """`async` is a Python keyword: the field is `async_save`, the key either name."""
+    assert load_config(None, ["checkpoint.async=true"]).checkpoint.async_save is True
+    (tmp_path / "c.yaml").write_text("checkpoint:\n  async: true\n")
+    cfg = load_config(tmp_path / "c.yaml")
+    assert cfg.checkpoint.async_save is True and cfg == load_config(None, ["checkpoint.async_save=true"])
+
+
 def test_tiny_yaml_spells_out_the_defaults():
     tiny, defaults = load_config(CONFIGS / "tiny.yaml"), Config()
     tiny.run.name, tiny.data.path, tiny.data.val_path = defaults.run.name, defaults.data.path, defaults.data.val_path

@@ -11,6 +11,7 @@ from bigtrain.model import count_params
 from bigtrain.parallel.planner import (
     Layout,
     activation_bytes,
+    checkpoint_staging_bytes,
     config_layout,
     fits,
     memory_plan,
@@ -72,6 +73,37 @@ def test_bf16_pipeline_without_zero_uses_deepspeeds_bf16_optimizer():
 def test_local_engine_keeps_everything_in_fp32():
     plan = memory_plan(SHAPE, 32, "auto", Layout(dp=1, local=True))
     assert (plan.params, plan.gradients, plan.optimizer, plan.buffers) == (4 * N, 4 * N, 8 * N, ROPE)
+
+
+def test_async_checkpoint_staging_of_the_local_engine_is_what_a_save_stages(tmp_path):
+    import torch
+
+    from bigtrain.checkpoint.writes import Staged
+    from bigtrain.config import TrainConfig
+    from bigtrain.engine.local import local_engine
+    from bigtrain.model import Llama
+
+    engine = local_engine(Llama(SHAPE), TrainConfig(device="cpu", precision="fp32"))
+    for p in engine.model.parameters():
+        p.grad = torch.zeros_like(p)
+    engine.optimizer.step()  # the moments exist
+    staged = Staged()
+    staged.begin()
+    engine.save(tmp_path, staged)
+    layout = Layout(dp=1, local=True)
+    planned = checkpoint_staging_bytes(SHAPE, layout, memory_plan(SHAPE, 32, "auto", layout))
+    steps = 4 * len(list(engine.model.parameters()))  # AdamW's step counter per parameter
+    assert planned == 12 * N and staged.bytes() == planned + steps
+
+
+def test_async_checkpoint_staging_by_layout():
+    zero1 = Layout(dp=4, zero=1)
+    assert checkpoint_staging_bytes(SHAPE, zero1, memory_plan(SHAPE, 32, "bf16", zero1)) == 2 * N + 12 * N / 4 + 4 * N
+    tp2 = Layout(dp=2, tp=2, zero=1)  # no model.safetensors with a tensor split
+    plan = memory_plan(SHAPE, 32, "bf16", tp2)
+    assert checkpoint_staging_bytes(SHAPE, tp2, plan) == plan.params + plan.optimizer
+    ep2 = Layout(dp=2, ep=2, zero=1)  # rank 0 gathers the single-process layout
+    assert checkpoint_staging_bytes(MOE, ep2, memory_plan(MOE, 32, "bf16", ep2)) == 12 * MOE_N
 
 
 def test_offload_moves_the_optimizer_to_cpu():
