@@ -310,6 +310,7 @@ def main() -> None:
                          "first_step_s": round(first_s[label], 1)}
         if peak:
             result[label]["mfu"] = round(median(values) * flops / peak, 4)
+            result[label]["mfu_peak_tflops"] = peak / 1e12  # the bf16 dense peak, fp8 sides included
         if label in peak_mem:
             result[label]["peak_mem_gib"] = round(peak_mem[label], 2)
     hf = next((label for label in result if label.split(",")[0] == "hf"), None)
