@@ -80,11 +80,12 @@ class UpdateGate:
         return above.any() & (count >= min_values(self.window))
 
     def state_dict(self) -> dict[str, Any]:
-        """The window as plain floats (float32 values round-trip exactly through JSON)."""
+        """The window as plain floats (float32 values round-trip exactly through JSON; a loss the
+        pipeline engine never sees is null)."""
         if not self.window:
             return {}
-        count = int(self.count)
-        return {"spike_window": {"count": count, "values": self.values.cpu().tolist()}}
+        values = [[None if v != v else v for v in row] for row in self.values.cpu().tolist()]
+        return {"spike_window": {"count": int(self.count), "values": values}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         saved = state.get("spike_window")
@@ -93,5 +94,6 @@ class UpdateGate:
         if saved is None or len(saved["values"][0]) != self.window:  # none yet, or another length: start over
             self.values, self.count = torch.zeros(len(SIGNALS), self.window), torch.zeros((), dtype=torch.long)
             return
-        self.values = torch.tensor(saved["values"], dtype=torch.float32)
+        self.values = torch.tensor([[float("nan") if v is None else v for v in row] for row in saved["values"]],
+                                   dtype=torch.float32)
         self.count = torch.tensor(saved["count"], dtype=torch.long)

@@ -62,3 +62,13 @@ def test_a_rollback_reloads_every_rank_and_equals_a_run_told_upfront(worker):
     assert steps == told  # bitwise, every step's last record
     a, b = (load_file(out / run / "checkpoints" / "step-0000008" / "model.safetensors") for run in ("rollback", "told"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_two_pipeline_stages_skip_a_gradient_norm_spike_together(worker):
+    """With parallel.pp > 1 the loss comes after the update: spike_signals=auto watches the norm."""
+    out, ranks = worker
+    pipe = [r["pipe"] for r in ranks]
+    assert pipe[0]["skipped"] == pipe[1]["skipped"] == [False] * 5 + [True, False, False]
+    assert pipe[0]["window"] == pipe[1]["window"] and pipe[0]["window"]["spike_window"]["count"] == 7
+    assert pipe[0]["window"]["spike_window"]["values"][0] == [None] * 8  # no loss before the update
+    assert [r["spike_skips"] for r in read_metrics(out / "pipe") if "loss" in r] == [0] * 5 + [1] * 3
