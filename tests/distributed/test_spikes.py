@@ -70,5 +70,5 @@ def test_two_pipeline_stages_skip_a_gradient_norm_spike_together(worker):
     pipe = [r["pipe"] for r in ranks]
     assert pipe[0]["skipped"] == pipe[1]["skipped"] == [False] * 5 + [True, False, False]
     assert pipe[0]["window"] == pipe[1]["window"] and pipe[0]["window"]["spike_window"]["count"] == 7
-    assert pipe[0]["window"]["spike_window"]["values"][0] == [None] * 8  # no loss before the update
+    assert pipe[0]["window"]["spike_window"]["values"][0][:7] == [None] * 7  # no loss before the update
     assert [r["spike_skips"] for r in read_metrics(out / "pipe") if "loss" in r] == [0] * 5 + [1] * 3
