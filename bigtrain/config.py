@@ -230,7 +230,7 @@ class TrainConfig:
     spike_sigma: float = ranged(6.0, gt=0)  # a loss or gradient norm above mean + this × std of the window is a spike
     spike_signals: Literal["auto", "loss", "grad_norm", "both"] = "auto"  # auto: both, the gradient norm alone with pp > 1
     rollback_after: int | None = ranged(None, ge=1)  # this many bad steps in a row: reload the last checkpoint; None: stop
-    rollback_skip_steps: int | None = ranged(None, ge=1)  # steps' worth of batches a rollback skips; None: the bad run's length
+    rollback_skip_steps: int | None = ranged(None, ge=0)  # steps' worth of batches a rollback skips; None: the bad run's length
     max_rollbacks: int = ranged(3, ge=1)  # rollbacks to the same checkpoint before the run stops
     compile: Literal["auto", True, False] = "auto"  # torch.compile every block; auto: on CUDA only (docs/benchmarks.md)
     adamw_impl: Literal["fused", "foreach", "for-loop"] = "fused"  # torch AdamW's kernel choice

@@ -152,7 +152,7 @@ class BadSteps(Callback):
                 run, streak, f"stopped after train.max_rollbacks={self.max_rollbacks} rollbacks to {checkpoint.name}"))
         checkpoint_step = int(checkpoint.name.removeprefix("step-"))
         start = max(run.step - streak, checkpoint_step)  # the first bad step's data, unless saved since
-        steps = self.rollback_skip_steps or run.step - start
+        steps = run.step - start if self.rollback_skip_steps is None else self.rollback_skip_steps
         entry = {"from_step": start, "steps": steps, "checkpoint": checkpoint.name, "rollback_at_step": run.step}
         self.skips.add(entry, run.comm.is_main)
         self.rollbacks += 1
