@@ -163,3 +163,16 @@ def test_a_rollback_without_a_checkpoint_stops_in_one_line(stdlib_data, tmp_path
     with pytest.raises(BigtrainError, match=r"^2 bad step\(s\) in a row up to step 3 .*: cannot roll back; "
                                             r"no checkpoint was written; lower train.lr or check the data$"):
         loop.train(cfg, console=False)
+
+
+def test_a_bad_run_seen_first_at_a_save_rolls_back_instead_of_saving(stdlib_data, tmp_path, monkeypatch):
+    """Logs every 10 steps: the bad steps 6-8 are seen at step 8's save, which is not written."""
+    cfg = rollback_config(stdlib_data, tmp_path / "run")
+    cfg.log.every = 10
+    poison(monkeypatch, cfg, {5, 6, 7}, float("nan"))
+    assert loop.train(cfg, console=False).step == 12
+    records = read_metrics(tmp_path / "run")
+    assert [(r["step"], r["skipped_data_from_step"], r["skipped_data_steps"]) for r in records if "rollback" in r] == [
+        (8, 5, 3)]
+    assert [r["step"] for r in records if "checkpoint" in r] == [4, 8, 12]  # step 8 saved once, after the replay
+    assert [(r["step"], r["skipped_steps"]) for r in records if "loss" in r] == [(10, 3), (12, 3)]
