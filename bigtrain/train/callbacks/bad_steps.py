@@ -99,11 +99,12 @@ class BadSteps(Callback):
     def step_end(self, run: Run, out: StepOutput) -> None:
         """Count one step (no host sync: `out.skipped` may live on the GPU)."""
         bad = out.skipped.to(torch.long)
-        spike = (out.skipped & self.gate.spiked.to(out.skipped.device)).to(torch.long)
-        self.gate.spiked = torch.zeros((), dtype=torch.bool)  # a step the gate was not asked about is no spike
         self._total = self._total.to(bad.device) + bad
-        self._spikes = self._spikes.to(bad.device) + spike
         self._streak = (self._streak.to(bad.device) + 1) * bad
+        if self.gate.window:
+            spike = out.skipped & self.gate.spiked.to(out.skipped.device)
+            self._spikes = self._spikes.to(bad.device) + spike.to(torch.long)
+            self.gate.spiked = torch.zeros_like(spike)  # a step the gate is not asked about (ZeRO skipped it) is no spike
 
     def total(self) -> int:
         return int(self._total)
