@@ -102,3 +102,17 @@ def test_the_pipeline_engine_watches_the_gradient_norm_alone():
     for _ in range(8):
         assert not gate.skip(None, torch.tensor(1.0 + 0.01 * _))
     assert gate.skip(None, torch.tensor(5.0)) and gate.spiked
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_the_window_decides_on_the_gpu_without_a_host_sync():
+    loss, norm = (t.cuda() for t in sequence(90))
+    gate, cpu = UpdateGate(8, 3.0), UpdateGate(8, 3.0)
+    decisions = [gate.skip(loss[0], norm[0])]  # the first call moves the window onto the device
+    torch.cuda.set_sync_debug_mode("error")  # any host sync from here on raises
+    try:
+        decisions += [gate.skip(loss[i], norm[i]) for i in range(1, 90)]
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert [bool(d) for d in decisions] == [bool(cpu.skip(loss[i].cpu(), norm[i].cpu())) for i in range(90)]
