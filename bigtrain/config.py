@@ -349,6 +349,9 @@ class Config:
             (m.moe.experts == 0 or self.parallel.ep == 1 or m.moe.experts % self.parallel.ep == 0,
              f"model.moe.experts={m.moe.experts} is not divisible by parallel.ep={self.parallel.ep}"),
             (m.moe.experts > 0 or self.parallel.ep == 1, "parallel.ep > 1 needs model.moe.experts > 0"),
+            (self.parallel.pp == 1 or not self.train.spike_window or self.train.spike_signals in ("auto", "grad_norm"),
+             f"train.spike_signals={self.train.spike_signals} needs parallel.pp=1 (the pipeline engine updates before "
+             "the loss is known); use auto or grad_norm"),
             (self.train.rollback_after is None or self.train.nonfinite == "skip",
              "train.rollback_after needs train.nonfinite=skip (stop ends the run at the first bad step)"),
             (m.moe.experts == 0 or self.train.precision != "fp16",

@@ -235,3 +235,17 @@ def test_the_replaced_spike_factor_names_its_successors(tmp_path):
     saved.write_text("train:\n  spike_factor: 2.0\n  lr: 0.001\n")
     assert load_config(saved, saved=True).train.lr == 0.001
     assert "spike_factor" not in load_config(saved, saved=True).to_dict()["train"]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["parallel.pp=2", "train.spike_window=8", "train.spike_signals=both"],
+     "train.spike_signals=both needs parallel.pp=1 (the pipeline engine updates before the loss is known); "
+     "use auto or grad_norm"),
+    (["train.rollback_after=3", "train.nonfinite=stop"],
+     "train.rollback_after needs train.nonfinite=skip (stop ends the run at the first bad step)"),
+])
+def test_spike_and_rollback_settings_that_cannot_work_are_refused(overrides, message):
+    with pytest.raises(BigtrainError) as err:
+        load_config(None, overrides)
+    assert str(err.value) == message
+    load_config(None, ["parallel.pp=2", "train.spike_window=8"])  # auto: the gradient norm alone

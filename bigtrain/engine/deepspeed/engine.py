@@ -139,9 +139,6 @@ class DeepSpeedEngine:
             clip_with_experts(self.engine, topology, self._record_grad_norm)
         else:
             record_grad_norm(self.engine, self._record_grad_norm)
-        if self.pipelined and gate.watches_loss:
-            raise BigtrainError(f"train.spike_signals={cfg.train.spike_signals} needs parallel.pp=1 (the pipeline engine "
-                                "updates before the loss is known); use auto or grad_norm")
         # the step's loss is averaged over the data-parallel group at once only where something needs
         # it before the update (the spike gate); otherwise the loop does it at logging time
         self.loss_is_global = self.pipelined or gate.watches_loss
