@@ -32,14 +32,14 @@ def local_engine(model: Llama, train: TrainConfig, parallel: ParallelConfig | No
                  gate: UpdateGate | None = None, materialize: Materializer | None = None) -> LocalEngine:
     """`parallelize` a whole model (tp = sp = 1: float8 linears when `train.precision` resolves to
     fp8 on this device, activation checkpointing, compile), then wrap it; `gate` defaults to one
-    of `train.spike_factor`. A model on the meta device gets its values from `materialize`."""
+    of `train.spike_*`. A model on the meta device gets its values from `materialize`."""
     device = pick_device(train.device)
     cfg = Config(model=model.cfg, train=train, parallel=parallel or ParallelConfig())
     fp8 = resolve_precision(train.precision, device, "local") == "fp8"
     with MemoryPeak(device) as construction:
         layers = parallelize(model.layers, cfg, fp8=fp8, compile=compile_enabled(train.compile, device),
                              materialize=materialize)
-    engine = LocalEngine(Llama(model.cfg, layers), train, gate or UpdateGate(train.spike_factor))
+    engine = LocalEngine(Llama(model.cfg, layers), train, gate or UpdateGate.from_config(train))
     engine.construct_peak_gb = construction.gb
     return engine
 

@@ -115,7 +115,7 @@ class BigtrainSide:
             from bigtrain.engine.deepspeed.stages import owned_layers
 
             topology = init_topology(cfg)
-            self.engine = deepspeed_engine(owned_layers(model, topology), cfg, topology, UpdateGate(cfg.train.spike_factor))
+            self.engine = deepspeed_engine(owned_layers(model, topology), cfg, topology, UpdateGate.from_config(cfg.train))
 
     def train_step(self, micro_batches: list[torch.Tensor], lr: float) -> torch.Tensor:
         return self.engine.train_step(micro_batches, lr).loss

@@ -144,11 +144,9 @@ class DeepSpeedEngine:
             clip_with_experts(self.engine, topology, self._record_grad_norm)
         else:
             record_grad_norm(self.engine, self._record_grad_norm)
-        if self.pipelined and cfg.train.spike_factor:
-            raise BigtrainError("train.spike_factor needs parallel.pp=1 (the pipeline engine updates before the loss is known)")
         # the step's loss is averaged over the data-parallel group at once only where something needs
         # it before the update (the spike gate); otherwise the loop does it at logging time
-        self.loss_is_global = self.pipelined or bool(cfg.train.spike_factor)
+        self.loss_is_global = self.pipelined or gate.watches_loss
         self._step_loss, self._skip = None, None
         self._client_optimizer = optimizer
         gate_optimizer_step(optimizer, self._skip_update)
