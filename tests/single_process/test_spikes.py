@@ -176,3 +176,18 @@ def test_a_bad_run_seen_first_at_a_save_rolls_back_instead_of_saving(stdlib_data
         (8, 5, 3)]
     assert [r["step"] for r in records if "checkpoint" in r] == [4, 8, 12]  # step 8 saved once, after the replay
     assert [(r["step"], r["skipped_steps"]) for r in records if "loss" in r] == [(10, 3), (12, 3)]
+
+
+def test_a_rollback_with_an_asynchronous_save_in_flight_rolls_back_to_it(stdlib_data, tmp_path, monkeypatch):
+    """With `checkpoint.async` the step-4 save may still be written when the bad run is seen: the
+    rollback waits for it and reloads it, as the synchronous run does."""
+    runs = {}
+    for mode in ("sync", "async"):
+        cfg = rollback_config(stdlib_data, tmp_path / mode)
+        cfg.checkpoint.async_save = mode == "async"
+        poison(monkeypatch, cfg, {5, 6}, float("nan"))
+        loop.train(cfg, console=False)
+        runs[mode] = read_metrics(tmp_path / mode)
+    rollbacks = [[r for r in runs[mode] if "rollback" in r] for mode in ("sync", "async")]
+    assert rollbacks[0] == rollbacks[1] and rollbacks[0][0]["rollback"] == "step-0000004"
+    assert [r["loss"] for r in step_records(tmp_path / "async")] == [r["loss"] for r in step_records(tmp_path / "sync")]
