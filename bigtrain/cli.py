@@ -207,7 +207,7 @@ def cmd_info(args: argparse.Namespace) -> None:
 def cmd_scaling(args: argparse.Namespace) -> None:
     from bigtrain.scaling import commands
 
-    getattr(commands, f"{args.command}_{args.action}")(args)
+    getattr(commands, f"{args.command}_{args.action.replace('-', '_')}")(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -344,6 +344,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bootstrap", type=int, default=100, help="bootstrap resamples for the intervals")
     p.add_argument("--exclude-highest", type=int, default=0, help="leave out the K highest-loss points")
     p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_scaling)
+    p = scaling.add_parser("coord-check", help="µP coordinate check: activation RMS vs width, standard and µP")
+    p.add_argument("config", metavar="CONFIG")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.add_argument("--widths", type=int, nargs="+", default=[64, 128, 256, 512], help="d_model values to train")
+    p.add_argument("--steps", type=int, default=5, help="Adam steps per width (RMS is measured at steps 0..T)")
+    p.add_argument("--plot", default="runs/coord-check.png", help="PNG of RMS vs width per step")
+    p.add_argument("--json", action="store_true", help="print one JSON object: parametrization → width → RMS at step T")
     p.set_defaults(func=cmd_scaling)
     return parser
 

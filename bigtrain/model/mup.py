@@ -18,6 +18,7 @@ At m = 1 µP differs from standard parametrization in the attention scale only.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 from bigtrain.config import ModelConfig
@@ -56,3 +57,17 @@ def output_multiplier(cfg: ModelConfig) -> float:
 def attention_scale(cfg: ModelConfig) -> float | None:
     """The attention scores' scale: 1/head_dim under µP; None (SDPA's 1/sqrt(head_dim)) otherwise."""
     return 1 / cfg.head_dim if cfg.parametrization == "mup" else None
+
+
+def widened(cfg: ModelConfig, width: int, parametrization: str | None = None) -> ModelConfig:
+    """`cfg` at d_model `width` the way µP widens a model: head_dim fixed (more heads, the same
+    query/key-value grouping), the feed-forward width in proportion; `parametrization` when given.
+    The base width (`mup_base_width`) stays, so m = width / mup_base_width."""
+    head_dim, group = cfg.head_dim, cfg.n_heads // cfg.kv_heads
+    if width % (head_dim * group):
+        raise ValueError(f"width {width} is not a multiple of head_dim × heads per kv head = {head_dim * group}")
+    n_heads = width // head_dim
+    return dataclasses.replace(
+        cfg, d_model=width, n_heads=n_heads, n_kv_heads=n_heads // group, head_dim=head_dim,
+        ffn_hidden=max(1, round(cfg.ffn_dim * width / cfg.d_model)),
+        parametrization=parametrization or cfg.parametrization)

@@ -119,3 +119,21 @@ def grid_plot(rows: list[dict[str, Any]], keys: list[str], path: Path, loss: str
         ax.legend(fontsize=8)
     return _save(fig, path)
 
+
+
+def coord_check_figure(results: dict[str, dict[int, list[dict[str, float]]]], base_width: int, path: Path) -> Path:
+    """µP coordinate check (as Figure 5 of Tensor Programs V): RMS vs width, one line per step."""
+    keys = list(next(iter(next(iter(results.values())).values()))[0])
+    fig, axes = plt.subplots(len(results), len(keys), figsize=(2.6 * len(keys), 2.4 * len(results)), squeeze=False)
+    for row, (parametrization, by_width) in zip(axes, results.items(), strict=True):
+        widths = sorted(by_width)
+        steps = len(by_width[widths[0]])
+        for ax, key in zip(row, keys, strict=True):
+            for t, color in zip(range(steps), _colors(steps), strict=True):
+                ax.plot(widths, [by_width[w][t][key] for w in widths], marker="o", ms=3, color=color, label=f"t={t}")
+            ax.set(xscale="log", yscale="log", xlabel="width (d_model)", title=f"{parametrization}: {key}")
+            ax.set_xticks(widths, [str(w) for w in widths], fontsize=7)
+        row[0].set_ylabel("RMS")
+    axes[0][-1].legend(fontsize=6)
+    fig.suptitle(f"coordinate check (µP base width {base_width})", fontsize=9)
+    return _save(fig, path)
