@@ -335,7 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
         if action == "collect":
             p.add_argument("--out", help="results CSV (default PLAN_DIR/results.csv)")
             p.add_argument("--plot", help="grid sweeps: PNG of loss vs the first grid key (default PLAN_DIR/grid.png)")
-    scaling = sub.add_parser("scaling", help="scaling-law fits").add_subparsers(dest="action", required=True)
+    scaling = sub.add_parser("scaling", help="scaling-law fits, µP coordinate checks and lr transfer").add_subparsers(dest="action", required=True)
     p = scaling.add_parser("fit", help="Chinchilla fits (Approaches 2 and 3) of a results CSV")
     p.add_argument("results", metavar="RESULTS.csv")
     p.add_argument("--plots", help="directory for the PNG plots")
@@ -352,6 +352,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=5, help="Adam steps per width (RMS is measured at steps 0..T)")
     p.add_argument("--plot", default="runs/coord-check.png", help="PNG of RMS vs width per step")
     p.add_argument("--json", action="store_true", help="print one JSON object: parametrization → width → RMS at step T")
+    p.set_defaults(func=cmd_scaling)
+    p = scaling.add_parser("transfer", help="learning-rate transfer: each width's best lr, per parametrization")
+    p.add_argument("results", metavar="RESULTS.csv")
+    p.add_argument("--plot", help="PNG of loss vs learning rate per width")
+    p.add_argument("--loss", help="loss column (default val_loss when every row has one, else loss)")
+    p.add_argument("--lr-column", default="train.lr")
+    p.add_argument("--width-column", default="width")
+    p.add_argument("--by", default="model.parametrization", help="column that splits the panels")
     p.set_defaults(func=cmd_scaling)
     return parser
 

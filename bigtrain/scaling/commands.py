@@ -111,3 +111,12 @@ def scaling_coord_check(args: argparse.Namespace) -> None:
         return
     print(report(results))
     print(f"wrote {plot}")
+
+
+def scaling_transfer(args: argparse.Namespace) -> None:
+    from bigtrain.scaling.transfer import format_report, read_curves, transfer_plot
+
+    curves, loss = read_curves(args.results, args.lr_column, args.width_column, args.by, args.loss)
+    print(format_report(curves, loss))
+    if args.plot:
+        print(f"wrote {transfer_plot(curves, loss, Path(args.plot))}")

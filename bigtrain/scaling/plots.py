@@ -137,3 +137,25 @@ def coord_check_figure(results: dict[str, dict[int, list[dict[str, float]]]], ba
     axes[0][-1].legend(fontsize=6)
     fig.suptitle(f"coordinate check (µP base width {base_width})", fontsize=9)
     return _save(fig, path)
+
+
+def transfer_figure(curves: list, loss: str, path: Path) -> Path:
+    """Loss vs learning rate, one line per width, a panel per parametrization (as Figure 1 of
+    Tensor Programs V); each width's best learning rate starred. Diverged runs are left out."""
+    ps = list(dict.fromkeys(c.parametrization for c in curves))
+    widths = sorted({c.width for c in curves})
+    colors = dict(zip(widths, _colors(len(widths)), strict=True))
+    fig, axes = plt.subplots(1, len(ps), figsize=(5 * len(ps), 4), sharey=True, squeeze=False)
+    finite = [y for c in curves for y in c.losses if np.isfinite(y)]
+    for ax, p in zip(axes[0], ps, strict=True):
+        for c in (c for c in curves if c.parametrization == p):
+            xs = [x for x, y in zip(c.lrs, c.losses, strict=True) if np.isfinite(y)]
+            ys = [y for y in c.losses if np.isfinite(y)]
+            ax.plot(xs, ys, marker="o", ms=3, color=colors[c.width], label=f"width {c.width}")
+            ax.scatter([c.best[0]], [c.best[1]], marker="*", s=120, color=colors[c.width], zorder=3)
+        ax.set(xscale="log", xlabel="learning rate", title=p)
+        ax.legend(fontsize=8)
+    axes[0][0].set_ylabel(loss)
+    low, high = min(finite), np.percentile(finite, 90)
+    axes[0][0].set_ylim(low - 0.05 * (high - low), high + 0.1 * (high - low))
+    return _save(fig, path)
