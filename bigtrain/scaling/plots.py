@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")  # files only: no display needed
 
@@ -133,6 +134,7 @@ def coord_check_figure(results: dict[str, dict[int, list[dict[str, float]]]], ba
                 ax.plot(widths, [by_width[w][t][key] for w in widths], marker="o", ms=3, color=color, label=f"t={t}")
             ax.set(xscale="log", yscale="log", xlabel="width (d_model)", title=f"{parametrization}: {key}")
             ax.set_xticks(widths, [str(w) for w in widths], fontsize=7)
+            ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         row[0].set_ylabel("RMS")
     axes[0][-1].legend(fontsize=6)
     fig.suptitle(f"coordinate check (µP base width {base_width})", fontsize=9)

@@ -89,3 +89,14 @@ def test_parametrization_is_checked(tmp_path):
     path.write_text("model: {parametrization: mu}\n")
     with pytest.raises(BigtrainError, match="parametrization"):
         load_config(path)
+
+
+def test_widened_keeps_head_dim_and_grouping():
+    from bigtrain.model.mup import widened
+
+    cfg = small(d_model=64, n_heads=4, n_kv_heads=2, ffn_hidden=192, mup_base_width=64)
+    wide = widened(cfg, 256, "mup")
+    assert (wide.d_model, wide.n_heads, wide.kv_heads, wide.head_dim, wide.ffn_dim) == (256, 16, 8, 16, 768)
+    assert (wide.parametrization, wide.mup_base_width) == ("mup", 64)
+    with pytest.raises(ValueError, match="multiple of"):
+        widened(cfg, 48)
