@@ -93,6 +93,14 @@ def format_report(curves: list[Curve], loss: str) -> str:
     lines.append("")
     lines += [f"{p}: the best learning rate moves {s} grid step{'s' if s != 1 else ''} across widths {widths[0]}–{widths[-1]}"
               for p, s in spread.items()]
+    for p in ps:  # what tuning at the narrowest width and reusing its lr would cost each width
+        base_lr = by[(p, widths[0])].best[0] if (p, widths[0]) in by else math.nan
+        costs = []
+        for w in widths:
+            c = by.get((p, w))
+            if c is not None and base_lr in c.lrs:
+                costs.append(f"{w} {c.losses[c.lrs.index(base_lr)] - c.best[1]:+.3f}")
+        lines.append(f"{p}: loss at width {widths[0]}'s best lr ({base_lr:g}) above each width's best: {', '.join(costs)}")
     return "\n".join(lines)
 
 
