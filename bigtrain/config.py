@@ -117,6 +117,8 @@ class ModelConfig:
     init_std: float = ranged(0.02, gt=0)
     init_from: str | None = None  # start from this checkpoint's weights (e.g. `bigtrain convert from-hf`)
     qk_norm: bool = False  # RMSNorm of each query and key head before RoPE (Qwen3)
+    parametrization: Literal["standard", "mup"] = "standard"  # mup: µP (bigtrain/model/mup.py, docs/scaling.md)
+    mup_base_width: int = ranged(256, ge=1)  # µP: the d_model whose init and learning rates the others inherit
     moe: MoEConfig = field(default_factory=MoEConfig)
 
     @property

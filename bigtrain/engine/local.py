@@ -19,7 +19,7 @@ from bigtrain.engine.contract import StepOutput
 from bigtrain.engine.device import autocast_for, compile_enabled, pick_device, resolve_precision
 from bigtrain.engine.materialize import Materializer
 from bigtrain.engine.memory import MemoryPeak
-from bigtrain.engine.optimizer import build_adamw
+from bigtrain.engine.optimizer import build_adamw, scheduled_lr
 from bigtrain.engine.update_gate import UpdateGate
 from bigtrain.model import Llama
 from bigtrain.model.llama import DocumentMasking, set_z_loss
@@ -70,7 +70,7 @@ class LocalEngine:
         """Accumulate gradients over `micro_batches` ([b, seq+1] tokens each), then update once."""
         self.model.train()
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = scheduled_lr(group, lr)
         total = torch.zeros((), device=self.device)
         set_auxiliary_scale(self.model, 1 / len(micro_batches))
         with self.autocast():  # once per step: its cache of low-precision weight copies serves every micro-batch

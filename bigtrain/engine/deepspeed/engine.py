@@ -43,7 +43,7 @@ from bigtrain.engine.deepspeed.stages import Stage, parallelize_stage, stage_lay
 from bigtrain.engine.device import rank_device
 from bigtrain.engine.materialize import Materializer
 from bigtrain.engine.memory import MemoryPeak
-from bigtrain.engine.optimizer import build_adamw
+from bigtrain.engine.optimizer import build_adamw, scheduled_lr
 from bigtrain.engine.update_gate import UpdateGate
 from bigtrain.errors import BigtrainError
 from bigtrain.model import Llama, lm_loss
@@ -128,7 +128,7 @@ class DeepSpeedEngine:
             set_z_loss(module, self.z_loss)
         if topology.ep > 1:
             declare_experts(module, topology)
-        optimizer = build_adamw(module, cfg.train, expert_param_groups if topology.ep > 1 else None)
+        optimizer = build_adamw(module, cfg.train, expert_param_groups if topology.ep > 1 else None, cfg.model)
         if self.pipelined and topology.tp_sequence_parallel:
             ds_config = send_whole_activations(ds_config)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
@@ -164,7 +164,7 @@ class DeepSpeedEngine:
     def train_step(self, micro_batches: list[torch.Tensor], lr: float) -> StepOutput:
         """One optimiser step; the returned loss is this rank's unless `loss_is_global`. No collective of bigtrain's own runs here without the spike gate."""
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = scheduled_lr(group, lr)
         self._grad_norm, self._step_loss, self._skip = None, None, None
         set_auxiliary_scale(self.model, self.aux_weight / len(micro_batches))
         documents = [self._documents(b) for b in micro_batches]  # of the whole windows
