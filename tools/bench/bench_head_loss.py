@@ -7,7 +7,8 @@ its operators read and write, split into matmuls (by dtype) and the element-wise
 Modes: fp32; bf16 autocast (the local engine's bf16, which on a GPU is where the fp32 weight-
 gradient matmul cost 15-30 % of the step); each eager and with `compiled=True` where the tree's
 `linear_cross_entropy` takes it. Bytes are counted per aten operator (inputs read + outputs
-written, views excluded) with a dispatch mode, in a pass of their own; the time is the median of
+written, views excluded) with a dispatch mode, in a pass of their own, for the eager modes only (a
+dispatch mode runs compiled code eagerly); the time is the median of
 `--repeats` passes in CPU time of the process. With `--trees`, each tree's code runs in a process of
 its own (its path first on `sys.path`), the trees taking turns, and one JSON line compares them.
 """
@@ -80,12 +81,13 @@ def measure(tokens: int, d_model: int, vocab: int, repeats: int) -> dict:
             start = time.process_time()
             step()
             cpu.append(time.process_time() - start)
-        with Bytes() as counted:
-            step()
         results[mode] = {"cpu_s": round(median(cpu), 4), "loss": round(loss.item(), 6),
-                         "grad_weight_norm": round(float(grads[1].norm()), 6),
-                         "mib": {k: round(v / 2**20, 1) for k, v in sorted(counted.by_kind.items())},
-                         "total_mib": round(sum(counted.by_kind.values()) / 2**20, 1)}
+                         "grad_weight_norm": round(float(grads[1].norm()), 6)}
+        if not kwargs:  # (a dispatch mode would run compiled code eagerly: its bytes are not counted)
+            with Bytes() as counted:
+                step()
+            results[mode]["mib"] = {k: round(v / 2**20, 1) for k, v in sorted(counted.by_kind.items())}
+            results[mode]["total_mib"] = round(sum(counted.by_kind.values()) / 2**20, 1)
     return results
 
 
