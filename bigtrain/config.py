@@ -238,6 +238,7 @@ class TrainConfig:
     compile: Literal["auto", True, False] = "auto"  # torch.compile every block; auto: on CUDA only (docs/benchmarks.md)
     adamw_impl: Literal["fused", "foreach", "for-loop"] = "fused"  # torch AdamW's kernel choice
     reuse_host_memory: bool = True  # glibc keeps freed blocks for the next step (bigtrain/train/host_memory.py)
+    manual_gc: bool = True  # Python's automatic GC off during training, a collection at logging steps (torchtitan)
 
 
 @dataclass

@@ -216,14 +216,19 @@ class Embedding(nn.Module):
 class LMHead(nn.Linear):
     """The projection to vocabulary logits; given targets it returns their mean cross-entropy
     instead, without ever holding the full-vocabulary logits (`linear_cross_entropy`, with the
-    logits' `z_loss` if given)."""
+    logits' `z_loss` if given); `compiled` (set by `compile_blocks`) compiles each chunk's
+    element-wise work."""
+
+    compiled = False
 
     def __init__(self, cfg: ModelConfig):
         super().__init__(cfg.d_model, cfg.vocab_size, bias=False)
 
     def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None,
                 z_loss: ZLoss | None = None) -> torch.Tensor:
-        return super().forward(x) if targets is None else linear_cross_entropy(x, self.weight, targets, z_loss=z_loss)
+        if targets is None:
+            return super().forward(x)
+        return linear_cross_entropy(x, self.weight, targets, z_loss=z_loss, compiled=self.compiled)
 
 
 class Head(nn.Module):
@@ -375,8 +380,11 @@ def compile_blocks(layers: Iterable[nn.Module]) -> None:
     """`torch.compile` every block in place (fusing the norms, RoPE and SwiGLU element-wise work).
 
     Parameter names, and so checkpoints, stay unchanged; the blocks share one compiled graph. Of a
-    Mixture-of-Experts block only the attention is compiled (routing has data-dependent shapes).
+    Mixture-of-Experts block only the attention is compiled (routing has data-dependent shapes). The
+    head's chunked loss compiles each chunk's element-wise work (`LMHead.compiled`).
     """
     for layer in layers:
         if isinstance(layer, Block):
             (layer.self_attn if isinstance(layer.mlp, MoE) else layer).compile(dynamic=False)
+        elif isinstance(layer, Head) and isinstance(layer.lm_head, LMHead):
+            layer.lm_head.compiled = True

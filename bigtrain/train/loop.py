@@ -39,6 +39,7 @@ from bigtrain.parallel.layout import check_layout
 from bigtrain.train.callbacks import Callback
 from bigtrain.train.callbacks.bad_steps import BadSteps
 from bigtrain.train.callbacks.eval_tasks import EvalTasks
+from bigtrain.train.callbacks.garbage_collection import GarbageCollection
 from bigtrain.train.callbacks.mirror import Mirror
 from bigtrain.train.callbacks.router import RouterMetrics
 from bigtrain.train.callbacks.validation import Validation
@@ -173,7 +174,8 @@ class Trainer:
         self.mirror = Mirror(cfg.checkpoint) if cfg.checkpoint.remote else None
         self.callbacks: list[Callback] = [self.sinks, self.bad, self.validation, *([EvalTasks()] if cfg.eval.tasks else []),
                                           *([self.mirror] if self.mirror else []),
-                                          *([RouterMetrics()] if cfg.model.moe.experts else []), *callbacks]
+                                          *([RouterMetrics()] if cfg.model.moe.experts else []),
+                                          *([GarbageCollection()] if cfg.train.manual_gc else []), *callbacks]
         remote = self.mirror.mirror if self.mirror else None
         resume_from = agreement.from_main(lambda: find_resume_checkpoint(cfg, remote))  # one point for all
         from_remote = resume_from is None and cfg.run.resume == "auto" and remote and remote.reached
