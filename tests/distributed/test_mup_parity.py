@@ -2,6 +2,9 @@
 ZeRO partitions (parameter groups are built from names) reproduce the single-process µP loss curve
 (fp32, CPU, gloo), as tests/distributed/test_parity.py does for standard parametrization."""
 
+import json
+import os
+
 import pytest
 import yaml
 
@@ -35,14 +38,23 @@ LAYOUTS = {
 }
 
 
+@pytest.fixture(scope="module")
+def runs(stdlib_data, tmp_path_factory):
+    """Every layout in one 2-rank launch (layouts_worker.py)."""
+    out = tmp_path_factory.mktemp("mup-layouts")
+    config = _config(stdlib_data, out / "unused", **MUP)
+    config["parallel"] = {"engine": "deepspeed"}
+    (out / "config.yaml").write_text(yaml.safe_dump(config))
+    torchrun(2, os.path.join(os.path.dirname(__file__), "layouts_worker.py"), str(out / "config.yaml"), str(out),
+             json.dumps(LAYOUTS))
+    return out
+
+
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_mup_layout_matches_single_process(layout, reference, stdlib_data, tmp_path):
+def test_mup_layout_matches_single_process(layout, reference, runs):
     (ref_losses, ref_norms, ref_val), (standard_losses, _, _) = reference
     assert ref_losses[1:] != pytest.approx(standard_losses[1:], rel=1e-3)  # µP is in effect
-    config_path = tmp_path / "config.yaml"
-    config_path.write_text(yaml.safe_dump(_config(stdlib_data, tmp_path / "run", **MUP)))
-    torchrun(2, "-m", "bigtrain", "train", str(config_path), "parallel.engine=deepspeed", *LAYOUTS[layout])
-    losses, norms, val = curve(tmp_path / "run")
+    losses, norms, val = curve(runs / layout)
     assert len(losses) == STEPS
     assert losses == pytest.approx(ref_losses, rel=1e-5)
     assert norms == pytest.approx(ref_norms, rel=1e-4)
