@@ -55,7 +55,7 @@ def simulate(cfg: Config, gpus: int, rank: int, gpu_mem_gib: float) -> dict:
         sim = _probe_config(cfg, layout, Path(tmp))
         os.environ.update(RANK=str(rank), WORLD_SIZE=str(gpus), LOCAL_RANK="0")
         compat.init_fake_process_group(rank, gpus)
-        engine = build_deepspeed_engine(sim, grid_topology(sim), UpdateGate(None))
+        engine = build_deepspeed_engine(sim, grid_topology(sim), UpdateGate())
         built = _measure(engine, sim, steps=2 if layout.zero == 3 else 1)  # ZeRO-3 prefetches from its second step
     return {"planned": planned, "built": {name: built[name] / 2**30 for name in FIGURES},
             "layout": layout.describe(), "rank": rank, "gpus": gpus}

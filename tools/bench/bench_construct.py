@@ -36,7 +36,7 @@ def side(name: str, model: str, device: str) -> dict:
     host_before, started = peak_rss_kib(), time.perf_counter()
     with MemoryPeak(dev) as peak:
         if name == "bigtrain":
-            engine = build_engine(cfg, UpdateGate(None))
+            engine = build_engine(cfg, UpdateGate())
         else:
             model = Llama(cfg.model, seed=cfg.run.seed).to(dev)
     seconds = time.perf_counter() - started
