@@ -19,7 +19,7 @@ from bigtrain.engine.contract import StepOutput
 from bigtrain.engine.device import autocast_for, compile_enabled, pick_device, resolve_precision
 from bigtrain.engine.materialize import Materializer
 from bigtrain.engine.memory import MemoryPeak
-from bigtrain.engine.optimizer import build_adamw
+from bigtrain.engine.optimizer import build_optimizer
 from bigtrain.engine.update_gate import UpdateGate
 from bigtrain.model import Llama
 from bigtrain.model.llama import DocumentMasking, set_z_loss
@@ -45,7 +45,7 @@ def local_engine(model: Llama, train: TrainConfig, parallel: ParallelConfig | No
 
 
 class LocalEngine:
-    """Runs forward, backward and AdamW for one optimiser step over a list of micro-batches."""
+    """Runs forward, backward and the optimizer (AdamW or Muon) for one optimiser step over a list of micro-batches."""
 
     comm = LoneProcess()
     loss_is_global = True  # one process holds every loss
@@ -61,7 +61,7 @@ class LocalEngine:
         self.model = model.to(self.device)
         self.autocast = lambda: autocast_for(self.device, cfg.precision)
         self.grad_clip = cfg.grad_clip
-        self.optimizer = build_adamw(self.model, cfg)
+        self.optimizer = build_optimizer(self.model, cfg)
         self.gate = gate
         self.z_loss = ZLoss(cfg.z_loss) if cfg.z_loss else None
         set_z_loss(self.model, self.z_loss)
@@ -122,7 +122,7 @@ class LocalEngine:
         return self.model(inputs, tokens[:, 1:], *(self.documents(inputs) if self.documents else ()))
 
     def save(self, directory: Path, writes: Direct) -> None:
-        """Write (or stage) the weights and the AdamW state into a checkpoint directory."""
+        """Write (or stage) the weights and the optimizer state into a checkpoint directory."""
         fmt.save_weights(self.model, directory, writes)
         fmt.save_optimizer(self.optimizer, directory, writes)
 
