@@ -110,6 +110,8 @@ class Muon(torch.optim.Optimizer):
         super().__init__(groups, {"lr": lr, "momentum": momentum, "weight_decay": 0.0, "muon": False,
                                   "fused": bool(adamw_kwargs.get("fused"))})
         self.matrices = matrices
+        self._matrix_of = {id(p): m for i, g in enumerate(self.param_groups) if g["muon"]
+                           for p, m in zip(g["params"], matrices[i], strict=True)}
         self.flat: dict[int, FlatPartition] = {}
         adam_groups = [g for g in self.param_groups if not g["muon"]]
         self.adamw = torch.optim.AdamW(adam_groups, lr=lr, **adamw_kwargs) if adam_groups else None
@@ -125,8 +127,12 @@ class Muon(torch.optim.Optimizer):
         super().load_state_dict(state_dict)
         self._link()
 
-    def flatten(self, index: int, partition: FlatPartition) -> None:
-        self.flat[index] = partition
+    def flatten(self, index: int, params: list[torch.Tensor], offsets: list[int], size: int, group: Any) -> None:
+        """ZeRO-1/2 now hands group `index` to `step` as this rank's flat partition of `size`
+        elements, partitioned over process group `group`: `params` (this group's, at construction)
+        start at `offsets` in the whole flat buffer."""
+        matrices = [self._matrix_of[id(p)] for p in params]
+        self.flat[index] = FlatPartition(matrices, offsets, size, group, dist.get_rank(group), dist.get_world_size(group))
 
     @torch.no_grad()
     def step(self, closure=None):
