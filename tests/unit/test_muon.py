@@ -144,3 +144,22 @@ def test_state_dict_round_trip_is_bitwise():
             opt2.load_state_dict(saved)
     for p, q in zip(model.parameters(), twin.parameters(), strict=True):
         assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"zero_stage": 3}, "needs parallel.zero_stage 0, 1 or 2"),
+    ({"pp": 2}, "runs with parallel.pp=1"),
+    ({"offload_optimizer": True, "zero_stage": 2}, "needs parallel.offload_optimizer=false"),
+])
+def test_deepspeed_layouts_muon_refuses_in_one_line(overrides, message):
+    from bigtrain.engine.deepspeed.muon import muon_problem
+
+    cfg = config()
+    for key, value in overrides.items():
+        setattr(cfg.parallel, key, value)
+    fp32 = {"bf16": {"enabled": False}, "fp16": {"enabled": False}}
+    assert message in muon_problem(cfg, fp32) and "\n" not in muon_problem(cfg, fp32)
+    cfg.parallel.zero_stage, cfg.parallel.pp, cfg.parallel.offload_optimizer = 1, 1, False
+    assert muon_problem(cfg, fp32) is None
+    cfg.parallel.zero_stage = 0
+    assert "needs parallel.zero_stage 1 or 2" in muon_problem(cfg, {"bf16": {"enabled": True}, "fp16": {"enabled": False}})
