@@ -14,6 +14,8 @@ A sweep file is YAML over a base config::
     warmup_fraction: 0.1          # warmup = this share of each run's steps (else the base's)
     # grid: the product of the listed values of any config keys
     grid: {train.lr: [1.0e-3, 3.0e-3], data.micro_batch: [8, 16]}
+    #   any config key is an axis, e.g. {train.optimizer: [adamw, muon], train.lr: [...]} compares
+    #   optimizers each at its best learning rate (configs/sweeps/tiny-optimizers.yaml)
 
 The plan directory holds `configs/<run>.yaml`, `runs.txt` (one config path per line, relative to
 the plan directory: what a Slurm array task reads) and `plan.csv`; the runs live in `runs/<run>/`.
@@ -43,7 +45,7 @@ KEYS = {
 }
 KIND_KEYS = {"isoflop": {"budgets", "shapes"}, "grid": {"grid"}}
 PLAN_COLUMNS = ["run", "params", "params_total", "params_non_embedding", "tokens", "flops", "steps",
-                "global_batch", "lr"]
+                "global_batch", "lr", "optimizer"]
 
 
 @dataclass
@@ -131,7 +133,8 @@ def _row(cfg: Config, params_key: str) -> dict[str, Any]:
     n = counts.total if params_key == "total" else counts.non_embedding
     return {"run": cfg.run.name, "params": n, "params_total": counts.total,
             "params_non_embedding": counts.non_embedding, "tokens": tokens, "flops": 6.0 * n * tokens,
-            "steps": cfg.train.steps, "global_batch": batch, "lr": cfg.train.lr}
+            "steps": cfg.train.steps, "global_batch": batch, "lr": cfg.train.lr,
+            "optimizer": cfg.train.optimizer}
 
 
 def global_batch(cfg: Config) -> int:
