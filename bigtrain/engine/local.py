@@ -86,7 +86,7 @@ class LocalEngine:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
             skip = self.gate.skip(total, grad_norm)
             if self.optimizer.defaults["fused"]:
-                self.optimizer.found_inf = skip.float()  # fused AdamW skips on the device: no host sync
+                self.optimizer.found_inf = skip.float()  # fused AdamW (and Muon) skip on the device: no host sync
                 self.optimizer.step()
             elif not skip:
                 self.optimizer.step()
