@@ -71,14 +71,19 @@ def main() -> None:
     cpu = {k: median(t[1] for t in v) for k, v in times.items()}
     batch_tokens = cfg.data.micro_batch * cfg.data.seq_len
     fb_batch = fb[0] * batch_tokens / tokens[:, :-1].numel()
+    fb_batch_cpu = fb[1] * batch_tokens / tokens[:, :-1].numel()
     record("muon_step", {
         "config": args.config, "params": count_params(cfg.model).total, "threads": torch.get_num_threads(),
         "optimizer_step_s": {k: round(v, 3) for k, v in wall.items()},
         "optimizer_step_cpu_s": {k: round(v, 3) for k, v in cpu.items()},
         "muon_vs_adamw_optimizer_step": round(wall["muon"] / wall["adamw"], 1),
-        "forward_backward_s_measured": round(fb[0], 2), "measured_tokens": tokens[:, :-1].numel(),
-        "batch_tokens": batch_tokens, "forward_backward_s_batch_estimate": round(fb_batch, 1),
+        "muon_vs_adamw_optimizer_step_cpu": round(cpu["muon"] / cpu["adamw"], 1),
+        "forward_backward_s_measured": round(fb[0], 2), "forward_backward_cpu_s_measured": round(fb[1], 2),
+        "measured_tokens": tokens[:, :-1].numel(), "batch_tokens": batch_tokens,
+        "forward_backward_s_batch_estimate": round(fb_batch, 1),
+        "forward_backward_cpu_s_batch_estimate": round(fb_batch_cpu, 1),
         "step_time_ratio_muon_vs_adamw": round((fb_batch + wall["muon"]) / (fb_batch + wall["adamw"]), 3),
+        "step_cpu_time_ratio_muon_vs_adamw": round((fb_batch_cpu + cpu["muon"]) / (fb_batch_cpu + cpu["adamw"]), 3),
         "load_average": load_average(),
     })
 
