@@ -6,8 +6,9 @@ One process, the local engine's own optimizers over the same model and gradients
 AdamW (`train.optimizer=adamw`) and Muon (`train.optimizer=muon`), their `step()` timed in turns
 (order alternating, median of `--repeats`, wall and CPU time). Newton–Schulz does not depend on the
 batch, so the step-time ratio is given against a forward + backward of the config's own batch
-(`data.micro_batch × data.seq_len` tokens), estimated from one measured on `--tokens` tokens
-(forward + backward is linear in tokens at a fixed sequence length; attention is counted in it).
+(`data.micro_batch × data.seq_len` tokens), scaled linearly from one measured on `--tokens`
+tokens (windows of at most `--tokens`: attention's extra cost at longer windows is left out, an
+underestimate that makes the ratio lean against Muon).
 """
 
 from __future__ import annotations
