@@ -137,10 +137,12 @@ class Muon(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         found_inf = getattr(self, "found_inf", None)  # 1.0: skip on the device (fused AdamW's protocol)
+        grad_scale = getattr(self, "grad_scale", None)  # gradients are divided by it (fused AdamW's protocol)
         self._link()
         if self.adamw is not None:
             fused = bool(self.adamw.defaults.get("fused"))
             self.adamw.found_inf = found_inf if fused else None
+            self.adamw.grad_scale = grad_scale if fused else None
             if fused or found_inf is None or not bool(found_inf):
                 self.adamw.step()
         keep = None if found_inf is None else found_inf == 0
@@ -148,16 +150,19 @@ class Muon(torch.optim.Optimizer):
             if not group["muon"]:
                 continue
             if index in self.flat:
-                self._step_flat(group, self.flat[index], keep)
+                self._step_flat(group, self.flat[index], keep, grad_scale)
             else:
                 for p, matrix in zip(group["params"], self.matrices[index], strict=True):
-                    u = self._nesterov(p, group, keep)
+                    u = self._nesterov(p, group, keep, grad_scale)
                     self._apply(p, matrix.orthogonalised(u), group, keep)
         return None
 
-    def _nesterov(self, p: torch.Tensor, group: dict, keep: torch.Tensor | None) -> torch.Tensor:
+    def _nesterov(self, p: torch.Tensor, group: dict, keep: torch.Tensor | None,
+                  grad_scale: torch.Tensor | None = None) -> torch.Tensor:
         """Update the momentum (unless `keep` is False) and return the Nesterov blend u."""
         grad = p.grad if p.grad is not None else torch.zeros_like(p)  # every rank joins the gathers
+        if grad_scale is not None:
+            grad = grad / grad_scale
         state = self.state[p]
         if "momentum_buffer" not in state:
             state["momentum_buffer"] = torch.zeros_like(p)
@@ -170,9 +175,10 @@ class Muon(torch.optim.Optimizer):
         new_p = p * (1 - group["lr"] * group["weight_decay"]) - group["lr"] * update
         p.copy_(new_p if keep is None else torch.where(keep, new_p, p))
 
-    def _step_flat(self, group: dict, flat: FlatPartition, keep: torch.Tensor | None) -> None:
+    def _step_flat(self, group: dict, flat: FlatPartition, keep: torch.Tensor | None,
+                   grad_scale: torch.Tensor | None) -> None:
         (p,) = group["params"]
-        u = self._nesterov(p, group, keep)
+        u = self._nesterov(p, group, keep, grad_scale)
         parts = [torch.empty_like(u) for _ in range(flat.world)]
         dist.all_gather(parts, u.contiguous(), group=flat.group)
         whole = torch.cat(parts)
@@ -185,17 +191,21 @@ class Muon(torch.optim.Optimizer):
 
 def muon_groups(model: nn.Module, groups: list[dict], names: dict[int, str] | None = None,
                 tp_group: Any = None) -> tuple[list[dict], dict[int, list[Matrix]]]:
-    """AdamW's `groups` with the hidden matrices moved to a first group marked `muon` (same weight
-    decay as the decayed group), and that group's `Matrix` descriptions. `names` maps `id(param)`
-    to its name in the one-process model (default: `model`'s own names); `tp_group` is given under
-    tensor parallelism."""
+    """Each of AdamW's `groups` split in two: its hidden matrices in a group marked `muon` (first,
+    keeping the group's other settings: weight decay, a learning-rate scale), the rest in one for
+    AdamW; with each Muon group's `Matrix` descriptions. `names` maps `id(param)` to its name in the
+    one-process model (default: `model`'s own names); `tp_group` is given under tensor parallelism."""
     names = names or {id(p): n for n, p in model.named_parameters()}
-    hidden = [p for group in groups for p in group["params"] if is_hidden_matrix(names[id(p)], p)]
-    chosen = {id(p) for p in hidden}
-    decay = max((g["weight_decay"] for g in groups), default=0.0)
-    rest = [{**g, "params": [p for p in g["params"] if id(p) not in chosen], "muon": False} for g in groups]
-    matrices = [Matrix(p.shape, tp_split_dim(names[id(p)]), tp_group) for p in hidden]
-    return [{"params": hidden, "weight_decay": decay, "muon": True}, *[g for g in rest if g["params"]]], {0: matrices}
+    muon, adamw, matrices = [], [], {}
+    for group in groups:
+        hidden = [p for p in group["params"] if is_hidden_matrix(names[id(p)], p)]
+        rest = [p for p in group["params"] if not is_hidden_matrix(names[id(p)], p)]
+        if hidden:
+            matrices[len(muon)] = [Matrix(p.shape, tp_split_dim(names[id(p)]), tp_group) for p in hidden]
+            muon.append({**group, "params": hidden, "muon": True})
+        if rest:
+            adamw.append({**group, "params": rest, "muon": False})
+    return [*muon, *adamw], matrices
 
 
 def build_muon(model: nn.Module, groups: list[dict], cfg: Any, adamw_kwargs: dict[str, Any],

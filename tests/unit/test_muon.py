@@ -163,3 +163,20 @@ def test_deepspeed_layouts_muon_refuses_in_one_line(overrides, message):
     assert muon_problem(cfg, fp32) is None
     cfg.parallel.zero_stage = 0
     assert "needs parallel.zero_stage 1 or 2" in muon_problem(cfg, {"bf16": {"enabled": True}, "fp16": {"enabled": False}})
+
+
+def test_grad_scale_divides_the_gradients_as_fused_adamw_does():
+    cfg = config(weight_decay=0.1)
+    grads = {n: torch.randn(p.shape, generator=torch.Generator().manual_seed(6))
+             for n, p in Llama(cfg.model).named_parameters()}
+    torch.manual_seed(0)
+    plain, _, _ = one_step(cfg, grads)
+    torch.manual_seed(0)
+    model = Llama(cfg.model)
+    opt = build_optimizer(model, cfg.train)
+    for n, p in model.named_parameters():
+        p.grad = grads[n] * 4
+    opt.grad_scale = torch.tensor(4.0)  # what the local engine sets when it folds clipping in
+    opt.step()
+    for (n, p), q in zip(model.named_parameters(), plain.parameters(), strict=True):
+        assert torch.allclose(p, q, atol=1e-6), n
