@@ -207,7 +207,7 @@ def cmd_info(args: argparse.Namespace) -> None:
 def cmd_scaling(args: argparse.Namespace) -> None:
     from bigtrain.scaling import commands
 
-    getattr(commands, f"{args.command}_{args.action}")(args)
+    getattr(commands, f"{args.command}_{args.action.replace('-', '_')}")(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -335,7 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
         if action == "collect":
             p.add_argument("--out", help="results CSV (default PLAN_DIR/results.csv)")
             p.add_argument("--plot", help="grid sweeps: PNG of loss vs the first grid key (default PLAN_DIR/grid.png)")
-    scaling = sub.add_parser("scaling", help="scaling-law fits").add_subparsers(dest="action", required=True)
+    scaling = sub.add_parser("scaling", help="scaling-law fits, µP coordinate checks and lr transfer").add_subparsers(dest="action", required=True)
     p = scaling.add_parser("fit", help="Chinchilla fits (Approaches 2 and 3) of a results CSV")
     p.add_argument("results", metavar="RESULTS.csv")
     p.add_argument("--plots", help="directory for the PNG plots")
@@ -344,6 +344,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bootstrap", type=int, default=100, help="bootstrap resamples for the intervals")
     p.add_argument("--exclude-highest", type=int, default=0, help="leave out the K highest-loss points")
     p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_scaling)
+    p = scaling.add_parser("coord-check", help="µP coordinate check: activation RMS vs width, standard and µP")
+    p.add_argument("config", metavar="CONFIG")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.add_argument("--widths", type=int, nargs="+", default=[64, 128, 256, 512], help="d_model values to train")
+    p.add_argument("--steps", type=int, default=5, help="Adam steps per width (RMS is measured at steps 0..T)")
+    p.add_argument("--plot", default="runs/coord-check.png", help="PNG of RMS vs width per step")
+    p.add_argument("--json", action="store_true", help="print one JSON object: parametrization → width → RMS at step T")
+    p.set_defaults(func=cmd_scaling)
+    p = scaling.add_parser("transfer", help="learning-rate transfer: each width's best lr, per parametrization")
+    p.add_argument("results", metavar="RESULTS.csv")
+    p.add_argument("--plot", help="PNG of loss vs learning rate per width")
+    p.add_argument("--loss", help="loss column (default val_loss when every row has one, else loss)")
+    p.add_argument("--lr-column", default="train.lr")
+    p.add_argument("--width-column", default="width")
+    p.add_argument("--by", default="model.parametrization", help="column that splits the panels")
     p.set_defaults(func=cmd_scaling)
     return parser
 

@@ -117,6 +117,8 @@ class ModelConfig:
     init_std: float = ranged(0.02, gt=0)
     init_from: str | None = None  # start from this checkpoint's weights (e.g. `bigtrain convert from-hf`)
     qk_norm: bool = False  # RMSNorm of each query and key head before RoPE (Qwen3)
+    parametrization: Literal["standard", "mup"] = "standard"  # mup: µP (bigtrain/model/mup.py, docs/scaling.md)
+    mup_base_width: int = ranged(256, ge=1)  # µP: the d_model whose init and learning rates the others inherit
     moe: MoEConfig = field(default_factory=MoEConfig)
 
     @property
@@ -227,7 +229,12 @@ class TrainConfig:
     deterministic: Literal["auto", True, False] = "auto"  # auto: on for CPU, off for CUDA
     nonfinite: Literal["skip", "stop"] = "skip"  # a bad step (NaN/Inf or spike): skip its update, or stop
     max_bad_steps: int = ranged(10, ge=1)  # with skip: stop after this many bad steps in a row
-    spike_factor: float | None = ranged(None, gt=1)  # a loss above this × its running mean is a bad step too
+    spike_window: int = ranged(0, ge=0)  # accepted steps a spike is measured against; 0: no spike detection
+    spike_sigma: float = ranged(6.0, gt=0)  # a loss or gradient norm above mean + this × std of the window is a spike
+    spike_signals: Literal["auto", "loss", "grad_norm", "both"] = "auto"  # auto: both, the gradient norm alone with pp > 1
+    rollback_after: int | None = ranged(None, ge=1)  # this many bad steps in a row: reload the last checkpoint; None: stop
+    rollback_skip_steps: int | None = ranged(None, ge=0)  # steps' worth of batches a rollback skips; None: the bad run's length
+    max_rollbacks: int = ranged(3, ge=1)  # rollbacks to the same checkpoint before the run stops
     compile: Literal["auto", True, False] = "auto"  # torch.compile every block; auto: on CUDA only (docs/benchmarks.md)
     adamw_impl: Literal["fused", "foreach", "for-loop"] = "fused"  # torch AdamW's kernel choice
     # muon: Newton–Schulz orthogonalised momentum for the blocks' hidden matrices, AdamW for the rest;
@@ -235,6 +242,7 @@ class TrainConfig:
     optimizer: Literal["adamw", "muon"] = "adamw"
     muon_momentum: float = ranged(0.95, ge=0, lt=1)  # Muon's Nesterov momentum
     reuse_host_memory: bool = True  # glibc keeps freed blocks for the next step (bigtrain/train/host_memory.py)
+    manual_gc: bool = True  # Python's automatic GC off during training, a collection at logging steps (torchtitan)
 
 
 @dataclass
@@ -352,6 +360,11 @@ class Config:
             (m.moe.experts == 0 or self.parallel.ep == 1 or m.moe.experts % self.parallel.ep == 0,
              f"model.moe.experts={m.moe.experts} is not divisible by parallel.ep={self.parallel.ep}"),
             (m.moe.experts > 0 or self.parallel.ep == 1, "parallel.ep > 1 needs model.moe.experts > 0"),
+            (self.parallel.pp == 1 or not self.train.spike_window or self.train.spike_signals in ("auto", "grad_norm"),
+             f"train.spike_signals={self.train.spike_signals} needs parallel.pp=1 (the pipeline engine updates before "
+             "the loss is known); use auto or grad_norm"),
+            (self.train.rollback_after is None or self.train.nonfinite == "skip",
+             "train.rollback_after needs train.nonfinite=skip (stop ends the run at the first bad step)"),
             (m.moe.experts == 0 or self.train.precision != "fp16",
              "model.moe needs train.precision bf16 or fp32 (fp16's loss scale would not reach the auxiliary losses' gradient)"),
         ]
@@ -419,6 +432,10 @@ def read_yaml_mapping(path: str | Path, kind: str, holds: str) -> dict[str, Any]
 
 MOVED_KEYS = {"train.eval_every": "eval.val_every", "train.eval_batches": "eval.val_batches"}  # old → new
 KEYWORD_KEYS = {"checkpoint.async": "async_save"}  # keys that are Python keywords → their field
+REPLACED_KEYS = {  # old key → what replaced it; a saved config's old value (or a null) is dropped
+    "train.spike_factor": "train.spike_window and train.spike_sigma (a step whose loss or gradient norm exceeds "
+                          "the mean + sigma × std of a rolling window is skipped; docs/checkpoints.md)",
+}
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = (), saved: bool = False) -> Config:
@@ -427,6 +444,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), saved
     raw = read_yaml_mapping(path, "config file", "config sections") if path is not None else {}
     if saved:
         _move_keys(raw)
+        _drop_replaced_keys(raw)
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
@@ -445,6 +463,13 @@ def _move_keys(raw: dict[str, Any]) -> None:
         section = raw.get(old_section)
         if isinstance(section, dict) and old_key in section:
             raw.setdefault(new_section, {}).setdefault(new_key, section.pop(old_key))
+
+
+def _drop_replaced_keys(raw: dict[str, Any]) -> None:
+    for old in REPLACED_KEYS:
+        section, key = old.split(".")
+        if isinstance(raw.get(section), dict):
+            raw[section].pop(key, None)
 
 
 def save_config(config: Config, path: Path) -> None:
@@ -470,6 +495,10 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     for key in raw:
         if f"{prefix}{key}" in MOVED_KEYS:
             raise BigtrainError(f"config key {prefix}{key} is now {MOVED_KEYS[prefix + key]}")
+        if f"{prefix}{key}" in REPLACED_KEYS and raw[key] is None:
+            continue  # an unset replaced key (configs written before it was replaced) means nothing
+        if f"{prefix}{key}" in REPLACED_KEYS:
+            raise BigtrainError(f"config key {prefix}{key} was replaced by {REPLACED_KEYS[prefix + key]}")
         if key not in names:
             near = difflib.get_close_matches(str(key), names, n=1)
             hint = f"; did you mean {prefix}{near[0]}?" if near else f"; valid keys: {', '.join(names)}"

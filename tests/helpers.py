@@ -48,6 +48,38 @@ def poisoned(build_engine, steps, factor=float("nan")):
     return build_poisoned
 
 
+def step_windows(cfg: Config, steps: set[int], dp_rank: int = 0, dp_size: int = 1) -> list[torch.Tensor]:
+    """The model inputs (every micro-batch's windows, without their last token) that data-parallel
+    rank `dp_rank` trains on in the given (0-based) steps of `cfg`'s run."""
+    from bigtrain.data.build import build_train_loader
+
+    loader = build_train_loader(cfg.data, cfg.data.micro_batch, cfg.train.grad_accum, dp_rank=dp_rank,
+                                dp_size=dp_size, seed=cfg.run.seed, model_vocab_size=cfg.model.vocab_size)
+    windows = []
+    for step in range(max(steps) + 1):
+        batches = loader.next_step()
+        if step in steps:
+            windows += [batch[:, :-1] for batch in batches]
+    return windows
+
+
+def poisoned_windows(build_engine, windows: list[torch.Tensor], factor=float("nan")):
+    """`build_engine` whose model's training loss is scaled by `factor` whenever its input is one of
+    `windows` (bad data: whichever step draws it, in this run or a resumed one)."""
+    def build_poisoned(*args, **kwargs):
+        engine = build_engine(*args, **kwargs)
+
+        def hook(module, args, output):
+            if module.training and any(torch.equal(args[0].cpu(), w) for w in windows):
+                return output * factor
+            return output
+
+        engine.model.register_forward_hook(hook)
+        return engine
+
+    return build_poisoned
+
+
 def small_model_config(**overrides) -> ModelConfig:
     """A 2-layer model with grouped-query attention that runs in milliseconds."""
     shape = {"vocab_size": 97, "d_model": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "max_seq_len": 16}

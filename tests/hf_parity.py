@@ -61,6 +61,11 @@ BIGTRAIN_CASES = {
     "llama-yarn": {"qk_norm": False, "rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_seq_len": 8}},
     "qwen3-yarn": {"rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_seq_len": 8, "attention_factor": 1.25,
                                     "beta_slow": 0.5, "truncate": False}},
+    # µP (width multiplier 4 and 2): output multiplier and 1/head_dim folded into the weights
+    "llama-mup": {"qk_norm": False, "parametrization": "mup", "mup_base_width": 8},
+    "qwen3-mup-tied": {"tie_embeddings": True, "parametrization": "mup", "mup_base_width": 16},
+    "qwen3-moe-mup": {"parametrization": "mup", "mup_base_width": 8,
+                      "moe": {"experts": 4, "top_k": 2, "ffn_hidden": 16, "first_dense": 1}},
 }
 # RoPE tables against Hugging Face's rotary embedding: name → (head_dim, rope_theta, max_seq_len, rope_scaling)
 ROPE_CASES = {
@@ -180,7 +185,10 @@ def check_to_hf(name: str, tmp: Path) -> float:
 
     assert main(["convert", "from-hf", str(tmp / "hf"), str(tmp / "again")]) == 0
     _, again, _ = load_trained_model(tmp / "again", torch.device("cpu"))
-    assert dataclasses.asdict(again.model) == dataclasses.asdict(cfg.model)
+    exported = cfg.model  # a µP model comes back as the standard-parametrization model it exported as
+    if exported.parametrization == "mup":
+        exported = dataclasses.replace(exported, parametrization="standard", mup_base_width=256, tie_embeddings=False)
+    assert dataclasses.asdict(again.model) == dataclasses.asdict(exported)
     return diff
 
 

@@ -8,6 +8,7 @@ Engines write every tensor file of a checkpoint through one of these (`torch_sav
 from __future__ import annotations
 
 from collections.abc import Callable
+from copy import copy as shallow_copy
 from pathlib import Path
 from typing import Any
 
@@ -89,7 +90,8 @@ class Staged(Direct):
         if isinstance(obj, torch.Tensor):
             copy = self._stage(obj.detach())
         elif isinstance(obj, dict):
-            copy = type(obj)((key, self._copy(value, copies)) for key, value in obj.items())
+            copy = shallow_copy(obj)  # the same kind of mapping (OrderedDict, defaultdict …)
+            copy.update((key, self._copy(value, copies)) for key, value in obj.items())
         elif isinstance(obj, list | tuple) and not hasattr(obj, "_fields"):
             copy = type(obj)(self._copy(value, copies) for value in obj)
         else:

@@ -6,11 +6,13 @@ separate projections, so no weight is permuted or split: conversion is renaming 
 `lm_head` when embeddings are tied). A MoE block's experts, stacked in bigtrain, are written as one
 `nn.Linear` weight per expert (the layout of transformers 4.x, which 5.x converts when loading);
 reading also takes 5.x's fused `mlp.experts.gate_up_proj` / `mlp.experts.down_proj`.
+A µP model's multipliers are folded into its weights (`fold_mup`), so the export is a plain model.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 from pathlib import Path
@@ -21,7 +23,7 @@ import torch
 from bigtrain.checkpoint import format as fmt
 from bigtrain.checkpoint.files import write_file_list
 from bigtrain.checkpoint.io import open_checkpoint
-from bigtrain.config import Config, DataConfig, from_dict, load_config
+from bigtrain.config import Config, DataConfig, ModelConfig, from_dict, load_config
 from bigtrain.convert.consolidate import consolidate
 from bigtrain.convert.hf_config import hf_config, model_config_from_hf
 from bigtrain.convert.output import output_dir, refuse_existing
@@ -29,6 +31,7 @@ from bigtrain.convert.progress import status, track
 from bigtrain.data.tokenizer import EOS_TOKEN
 from bigtrain.errors import BigtrainError
 from bigtrain.model import Llama
+from bigtrain.model.mup import attention_scale, output_multiplier
 
 BLOCK = re.compile(r"layers\.(\d+)\.(.+)")
 HF_BLOCK = re.compile(r"model\.layers\.(\d+)\.(.+)")
@@ -122,7 +125,7 @@ def to_hf(checkpoint: str | Path, out: str | Path, max_shard_bytes: int = 5 * 2*
     config = hf_config(fmt.read_config(open_checkpoint(checkpoint)).model)  # refusals come before reading weights
     full = consolidate(checkpoint)
     m = full.config.model
-    tensors = to_hf_weights(full.weights, m.n_layers)
+    tensors = to_hf_weights(fold_mup(full.weights, m), m.n_layers)
     with output_dir(out, overwrite) as tmp:
         write_safetensors(tensors, tmp, max_shard_bytes)
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
@@ -132,6 +135,24 @@ def to_hf(checkpoint: str | Path, out: str | Path, max_shard_bytes: int = 5 * 2*
             write_tokenizer_files(tokenizer, tmp, m.max_seq_len)
     status(f"wrote {out}: {len(tensors)} tensors, {sum(t.numel() for t in tensors.values()):,} parameters")
     return Path(out)
+
+
+def fold_mup(weights: dict[str, torch.Tensor], m: ModelConfig) -> dict[str, torch.Tensor]:
+    """The weights of the standard-parametrization model that computes what µP model `m` does:
+    the output multiplier 1/m folded into `lm_head` (a tied head is untied: the embedding keeps its
+    values; `hf_config` then says untied), and the attention scale 1/head_dim into the queries
+    (times sqrt(head_dim), as Hugging Face scales by 1/sqrt(head_dim); a linear factor on q commutes
+    with RoPE): into `q_norm` with qk-norm (which would undo a factor on `q_proj`), else `q_proj`."""
+    if m.parametrization != "mup":
+        return weights
+    out = dict(weights)
+    head = f"layers.{m.n_layers + 1}.lm_head.weight"
+    out[head] = out.get(head, weights["layers.0.embed_tokens.weight"]) * output_multiplier(m)
+    q_factor = attention_scale(m) * math.sqrt(m.head_dim)
+    for i in range(1, m.n_layers + 1):
+        q = f"layers.{i}.self_attn.{'q_norm' if m.qk_norm else 'q_proj'}.weight"
+        out[q] = weights[q] * q_factor
+    return out
 
 
 def write_safetensors(tensors: dict[str, torch.Tensor], directory: Path, max_shard_bytes: int) -> None:

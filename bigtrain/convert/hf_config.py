@@ -42,7 +42,7 @@ def hf_config(m: ModelConfig) -> dict[str, Any]:
         "num_key_value_heads": m.kv_heads, "head_dim": m.head_dim, "hidden_act": "silu",
         "max_position_embeddings": m.max_seq_len, "rms_norm_eps": m.norm_eps, "rope_theta": m.rope_theta,
         "rope_scaling": _rope_scaling_to_hf(m.rope_scaling), "attention_bias": False, "attention_dropout": 0.0,
-        "tie_word_embeddings": m.tie_embeddings, "initializer_range": m.init_std,
+        "tie_word_embeddings": m.tie_embeddings and m.parametrization != "mup",  # µP: untied (`fold_mup`) "initializer_range": m.init_std,
         "bos_token_id": None, "eos_token_id": 0, "pad_token_id": None, "torch_dtype": "float32",
     }
     if model_type == "llama":

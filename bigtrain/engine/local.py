@@ -19,7 +19,7 @@ from bigtrain.engine.contract import StepOutput
 from bigtrain.engine.device import autocast_for, compile_enabled, pick_device, resolve_precision
 from bigtrain.engine.materialize import Materializer
 from bigtrain.engine.memory import MemoryPeak
-from bigtrain.engine.optimizer import build_optimizer
+from bigtrain.engine.optimizer import build_optimizer, scheduled_lr
 from bigtrain.engine.update_gate import UpdateGate
 from bigtrain.model import Llama
 from bigtrain.model.llama import DocumentMasking, set_z_loss
@@ -32,14 +32,14 @@ def local_engine(model: Llama, train: TrainConfig, parallel: ParallelConfig | No
                  gate: UpdateGate | None = None, materialize: Materializer | None = None) -> LocalEngine:
     """`parallelize` a whole model (tp = sp = 1: float8 linears when `train.precision` resolves to
     fp8 on this device, activation checkpointing, compile), then wrap it; `gate` defaults to one
-    of `train.spike_factor`. A model on the meta device gets its values from `materialize`."""
+    of `train.spike_*`. A model on the meta device gets its values from `materialize`."""
     device = pick_device(train.device)
     cfg = Config(model=model.cfg, train=train, parallel=parallel or ParallelConfig())
     fp8 = resolve_precision(train.precision, device, "local") == "fp8"
     with MemoryPeak(device) as construction:
         layers = parallelize(model.layers, cfg, fp8=fp8, compile=compile_enabled(train.compile, device),
                              materialize=materialize)
-    engine = LocalEngine(Llama(model.cfg, layers), train, gate or UpdateGate(train.spike_factor))
+    engine = LocalEngine(Llama(model.cfg, layers), train, gate or UpdateGate.from_config(train))
     engine.construct_peak_gb = construction.gb
     return engine
 
@@ -62,6 +62,10 @@ class LocalEngine:
         self.autocast = lambda: autocast_for(self.device, cfg.precision)
         self.grad_clip = cfg.grad_clip
         self.optimizer = build_optimizer(self.model, cfg)
+        # fused AdamW (and Muon) divide the gradients by `grad_scale` as they read them: clipping costs no pass
+        # of its own. On CUDA only: on the CPU the in-place multiply keeps fp32 runs bit for bit
+        # (x / (1 / c) and x · c differ in the last bit), and the pass costs little there.
+        self.fold_clip = bool(self.optimizer.defaults["fused"]) and self.device.type == "cuda"
         self.gate = gate
         self.z_loss = ZLoss(cfg.z_loss) if cfg.z_loss else None
         set_z_loss(self.model, self.z_loss)
@@ -70,7 +74,7 @@ class LocalEngine:
         """Accumulate gradients over `micro_batches` ([b, seq+1] tokens each), then update once."""
         self.model.train()
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = scheduled_lr(group, lr)
         total = torch.zeros((), device=self.device)
         set_auxiliary_scale(self.model, 1 / len(micro_batches))
         with self.autocast():  # once per step: its cache of low-precision weight copies serves every micro-batch
@@ -82,8 +86,7 @@ class LocalEngine:
                     loss.backward()
                 total += loss.detach()
         with self.timer.phase("optimizer"):
-            max_norm = self.grad_clip if self.grad_clip else float("inf")
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+            grad_norm = self._clip_gradients()
             skip = self.gate.skip(total, grad_norm)
             if self.optimizer.defaults["fused"]:
                 self.optimizer.found_inf = skip.float()  # fused AdamW (and Muon) skip on the device: no host sync
@@ -92,6 +95,18 @@ class LocalEngine:
                 self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         return StepOutput(loss=total, grad_norm=grad_norm, skipped=skip)
+
+    def _clip_gradients(self) -> torch.Tensor:
+        """The gradients' total norm, with the gradients scaled to at most `train.grad_clip`: in
+        place (torch's `clip_grad_norm_`), or with `fold_clip` by fused AdamW (its `grad_scale`,
+        the inverse of the clip coefficient), as the update reads them."""
+        max_norm = self.grad_clip if self.grad_clip else float("inf")
+        if not self.fold_clip:
+            return torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.model.parameters() if p.grad is not None])
+        # clip_grad_norm_'s coefficient min(1, max_norm / (norm + 1e-6)), inverted
+        self.optimizer.grad_scale = ((grad_norm + 1e-6) / max_norm).clamp(min=1.0) if self.grad_clip else None
+        return grad_norm
 
     def step_times(self) -> dict[str, float]:
         """Seconds per phase since the last call (call at logging time: it waits for the device)."""

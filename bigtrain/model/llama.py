@@ -21,6 +21,7 @@ from bigtrain.config import ModelConfig
 from bigtrain.model.loss import ZLoss, linear_cross_entropy
 from bigtrain.model.mlp import MLP
 from bigtrain.model.moe import MoE
+from bigtrain.model.mup import attention_scale, init_multiplier, output_multiplier
 from bigtrain.model.pointwise import rms_norm
 from bigtrain.model.rope import inverse_frequencies
 
@@ -80,14 +81,15 @@ def same_document_causal(documents: torch.Tensor) -> torch.Tensor:
 
 
 def flex_document_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, documents: torch.Tensor,
-                            compiled: bool) -> torch.Tensor:
+                            compiled: bool, scale: float | None = None) -> torch.Tensor:
     """FlexAttention with a document `BlockMask` (q, k, v [b, heads, t, head_dim]): blocks that
     cross no boundary run dense, blocks of other documents are skipped. The mask is built once
-    per `documents` tensor (every block of a forward pass gets the same one)."""
+    per `documents` tensor (every block of a forward pass gets the same one). `scale`: of the
+    scores (None: 1/sqrt(head_dim))."""
     from torch.nn.attention.flex_attention import flex_attention
 
     attend = _compiled_flex() if compiled else flex_attention
-    return attend(q, k, v, block_mask=_document_block_mask(documents), enable_gqa=q.shape[1] != k.shape[1])
+    return attend(q, k, v, block_mask=_document_block_mask(documents), scale=scale, enable_gqa=q.shape[1] != k.shape[1])
 
 
 _block_masks: dict[int, tuple[torch.Tensor, object]] = {}
@@ -120,18 +122,24 @@ class CausalAttention(nn.Module):
     """The attention core: causal grouped-query `scaled_dot_product_attention` of q, k, v laid out
     [batch, seq, heads, head_dim] (sequence parallelism wraps it in its all-to-all). Given each
     token's `documents` [batch, seq] (document masking), a token attends only to earlier tokens of
-    its own document: FlexAttention on CUDA, SDPA with the block-diagonal mask elsewhere."""
+    its own document: FlexAttention on CUDA, SDPA with the block-diagonal mask elsewhere. `scale`
+    multiplies the scores (None: 1/sqrt(head_dim); µP: 1/head_dim)."""
+
+    def __init__(self, scale: float | None = None):
+        super().__init__()
+        self.scale = scale
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 documents: torch.Tensor | None = None) -> torch.Tensor:
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         gqa = q.shape[1] != k.shape[1]
         if documents is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale, enable_gqa=gqa)
         elif q.is_cuda:
-            y = flex_document_attention(q, k, v, documents, compiled=True)
+            y = flex_document_attention(q, k, v, documents, compiled=True, scale=self.scale)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=same_document_causal(documents), enable_gqa=gqa)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=same_document_causal(documents), scale=self.scale,
+                                               enable_gqa=gqa)
         return y.transpose(1, 2)
 
 
@@ -155,7 +163,7 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
             self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
         self.qk_norm = cfg.qk_norm
-        self.core = CausalAttention()
+        self.core = CausalAttention(attention_scale(cfg))
         self.seq_shard = 0
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, documents: torch.Tensor | None = None,
@@ -208,28 +216,38 @@ class Embedding(nn.Module):
 class LMHead(nn.Linear):
     """The projection to vocabulary logits; given targets it returns their mean cross-entropy
     instead, without ever holding the full-vocabulary logits (`linear_cross_entropy`, with the
-    logits' `z_loss` if given)."""
+    logits' `z_loss` if given); `compiled` (set by `compile_blocks`) compiles each chunk's
+    element-wise work."""
+
+    compiled = False
 
     def __init__(self, cfg: ModelConfig):
         super().__init__(cfg.d_model, cfg.vocab_size, bias=False)
 
     def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None,
                 z_loss: ZLoss | None = None) -> torch.Tensor:
-        return super().forward(x) if targets is None else linear_cross_entropy(x, self.weight, targets, z_loss=z_loss)
+        if targets is None:
+            return super().forward(x)
+        return linear_cross_entropy(x, self.weight, targets, z_loss=z_loss, compiled=self.compiled)
 
 
 class Head(nn.Module):
     """Final RMSNorm and the projection to vocabulary logits (or, given targets, the loss; with
-    `z_loss` set, by `set_z_loss`, its gradient carries the logits' z-loss too)."""
+    `z_loss` set, by `set_z_loss`, its gradient carries the logits' z-loss too). Under µP the
+    logits carry the output multiplier 1/m, applied to the head's input (the same product, and
+    every head, tensor-parallel and chunked loss included, sees it)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = LMHead(cfg)
         self.z_loss: ZLoss | None = None
+        self.output_multiplier = output_multiplier(cfg)
 
     def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         x = self.norm(x)
+        if self.output_multiplier != 1.0:
+            x = x * self.output_multiplier
         if targets is None:
             return self.lm_head(x)
         return self.lm_head(x, targets) if self.z_loss is None else self.lm_head(x, targets, self.z_loss)
@@ -273,12 +291,13 @@ def parameter_seed(seed: int, name: str) -> int:
 def initial_value(cfg: ModelConfig, name: str, shape: Iterable[int], seed: int) -> torch.Tensor:
     """The initial fp32 value (on the CPU) of parameter `name` of the one-process model: ones for
     norms; Normal(0, init_std) for matrices (and stacked experts), residual outputs scaled by
-    1/sqrt(2·n_layers) (GPT-2).
+    1/sqrt(2·n_layers) (GPT-2), and under µP by `init_multiplier` (bigtrain/model/mup.py).
     Drawn from its own generator seeded by (run seed, name), so it does not depend on which
     parameters a rank builds, or in which order."""
     if name.endswith("norm.weight"):
         return torch.ones(tuple(shape))
     std = cfg.init_std / math.sqrt(2 * cfg.n_layers) if name.endswith(("o_proj.weight", "down_proj.weight", "experts.down_proj")) else cfg.init_std
+    std *= init_multiplier(cfg, name)
     generator = torch.Generator().manual_seed(parameter_seed(seed, name))
     return torch.empty(tuple(shape)).normal_(0.0, std, generator=generator)
 
@@ -361,8 +380,11 @@ def compile_blocks(layers: Iterable[nn.Module]) -> None:
     """`torch.compile` every block in place (fusing the norms, RoPE and SwiGLU element-wise work).
 
     Parameter names, and so checkpoints, stay unchanged; the blocks share one compiled graph. Of a
-    Mixture-of-Experts block only the attention is compiled (routing has data-dependent shapes).
+    Mixture-of-Experts block only the attention is compiled (routing has data-dependent shapes). The
+    head's chunked loss compiles each chunk's element-wise work (`LMHead.compiled`).
     """
     for layer in layers:
         if isinstance(layer, Block):
             (layer.self_attn if isinstance(layer.mlp, MoE) else layer).compile(dynamic=False)
+        elif isinstance(layer, Head) and isinstance(layer.lm_head, LMHead):
+            layer.lm_head.compiled = True

@@ -15,7 +15,14 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from bigtrain.model.loss import CHUNK_ELEMENTS, ZLoss, add_z_gradient_, scaled_gradients, z_coeff
+from bigtrain.model.loss import (
+    ZLoss,
+    add_weight_gradient_,
+    add_z_gradient_,
+    default_chunk,
+    scaled_gradients,
+    z_coeff,
+)
 
 
 def _softmax_shard_(x: torch.Tensor, targets: torch.Tensor, group: dist.ProcessGroup):
@@ -86,14 +93,17 @@ def _chunk(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, group: 
     """One chunk's summed loss and summed squared log-sum-exp (None without z-loss); with gradient
     buffers, its gradients written into `grad_h` and added to `grad_weight`. Its one fp32 logits
     buffer is freed on return, before the next's."""
-    logits = (h @ weight.t()).float()  # fresh: becomes the softmax, then the gradient, in place
+    logits = h @ weight.t()
+    dtype = logits.dtype  # the gradient's matmuls run in it (bf16 under bf16 autocast)
+    logits = logits.float()  # fresh: becomes the softmax, then the gradient, in place
     losses, lse, local, inside = _softmax_shard_(logits, targets, group)
     if grad_h is not None:
         if coeff:
             logits = add_z_gradient_(logits, lse, coeff)
-        grad = _minus_one_hot_(logits, local, inside)
-        grad_h.copy_(grad.to(weight.dtype) @ weight)
-        grad_weight.addmm_(grad.t(), h.float())
+        grad = _minus_one_hot_(logits, local, inside).to(dtype)  # cast once, used by both matmuls
+        del logits
+        grad_h.copy_(grad @ weight)
+        add_weight_gradient_(grad_weight, grad, h)
     return losses.sum(), lse.square().sum() if coeff else None
 
 
@@ -129,11 +139,11 @@ def vocab_parallel_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tens
                                         group: dist.ProcessGroup, chunk: int | None = None,
                                         z_loss: ZLoss | None = None) -> torch.Tensor:
     """`vocab_parallel_cross_entropy(hidden @ weight.T, targets)` for a vocab shard `weight`
-    [V/tp, d], `chunk` tokens at a time (default: CHUNK_ELEMENTS / (V/tp)), each chunk's
+    [V/tp, d], `chunk` tokens at a time (default: `default_chunk(V/tp)`), each chunk's
     gradient computed with its loss (as `linear_cross_entropy`): never more than one fp32 chunk
     of logits. The gradient of `hidden` is this shard's part; the head's region entry sums it.
     With `z_loss`, as `linear_cross_entropy`'s (from the global log-sum-exp)."""
-    chunk = chunk or max(1, CHUNK_ELEMENTS // weight.shape[0])
+    chunk = chunk or default_chunk(weight.shape[0])
     loss, z = _VocabParallelLinearCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight,
                                                      targets.reshape(-1), group, chunk, z_coeff(z_loss))
     if z_loss is not None:

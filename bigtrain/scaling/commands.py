@@ -95,3 +95,28 @@ def scaling_fit(args: argparse.Namespace) -> None:
 
         for path in fit_plots(report, Path(args.plots)):
             print(f"wrote {path}")
+
+
+def scaling_coord_check(args: argparse.Namespace) -> None:
+    import json
+
+    from bigtrain.config import load_config
+    from bigtrain.scaling.coord_check import coord_check, coord_plot, last_step, report
+
+    cfg = load_config(args.config, args.overrides)
+    results = coord_check(cfg, args.widths, args.steps)
+    plot = coord_plot(results, cfg.model.mup_base_width, Path(args.plot))
+    if args.json:
+        print(json.dumps(last_step(results)))
+        return
+    print(report(results))
+    print(f"wrote {plot}")
+
+
+def scaling_transfer(args: argparse.Namespace) -> None:
+    from bigtrain.scaling.transfer import format_report, read_curves, transfer_plot
+
+    curves, loss = read_curves(args.results, args.lr_column, args.width_column, args.by, args.loss)
+    print(format_report(curves, loss))
+    if args.plot:
+        print(f"wrote {transfer_plot(curves, loss, Path(args.plot))}")

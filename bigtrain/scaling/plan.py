@@ -14,6 +14,8 @@ A sweep file is YAML over a base config::
     warmup_fraction: 0.1          # warmup = this share of each run's steps (else the base's)
     # grid: the product of the listed values of any config keys
     grid: {train.lr: [1.0e-3, 3.0e-3], data.micro_batch: [8, 16]}
+    # a grid axis whose values are mappings sets several keys together (its column: each one's `name`)
+    grid: {model.parametrization: [standard, mup], width: [{name: 64, model.d_model: 64, model.n_heads: 4}, ...]}
     #   any config key is an axis, e.g. {train.optimizer: [adamw, muon], train.lr: [...]} compares
     #   optimizers each at its best learning rate (configs/sweeps/tiny-optimizers.yaml)
 
@@ -187,9 +189,18 @@ def _grid(spec: dict, common: dict, out: Path, path: str | Path) -> Plan:
             raise BigtrainError(f"{path}: grid.{key} must be a non-empty list of values")
     runs = []
     for values in itertools.product(*grid.values()):
-        point = dict(zip(grid, values, strict=True))
+        point, keys = {}, {}
+        for axis, value in zip(grid, values, strict=True):
+            if isinstance(value, dict):  # several keys at once, labelled by its name
+                value = dict(value)
+                label = value.pop("name", None)
+                point[axis] = label if label is not None else _shape_label(value)
+                keys.update(value)
+            else:
+                point[axis] = value
+                keys[axis] = value
         name = "-".join(f"{key.rsplit('.', 1)[-1]}{_short(v)}" for key, v in point.items())
-        cfg = _resolve(spec, {**common, **point}, name, out, path)
+        cfg = _resolve(spec, {**common, **keys}, name, out, path)
         runs.append(PlannedRun(name, cfg, {**_row(cfg, "total"), **point}))
     return Plan(str(spec["name"]), "grid", out, runs, [*PLAN_COLUMNS, *grid])
 

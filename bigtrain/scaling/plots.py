@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")  # files only: no display needed
 
@@ -119,3 +120,44 @@ def grid_plot(rows: list[dict[str, Any]], keys: list[str], path: Path, loss: str
         ax.legend(fontsize=8)
     return _save(fig, path)
 
+
+
+def coord_check_figure(results: dict[str, dict[int, list[dict[str, float]]]], base_width: int, path: Path) -> Path:
+    """µP coordinate check (as Figure 5 of Tensor Programs V): RMS vs width, one line per step."""
+    keys = list(next(iter(next(iter(results.values())).values()))[0])
+    fig, axes = plt.subplots(len(results), len(keys), figsize=(2.6 * len(keys), 2.4 * len(results)), squeeze=False)
+    for row, (parametrization, by_width) in zip(axes, results.items(), strict=True):
+        widths = sorted(by_width)
+        steps = len(by_width[widths[0]])
+        for ax, key in zip(row, keys, strict=True):
+            for t, color in zip(range(steps), _colors(steps), strict=True):
+                ax.plot(widths, [by_width[w][t][key] for w in widths], marker="o", ms=3, color=color, label=f"t={t}")
+            ax.set(xscale="log", yscale="log", xlabel="width (d_model)", title=f"{parametrization}: {key}")
+            ax.set_xticks(widths, [str(w) for w in widths], fontsize=7)
+            ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+        row[0].set_ylabel("RMS")
+    axes[0][-1].legend(fontsize=6)
+    fig.suptitle(f"coordinate check (µP base width {base_width})", fontsize=9)
+    return _save(fig, path)
+
+
+def transfer_figure(curves: list, loss: str, path: Path) -> Path:
+    """Loss vs learning rate, one line per width, a panel per parametrization (as Figure 1 of
+    Tensor Programs V); each width's best learning rate starred. Diverged runs are left out."""
+    ps = list(dict.fromkeys(c.parametrization for c in curves))
+    widths = sorted({c.width for c in curves})
+    colors = dict(zip(widths, _colors(len(widths)), strict=True))
+    fig, axes = plt.subplots(1, len(ps), figsize=(5 * len(ps), 4), sharey=True, squeeze=False)
+    finite = [y for c in curves for y in c.losses if np.isfinite(y)]
+    for ax, p in zip(axes[0], ps, strict=True):
+        for c in (c for c in curves if c.parametrization == p):
+            xs = [x for x, y in zip(c.lrs, c.losses, strict=True) if np.isfinite(y)]
+            ys = [y for y in c.losses if np.isfinite(y)]
+            ax.plot(xs, ys, marker="o", ms=3, color=colors[c.width], label=f"width {c.width}")
+            ax.scatter([c.best[0]], [c.best[1]], marker="*", s=120, color=colors[c.width], zorder=3)
+        ax.set(xscale="log", xlabel="learning rate", title=p)
+        ax.legend(fontsize=8)
+    axes[0][0].set_ylabel(loss)
+    low, high = min(finite), np.percentile(finite, 90)
+    axes[0][0].set_ylim(low - 0.05 * (high - low), high + 0.1 * (high - low))
+    return _save(fig, path)

@@ -39,6 +39,7 @@ from bigtrain.parallel.layout import check_layout
 from bigtrain.train.callbacks import Callback
 from bigtrain.train.callbacks.bad_steps import BadSteps
 from bigtrain.train.callbacks.eval_tasks import EvalTasks
+from bigtrain.train.callbacks.garbage_collection import GarbageCollection
 from bigtrain.train.callbacks.mirror import Mirror
 from bigtrain.train.callbacks.router import RouterMetrics
 from bigtrain.train.callbacks.validation import Validation
@@ -169,11 +170,12 @@ class Trainer:
         set_determinism(cfg.run.seed, cfg.train)
         if cfg.train.reuse_host_memory:
             reuse_freed_memory()
-        self.sinks, self.bad, self.validation = Sinks(cfg, console), BadSteps(cfg.train), Validation()
+        self.sinks, self.bad, self.validation = Sinks(cfg, console), BadSteps(cfg), Validation()
         self.mirror = Mirror(cfg.checkpoint) if cfg.checkpoint.remote else None
         self.callbacks: list[Callback] = [self.sinks, self.bad, self.validation, *([EvalTasks()] if cfg.eval.tasks else []),
                                           *([self.mirror] if self.mirror else []),
-                                          *([RouterMetrics()] if cfg.model.moe.experts else []), *callbacks]
+                                          *([RouterMetrics()] if cfg.model.moe.experts else []),
+                                          *([GarbageCollection()] if cfg.train.manual_gc else []), *callbacks]
         remote = self.mirror.mirror if self.mirror else None
         resume_from = agreement.from_main(lambda: find_resume_checkpoint(cfg, remote))  # one point for all
         from_remote = resume_from is None and cfg.run.resume == "auto" and remote and remote.reached
@@ -231,6 +233,10 @@ class Trainer:
                 ending = self.ending()
                 if self.step % cfg.log.every == 0 or ending:
                     self.log_step(out)
+                if self.bad.rollback_due(self, saving=self.step % cfg.checkpoint.every == 0 or bool(ending)):
+                    self.roll_back()  # a stop request still pending is seen at the next logging step
+                    ending = None
+                    continue
                 paused = time.perf_counter()  # validation, evaluation and saving do not count as step time
                 for callback in self.callbacks:
                     callback.after_step(self, ending)
@@ -252,9 +258,28 @@ class Trainer:
             preempted=ending == "preempted",
         )
 
+    def roll_back(self) -> None:
+        """Too many bad steps in a row: every rank reloads the latest checkpoint, and the data of
+        the bad steps is skipped when the run gets there again (`BadSteps.plan_rollback`)."""
+        self.finish_save()  # an asynchronous save in flight is the latest good checkpoint once complete
+        checkpoint = agreement.from_main(lambda: ckpt.latest_checkpoint(self.run_dir))
+        self.bad.plan_rollback(self, checkpoint)
+        self._resume(checkpoint)
+        self.window_losses, self.window_steps, self.window_flops = [], 0, 0.0
+        self.window_start = time.perf_counter()
+
+    def _skip_data(self) -> None:
+        """Draw and discard the batches a rollback skips at this step (`data_skips.json`)."""
+        skip = self.bad.skips.steps_at(self.step)
+        for _ in range(skip):
+            self.loader.next_step()
+        if skip:
+            self.log({"step": self.step, "skipped_data_from_step": self.step, "skipped_data_steps": skip})
+
     def train_step(self) -> StepOutput:
         length = window_length(self.step, self.cfg.data)
         with self.engine.timer.phase("data", host=True):
+            self._skip_data()
             batches = [cut_windows(batch, length) for batch in self.loader.next_step()]
         out = self.engine.train_step(batches, lr_at(self.step, self.cfg.train))
         self.window_flops += flops_per_token(self.cfg.model, length)

@@ -14,9 +14,11 @@ from typing import Any
 import torch
 
 # Dense bf16 tensor-core peaks in TFLOP/s (fp16 for V100), matched as substrings of
-# torch.cuda.get_device_name(), first match wins: the PCIe/NVL variants come before "H100".
+# torch.cuda.get_device_name(), first match wins: the PCIe/NVL variants come before their SXM names.
+# MFU divides by these also under train.precision=fp8 (whose tensor-core peak is twice as high).
 PEAK_TFLOPS = {
-    "H100 PCIe": 756.0, "H100 NVL": 835.0, "GH200": 989.0, "H200": 989.0, "H100": 989.0, "H800": 989.0,
+    "H100 PCIe": 756.0, "H100 NVL": 835.0, "H200 NVL": 835.0, "H800 PCIe": 756.0, "GH200": 989.0, "H200": 989.0,
+    "H100": 989.0, "H800": 989.0,
     "B200": 2250.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0, "L4": 121.0, "A10": 125.0, "V100": 125.0,
 }
 

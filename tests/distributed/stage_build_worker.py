@@ -120,7 +120,7 @@ report = {"peak": stage_peak, "share": bytes_held(params), "share_elements": ele
           "rng_untouched": rng_untouched, "compared": len(params),
           "mismatches": mismatches(params, stage.param_names(), reference)}
 # the engine must take the stage as built (ZeRO-3: as partitioned), its values unchanged
-engine = engine_module.DeepSpeedEngine(stage, cfg, topology, UpdateGate(None), timer, ds_config)
+engine = engine_module.DeepSpeedEngine(stage, cfg, topology, UpdateGate(), timer, ds_config)
 engine_params = list(engine.model.parameters())
 report.update(engine_share_elements=elements_held(engine_params), engine_compared=len(engine_params),
               engine_mismatches=mismatches(engine_params, engine.param_names, reference))

@@ -46,8 +46,10 @@ def runs(stdlib_data, tmp_path_factory):
     cfg["checkpoint"]["every"], cfg["data"]["micro_batch"] = 1, 2
     cfg["parallel"] = {"engine": "deepspeed"}
     (out / "config.yaml").write_text(yaml.safe_dump(cfg))
-    torchrun(2, os.path.join(os.path.dirname(__file__), "async_checkpoint_worker.py"), str(out / "config.yaml"),
-             str(out), json.dumps(LAYOUTS))
+    runs = {f"{name}-{mode}": [*overrides, f"checkpoint.async={mode == 'async'}"]
+            for name, overrides in LAYOUTS.items() for mode in ("sync", "async")}
+    torchrun(2, os.path.join(os.path.dirname(__file__), "layouts_worker.py"), str(out / "config.yaml"), str(out),
+             json.dumps(runs))
     return out
 
 

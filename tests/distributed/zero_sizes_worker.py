@@ -21,7 +21,7 @@ from bigtrain.model import Llama, count_params
 
 cfg = load_config(sys.argv[1], sys.argv[3:])
 topology = init_topology(cfg)
-engine = deepspeed_engine(owned_layers(Llama(cfg.model), topology), cfg, topology, UpdateGate(cfg.train.spike_factor))
+engine = deepspeed_engine(owned_layers(Llama(cfg.model), topology), cfg, topology, UpdateGate.from_config(cfg.train))
 zero = engine.engine.optimizer
 params = list(engine.model.parameters())
 fp32_partitions = list(getattr(zero, "single_partition_of_fp32_groups", getattr(zero, "fp32_partitioned_groups_flat", [])))

@@ -65,10 +65,13 @@ def straight(stdlib_data, tmp_path_factory):
     return loop.train(cfg, console=False).losses
 
 
-@pytest.mark.parametrize("kind", ["s3", "directory"])
+@pytest.mark.parametrize("kind", ["s3", "directory", "s3-async"])
 def test_remote_mirrors_prunes_and_an_empty_run_dir_resumes_bitwise(kind, stdlib_data, s3_bucket, tmp_path, straight):
-    remote = remote_of(kind, s3_bucket, tmp_path)
-    head = loop.train(config(stdlib_data, tmp_path / "a", remote, keep_last=1), console=False)
+    """`s3-async`: with `checkpoint.async` the mirror takes each checkpoint once it is complete."""
+    remote = remote_of(kind.removesuffix("-async"), s3_bucket, tmp_path)
+    cfg = config(stdlib_data, tmp_path / "a", remote, keep_last=1)
+    cfg.checkpoint.async_save = kind.endswith("-async")
+    head = loop.train(cfg, console=False)
     assert head.losses == straight[:STEPS]
     assert read_remote(remote, "latest") == b"step-0000008\n"
     assert remote_names(remote) == ["step-0000008"]  # step 4 pruned once step 8's latest was written

@@ -44,7 +44,7 @@ def test_from_hf_matches_and_trains_with_init_from(stdlib_data, tmp_path):
     assert all(torch.equal(start[k], end[k]) for k in start)
     train.model.d_model = 128
     with pytest.raises(Exception, match="holds a model with model.d_model=64, but the config has model.d_model=128"):
-        loop.build_engine(train, UpdateGate(None), train.model.init_from)
+        loop.build_engine(train, UpdateGate(), train.model.init_from)
 
 
 def test_to_hf_of_a_local_checkpoint_loads_in_transformers(stdlib_data, tmp_path):

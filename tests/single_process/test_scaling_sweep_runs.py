@@ -65,3 +65,27 @@ def test_grid_collect_plots_loss_against_the_first_key(tmp_path, capsys, stdlib_
     assert [float(r["train.lr"]) for r in rows] == [1e-4, 1e-2]
     assert float(rows[1]["val_loss"]) < float(rows[0]["val_loss"])  # 6 steps at 1e-4 barely move
     assert (tmp_path / "sweep" / "grid.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_parametrization_sweep_subset_runs_collects_and_reports_transfer(tmp_path, capsys, stdlib_data):
+    """A 2 × 2 corner of configs/sweeps/cpu-mup-transfer.yaml: learning rate × parametrization."""
+    width = [{"name": 64, "model.d_model": 64, "model.n_heads": 4, "model.n_kv_heads": 2}]
+    path = write_sweep(tmp_path, stdlib_data, kind="grid", budgets=None, shapes=None, warmup_fraction=None,
+                       grid={"train.lr": [1e-3, 1e-2], "model.parametrization": ["standard", "mup"], "width": width},
+                       overrides={"train.steps": 6, "model.head_dim": 16, "model.mup_base_width": 32})
+    assert run(capsys, "sweep", "run", path)[0] == 0
+    code, out, _ = run(capsys, "sweep", "collect", path)
+    assert code == 0 and "wrote 4 runs" in out
+    rows = {(r["train.lr"], r["model.parametrization"]): float(r["val_loss"])
+            for r in csv.DictReader(open(tmp_path / "sweep" / "results.csv"))}
+    assert len(set(rows.values())) == 4  # µP trains differently from standard at width 64 (m = 2)
+    code, out, err = run(capsys, "scaling", "transfer", tmp_path / "sweep" / "results.csv",
+                         "--plot", tmp_path / "transfer.png")
+    assert code == 0, err
+    for p in ("standard", "mup"):
+        best = min(("0.001", "0.01"), key=lambda lr, p=p: rows[(lr, p)])
+        assert f"{p}: the best learning rate moves 0 grid steps" in out
+        assert f"{float(best):g} ({rows[(best, p)]:.3f})" in out
+    # the Chinchilla tools read the same results (one model size cannot be fitted: a one-line refusal)
+    code, _, err = run(capsys, "scaling", "fit", tmp_path / "sweep" / "results.csv")
+    assert code == 1 and "points cannot determine" in err

@@ -5,6 +5,8 @@ import json
 import os
 import signal
 
+import pytest
+
 from bigtrain.checkpoint import io as ckpt
 from bigtrain.train import loop
 from bigtrain.train.loop import train
@@ -26,9 +28,9 @@ def signalling_engine(monkeypatch, at_step: int):
                 os.kill(os.getpid(), signal.SIGUSR1)
             return train_step(*args)
 
-        def save_under_fire(directory):
+        def save_under_fire(directory, writes):
             os.kill(os.getpid(), signal.SIGTERM)  # would kill the process without the handler
-            save(directory)
+            save(directory, writes)
             os.kill(os.getpid(), signal.SIGUSR1)
 
         engine.train_step, engine.save = step, save_under_fire
@@ -37,10 +39,13 @@ def signalling_engine(monkeypatch, at_step: int):
     monkeypatch.setattr(loop, "build_engine", build_engine)
 
 
-def test_signal_saves_at_the_next_logging_step_and_resume_is_exact(stdlib_data, tmp_path, monkeypatch):
+@pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
+def test_signal_saves_at_the_next_logging_step_and_resume_is_exact(async_save, stdlib_data, tmp_path, monkeypatch):
+    """With `checkpoint.async` the preemption save is complete when `train` returns."""
     straight = train(tiny_config(stdlib_data, tmp_path / "straight", steps=6, val_every=1000), console=False)
 
     cfg = tiny_config(stdlib_data, tmp_path / "run", steps=6, val_every=1000)
+    cfg.checkpoint.async_save = async_save
     cfg.log.every = 2  # the signal comes during step 3: it is honoured at step 4
     handlers = {s: signal.getsignal(s) for s in (signal.SIGUSR1, signal.SIGTERM)}
     with monkeypatch.context() as patch:

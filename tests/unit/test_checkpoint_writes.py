@@ -1,6 +1,8 @@
 """Staged checkpoint writes: copies taken at the save step, written later, byte for byte what a
 direct write gives, into host buffers that the next save reuses."""
 
+from collections import defaultdict
+
 import safetensors.torch
 import torch
 
@@ -8,7 +10,8 @@ from bigtrain.checkpoint.writes import Direct, Staged
 
 
 def test_staged_files_hold_the_values_of_the_save_step(tmp_path):
-    weight, state = torch.arange(6.0).reshape(2, 3), {"step": 3, "moments": [torch.ones(4)]}
+    weight = torch.arange(6.0).reshape(2, 3)
+    state = {"step": 3, "moments": [torch.ones(4)], "by_name": defaultdict(list, w=[weight])}
     writes = Staged()
     writes.begin()
     writes.safetensors({"w": weight}, tmp_path / "m.safetensors", {"tied": "w"})
@@ -20,8 +23,10 @@ def test_staged_files_hold_the_values_of_the_save_step(tmp_path):
     writes.flush()
     assert writes.written == [tmp_path / "m.safetensors", tmp_path / "o.pt"]
     assert torch.equal(safetensors.torch.load_file(tmp_path / "m.safetensors")["w"], torch.arange(6.0).reshape(2, 3))
-    saved = torch.load(tmp_path / "o.pt")
+    saved = torch.load(tmp_path / "o.pt", weights_only=False)
     assert saved["step"] == 3 and len(saved["moments"]) == 1 and torch.equal(saved["moments"][0], torch.ones(4))
+    assert isinstance(saved["by_name"], defaultdict)
+    assert torch.equal(saved["by_name"]["w"][0], torch.arange(6.0).reshape(2, 3))
 
 
 def test_staged_and_direct_writes_are_the_same_bytes(tmp_path):

@@ -173,8 +173,9 @@ def test_out_of_range_values_name_the_key_in_one_line(key, value):
         ("train.beta1=1", "train.beta1=1.0 must be in [0, 1)"),
         ("train.min_lr_ratio=1.5", "train.min_lr_ratio=1.5 must be in [0, 1]"),
         ("train.grad_clip=0", "train.grad_clip=0.0 must be > 0"),
-        ("train.spike_factor=1", "train.spike_factor=1.0 must be > 1"),
         ("train.z_loss=-1e-4", "train.z_loss=-0.0001 must be >= 0"),
+        ("train.spike_sigma=0", "train.spike_sigma=0.0 must be > 0"),
+        ("train.rollback_after=0", "train.rollback_after=0 must be >= 1"),
         ("train.eps=.nan", "train.eps=nan must be > 0"),
         ("checkpoint.keep_last=0", "checkpoint.keep_last=0 must be >= 1"),
         ("data.val_fraction=1", "data.val_fraction=1.0 must be in [0, 1)"),
@@ -192,7 +193,8 @@ def test_range_errors_read_well(override, message):
 def test_bounds_and_unset_optional_keys_are_accepted():
     cfg = load_config(None, [
         "train.lr=1e-30", "train.warmup_steps=0", "train.min_lr_ratio=1", "train.beta1=0", "data.val_fraction=0",
-        "run.seed=0", "train.max_minutes=0", "train.spike_factor=1.5", "checkpoint.keep_last=1",
+        "run.seed=0", "train.max_minutes=0", "train.spike_window=0", "checkpoint.keep_last=1",
+        "train.rollback_after=null", "train.spike_factor=null",
         "train.grad_clip=null", "train.global_batch=null", "log.peak_tflops=null", "model.n_kv_heads=null",
     ])
     assert (cfg.train.lr, cfg.train.grad_clip, cfg.checkpoint.keep_last) == (1e-30, None, 1)
@@ -230,3 +232,29 @@ def test_a_checkpoints_config_written_before_a_move_still_loads(tmp_path):
     (tmp_path / "config.yaml").write_text("train:\n  steps: 9\n  eval_every: 7\n  eval_batches: 3\n")
     cfg = load_config(tmp_path / "config.yaml", saved=True)
     assert (cfg.train.steps, cfg.eval.val_every, cfg.eval.val_batches) == (9, 7, 3)
+
+
+def test_the_replaced_spike_factor_names_its_successors(tmp_path):
+    """`train.spike_factor` gave way to the rolling window; a saved config's old value is dropped."""
+    with pytest.raises(BigtrainError) as err:
+        load_config(None, ["train.spike_factor=2"])
+    assert str(err.value).startswith("config key train.spike_factor was replaced by train.spike_window and "
+                                     "train.spike_sigma") and "\n" not in str(err.value)
+    saved = tmp_path / "config.yaml"
+    saved.write_text("train:\n  spike_factor: 2.0\n  lr: 0.001\n")
+    assert load_config(saved, saved=True).train.lr == 0.001
+    assert "spike_factor" not in load_config(saved, saved=True).to_dict()["train"]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["parallel.pp=2", "train.spike_window=8", "train.spike_signals=both"],
+     "train.spike_signals=both needs parallel.pp=1 (the pipeline engine updates before the loss is known); "
+     "use auto or grad_norm"),
+    (["train.rollback_after=3", "train.nonfinite=stop"],
+     "train.rollback_after needs train.nonfinite=skip (stop ends the run at the first bad step)"),
+])
+def test_spike_and_rollback_settings_that_cannot_work_are_refused(overrides, message):
+    with pytest.raises(BigtrainError) as err:
+        load_config(None, overrides)
+    assert str(err.value) == message
+    load_config(None, ["parallel.pp=2", "train.spike_window=8"])  # auto: the gradient norm alone

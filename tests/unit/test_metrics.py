@@ -42,7 +42,8 @@ def test_mfu_by_hand():
 def test_peak_table_and_override(monkeypatch):
     assert peak_flops(torch.device("cpu"), None) is None
     assert peak_flops(torch.device("cpu"), 123.0) == 123e12
-    for name, tflops in [("NVIDIA H100 80GB HBM3", 989), ("NVIDIA H100 PCIe", 756), ("NVIDIA H200", 989),
+    for name, tflops in [("NVIDIA H100 80GB HBM3", 989), ("NVIDIA H100 PCIe", 756), ("NVIDIA H200", 989), ("NVIDIA H200 NVL", 835),
+                         ("NVIDIA H800 PCIe", 756), ("NVIDIA H800", 989),
                          ("NVIDIA A100-SXM4-80GB", 312), ("Tesla V100-SXM2-32GB", 125), ("Some New GPU", None)]:
         monkeypatch.setattr(metrics.torch.cuda, "get_device_name", lambda device, n=name: n)
         expected = tflops * 1e12 if tflops else None

@@ -74,6 +74,20 @@ def test_optimizer_is_a_sweep_axis(tmp_path):
     assert "optimizer" in plan_files(plan)["plan.csv"].splitlines()[0].split(",")
 
 
+def test_grid_axis_of_mappings_sets_keys_together_and_parametrization_is_an_axis(tmp_path):
+    widths = [{"name": 16, "model.d_model": 16, "model.n_heads": 1}, {"name": 64, "model.d_model": 64, "model.n_heads": 4}]
+    path = write_sweep(tmp_path, kind="grid", budgets=None, shapes=None, warmup_fraction=None,
+                       grid={"model.parametrization": ["standard", "mup"], "width": widths},
+                       overrides={"train.steps": 5, "model.head_dim": 16, "model.mup_base_width": 16})
+    plan = plan_sweep(path)
+    assert [r.name for r in plan.runs] == ["parametrizationstandard-width16", "parametrizationstandard-width64",
+                                           "parametrizationmup-width16", "parametrizationmup-width64"]
+    assert plan.columns[-2:] == ["model.parametrization", "width"]
+    last = plan.runs[-1]
+    assert (last.config.model.parametrization, last.config.model.d_model, last.config.model.n_heads) == ("mup", 64, 4)
+    assert (last.row["model.parametrization"], last.row["width"]) == ("mup", 64)
+
+
 @pytest.mark.parametrize("change, message", [
     ({"budget": [1e9]}, "unknown sweep key budget; did you mean budgets?"),
     ({"kind": "isoflops"}, "kind must be one of isoflop, grid"),

@@ -3,13 +3,17 @@ local engine and DeepSpeed ZeRO-1 (each eager and with `train.compile=true`) vs 
 `LlamaForCausalLM` with sdpa attention, on the same shapes, and each side's peak memory against
 the planner's prediction (goal: within 15 %).
 
-    python tools/bench/bench_gpu.py [--models 125m 350m 1b] [--seq-len 2048] [--steps 10] [--repeats 3]
+    python tools/bench/bench_gpu.py [--models 125m 350m 1b] [--seq-len 2048] [--tokens-per-step 65536]
+                                    [--steps 10] [--repeats 3]
 
 Each (model, side) runs `bench_step.py` in a process of its own, so its peak memory is its own
 and nothing else holds GPU memory; a side that fails is reported with its error and the others
 still run. Compiled sides run with `TORCH_LOGS=recompiles,graph_breaks`: any recompilation or graph
 break fails that side. `--seq-len 2048` gives the 1b row llm-foundry publishes (41.8 % MFU on H100).
-`tools/bench/gpu_wheels.sh` prepares what a bare GPU machine lacks. Prints one JSON line per model.
+A step trains on `--tokens-per-step` tokens (default 65,536, what a user of one GPU would run; the
+optimizer's cost is amortised over it as in training): each model's micro-batch times the gradient
+accumulation that reaches it. `tools/bench/gpu_wheels.sh` prepares what a bare GPU machine lacks.
+Prints one JSON line per model.
 
 The fp8 side (`train.precision=fp8`, torchao float8 block linears, compiled) is skipped, with the
 reason, where torchao is missing. Then the loss curves (`--curve-model`, default 125m; `--curve-steps
@@ -40,8 +44,10 @@ from bigtrain.parallel import planner
 HERE = Path(__file__).resolve().parent
 CONFIGS = HERE.parents[1] / "configs"
 FP8_SIDE = "bigtrain,train.precision=fp8,train.compile=true"
-SIDES = ["hf", "bigtrain", "bigtrain,train.compile=true", "deepspeed", "deepspeed,train.compile=true", FP8_SIDE]
-SHAPES = {"125m": (16, 2), "350m": (8, 2), "1b": (4, 2)}  # micro-batch, grad-accum
+SIDES = ["hf", "bigtrain,train.compile=false", "bigtrain,train.compile=true", "deepspeed,train.compile=false",
+         "deepspeed,train.compile=true", FP8_SIDE]  # eager sides say so: `auto` compiles on CUDA
+MICRO_BATCH = {"125m": 16, "350m": 8, "1b": 4}  # at seq 2048; the step reaches --tokens-per-step by accumulation
+TOKENS_PER_STEP = 65536
 COMPILE_PROBLEMS = re.compile(r"Recompiling function|Graph break", re.IGNORECASE)
 MEMORY_GOAL = 0.15
 CURVE_GOALS = {"bf16": ("fp32", 0.02), "fp8": ("bf16", 0.01)}  # precision: (reference, relative tolerance)
@@ -63,7 +69,9 @@ def predicted_gib(name: str, side: str, seq_len: int, micro_batch: int, grad_acc
 def run_side(name: str, side: str, args: argparse.Namespace) -> dict:
     if "precision=fp8" in side and importlib.util.find_spec("torchao") is None:
         return {"skipped": NO_TORCHAO}
-    micro_batch, grad_accum = SHAPES.get(name, (4, 2))
+    micro_batch = MICRO_BATCH.get(name, 4)
+    seq_len = args.seq_len or load_config(CONFIGS / f"{name}.yaml").data.seq_len
+    grad_accum = max(1, args.tokens_per_step // (micro_batch * seq_len))
     cmd = [sys.executable, str(HERE / "bench_step.py"), "--config", str(CONFIGS / f"{name}.yaml"),
            "--device", "cuda", "--sides", side, "--micro-batch", str(micro_batch), "--grad-accum", str(grad_accum),
            "--steps", str(args.steps), "--repeats", str(args.repeats), "--warmup", "3"]
@@ -78,13 +86,13 @@ def run_side(name: str, side: str, args: argparse.Namespace) -> dict:
     problems = COMPILE_PROBLEMS.findall(done.stderr)
     if problems:
         values["error"] = f"{len(problems)} recompilation(s) or graph break(s); rerun with TORCH_LOGS to see them"
-    seq_len = args.seq_len or record["seq_len"]
     predicted = predicted_gib(name, side, seq_len, micro_batch, grad_accum)
     if predicted and "peak_mem_gib" in values:
         values["planner_gib"] = round(predicted, 2)
         values["planner_error"] = round(predicted / values["peak_mem_gib"] - 1, 3)
         values["planner_within_goal"] = abs(values["planner_error"]) <= MEMORY_GOAL
-    return {**values, "seq_len": seq_len}
+    return {**values, "seq_len": seq_len, "micro_batch": micro_batch, "grad_accum": grad_accum,
+            "tokens_per_step": micro_batch * grad_accum * seq_len}
 
 
 def run_model(name: str, args: argparse.Namespace) -> dict:
@@ -137,9 +145,11 @@ def run_script(script: str, *options: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=list(SHAPES))
+    parser.add_argument("--models", nargs="+", default=list(MICRO_BATCH))
     parser.add_argument("--sides", nargs="+", default=SIDES)
     parser.add_argument("--seq-len", type=int, default=None, help="default: each config's")
+    parser.add_argument("--tokens-per-step", type=int, default=TOKENS_PER_STEP,
+                        help="tokens per optimizer step: micro-batch × gradient accumulation × seq-len")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--curve-model", default="125m")

@@ -115,7 +115,7 @@ class BigtrainSide:
             from bigtrain.engine.deepspeed.stages import owned_layers
 
             topology = init_topology(cfg)
-            self.engine = deepspeed_engine(owned_layers(model, topology), cfg, topology, UpdateGate(cfg.train.spike_factor))
+            self.engine = deepspeed_engine(owned_layers(model, topology), cfg, topology, UpdateGate.from_config(cfg.train))
 
     def train_step(self, micro_batches: list[torch.Tensor], lr: float) -> torch.Tensor:
         return self.engine.train_step(micro_batches, lr).loss
@@ -310,6 +310,7 @@ def main() -> None:
                          "first_step_s": round(first_s[label], 1)}
         if peak:
             result[label]["mfu"] = round(median(values) * flops / peak, 4)
+            result[label]["mfu_peak_tflops"] = peak / 1e12  # the bf16 dense peak, fp8 sides included
         if label in peak_mem:
             result[label]["peak_mem_gib"] = round(peak_mem[label], 2)
     hf = next((label for label in result if label.split(",")[0] == "hf"), None)

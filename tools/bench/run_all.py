@@ -76,24 +76,59 @@ def loader_rows(r: dict) -> list[list[str]]:
 
 
 def gpu_rows(r: dict) -> list[list[str]]:
+    """`bench_gpu.py`'s and `bench_step.py --device cuda`'s records: one row per side; a side that
+    failed or was skipped says so."""
     goal = {"125m": 0.40, "1b": 0.55}.get(r["model"])
-    hf = r["sides"].get("hf")
+    hf = r["sides"].get("hf", {})
     rows = []
     for side, v in r["sides"].items():
+        name = f"GPU {r['model']} bf16 ({r.get('device', 'cuda')}): {side}"
+        if "tokens_per_s" not in v:
+            rows.append([name, v.get("error") or v.get("skipped") or "no result", "", "", "", "no"])
+            continue
         mfu = v.get("mfu")
-        ok = "" if goal is None or mfu is None else ("yes" if mfu >= goal else "no")
-        rows.append([f"GPU {r['model']} bf16 ({r['device']}): {side}",
-                     f"{fmt(v['tokens_per_s'])} tok/s, MFU {100 * (mfu or 0):.1f} %, {v.get('peak_mem_gib')} GiB",
-                     f"HF {fmt(hf['tokens_per_s'])} tok/s" if hf else "", f"{v.get('vs_hf', '')}×",
+        ok = "" if goal is None or mfu is None or "precision=fp8" in side else ("yes" if mfu >= goal else "no")
+        vs_hf = v.get("vs_hf") or (round(v["tokens_per_s"] / hf["tokens_per_s"], 3) if "tokens_per_s" in hf else "")
+        rows.append([name, f"{fmt(v['tokens_per_s'])} tok/s, MFU {100 * (mfu or 0):.1f} % (of the bf16 peak), "
+                           f"{v.get('peak_mem_gib')} GiB",
+                     f"HF {fmt(hf['tokens_per_s'])} tok/s" if "tokens_per_s" in hf else "", f"{vs_hf}×" if vs_hf else "",
                      f"MFU ≥ {100 * goal:.0f} %, ≥ 1.3× HF" if goal else "≥ 1.3× HF", ok])
     return rows
 
 
+def device_check_rows(r: dict) -> list[list[str]]:
+    """`device_check.py`'s records: its step sides as GPU rows (HF's, when it ran, as their
+    reference), the kernel table and the bf16-vs-fp32 curve as rows of their own."""
+    if "skipped" in r or "error" in r:
+        return [[f"GPU device check: {r['side']}", r.get("skipped") or r["error"], "", "", "", "" if "skipped" in r else "no"]]
+    rows = []
+    for inner in r.get("records", []):
+        if inner["bench"] == "step":
+            rows += gpu_rows(inner)
+        elif inner["bench"] == "kernels":
+            clean = not inner["fp32_gemm_kernels"]
+            rows.append([f"GPU kernels {Path(inner['config']).stem} ({inner['device']})",
+                         f"attention: {', '.join(inner['attention_kernels'])[:80] or 'none found'}",
+                         f"GEMMs {100 * inner['gemm_time_share']:.0f} % of kernel time", "",
+                         "no fp32 GEMM", "yes" if clean else f"no: {len(inner['fp32_gemm_kernels'])} fp32 GEMM(s)"])
+    if "bf16_vs_fp32" in r:
+        rows.append(["GPU loss curve 125m, 50 steps: bf16 vs fp32", f"{r['bf16_tail_loss']}", f"{r['fp32_tail_loss']}",
+                     f"{100 * r['bf16_vs_fp32']:+.2f} %", "within 2 %", "yes" if r["within_goal"] else "no"])
+    return rows
+
+
 def rows_of(records: list[dict]) -> list[list[str]]:
-    """The table rows of a run's records, in the order the suite runs them."""
-    makers = {"step": step_rows, "prepare": lambda r: [prepare_row(r)], "loader": loader_rows, "gpu": gpu_rows}
-    rows = [row for r in records for row in makers[r["bench"]](r)]
-    if not any(r["bench"] == "gpu" for r in records):
+    """The table rows of a run's records, in the order the suite runs them; records of kinds the
+    table does not show (versions, curves, MoE, masking) are left out."""
+    makers = {"step": step_rows, "prepare": lambda r: [prepare_row(r)], "loader": loader_rows, "gpu": gpu_rows,
+              "device-check": device_check_rows}
+    rows = []
+    for r in records:
+        if r["bench"] == "step" and r.get("device", "cpu") != "cpu":
+            rows += gpu_rows(r)
+        elif r["bench"] in makers:
+            rows += makers[r["bench"]](r)
+    if not any(r["bench"] in ("gpu", "device-check") for r in records):
         rows.append(["GPU: MFU of 125m / 350m / 1b, local and ZeRO-1 vs HF", "not measured: no GPU here", "", "", "", ""])
     return rows
 

@@ -44,7 +44,7 @@ from bigtrain.engine.deepspeed.stages import Stage, parallelize_stage, stage_lay
 from bigtrain.engine.device import rank_device
 from bigtrain.engine.materialize import Materializer
 from bigtrain.engine.memory import MemoryPeak
-from bigtrain.engine.optimizer import build_optimizer
+from bigtrain.engine.optimizer import build_optimizer, scheduled_lr
 from bigtrain.engine.update_gate import UpdateGate
 from bigtrain.errors import BigtrainError
 from bigtrain.model import Llama, lm_loss
@@ -133,7 +133,7 @@ class DeepSpeedEngine:
         if muon and muon_problem(cfg, ds_config):
             raise BigtrainError(muon_problem(cfg, ds_config))
         optimizer = build_optimizer(module, cfg.train, expert_param_groups if topology.ep > 1 else None,
-                                    self.param_names, topology.tp_group if topology.tp > 1 else None)
+                                    self.param_names, topology.tp_group if topology.tp > 1 else None, cfg.model)
         if self.pipelined and topology.tp_sequence_parallel:
             ds_config = send_whole_activations(ds_config)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
@@ -151,11 +151,9 @@ class DeepSpeedEngine:
             clip_with_experts(self.engine, topology, self._record_grad_norm)
         else:
             record_grad_norm(self.engine, self._record_grad_norm)
-        if self.pipelined and cfg.train.spike_factor:
-            raise BigtrainError("train.spike_factor needs parallel.pp=1 (the pipeline engine updates before the loss is known)")
         # the step's loss is averaged over the data-parallel group at once only where something needs
         # it before the update (the spike gate); otherwise the loop does it at logging time
-        self.loss_is_global = self.pipelined or bool(cfg.train.spike_factor)
+        self.loss_is_global = self.pipelined or gate.watches_loss
         self._step_loss, self._skip = None, None
         self._client_optimizer = optimizer
         gate_optimizer_step(optimizer, self._skip_update)
@@ -173,7 +171,7 @@ class DeepSpeedEngine:
     def train_step(self, micro_batches: list[torch.Tensor], lr: float) -> StepOutput:
         """One optimiser step; the returned loss is this rank's unless `loss_is_global`. No collective of bigtrain's own runs here without the spike gate."""
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = scheduled_lr(group, lr)
         self._grad_norm, self._step_loss, self._skip = None, None, None
         set_auxiliary_scale(self.model, self.aux_weight / len(micro_batches))
         documents = [self._documents(b) for b in micro_batches]  # of the whole windows
