@@ -23,7 +23,7 @@ from bigtrain.train.loop import build_engine
 LR, WD, BETA = 0.01, 0.1, 0.95
 
 cfg = load_config(sys.argv[1], sys.argv[3:])
-engine = build_engine(cfg, UpdateGate(None))
+engine = build_engine(cfg, UpdateGate())
 topology = engine.topology
 windows = torch.randint(cfg.model.vocab_size, (8, cfg.data.seq_len + 1), generator=torch.Generator().manual_seed(5))
 
