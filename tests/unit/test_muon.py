@@ -180,3 +180,13 @@ def test_grad_scale_divides_the_gradients_as_fused_adamw_does():
     opt.step()
     for (n, p), q in zip(model.named_parameters(), plain.parameters(), strict=True):
         assert torch.allclose(p, q, atol=1e-6), n
+
+
+def test_mup_learning_rate_scales_reach_the_muon_groups():
+    cfg = from_dict({"model": {**MODEL, "d_model": 32, "head_dim": 8, "parametrization": "mup", "mup_base_width": 16},
+                     "data": {"seq_len": 8}, "train": {"optimizer": "muon", "device": "cpu"}})
+    model = Llama(cfg.model)
+    opt = build_optimizer(model, cfg.train)
+    muon = [g for g in opt.param_groups if g["muon"]]
+    assert muon and all(g.get("lr_scale", 1.0) == pytest.approx(0.5) for g in muon)  # 1/m, m = 32/16
+    assert sum(len(g["params"]) for g in muon) == 7
