@@ -106,6 +106,17 @@ def optimizer_state_tensors(wrapper: Any) -> list[torch.Tensor] | None:
     return getattr(wrapper, "fp32_partitioned_groups_flat", None)
 
 
+def zero_flat_layout(wrapper: Any, index: int) -> tuple[list[torch.nn.Parameter], list[int], int, Any] | None:
+    """How ZeRO-1/2 flattened group `index`: its parameters in flat order, each one's offset in
+    the group's flat buffer (padding included), the size of one rank's partition and the process
+    group it is partitioned over; None when `wrapper` is not ZeRO-1/2's optimizer."""
+    offsets = getattr(wrapper, "round_robin_bit16_offsets", None)
+    if offsets is None:
+        return None
+    return (wrapper.round_robin_bit16_groups[index], list(offsets[index]), int(wrapper.partition_size[index]),
+            wrapper.real_dp_process_group[index])
+
+
 def link_optimizer_state(wrapper: Any) -> None:
     """Let ZeRO-1/2 or the bf16 optimizer link each parameter's fragment of its optimizer state
     (freshly created, or all of it: ZeRO-1/2 links after its first group's first step, so the

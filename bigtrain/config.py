@@ -237,6 +237,10 @@ class TrainConfig:
     max_rollbacks: int = ranged(3, ge=1)  # rollbacks to the same checkpoint before the run stops
     compile: Literal["auto", True, False] = "auto"  # torch.compile every block; auto: on CUDA only (docs/benchmarks.md)
     adamw_impl: Literal["fused", "foreach", "for-loop"] = "fused"  # torch AdamW's kernel choice
+    # muon: Newton–Schulz orthogonalised momentum for the blocks' hidden matrices, AdamW for the rest;
+    # AdamW's lr and weight_decay carry over (Moonlight's RMS matching, bigtrain/engine/muon.py)
+    optimizer: Literal["adamw", "muon"] = "adamw"
+    muon_momentum: float = ranged(0.95, ge=0, lt=1)  # Muon's Nesterov momentum
     reuse_host_memory: bool = True  # glibc keeps freed blocks for the next step (bigtrain/train/host_memory.py)
     manual_gc: bool = True  # Python's automatic GC off during training, a collection at logging steps (torchtitan)
 

@@ -33,8 +33,12 @@ def reshard(checkpoint: str | Path, out: str | Path, overrides: list[str], overw
     """Write `checkpoint` laid out for its config plus `overrides` (e.g. `parallel.tp=1`) to `out`."""
     out = Path(out)
     refuse_existing(out, overwrite)
-    cfg = load_config(open_checkpoint(checkpoint, checksums=False) / fmt.CONFIG, list(overrides), saved=True)  # sizes, format
+    source = open_checkpoint(checkpoint, checksums=False)  # sizes, format
+    cfg = load_config(source / fmt.CONFIG, list(overrides), saved=True)
     check_layout(cfg, world_size=world_size_for(cfg))
+    if "muon" in (cfg.train.optimizer, fmt.read_config(source).train.optimizer):
+        raise BigtrainError("convert reshard carries AdamW state only, not Muon's: resume a Muon run in the layout "
+                            "that wrote it, or start anew from its weights with model.init_from")
     full = consolidate(checkpoint)
     if full.moments is None:
         raise BigtrainError(f"{full.path} holds no readable AdamW state (a weights-only checkpoint, or ZeRO-1 "

@@ -19,7 +19,7 @@ from bigtrain.engine.contract import StepOutput
 from bigtrain.engine.device import autocast_for, compile_enabled, pick_device, resolve_precision
 from bigtrain.engine.materialize import Materializer
 from bigtrain.engine.memory import MemoryPeak
-from bigtrain.engine.optimizer import build_adamw, scheduled_lr
+from bigtrain.engine.optimizer import build_optimizer, scheduled_lr
 from bigtrain.engine.update_gate import UpdateGate
 from bigtrain.model import Llama
 from bigtrain.model.llama import DocumentMasking, set_z_loss
@@ -45,7 +45,7 @@ def local_engine(model: Llama, train: TrainConfig, parallel: ParallelConfig | No
 
 
 class LocalEngine:
-    """Runs forward, backward and AdamW for one optimiser step over a list of micro-batches."""
+    """Runs forward, backward and the optimizer (AdamW or Muon) for one optimiser step over a list of micro-batches."""
 
     comm = LoneProcess()
     loss_is_global = True  # one process holds every loss
@@ -61,8 +61,8 @@ class LocalEngine:
         self.model = model.to(self.device)
         self.autocast = lambda: autocast_for(self.device, cfg.precision)
         self.grad_clip = cfg.grad_clip
-        self.optimizer = build_adamw(self.model, cfg)
-        # fused AdamW divides the gradients by `grad_scale` as it reads them: clipping costs no pass
+        self.optimizer = build_optimizer(self.model, cfg)
+        # fused AdamW (and Muon) divide the gradients by `grad_scale` as they read them: clipping costs no pass
         # of its own. On CUDA only: on the CPU the in-place multiply keeps fp32 runs bit for bit
         # (x / (1 / c) and x · c differ in the last bit), and the pass costs little there.
         self.fold_clip = bool(self.optimizer.defaults["fused"]) and self.device.type == "cuda"
@@ -89,7 +89,7 @@ class LocalEngine:
             grad_norm = self._clip_gradients()
             skip = self.gate.skip(total, grad_norm)
             if self.optimizer.defaults["fused"]:
-                self.optimizer.found_inf = skip.float()  # fused AdamW skips on the device: no host sync
+                self.optimizer.found_inf = skip.float()  # fused AdamW (and Muon) skip on the device: no host sync
                 self.optimizer.step()
             elif not skip:
                 self.optimizer.step()
@@ -137,7 +137,7 @@ class LocalEngine:
         return self.model(inputs, tokens[:, 1:], *(self.documents(inputs) if self.documents else ()))
 
     def save(self, directory: Path, writes: Direct) -> None:
-        """Write (or stage) the weights and the AdamW state into a checkpoint directory."""
+        """Write (or stage) the weights and the optimizer state into a checkpoint directory."""
         fmt.save_weights(self.model, directory, writes)
         fmt.save_optimizer(self.optimizer, directory, writes)
 

@@ -16,6 +16,8 @@ A sweep file is YAML over a base config::
     grid: {train.lr: [1.0e-3, 3.0e-3], data.micro_batch: [8, 16]}
     # a grid axis whose values are mappings sets several keys together (its column: each one's `name`)
     grid: {model.parametrization: [standard, mup], width: [{name: 64, model.d_model: 64, model.n_heads: 4}, ...]}
+    #   any config key is an axis, e.g. {train.optimizer: [adamw, muon], train.lr: [...]} compares
+    #   optimizers each at its best learning rate (configs/sweeps/tiny-optimizers.yaml)
 
 The plan directory holds `configs/<run>.yaml`, `runs.txt` (one config path per line, relative to
 the plan directory: what a Slurm array task reads) and `plan.csv`; the runs live in `runs/<run>/`.
@@ -45,7 +47,7 @@ KEYS = {
 }
 KIND_KEYS = {"isoflop": {"budgets", "shapes"}, "grid": {"grid"}}
 PLAN_COLUMNS = ["run", "params", "params_total", "params_non_embedding", "tokens", "flops", "steps",
-                "global_batch", "lr"]
+                "global_batch", "lr", "optimizer"]
 
 
 @dataclass
@@ -133,7 +135,8 @@ def _row(cfg: Config, params_key: str) -> dict[str, Any]:
     n = counts.total if params_key == "total" else counts.non_embedding
     return {"run": cfg.run.name, "params": n, "params_total": counts.total,
             "params_non_embedding": counts.non_embedding, "tokens": tokens, "flops": 6.0 * n * tokens,
-            "steps": cfg.train.steps, "global_batch": batch, "lr": cfg.train.lr}
+            "steps": cfg.train.steps, "global_batch": batch, "lr": cfg.train.lr,
+            "optimizer": cfg.train.optimizer}
 
 
 def global_batch(cfg: Config) -> int:

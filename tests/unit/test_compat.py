@@ -123,6 +123,14 @@ def test_zero_optimizer_state_internals():
     assert "ds_id" in source and "ds_shape" in source, "ZeRO-3 parameters no longer carry ds_id / ds_shape"
 
 
+def test_zero_flat_layout_internals():
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    for name in ("round_robin_bit16_offsets", "round_robin_bit16_groups", "partition_size", "real_dp_process_group"):
+        assert assigns_attribute(DeepSpeedZeroOptimizer, name), f"DeepSpeedZeroOptimizer.{name} is gone"
+    assert compat.zero_flat_layout(SimpleNamespace(), 0) is None
+
+
 def test_zero_to_fp32_functions():
     from deepspeed.utils import zero_to_fp32
 

@@ -9,7 +9,7 @@ import pytest
 from bigtrain.config import load_config
 from bigtrain.model.flops import count_params
 from bigtrain.scaling import run as sweep_run
-from bigtrain.scaling.plan import plan_sweep
+from bigtrain.scaling.plan import plan_files, plan_sweep
 from tests.helpers import run_main as run
 from tests.helpers import write_sweep
 
@@ -61,6 +61,17 @@ def test_grid_plan_is_the_product_of_the_values(tmp_path):
     last = plan.runs[-1]
     assert (last.config.train.lr, last.config.data.micro_batch, last.config.train.steps) == (1e-2, 8, 7)
     assert last.row["tokens"] == 7 * 8 * 32
+
+
+def test_optimizer_is_a_sweep_axis(tmp_path):
+    path = write_sweep(tmp_path, kind="grid", budgets=None, shapes=None, warmup_fraction=None,
+                       grid={"train.optimizer": ["adamw", "muon"], "train.lr": [1e-3, 1e-2]})
+    plan = plan_sweep(path)
+    assert [r.name for r in plan.runs] == ["optimizeradamw-lr0.001", "optimizeradamw-lr0.01",
+                                           "optimizermuon-lr0.001", "optimizermuon-lr0.01"]
+    assert [r.config.train.optimizer for r in plan.runs] == ["adamw", "adamw", "muon", "muon"]
+    assert [r.row["optimizer"] for r in plan.runs] == ["adamw", "adamw", "muon", "muon"]
+    assert "optimizer" in plan_files(plan)["plan.csv"].splitlines()[0].split(",")
 
 
 def test_grid_axis_of_mappings_sets_keys_together_and_parametrization_is_an_axis(tmp_path):

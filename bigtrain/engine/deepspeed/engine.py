@@ -31,6 +31,7 @@ from bigtrain.engine.deepspeed.experts import (
 )
 from bigtrain.engine.deepspeed.full_state import load_full_state
 from bigtrain.engine.deepspeed.grid import Grid, Topology
+from bigtrain.engine.deepspeed.muon import hand_partitions, muon_problem
 from bigtrain.engine.deepspeed.patches import (
     gate_optimizer_step,
     mark_for_grad_norm,
@@ -43,7 +44,7 @@ from bigtrain.engine.deepspeed.stages import Stage, parallelize_stage, stage_lay
 from bigtrain.engine.device import rank_device
 from bigtrain.engine.materialize import Materializer
 from bigtrain.engine.memory import MemoryPeak
-from bigtrain.engine.optimizer import build_adamw, scheduled_lr
+from bigtrain.engine.optimizer import build_optimizer, scheduled_lr
 from bigtrain.engine.update_gate import UpdateGate
 from bigtrain.errors import BigtrainError
 from bigtrain.model import Llama, lm_loss
@@ -128,7 +129,11 @@ class DeepSpeedEngine:
             set_z_loss(module, self.z_loss)
         if topology.ep > 1:
             declare_experts(module, topology)
-        optimizer = build_adamw(module, cfg.train, expert_param_groups if topology.ep > 1 else None, cfg.model)
+        muon = cfg.train.optimizer == "muon"
+        if muon and muon_problem(cfg, ds_config):
+            raise BigtrainError(muon_problem(cfg, ds_config))
+        optimizer = build_optimizer(module, cfg.train, expert_param_groups if topology.ep > 1 else None,
+                                    self.param_names, topology.tp_group if topology.tp > 1 else None, cfg.model)
         if self.pipelined and topology.tp_sequence_parallel:
             ds_config = send_whole_activations(ds_config)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
@@ -136,6 +141,8 @@ class DeepSpeedEngine:
             mpu=None if self.pipelined else topology.grid,
         )
         self.model = self.engine.module
+        if muon:
+            hand_partitions(self.engine.optimizer, optimizer)
         if self.pipelined:
             mark_for_grad_norm(self.model, topology.grid.get_slice_parallel_rank())
             time_pipeline_instructions(self.engine, self.timer)

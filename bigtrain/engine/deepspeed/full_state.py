@@ -33,6 +33,9 @@ def load_full_state(engine: deepspeed.DeepSpeedEngine, adamw: torch.optim.Optimi
     `adamw` is the torch AdamW handed to DeepSpeed, `names` maps `id(param)` to the parameter's name
     in the one-process model; `topology` says which tensor- and expert-parallel slice is this rank's.
     """
+    if "muon" in (cfg.train.optimizer, fmt.read_config(directory).train.optimizer):
+        raise BigtrainError(f"{directory} is a single-process checkpoint: placing it into a DeepSpeed layout carries "
+                            "AdamW state only, not Muon's (resume Muon runs in the layout that wrote them)")
     # memory-mapped / opened lazily, so each rank reads only the tensors of its own parameters
     moments, step = fmt.adamw_moments(fmt.load_optimizer(directory, map_location="cpu", mmap=True),
                                       fmt.parameter_names(cfg))
