@@ -2,6 +2,7 @@
 Test modules import these from here, never from one another."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -228,3 +229,18 @@ def curve(run_dir) -> tuple[list[float], list[float], list[float]]:
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "loss" in r]
     return [r["loss"] for r in steps], [r["grad_norm"] for r in steps], [r["val_loss"] for r in records if "val_loss" in r]
+
+
+def muon_reference_step(w, g, m, lr, wd, beta=0.95):
+    """Keller Jordan's Muon with Moonlight's RMS matching, written out for one matrix: the new
+    weight and momentum after gradient `g` (momentum `m` before it)."""
+    m = beta * m + (1 - beta) * g
+    u = (1 - beta) * g + beta * m  # Nesterov
+    a, b, c = 3.4445, -4.7750, 2.0315
+    x = u.T if u.shape[0] > u.shape[1] else u
+    x = x / (x.norm() + 1e-7)
+    for _ in range(5):
+        s = x @ x.T
+        x = a * x + (b * s + c * s @ s) @ x
+    o = x.T if u.shape[0] > u.shape[1] else x
+    return w * (1 - lr * wd) - lr * 0.2 * math.sqrt(max(w.shape)) * o, m

@@ -7,8 +7,8 @@ the whole optimizer state (Muon's momentum included) bitwise alone.
 """
 
 import json
-import math
 import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -19,6 +19,9 @@ from bigtrain.engine.update_gate import UpdateGate
 from bigtrain.model import Llama
 from bigtrain.parallel.layout import tp_split_dim
 from bigtrain.train.loop import build_engine
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository, for tests.helpers
+from tests.helpers import muon_reference_step  # noqa: E402
 
 LR, WD, BETA = 0.01, 0.1, 0.95
 
@@ -31,19 +34,6 @@ reference = Llama(cfg.model, seed=cfg.run.seed)
 before = {n: p.detach().clone() for n, p in reference.named_parameters()}
 reference(windows[:, :-1], windows[:, 1:]).backward()
 grads = {n: p.grad.clone() for n, p in reference.named_parameters()}
-
-
-def muon_step(w, g):
-    m = (1 - BETA) * g
-    u = (1 - BETA) * g + BETA * m
-    a, b, c = 3.4445, -4.7750, 2.0315
-    x = u.T if u.shape[0] > u.shape[1] else u
-    x = x / (x.norm() + 1e-7)
-    for _ in range(5):
-        s = x @ x.T
-        x = a * x + (b * s + c * s @ s) @ x
-    o = x.T if u.shape[0] > u.shape[1] else x
-    return w * (1 - LR * WD) - LR * 0.2 * math.sqrt(max(w.shape)) * o
 
 
 def full_weights() -> dict[str, torch.Tensor]:
@@ -67,7 +57,7 @@ report = {"matrices": {}}
 for name, p in reference.named_parameters():
     if is_hidden_matrix(name, p):
         adamw = before[name] * (1 - LR * WD) - LR * grads[name].sign()
-        report["matrices"][name] = [float((after[name] - muon_step(before[name], grads[name])).abs().max()),
+        report["matrices"][name] = [float((after[name] - muon_reference_step(before[name], grads[name], torch.zeros_like(grads[name]), LR, WD, BETA)[0]).abs().max()),
                                     float((after[name] - adamw).abs().max())]
 
 optimizer = engine._client_optimizer

@@ -1,7 +1,6 @@
 """Muon in the local engine: its update is Muon's, NaN steps leave weights and momentum alone,
 resume is bitwise, and `convert reshard` refuses a Muon checkpoint in one line."""
 
-import math
 
 import pytest
 import torch
@@ -13,21 +12,9 @@ from bigtrain.engine.muon import is_hidden_matrix
 from bigtrain.errors import BigtrainError
 from bigtrain.model import Llama
 from bigtrain.train import loop
-from tests.helpers import poisoned, tiny_config
+from tests.helpers import muon_reference_step, poisoned, tiny_config
 
 STEPS_ONLY = {"validate": False, "verify_checksums": False, "optimizer": "muon"}
-
-
-def muon_first_step(w, g, lr, wd, beta=0.95):
-    u = (1 - beta) * g + beta * (1 - beta) * g  # Nesterov blend after one momentum update from 0
-    a, b, c = 3.4445, -4.7750, 2.0315
-    x = u.T if u.shape[0] > u.shape[1] else u
-    x = x / (x.norm() + 1e-7)
-    for _ in range(5):
-        s = x @ x.T
-        x = a * x + (b * s + c * s @ s) @ x
-    o = x.T if u.shape[0] > u.shape[1] else x
-    return w * (1 - lr * wd) - lr * 0.2 * math.sqrt(max(w.shape)) * o
 
 
 def test_local_engine_applies_muons_update(stdlib_data, tmp_path):
@@ -42,7 +29,7 @@ def test_local_engine_applies_muons_update(stdlib_data, tmp_path):
     for name, p in engine.model.named_parameters():
         if is_hidden_matrix(name, p):
             g = dict(reference.named_parameters())[name].grad
-            assert torch.allclose(p.detach(), muon_first_step(before[name], g, 0.01, 0.1), rtol=0, atol=1e-6), name
+            assert torch.allclose(p.detach(), muon_reference_step(before[name], g, torch.zeros_like(g), 0.01, 0.1)[0], rtol=0, atol=1e-6), name
             adamw = before[name] * (1 - 0.01 * 0.1) - 0.01 * g.sign()
             assert (p.detach() - adamw).abs().max() > 1e-3
             checked += 1

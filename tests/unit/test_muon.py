@@ -1,6 +1,5 @@
 """Muon: Newton–Schulz, the update rule against a hand reference, skipped steps, state round trip."""
 
-import math
 
 import pytest
 import torch
@@ -9,6 +8,7 @@ from bigtrain.config import from_dict
 from bigtrain.engine.muon import Muon, is_hidden_matrix, newton_schulz, rms_scale
 from bigtrain.engine.optimizer import build_optimizer
 from bigtrain.model import Llama
+from tests.helpers import muon_reference_step
 
 MODEL = {"vocab_size": 64, "d_model": 16, "n_layers": 1, "n_heads": 2, "n_kv_heads": 1, "max_seq_len": 8}
 
@@ -36,20 +36,6 @@ def test_hidden_matrices_are_the_blocks_linear_weights():
     assert is_hidden_matrix("layers.1.mlp.shared_experts.gate_proj.weight", torch.zeros(2, 2)) is False
 
 
-def reference_step(w, g, m, lr, wd, beta):
-    """Keller Jordan's Muon with Moonlight's RMS matching, written out for one matrix."""
-    m = beta * m + (1 - beta) * g
-    u = (1 - beta) * g + beta * m
-    a, b, c = 3.4445, -4.7750, 2.0315
-    x = u.T if u.shape[0] > u.shape[1] else u
-    x = x / (x.norm() + 1e-7)
-    for _ in range(5):
-        s = x @ x.T
-        x = a * x + (b * s + c * s @ s) @ x
-    o = x.T if u.shape[0] > u.shape[1] else x
-    return w * (1 - lr * wd) - lr * 0.2 * math.sqrt(max(w.shape)) * o, m
-
-
 def one_step(cfg, grads, found_inf=None):
     model = Llama(cfg.model)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -72,7 +58,7 @@ def test_one_step_matches_the_formula_not_adamw(impl):
     assert isinstance(opt, Muon)
     for n, p in model.named_parameters():
         if is_hidden_matrix(n, p):
-            expected, m = reference_step(before[n], grads[n], torch.zeros_like(p), 0.01, 0.1, 0.95)
+            expected, m = muon_reference_step(before[n], grads[n], torch.zeros_like(p), 0.01, 0.1, 0.95)
             assert torch.allclose(p.detach(), expected, rtol=0, atol=1e-6), n
             assert torch.equal(opt.state[p]["momentum_buffer"], m)
             adamw_first = before[n] * (1 - 0.01 * 0.1) - 0.01 * grads[n].sign()  # AdamW's first step: ±lr
@@ -96,7 +82,7 @@ def test_two_steps_match_the_formula():
             q.grad = torch.zeros_like(q)
         p.grad = g.clone()
         opt.step()
-        w, m = reference_step(w, g, m, 0.01, 0.0, 0.95)
+        w, m = muon_reference_step(w, g, m, 0.01, 0.0, 0.95)
     assert torch.allclose(p.detach(), w, atol=1e-6)
 
 
