@@ -9,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-from bigtrain.errors import BigtrainError
+from bigtrain.errors import BigtrainError, print_error
 
 
 def cmd_quickstart(args: argparse.Namespace) -> None:
@@ -374,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         code = args.func(args)  # None means success; `train` returns its exit code
     except BigtrainError as e:
-        print(f"bigtrain: error: {e}", file=sys.stderr)
+        print_error(str(e))
         return 1
     except KeyboardInterrupt:
         print("bigtrain: interrupted", file=sys.stderr)

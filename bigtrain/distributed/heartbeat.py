@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import re
-import sys
 import threading
 import time
 from datetime import timedelta
@@ -19,7 +18,7 @@ from typing import NoReturn
 
 import torch.distributed as dist
 
-from bigtrain.errors import BigtrainError
+from bigtrain.errors import BigtrainError, print_error
 
 INTERVAL_S = 1.0
 KEY = "bigtrain/heartbeat/{}"
@@ -120,7 +119,7 @@ def check_peers(error: BaseException) -> None:
 def leave(error: PeersLost) -> NoReturn:
     """End this process at once with `error`'s line: the process group is broken, and waiting on
     it (its teardown, an exit handler's collective) could hang."""
-    print(f"bigtrain: error: {error}", file=sys.stderr, flush=True)
+    print_error(str(error))
     os._exit(1)
 
 

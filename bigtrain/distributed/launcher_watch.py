@@ -11,9 +11,10 @@ late, `check_launcher()` asks the same right before anything is committed (a che
 from __future__ import annotations
 
 import os
-import sys
 import threading
 import time
+
+from bigtrain.errors import print_error
 
 POLL_S = 0.5
 EXIT_CODE = 70  # os.EX_SOFTWARE
@@ -57,6 +58,5 @@ def check_launcher() -> None:
 
 def _exit_orphaned() -> None:
     launcher, parent = _watched
-    print(f"bigtrain: error: the {launcher} process that started this worker (pid {parent}) is gone; exiting",
-          file=sys.stderr, flush=True)
+    print_error(f"the {launcher} process that started this worker (pid {parent}) is gone; exiting")
     os._exit(EXIT_CODE)

@@ -37,7 +37,8 @@ def test_windows_grow_at_constant_tokens_and_resume_exactly(stdlib_data, tmp_pat
 
 
 def test_compiled_blocks_compile_once_per_length(stdlib_data, tmp_path):
-    """16 → 32 → 64 tokens: the blocks' one compiled forward is compiled three times, no more."""
+    """16 → 32 → 64 tokens: the blocks' one compiled forward is compiled three times, no more, and
+    the loss chunk's body once (its token dimension is dynamic)."""
     import torch._dynamo
 
     torch._dynamo.reset()
@@ -46,5 +47,5 @@ def test_compiled_blocks_compile_once_per_length(stdlib_data, tmp_path):
     cfg = tiny_config(stdlib_data, tmp_path, validate=False, steps=7, warmup_steps=1, compile=True)
     cfg.data.seq_len_warmup = SeqLenWarmupConfig(start=16, steps=4)
     train(cfg, console=False)
-    assert counters["frames"]["total"] == counters["frames"]["ok"] == 3
-    assert counters["stats"]["unique_graphs"] == 3
+    assert counters["frames"]["total"] == counters["frames"]["ok"] == 3 + 1
+    assert counters["stats"]["unique_graphs"] == 3 + 1
