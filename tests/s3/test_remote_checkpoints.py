@@ -105,7 +105,7 @@ def test_a_deleted_bucket_warns_retries_and_fails_the_run_at_the_end(stdlib_data
                                                                      monkeypatch, capsys):
     """The bucket disappears after the first checkpoint: training goes on to the last step, each
     upload is retried, and the run ends with one line saying the final checkpoint is not remote."""
-    save = loop.ckpt.save_checkpoint
+    save = loop.ckpt.begin_save
 
     def save_then_delete_bucket(run_dir, step, *args, **kwargs):
         if step == 4:  # the step-2 checkpoint reached the remote (it was waited for before this save)
@@ -114,7 +114,7 @@ def test_a_deleted_bucket_warns_retries_and_fails_the_run_at_the_end(stdlib_data
             s3.Bucket(s3_bucket).delete()
         return save(run_dir, step, *args, **kwargs)
 
-    monkeypatch.setattr(loop.ckpt, "save_checkpoint", save_then_delete_bucket)
+    monkeypatch.setattr(loop.ckpt, "begin_save", save_then_delete_bucket)
     cfg = config(stdlib_data, tmp_path / "a", f"s3://{s3_bucket}/r", steps=6, every=2, remote_retries=1)
     with pytest.raises(BigtrainError) as error:
         loop.train(cfg, console=False)
@@ -136,14 +136,14 @@ def test_a_stopped_server_warns_and_the_run_fails_at_the_end(stdlib_data, s3_ser
     try:
         monkeypatch.setenv("S3_ENDPOINT_URL", endpoint)
         boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="stopped")
-        save = loop.ckpt.save_checkpoint
+        save = loop.ckpt.begin_save
 
         def save_then_stop_server(run_dir, step, *args, **kwargs):
             if step == 4:
                 s3_server.stop(tmp_path / "server")
             return save(run_dir, step, *args, **kwargs)
 
-        monkeypatch.setattr(loop.ckpt, "save_checkpoint", save_then_stop_server)
+        monkeypatch.setattr(loop.ckpt, "begin_save", save_then_stop_server)
         cfg = config(stdlib_data, tmp_path / "a", "s3://stopped/r", steps=4, every=2, remote_retries=1)
         with pytest.raises(BigtrainError, match="^the final checkpoint step-0000004 did not reach s3://stopped/r"):
             loop.train(cfg, console=False)
