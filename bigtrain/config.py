@@ -226,6 +226,9 @@ class TrainConfig:
     global_batch: int | None = ranged(None, ge=1)  # windows per step; must equal micro_batch × grad_accum × dp
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16", "fp8"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU; fp8: torchao
+    # bf16 parameters, fp32 master weights in the optimizer, fp32 gradient accumulation (Megatron's
+    # main_grad); local engine in bf16 (DeepSpeed's bf16 keeps fp32 masters already)
+    master_weights: bool = False
     deterministic: Literal["auto", True, False] = "auto"  # auto: on for CPU, off for CUDA
     nonfinite: Literal["skip", "stop"] = "skip"  # a bad step (NaN/Inf or spike): skip its update, or stop
     max_bad_steps: int = ranged(10, ge=1)  # with skip: stop after this many bad steps in a row
@@ -365,6 +368,8 @@ class Config:
              "the loss is known); use auto or grad_norm"),
             (self.train.rollback_after is None or self.train.nonfinite == "skip",
              "train.rollback_after needs train.nonfinite=skip (stop ends the run at the first bad step)"),
+            (not self.train.master_weights or self.parallel.engine == "local",
+             "train.master_weights is for parallel.engine=local (DeepSpeed's bf16 keeps fp32 master weights already)"),
             (m.moe.experts == 0 or self.train.precision != "fp16",
              "model.moe needs train.precision bf16 or fp32 (fp16's loss scale would not reach the auxiliary losses' gradient)"),
         ]

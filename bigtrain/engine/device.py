@@ -70,8 +70,9 @@ def deterministic_enabled(setting: bool | str, device: torch.device) -> bool:
 
 
 def autocast_for(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """The local engine's mixed precision: bf16 autocast over fp32 weights (also around fp8's
+    """The local engine's mixed precision for `precision` as `resolve_precision` gives it: bf16
+    autocast (over fp32 weights, or bf16 ones with `train.master_weights`; also around fp8's
     float8 block linears), or plain fp32."""
-    if resolve_precision(precision, device, "local") in ("bf16", "fp8"):
+    if precision in ("bf16", "fp8"):
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()

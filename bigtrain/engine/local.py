@@ -5,6 +5,7 @@ This is the debug mode and the reference every parallel layout is compared again
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -17,10 +18,12 @@ from bigtrain.distributed.communicator import LoneProcess
 from bigtrain.distributed.timing import PhaseTimer
 from bigtrain.engine.contract import StepOutput
 from bigtrain.engine.device import autocast_for, compile_enabled, pick_device, resolve_precision
+from bigtrain.engine.master_weights import MasterWeights
 from bigtrain.engine.materialize import Materializer
 from bigtrain.engine.memory import MemoryPeak
 from bigtrain.engine.optimizer import build_optimizer, scheduled_lr
 from bigtrain.engine.update_gate import UpdateGate
+from bigtrain.errors import BigtrainError
 from bigtrain.model import Llama
 from bigtrain.model.llama import DocumentMasking, set_z_loss
 from bigtrain.model.loss import ZLoss
@@ -59,9 +62,18 @@ class LocalEngine:
         self.device = pick_device(cfg.device)
         self.timer = PhaseTimer(self.device)
         self.model = model.to(self.device)
-        self.autocast = lambda: autocast_for(self.device, cfg.precision)
+        precision = resolve_precision(cfg.precision, self.device, "local")
+        self.autocast = lambda: autocast_for(self.device, precision)
         self.grad_clip = cfg.grad_clip
-        self.optimizer = build_optimizer(self.model, cfg)
+        self.masters = None  # train.master_weights: the optimizer updates fp32 masters of bf16 parameters
+        if cfg.master_weights:
+            if precision != "bf16":
+                raise BigtrainError(f"train.master_weights needs bf16 (train.precision=bf16, or auto on a CUDA "
+                                    f"device); this run trains in {precision}")
+            self.masters = MasterWeights(self.model)
+        self.optimizer = build_optimizer(self.model, cfg, *(
+            (self.masters.regroup, self.masters.names(self.model)) if self.masters else ()))
+        self.trained = self.masters.masters if self.masters else list(self.model.parameters())
         # fused AdamW (and Muon) divide the gradients by `grad_scale` as they read them: clipping costs no pass
         # of its own. On CUDA only: on the CPU the in-place multiply keeps fp32 runs bit for bit
         # (x / (1 / c) and x · c differ in the last bit), and the pass costs little there.
@@ -94,6 +106,8 @@ class LocalEngine:
             elif not skip:
                 self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
+            if self.masters:
+                self.masters.copy_to_model()
         return StepOutput(loss=total, grad_norm=grad_norm, skipped=skip)
 
     def _clip_gradients(self) -> torch.Tensor:
@@ -102,8 +116,8 @@ class LocalEngine:
         the inverse of the clip coefficient), as the update reads them."""
         max_norm = self.grad_clip if self.grad_clip else float("inf")
         if not self.fold_clip:
-            return torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
-        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.model.parameters() if p.grad is not None])
+            return torch.nn.utils.clip_grad_norm_(self.trained, max_norm)
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.trained if p.grad is not None])
         # clip_grad_norm_'s coefficient min(1, max_norm / (norm + 1e-6)), inverted
         self.optimizer.grad_scale = ((grad_norm + 1e-6) / max_norm).clamp(min=1.0) if self.grad_clip else None
         return grad_norm
@@ -137,10 +151,13 @@ class LocalEngine:
         return self.model(inputs, tokens[:, 1:], *(self.documents(inputs) if self.documents else ()))
 
     def save(self, directory: Path, writes: Direct) -> None:
-        """Write (or stage) the weights and the optimizer state into a checkpoint directory."""
-        fmt.save_weights(self.model, directory, writes)
+        """Write (or stage) the weights (the fp32 masters with `train.master_weights`) and the
+        optimizer state into a checkpoint directory."""
+        with self.masters.exposed() if self.masters else contextlib.nullcontext():
+            fmt.save_weights(self.model, directory, writes)
         fmt.save_optimizer(self.optimizer, directory, writes)
 
     def load(self, directory: Path) -> None:
-        fmt.load_weights(self.model, directory)
+        with self.masters.exposed() if self.masters else contextlib.nullcontext():
+            fmt.load_weights(self.model, directory)
         self.optimizer.load_state_dict(fmt.load_optimizer(directory, map_location=self.device))

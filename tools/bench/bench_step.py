@@ -33,7 +33,7 @@ import torch
 from common import load_average, record
 
 from bigtrain.config import Config, ModelConfig, load_config
-from bigtrain.engine.device import autocast_for
+from bigtrain.engine.device import autocast_for, resolve_precision
 from bigtrain.engine.local import local_engine
 from bigtrain.engine.optimizer import build_adamw
 from bigtrain.engine.update_gate import UpdateGate
@@ -82,7 +82,8 @@ class HFSide:
     def __init__(self, cfg: Config, state: dict[str, torch.Tensor], device: torch.device):
         self.model = hf_model(cfg.model, state).to(device)
         self.optimizer = build_adamw(self.model, cfg.train)  # fused AdamW, decay/no-decay groups
-        self.device, self.precision, self.clip = device, cfg.train.precision, cfg.train.grad_clip
+        self.device, self.clip = device, cfg.train.grad_clip
+        self.precision = resolve_precision(cfg.train.precision, device, "local")
 
     def train_step(self, micro_batches: list[torch.Tensor], lr: float) -> torch.Tensor:
         for group in self.optimizer.param_groups:

@@ -1,14 +1,16 @@
-"""Bytes a local-engine step moves outside its matmuls, under bf16 autocast over fp32 weights (the
-local engine's bf16), counted per aten operator on the CPU (same operators as on a GPU, eager).
+"""Bytes a local-engine bf16 step moves outside its matmuls, counted per aten operator on the CPU
+(same operators as on a GPU, eager), in both bf16 modes: autocast over fp32 weights (the default)
+and bf16 parameters with fp32 master weights (`train.master_weights`).
 
     python tools/bench/bench_step_bytes.py [--size 10m] [--grad-accum 1 4]
 
 Each operator's bytes are its tensor inputs read plus its outputs written (views excluded), in
 classes: the weights' bf16 copies (fp32 → bf16 `_to_copy` of a parameter), the gradients' casts
-back (bf16 → fp32 `_to_copy` of a weight-shaped tensor), gradient accumulation into `.grad`
-(`add_`/`add` of weight-shaped fp32 tensors), the matmuls, the optimizer (fused AdamW, norm,
-clipping) and the rest of the element-wise work. Two gradient-accumulation depths separate what a
-step costs once from what each micro-batch costs. One JSON line.
+to fp32 (bf16 → fp32 `_to_copy` of a weight-shaped tensor), gradient accumulation in fp32
+(`add_`/`add` of a weight-shaped fp32 tensor and a weight-shaped one), the matmuls, the optimizer
+(norm, clipping, fused AdamW, the masters' copy into the bf16 parameters) and the rest of the
+element-wise work. Two gradient-accumulation depths separate what a step costs once from what each
+micro-batch costs. One JSON line.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from bigtrain.config import TrainConfig, load_config
+from bigtrain.engine import local
 from bigtrain.engine.local import local_engine
 from bigtrain.model import Llama
 
@@ -59,7 +62,8 @@ class StepBytes(TorchDispatchMode):
                 and first.dtype == torch.bfloat16 and outs and outs[0].dtype == torch.float32:
             kind = "grad_cast"
         elif name in ("aten::add_", "aten::add") and first is not None and tuple(first.shape) in self.weight_shapes \
-                and first.dtype == torch.float32 and len(tensors) == 2 and tensors[1].shape == first.shape:
+                and first.dtype == torch.float32 and len(tensors) == 2 and tensors[1].shape == first.shape \
+                and tensors[1].dtype in (torch.float32, torch.bfloat16):
             kind = "grad_accumulate"
         else:
             kind = "elementwise"
@@ -67,11 +71,11 @@ class StepBytes(TorchDispatchMode):
         return out
 
 
-def measure(size: str, grad_accum: int, micro_batch: int, seq_len: int) -> dict[str, float]:
+def measure(size: str, grad_accum: int, micro_batch: int, seq_len: int, master_weights: bool) -> dict[str, float]:
     torch.manual_seed(0)
     cfg = load_config(None, [*SIZES[size], f"model.max_seq_len={seq_len}"])
-    engine = local_engine(Llama(cfg.model), TrainConfig(device="cpu", grad_clip=1.0))
-    engine.autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # the GPU's bf16, on the CPU
+    local.resolve_precision = lambda *args: "bf16"  # the GPU's bf16, on the CPU
+    engine = local_engine(Llama(cfg.model), TrainConfig(device="cpu", grad_clip=1.0, master_weights=master_weights))
     params = list(engine.model.parameters())
     gen = torch.Generator().manual_seed(1)
     batches = [torch.randint(0, cfg.model.vocab_size, (micro_batch, seq_len + 1), generator=gen)
@@ -97,14 +101,17 @@ def main() -> None:
     parser.add_argument("--micro-batch", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=256)
     args = parser.parse_args()
-    few, many = (measure(args.size, k, args.micro_batch, args.seq_len) for k in args.grad_accum)
-    per_micro_batch = {k: round((many.get(k, 0) - few.get(k, 0)) / (args.grad_accum[1] - args.grad_accum[0]), 1)
-                       for k in many}
     params = sum(p.numel() for p in Llama(load_config(None, SIZES[args.size]).model, device="meta").parameters())
-    print(json.dumps({"bench": "step_bytes", "size": args.size, "params": params, "micro_batch": args.micro_batch,
-                      "seq_len": args.seq_len, f"mib_per_step_at_grad_accum_{args.grad_accum[0]}": few,
-                      f"mib_per_step_at_grad_accum_{args.grad_accum[1]}": many,
-                      "mib_per_extra_micro_batch": per_micro_batch}))
+    result = {"bench": "step_bytes", "size": args.size, "params": params, "micro_batch": args.micro_batch,
+              "seq_len": args.seq_len}
+    for mode, master_weights in (("autocast_fp32_weights", False), ("master_weights", True)):
+        few, many = (measure(args.size, k, args.micro_batch, args.seq_len, master_weights) for k in args.grad_accum)
+        result[mode] = {f"mib_per_step_at_grad_accum_{args.grad_accum[0]}": few,
+                        f"mib_per_step_at_grad_accum_{args.grad_accum[1]}": many,
+                        "mib_per_extra_micro_batch": {
+                            k: round((many.get(k, 0) - few.get(k, 0)) / (args.grad_accum[1] - args.grad_accum[0]), 1)
+                            for k in many}}
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":
