@@ -131,6 +131,7 @@ class Layout:
     activation_checkpointing: bool | str = False  # false/none, true/full or selective
     checkpoint_every: int = 1
     local: bool = False  # the local engine: fp32 weights, gradients and AdamW moments, bf16 autocast
+    master_weights: bool = False  # local engine with train.master_weights: bf16 weights, fp32 masters and gradients
     tp_sequence_parallel: bool = False  # parallel.tp_sequence_parallel with tp > 1
     ep: int = 1  # expert parallelism: each rank of an ep group holds 1/ep of the experts (carved from dp)
 
@@ -309,4 +310,5 @@ def config_layout(cfg: Config, gpus: int) -> Layout:
     return Layout(dp=dp, tp=p.tp, pp=p.pp, zero=p.zero_stage, sp=p.sp, micro_batch=cfg.data.micro_batch,
                   grad_accum=grad_accum_for(cfg, dp), offload=p.offload_optimizer,
                   activation_checkpointing=p.activation_checkpointing, checkpoint_every=p.activation_checkpointing_every,
-                  local=p.engine == "local" and gpus == 1, tp_sequence_parallel=tp_sequence_parallel(cfg), ep=p.ep)
+                  local=p.engine == "local" and gpus == 1, tp_sequence_parallel=tp_sequence_parallel(cfg), ep=p.ep,
+                  master_weights=t.master_weights and p.engine == "local" and gpus == 1)

@@ -15,7 +15,8 @@ against real allocations on 2 ranks in tests/distributed/test_memory_plan.py:
   gradient accumulation dtype), and the bf16 gradients stay alive at the step (simulated);
 - optimizer: fp32 master copy + Adam's two moments (12 bytes/param), 1/dp of it under ZeRO ≥ 1
   and with the bf16 pipeline engine, in CPU memory with `offload_optimizer`; plain fp32 without
-  ZeRO keeps only the two moments (8 bytes);
+  ZeRO keeps only the two moments (8 bytes); the local engine's `train.master_weights` holds bf16
+  parameters, fp32 gradients and fp32 masters with the moments (2 + 4 + 12 bytes);
 - buffers: the RoPE tables (one fp32 cos/sin pair per rank, whatever its blocks), ZeRO's
   gradient reduce bucket (sized by `zero_communication`, allocated whatever the model size;
   twice under ZeRO 1/2, whose `overlap_comm` double-buffers it, except with pipeline stages,
@@ -190,7 +191,7 @@ def recompute_factor(layout: Layout, n_layers: int) -> float:
 
 def memory_plan(m: ModelConfig, seq_len: int, precision: str, layout: Layout) -> MemoryPlan:
     """Per-GPU memory of `layout` (see the module docstring for every term)."""
-    p_bytes, g_bytes = (4, 4) if layout.local else precision_bytes(precision)
+    p_bytes, g_bytes = ((2 if layout.master_weights else 4), 4) if layout.local else precision_bytes(precision)
     n = stage_params(m, layout.tp, layout.pp)
     experts = stage_expert_params(m, layout.pp)
     held = n - experts + experts / layout.ep  # the rank's 1/ep of the experts and everything else
@@ -211,7 +212,7 @@ def memory_plan(m: ModelConfig, seq_len: int, precision: str, layout: Layout) ->
     if zero >= 1 or bf16_pipeline:
         optimizer = 12 * n / dp
     else:
-        optimizer = 12 * held if mixed else 8 * held
+        optimizer = 12 * held if mixed or layout.master_weights else 8 * held
     buffers = 2 * m.max_seq_len * m.head_dim * 4.0  # the RoPE tables
     comm = zero_communication(m, zero, dp, layout.tp)
     if zero >= 1:  # double-buffered where DeepSpeed overlaps the reduction (not with pipeline stages)
@@ -238,8 +239,8 @@ def checkpoint_staging_bytes(m: ModelConfig, layout: Layout, plan: MemoryPlan) -
     total = count_params(m).total
     if layout.ep > 1:
         return 12.0 * total
-    if layout.local:
-        return plan.params + plan.optimizer
+    if layout.local:  # the weights as saved (fp32: the masters with train.master_weights) and both moments
+        return plan.optimizer if layout.master_weights else plan.params + plan.optimizer
     full = 4.0 * total if layout.tp == 1 and layout.pp == 1 else 0.0
     return plan.params + plan.optimizer + plan.optimizer_cpu + full
 

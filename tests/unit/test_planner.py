@@ -75,22 +75,29 @@ def test_local_engine_keeps_everything_in_fp32():
     assert (plan.params, plan.gradients, plan.optimizer, plan.buffers) == (4 * N, 4 * N, 8 * N, ROPE)
 
 
-def test_async_checkpoint_staging_of_the_local_engine_is_what_a_save_stages(tmp_path):
+def test_master_weights_hold_bf16_weights_and_fp32_masters_and_gradients():
+    plan = memory_plan(SHAPE, 32, "auto", Layout(dp=1, local=True, master_weights=True))
+    assert (plan.params, plan.gradients, plan.optimizer) == (2 * N, 4 * N, 12 * N)
+
+
+@pytest.mark.parametrize("master_weights", [False, True])
+def test_async_checkpoint_staging_of_the_local_engine_is_what_a_save_stages(tmp_path, monkeypatch, master_weights):
     import torch
 
     from bigtrain.checkpoint.writes import Staged
     from bigtrain.config import TrainConfig
-    from bigtrain.engine.local import local_engine
+    from bigtrain.engine import local
     from bigtrain.model import Llama
 
-    engine = local_engine(Llama(SHAPE), TrainConfig(device="cpu", precision="fp32"))
-    for p in engine.model.parameters():
+    monkeypatch.setattr(local, "resolve_precision", lambda *args: "bf16" if master_weights else "fp32")
+    engine = local.local_engine(Llama(SHAPE), TrainConfig(device="cpu", master_weights=master_weights))
+    for p in engine.trained:
         p.grad = torch.zeros_like(p)
     engine.optimizer.step()  # the moments exist
     staged = Staged()
     staged.begin()
     engine.save(tmp_path, staged)
-    layout = Layout(dp=1, local=True)
+    layout = Layout(dp=1, local=True, master_weights=master_weights)
     planned = checkpoint_staging_bytes(SHAPE, layout, memory_plan(SHAPE, 32, "auto", layout))
     steps = 4 * len(list(engine.model.parameters()))  # AdamW's step counter per parameter
     assert planned == 12 * N and staged.bytes() == planned + steps
