@@ -20,7 +20,8 @@ def test_dry_run_lists_the_sides_in_order_of_value():
                          text=True, check=True).stdout.splitlines()
     assert [line.split()[0] for line in out[:-1]] == [
         "bigtrain-1b-compiled", "hf-1b", "bigtrain-125m-compiled", "kernels-125m-compiled",
-        "deepspeed-zero1-1b-compiled", "fp8-1b-compiled", "curve-125m-bf16", "curve-125m-fp32"]
+        "master-weights-1b-compiled", "deepspeed-zero1-1b-compiled", "fp8-1b-compiled", "curve-125m-bf16",
+        "curve-125m-fp32"]
     assert out[-1].split()[:3] == ["total", str(sum(s.budget_s for s in device_check.SIDES)), "s"]
     assert all("--grad-accum" not in s.args or s.args[s.args.index("--grad-accum") + 1] in ("2", "4")
                for s in device_check.SIDES)  # 64k tokens a step

@@ -57,6 +57,7 @@ SIDES = [
     Side("hf-1b", 75, step("1b", "hf")),
     Side("bigtrain-125m-compiled", 75, step("125m", "bigtrain,train.compile=true")),
     Side("kernels-125m-compiled", 60, ["kernel_table.py", "--config", str(CONFIGS / "125m.yaml"), "train.compile=true"]),
+    Side("master-weights-1b-compiled", 90, step("1b", "bigtrain,train.compile=true,train.master_weights=true")),
     Side("deepspeed-zero1-1b-compiled", 120, step("1b", "deepspeed,train.compile=true")),
     Side("fp8-1b-compiled", 100, step("1b", "bigtrain,train.precision=fp8,train.compile=true")),
     Side("curve-125m-bf16", 50, ["loss_curve.py", "--config", str(CONFIGS / "125m.yaml"), "--precision", "bf16",
