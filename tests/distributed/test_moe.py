@@ -1,6 +1,6 @@
 """Mixture-of-Experts layouts reproduce the local engine's curve (fp32, CPU, gloo): expert
-parallelism alone, with ZeRO-2 data parallelism, with tensor (sequence) parallelism, with pipeline
-stages, and MoE without ep under Ulysses, pipeline and ZeRO-3; their router metrics agree too. An ep2 checkpoint resumes bit for bit,
+parallelism alone, with ZeRO-2 data parallelism, with tensor (sequence) parallelism, with Ulysses
+sequence parallelism, with pipeline stages, and MoE without ep under Ulysses, pipeline and ZeRO-3; their router metrics agree too. An ep2 checkpoint resumes bit for bit,
 reshards to one process and back, consolidates, and converts to a Qwen3-MoE with the same logits.
 """
 
@@ -51,6 +51,7 @@ LAYOUTS = {
     "ep2-dp2-zero2": (4, ["parallel.ep=2", "parallel.zero_stage=2", "train.grad_accum=1"]),
     "ep2-pp2-zero1": (4, ["parallel.ep=2", "parallel.pp=2", "parallel.zero_stage=1", "train.grad_accum=2"]),
     "ep2-tp2-zero1": (4, ["parallel.ep=2", "parallel.tp=2", "parallel.zero_stage=1", "train.grad_accum=2"]),
+    "ep2-sp2-zero2": (4, ["parallel.ep=2", "parallel.sp=2", "parallel.zero_stage=2", "train.grad_accum=2"]),
     "tp2-without-sequence-parallel": (2, ["parallel.tp=2", "parallel.tp_sequence_parallel=false", "train.grad_accum=4"]),
     "sp2": (2, ["parallel.sp=2", "train.grad_accum=4"]),
     "pp2": (2, ["parallel.pp=2", "train.grad_accum=4"]),

@@ -1,5 +1,6 @@
 """The memory/layout planner against hand computations, and `bigtrain info`."""
 
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -276,3 +277,50 @@ def test_suggest_finds_expert_parallelism_where_the_experts_do_not_fit_otherwise
         assert layout.dp % layout.ep == 0 and 32 % layout.ep == 0 and layout.tp == layout.sp == 1
     whole = [(layout, memory_plan(cfg.model, cfg.data.seq_len, "bf16", replace(layout, ep=1))) for layout, _, _ in ranked]
     assert not any(fits(plan, 0.8) for _, plan in whole)
+
+
+# docs/planner.md's table of the shipped MoE shapes on 64 GPUs (ZeRO-1, bf16, micro-batch 1 × 4096
+# tokens, no activation checkpointing), as `bigtrain info CONFIG --gpus 64 parallel.ep=EP` prints it
+SHIPPED_MOE_ROWS = [
+    ("olmoe-1b-7b", 1, "| `configs/olmoe-1b-7b.yaml` | 6.92B (1.28B) | dp=64, ep=1 | 12.89 | 12.89 | 1.21 | 0.24 | 10.92 | 38.14 |"),
+    ("olmoe-1b-7b", 8, "| `configs/olmoe-1b-7b.yaml` | 6.92B (1.28B) | dp=64, ep=8 | 2.39 | 2.39 | 1.21 | 0.24 | 10.92 | 17.14 |"),
+    ("qwen3-30b-a3b", 8, "| `configs/qwen3-30b-a3b.yaml` | 30.53B (3.35B) | dp=64, ep=8 | 9.62 | 9.62 | 5.33 | 0.24 | 30.57 | 55.39 |"),
+]
+
+
+def info_zero1(capsys, name: str, *overrides: str) -> tuple[str, dict[str, str]]:
+    """`bigtrain info configs/NAME.yaml --gpus 64`'s output and its ZeRO 1 column, row by row."""
+    assert main(["info", str(CONFIGS / f"{name}.yaml"), "--gpus", "64", *overrides]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("GiB per GPU"))
+    header = lines[start].split()[3:]  # ZeRO 0, ZeRO 1, …
+    assert header[2:4] == ["ZeRO", "1"]
+    rows = [line.rsplit(maxsplit=len(header) // 2) for line in lines[start + 1:start + 7]]
+    return out, {label: values[1] for label, *values in rows}
+
+
+@pytest.mark.parametrize(("name", "ep", "doc_row"), SHIPPED_MOE_ROWS, ids=["olmoe-ep1", "olmoe-ep8", "qwen3-ep8"])
+def test_shipped_moe_figures_in_the_docs_are_the_planners(name, ep, doc_row, capsys):
+    """docs/planner.md's figures for OLMoE-1B-7B and Qwen3-30B-A3B, recomputed to the printed precision."""
+    doc = (Path(__file__).parents[2] / "docs" / "planner.md").read_text()
+    assert doc_row in doc.splitlines()
+    out, zero1 = info_zero1(capsys, name, f"parallel.ep={ep}")
+    total = re.search(r"^parameters +[\d,]+ \((\S+)\)", out, re.M).group(1)
+    active = re.search(r"active parameters [\d,]+ \((\S+)\)", out).group(1)
+    layout = re.search(r"^layout +(.*)$", out, re.M).group(1)
+    assert layout.startswith(f"dp=64{f' ep={ep}' if ep > 1 else ''} tp=1 pp=1 zero=1 micro_batch=1 grad_accum=8 ")
+    assert "precision bf16" in layout and "(config: activation_checkpointing=false)" in out
+    cells = [zero1[key] for key in ("parameters", "gradients", "optimizer", "buffers", "activations", "total")]
+    assert doc_row == f"| `configs/{name}.yaml` | {total} ({active}) | dp=64, ep={ep} | " + " | ".join(cells) + " |"
+
+
+def test_qwen3_30b_a3b_figures_in_the_docs_prose_are_the_planners(capsys):
+    """'at ep=1 would hold 57 GiB of bf16 weights alone per GPU'; 'with full activation checkpointing
+    its activations drop to 4.79 GiB'."""
+    doc = " ".join((Path(__file__).parents[2] / "docs" / "planner.md").read_text().split())
+    assert "Qwen3-30B-A3B at ep=1 would hold 57 GiB of bf16 weights alone per GPU" in doc
+    assert "with full activation checkpointing its activations drop to 4.79 GiB" in doc
+    out, zero1 = info_zero1(capsys, "qwen3-30b-a3b", "parallel.ep=1")
+    assert round(float(zero1["parameters"])) == 57
+    assert re.search(r"^activations .* and 4\.79 GiB with full activation checkpointing", out, re.M)
