@@ -67,15 +67,18 @@ def test_console_lines(capsys):
     sink = ConsoleSink(total_steps=100, start_step=0)  # not a terminal under pytest: plain lines
     sink.log({"step": 10, "loss": 2.5, "lr": 1e-3, "grad_norm": 0.5, "tokens_per_s": 12_345.0, "mfu": 0.4123,
               "step_time_s": 0.25, "peak_mem_gb": 1.5, "loss_scale": 65536.0, "skipped_steps": 2})
+    sink.log({"step": 11, "loss": 2.5, "lr": 1e-3, "grad_norm": 0.5, "tokens_per_s": 1e3, "step_time_s": 0.25,
+              "peak_mem_gb": 1.5, "moe/aux_loss": 1.0312, "moe/max_load": 1.456, "moe/dropped_frac": 0.0})
     sink.log({"step": 10, "val_loss": 2.25, "val_perplexity": 9.4877})
     sink.log({"step": 10, "checkpoint": "step-0000010", "checkpoint_stall_s": 1.25, "checkpoint_write_s": 1.25,
               "checkpoint_gb": 0.5})
     sink.log({"step": 12, "checkpoint": "step-0000010", "checkpoint_stall_s": 0.125, "checkpoint_write_s": 1.5,
               "checkpoint_gb": 0.5})
     sink.close()
-    train, val, saved, saved_async = capsys.readouterr().out.splitlines()
+    train, moe, val, saved, saved_async = capsys.readouterr().out.splitlines()
     assert train.startswith("step     10 | loss 2.5000 | lr 1.00e-03 | gnorm 0.500 | 12.3k tok/s | mfu 41.2% | "
                             "250 ms/step | mem 1.50 GB | scale 65536 | skipped 2 | eta ")
+    assert moe.startswith("step     11 | loss 2.5000 | moe aux 1.031 max_load 1.46 | lr 1.00e-03 | ")
     assert val == "step     10 | val_loss 2.2500 | val_ppl 9.49"
     assert saved == "step     10 | saved step-0000010 (0.500 GB in 1.2 s)"
     assert saved_async == "step     12 | saved step-0000010 (0.500 GB in 1.5 s, loop waited 0.12 s)"

@@ -68,6 +68,7 @@ def format_record(r: dict[str, Any]) -> str:
         return (f"{head} | saved {r['checkpoint']} ({r['checkpoint_gb']:.3f} GB in {r['checkpoint_write_s']:.1f} s"
                 f"{waited})")
     parts = [head, f"loss {r['loss']:.4f}", *([f"z_loss {r['z_loss']:.4g}"] if "z_loss" in r else []),
+             *([f"moe aux {r['moe/aux_loss']:.3f} max_load {r['moe/max_load']:.2f}"] if "moe/max_load" in r else []),
              f"lr {r['lr']:.2e}", f"gnorm {r['grad_norm']:.3f}", f"{r['tokens_per_s'] / 1e3:.1f}k tok/s"]
     if r.get("mfu") is not None:
         parts.append(f"mfu {100 * r['mfu']:.1f}%")
