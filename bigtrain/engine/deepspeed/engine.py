@@ -147,6 +147,7 @@ class DeepSpeedEngine:
             mark_for_grad_norm(self.model, topology.grid.get_slice_parallel_rank())
             time_pipeline_instructions(self.engine, self.timer)
         self._grad_norm: torch.Tensor | None = None
+        self._pipeline_windows: torch.Size | None = None  # the shape the pipeline engine's buffers hold
         if topology.ep > 1:
             clip_with_experts(self.engine, topology, self._record_grad_norm)
         else:
@@ -177,6 +178,7 @@ class DeepSpeedEngine:
         documents = [self._documents(b) for b in micro_batches]  # of the whole windows
         micro_batches = [self._my_tokens(b) for b in micro_batches]
         if self.pipelined:
+            self._pipeline_shape(micro_batches[0].shape)
             pairs = iter([self._pipeline_pair(b, d) for b, d in zip(micro_batches, documents, strict=True)])
             loss = self.engine.train_batch(data_iter=pairs)
         else:
@@ -206,6 +208,15 @@ class DeepSpeedEngine:
         """This rank's share of the windows' tokens (all of them without sequence parallelism)."""
         sp = self.topology.sp
         return windows if sp == 1 else sequence_slice(windows, self.topology.sp_rank, sp)
+
+    def _pipeline_shape(self, shape: torch.Size) -> None:
+        """The pipeline engine keeps the activation and gradient buffers of the first batch it saw:
+        reset them whenever the windows' shape changes (sequence-length warmup, validation batches
+        of another shape). Every stage sees the same shapes, so all reset together."""
+        if shape != self._pipeline_windows:
+            if self._pipeline_windows is not None:
+                self.engine.reset_activation_shape()
+            self._pipeline_windows = shape
 
     def _pipeline_pair(self, tokens: torch.Tensor, documents: tuple) -> tuple:
         """(inputs, targets) for the pipeline engine; the inputs carry the documents along the stages."""
@@ -278,6 +289,7 @@ class DeepSpeedEngine:
         documents = self._documents(tokens)
         tokens = self._my_tokens(tokens).to(self.device)
         if self.pipelined:
+            self._pipeline_shape(tokens.shape)
             return self.engine.eval_batch(iter([self._pipeline_pair(tokens, documents)]), num_micro_batches=1)
         self.engine.eval()
         loss = self._loss(tokens, documents).float()
