@@ -65,7 +65,8 @@ def main() -> None:
         for name in (list(engines) if round_ % 2 == 0 else list(reversed(engines))):
             steps[name].append(seconds(lambda e=engines[name]: e.train_step(batches, 1e-4)))
 
-    layer = next(m for m in engines["moe"].model.modules() if isinstance(m, MoE))
+    moe_layers = [m for m in engines["moe"].model.modules() if isinstance(m, MoE)]
+    layer = moe_layers[0]
     x = torch.randn(args.batch, args.seq_len, args.d_model, device=device, dtype=dtype, requires_grad=True)
     with torch.no_grad():
         chosen = layer.router(x.reshape(-1, args.d_model)).topk(2).indices.flatten()
@@ -90,6 +91,8 @@ def main() -> None:
         "moe_vs_dense_step": round(statistics.median(steps["moe"]) / statistics.median(steps["dense"]), 3),
         "moe_layer_s": round(whole, 5), "expert_matmuls_s": round(experts, 5),
         "dispatch_share_of_moe_layer": round(1 - experts / whole, 3),
+        # every MoE layer's dispatch (the layer less its expert matmuls) over the whole step
+        "dispatch_share_of_step": round(len(moe_layers) * (whole - experts) / statistics.median(steps["moe"]), 3),
     }
     print(json.dumps(record))
 
