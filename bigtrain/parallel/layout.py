@@ -140,7 +140,7 @@ class Layout:
         every = f"/{self.checkpoint_every}" if self.checkpoint_every > 1 else ""
         flags = "".join([" tp-seq-parallel" if self.tp_sequence_parallel else "", " offload" if self.offload else "",
                          f" act-ckpt={mode}{every}" if mode != "none" else "",
-                         " (local engine)" if self.local else ""])
+                         (" (local engine, master weights)" if self.master_weights else " (local engine)") if self.local else ""])
         sp = f" sp={self.sp}" if self.sp > 1 else ""
         sp += f" ep={self.ep}" if self.ep > 1 else ""
         return (f"dp={self.dp}{sp} tp={self.tp} pp={self.pp} zero={self.zero} "

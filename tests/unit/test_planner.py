@@ -79,6 +79,9 @@ def test_local_engine_keeps_everything_in_fp32():
 def test_master_weights_hold_bf16_weights_and_fp32_masters_and_gradients():
     plan = memory_plan(SHAPE, 32, "auto", Layout(dp=1, local=True, master_weights=True))
     assert (plan.params, plan.gradients, plan.optimizer) == (2 * N, 4 * N, 12 * N)
+    layout = config_layout(load_config(None, ["train.master_weights=true"]), 1)
+    assert layout.master_weights and "(local engine, master weights)" in layout.describe()
+    assert not config_layout(load_config(None, ["train.master_weights=true"]), 2).master_weights  # DeepSpeed's plan
 
 
 @pytest.mark.parametrize("master_weights", [False, True])
