@@ -2,7 +2,8 @@
 reshard` (run by rank 0 through the CLI) or directly from the single-process layout. Rank 0 writes
 results.json into OUT for test_reshard.py.
 
-argv: CONFIG OUT LOCAL_CHECKPOINT (a single-process checkpoint after N of the config's 2N steps)
+argv: CONFIG OUT LOCAL_CHECKPOINT WARMUP_CHECKPOINT (single-process checkpoints after N of the config's
+2N steps, the second of a run with a sequence-length warmup)
 """
 
 import json
@@ -17,7 +18,7 @@ from bigtrain.config import load_config
 from bigtrain.errors import BigtrainError
 from bigtrain.train import loop
 
-config_path, out, local_checkpoint = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
+config_path, out, local_checkpoint, warmup_checkpoint = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4])
 N = 3
 TP2 = ("parallel.engine=deepspeed", "parallel.tp=2", "data.micro_batch=8")
 deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False, verbose=False)  # for the barriers
@@ -42,6 +43,8 @@ def reshard_and_resume(checkpoint, name, *layout):
 results = {
     "local-to-dp2-zero2": reshard_and_resume(local_checkpoint, "dp2-zero2", "parallel.zero_stage=2",
                                              "data.micro_batch=4"),
+    "warmup-local-to-dp2-zero2": reshard_and_resume(warmup_checkpoint, "warmup-dp2-zero2", "parallel.zero_stage=2",
+                                                    "data.micro_batch=4"),
     "local-resumed-as-tp2": run(config_path, "tp2-from-local", *TP2, f"run.resume={local_checkpoint}"),
     "tp2": run(config_path, "tp2", *TP2),
 }

@@ -45,13 +45,24 @@ def local_straight(local_run):
     return local_run.losses
 
 
+WARMUP = {"start": 16, "steps": 4}  # 16-token windows for steps 0-3, 32 from step 4: the resume at N is inside
+
+
 @pytest.fixture(scope="module")
-def resumed_elsewhere(stdlib_data, local_run, tmp_path_factory):
+def local_warmup_run(stdlib_data, tmp_path_factory):
+    """`local_run` with a sequence-length warmup."""
+    cfg = ranks_config(stdlib_data, tmp_path_factory.mktemp("local-warmup"), N)
+    cfg["data"].update(micro_batch=8, seq_len_warmup=WARMUP)
+    return train(from_dict(cfg), console=False)
+
+
+@pytest.fixture(scope="module")
+def resumed_elsewhere(stdlib_data, local_run, local_warmup_run, tmp_path_factory):
     """One 2-rank launch of reshard_worker.py: checkpoints resumed under other layouts."""
     out = tmp_path_factory.mktemp("reshard")
     (out / "config.yaml").write_text(yaml.safe_dump(ranks_config(stdlib_data, out / "unused", N)))
     torchrun(2, os.path.join(os.path.dirname(__file__), "reshard_worker.py"), str(out / "config.yaml"), str(out),
-             str(local_run.run_dir / "checkpoints" / f"step-{N:07d}"))
+             *(str(run.run_dir / "checkpoints" / f"step-{N:07d}") for run in (local_run, local_warmup_run)))
     return out, json.loads((out / "results.json").read_text())
 
 
@@ -166,6 +177,16 @@ def test_resume_under_another_layout_continues_the_loss_curve(case, resumed_else
     assert results["tp2"] == pytest.approx(local_straight, rel=1e-5, abs=0)
     assert results[case] == pytest.approx(local_straight[N:], rel=1e-5, abs=0)
     assert local_straight[-1] < local_straight[N - 1] - 0.05  # the continued curve actually moves
+
+
+def test_warmup_resume_on_another_data_parallel_size_continues_the_loss_curve(resumed_elsewhere, local_warmup_run):
+    """A single-process run with a sequence-length warmup, resharded at step N (16-token windows)
+    and resumed at DP=2 ZeRO-2: the same windows, cut the same way, so its last N losses."""
+    losses = resumed_elsewhere[1]["warmup-local-to-dp2-zero2"]
+    assert losses == pytest.approx(local_warmup_run.losses[N:], rel=1e-5, abs=0)
+    lengths = [json.loads(line).get("seq_len") for line in
+               (resumed_elsewhere[0] / "warmup-dp2-zero2-run" / "metrics.jsonl").read_text().splitlines()]
+    assert [n for n in lengths if n] == [16, 32, 32]
 
 
 def test_resharded_checkpoint_reshards_and_converts_again(resumed_elsewhere, tmp_path):

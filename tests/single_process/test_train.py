@@ -91,6 +91,31 @@ def test_streaming_backend_trains_and_resumes_exactly(stdlib_data, tmp_path):
     assert train(resumed, console=False).losses == straight.losses[4:]
 
 
+def test_streaming_backend_masks_documents_as_the_arrow_backend(short_documents_data, tmp_path):
+    """Document masking on MDS shards converted from Arrow ones: unshuffled, both backends feed the
+    same windows in the same order, so the masked losses agree; the EOS id comes from the tokenizer
+    copied next to the MDS shards (the Arrow dataset is gone when the streaming run starts)."""
+    import shutil
+
+    from bigtrain.data.mds import write_mds
+
+    shutil.copytree(short_documents_data[0], tmp_path / "arrow")
+    write_mds(tmp_path / "arrow", tmp_path / "bucket", 64)
+    data = (tmp_path / "arrow", short_documents_data[1])
+
+    def run(name, masking=True):
+        cfg = tiny_config(data, tmp_path / name, steps=3, validate=False, verify_checksums=False)
+        cfg.data.shuffle, cfg.data.document_masking = False, masking
+        return cfg
+
+    arrow, unmasked = train(run("arrow"), console=False).losses, train(run("unmasked", False), console=False).losses
+    shutil.rmtree(tmp_path / "arrow")
+    cfg = run("streaming")
+    cfg.data.backend, cfg.data.remote, cfg.data.local = "streaming", str(tmp_path / "bucket"), str(tmp_path / "cache")
+    assert len(arrow) == 3 and train(cfg, console=False).losses == pytest.approx(arrow, rel=1e-6)
+    assert abs(arrow[0] / unmasked[0] - 1) > 1e-4  # the windows hold document boundaries
+
+
 def test_streaming_mixture_trains_and_resumes_exactly(stdlib_data, tmp_path):
     from bigtrain.config import SourceConfig
     from bigtrain.data.mds import cache_dir, write_mds
