@@ -45,34 +45,27 @@ def test_the_update_is_adamw_on_fp32_masters_of_the_summed_bf16_gradients(cpu_bf
     masters = [m.detach().clone() for m in run.masters.masters]
 
     torch.manual_seed(0)
-    twin = Llama(CFG)  # the same bf16 parameters, trained by hand
+    reference = Llama(CFG)  # the fp32 masters, updated by hand from the gradients of their bf16 twin
+    torch.manual_seed(0)
+    twin = Llama(CFG)
     for p in twin.parameters():
         p.data = p.data.to(torch.bfloat16)
-    reference = torch.nn.Module()
-    reference.params = torch.nn.ParameterList([torch.nn.Parameter(m.clone()) for m in masters])
-    names = dict(zip([n for n, _ in twin.named_parameters()], reference.params, strict=True))
     micro = batches(3)
-    sums = [None] * len(masters)
     for batch in micro:
         twin.zero_grad(set_to_none=True)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss = twin(batch[:, :-1], batch[:, 1:]) / len(micro)
         loss.backward()
-        for i, p in enumerate(twin.parameters()):
-            assert p.grad.dtype == torch.bfloat16
-            sums[i] = p.grad.float() if sums[i] is None else sums[i] + p.grad.float()
-    for param, grad in zip(reference.params, sums, strict=True):
-        param.grad = grad
-    norm = torch.nn.utils.clip_grad_norm_(list(reference.params), 1.0)
-    reference.named_parameters = lambda: iter(names.items())  # AdamW's decay groups by the model's names
+        for fp32, bf16 in zip(reference.parameters(), twin.parameters(), strict=True):
+            assert bf16.grad.dtype == torch.bfloat16
+            fp32.grad = bf16.grad.float() if fp32.grad is None else fp32.grad + bf16.grad.float()
+    norm = torch.nn.utils.clip_grad_norm_(reference.parameters(), 1.0)
     optimizer = build_adamw(reference, TrainConfig(lr=1e-2))
-    for group in optimizer.param_groups:
-        group["lr"] = 1e-2
     optimizer.step()
 
     out = run.train_step(micro, 1e-2)
     assert torch.equal(out.grad_norm, norm)
-    for mine, theirs, param in zip(run.masters.masters, reference.params, run.model.parameters(), strict=True):
+    for mine, theirs, param in zip(run.masters.masters, reference.parameters(), run.model.parameters(), strict=True):
         assert mine.dtype == torch.float32 and torch.equal(mine, theirs)
         assert torch.equal(param, theirs.to(torch.bfloat16))
         assert param.grad is None  # each micro-batch's bf16 gradient went into the master's at once
